@@ -1,0 +1,566 @@
+//! [`InboundApiKeyLayer`]: find the client's key, verify it against a [`KeyStore`], hand the
+//! identity to the inner service, or turn the request away.
+//!
+//! The data path of one request, top to bottom:
+//!
+//! 1. drop any client-supplied copy of the identity header (it could be spoofed);
+//! 2. let CORS preflights through when allowed;
+//! 3. read the key from the configured sources ([`KeySource`]); reject a malformed,
+//!    oversized or ambiguous credential (400) or a missing one (401, unless anonymous
+//!    requests are allowed);
+//! 4. hash it with the store's [`KeyHasher`](crate::KeyHasher) and remove it from the
+//!    request;
+//! 5. look the digest up; a store fault or timeout fails closed (503);
+//! 6. compare digests in constant time, check status, validity window and scopes (401/403);
+//! 7. put the [`Identity`] into the extensions (and the identity header, if configured) and
+//!    call the inner service.
+
+mod scope;
+mod source;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Method, Request, Response};
+use pin_project_lite::pin_project;
+use tokio::time::Sleep;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::body::ResponseBody;
+use crate::identity::Identity;
+use crate::key::KeyDigest;
+use crate::record::{KeyUnusable, Scopes};
+use crate::rejection::{ErrorFormat, Realm, Rejection, RejectionKind};
+use crate::store::{KeyStore, LookupResult};
+use crate::time::{Clock, SystemClock};
+
+pub use scope::{RequireScopes, RequireScopesLayer};
+pub use source::{KeySource, ParseKeySourceError};
+
+/// The longest key accepted by default, in bytes.
+pub const DEFAULT_MAX_KEY_LEN: usize = 1024;
+
+/// How long a store lookup may take by default before the request fails with 503.
+pub const DEFAULT_STORE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A layer that authenticates requests by API key.
+///
+/// Defaults: keys from `X-API-Key` then `Authorization: Bearer`, credentials hidden from
+/// the inner service, OpenAI-style error bodies, realm `api`, keys of at most 1 KiB, a
+/// 5-second store timeout, no preflight or anonymous pass-through.
+///
+/// ```
+/// use std::convert::Infallible;
+/// use http::{Request, Response, StatusCode};
+/// use tower::{ServiceBuilder, ServiceExt};
+/// use tower_gateway_auth::{Identity, InboundApiKeyLayer, KeyId, KeyRecord, KeyStore, MemoryStore};
+///
+/// # tokio_test();
+/// # fn tokio_test() { tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let store = MemoryStore::new();
+/// let digest = store.hasher().digest(b"gw_demo-key");
+/// store.insert(KeyRecord::new(KeyId::random(), digest).with_name("demo"));
+///
+/// let service = ServiceBuilder::new()
+///     .layer(InboundApiKeyLayer::new(store))
+///     .service_fn(|req: Request<()>| async move {
+///         let who = req.extensions().get::<Identity>().unwrap();
+///         Ok::<_, Infallible>(Response::new(who.name().to_owned()))
+///     });
+///
+/// let ok = Request::builder().header("x-api-key", "gw_demo-key").body(()).unwrap();
+/// assert_eq!(service.clone().oneshot(ok).await.unwrap().status(), StatusCode::OK);
+///
+/// let bad = Request::builder().header("authorization", "Bearer nope").body(()).unwrap();
+/// assert_eq!(service.oneshot(bad).await.unwrap().status(), StatusCode::UNAUTHORIZED);
+/// # }) }
+/// ```
+pub struct InboundApiKeyLayer<K> {
+    config: Arc<Config<K>>,
+}
+
+struct Config<K> {
+    store: Arc<K>,
+    sources: Vec<KeySource>,
+    hide_credentials: bool,
+    required_scopes: Scopes,
+    identity_header: Option<HeaderName>,
+    error_format: ErrorFormat,
+    realm: Realm,
+    allow_preflight: bool,
+    allow_anonymous: bool,
+    max_key_len: usize,
+    store_timeout: Option<Duration>,
+    clock: Arc<dyn Clock>,
+}
+
+impl<K> Clone for Config<K> {
+    fn clone(&self) -> Self {
+        Config {
+            store: self.store.clone(),
+            sources: self.sources.clone(),
+            hide_credentials: self.hide_credentials,
+            required_scopes: self.required_scopes.clone(),
+            identity_header: self.identity_header.clone(),
+            error_format: self.error_format.clone(),
+            realm: self.realm.clone(),
+            allow_preflight: self.allow_preflight,
+            allow_anonymous: self.allow_anonymous,
+            max_key_len: self.max_key_len,
+            store_timeout: self.store_timeout,
+            clock: self.clock.clone(),
+        }
+    }
+}
+
+impl<K: KeyStore> InboundApiKeyLayer<K> {
+    /// A layer verifying keys against `store`, with the defaults above.
+    pub fn new(store: K) -> Self {
+        Self::from_shared(Arc::new(store))
+    }
+
+    /// A layer verifying keys against a store shared with other parts of the program (the
+    /// management API, a reloader …).
+    pub fn from_shared(store: Arc<K>) -> Self {
+        InboundApiKeyLayer {
+            config: Arc::new(Config {
+                store,
+                sources: vec![
+                    KeySource::Header(HeaderName::from_static("x-api-key")),
+                    KeySource::Bearer,
+                ],
+                hide_credentials: true,
+                required_scopes: Scopes::empty(),
+                identity_header: None,
+                error_format: ErrorFormat::default(),
+                realm: Realm::default(),
+                allow_preflight: false,
+                allow_anonymous: false,
+                max_key_len: DEFAULT_MAX_KEY_LEN,
+                store_timeout: Some(DEFAULT_STORE_TIMEOUT),
+                clock: Arc::new(SystemClock),
+            }),
+        }
+    }
+
+    fn config_mut(&mut self) -> &mut Config<K> {
+        Arc::make_mut(&mut self.config)
+    }
+
+    /// Where to look for the key, tried in this order. Every source is read: two sources
+    /// carrying different keys are rejected.
+    ///
+    /// # Panics
+    /// When `sources` is empty or holds more than 32 sources.
+    pub fn sources(mut self, sources: impl IntoIterator<Item = KeySource>) -> Self {
+        let sources: Vec<KeySource> = sources.into_iter().collect();
+        assert!(
+            !sources.is_empty() && sources.len() <= source::MAX_SOURCES,
+            "InboundApiKeyLayer takes between 1 and 32 key sources"
+        );
+        self.config_mut().sources = sources;
+        self
+    }
+
+    /// Whether to remove the credential from the request before the inner service sees it
+    /// (default: yes).
+    pub fn hide_credentials(mut self, hide: bool) -> Self {
+        self.config_mut().hide_credentials = hide;
+        self
+    }
+
+    /// Scopes every key must have here; keys lacking one get 403 `insufficient_scope`. For
+    /// per-route scopes, see [`RequireScopesLayer`].
+    pub fn require_scopes<I, S>(mut self, scopes: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.config_mut().required_scopes = Scopes::new(scopes);
+        self
+    }
+
+    /// Sends the verified key's id to the inner service in this header (e.g.
+    /// `x-consumer-id`). Any copy the client sent is removed first, on every request.
+    pub fn identity_header(mut self, name: HeaderName) -> Self {
+        self.config_mut().identity_header = Some(name);
+        self
+    }
+
+    /// The dialect of rejection bodies (default: OpenAI).
+    pub fn error_format(mut self, format: ErrorFormat) -> Self {
+        self.config_mut().error_format = format;
+        self
+    }
+
+    /// The realm in `WWW-Authenticate` (default: `api`).
+    pub fn realm(mut self, realm: &str) -> Self {
+        self.config_mut().realm = Realm::new(realm);
+        self
+    }
+
+    /// Lets CORS preflight requests (`OPTIONS` with `Origin` and
+    /// `Access-Control-Request-Method`) through without a key, so a CORS layer inside can
+    /// answer them (default: no).
+    pub fn allow_preflight(mut self, allow: bool) -> Self {
+        self.config_mut().allow_preflight = allow;
+        self
+    }
+
+    /// Lets requests that carry no key at all through without an [`Identity`]; a bad key is
+    /// still rejected (default: no).
+    pub fn allow_anonymous(mut self, allow: bool) -> Self {
+        self.config_mut().allow_anonymous = allow;
+        self
+    }
+
+    /// The longest key accepted, in bytes; longer credentials are rejected (400) before
+    /// hashing or any store call (default: 1024).
+    pub fn max_key_len(mut self, max: usize) -> Self {
+        self.config_mut().max_key_len = max;
+        self
+    }
+
+    /// How long a lookup may take before the request fails with 503; `None` waits forever
+    /// (default: 5 s).
+    pub fn store_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.config_mut().store_timeout = timeout;
+        self
+    }
+
+    /// The clock expiry and not-before are checked against (default: the system clock).
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.config_mut().clock = Arc::new(clock);
+        self
+    }
+
+    /// The store keys are verified against.
+    pub fn store(&self) -> &Arc<K> {
+        &self.config.store
+    }
+}
+
+impl<K> Clone for InboundApiKeyLayer<K> {
+    fn clone(&self) -> Self {
+        InboundApiKeyLayer {
+            config: self.config.clone(),
+        }
+    }
+}
+
+impl<K> std::fmt::Debug for InboundApiKeyLayer<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InboundApiKeyLayer")
+            .field("sources", &self.config.sources)
+            .field("hide_credentials", &self.config.hide_credentials)
+            .field("required_scopes", &self.config.required_scopes)
+            .field("error_format", &self.config.error_format)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, K> Layer<S> for InboundApiKeyLayer<K> {
+    type Service = InboundApiKey<S, K>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        InboundApiKey {
+            inner,
+            config: self.config.clone(),
+        }
+    }
+}
+
+/// The service [`InboundApiKeyLayer`] wraps around an inner service.
+pub struct InboundApiKey<S, K> {
+    inner: S,
+    config: Arc<Config<K>>,
+}
+
+impl<S, K> InboundApiKey<S, K> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The inner service, unwrapped.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: Clone, K> Clone for InboundApiKey<S, K> {
+    fn clone(&self) -> Self {
+        InboundApiKey {
+            inner: self.inner.clone(),
+            config: self.config.clone(),
+        }
+    }
+}
+
+impl<S: std::fmt::Debug, K> std::fmt::Debug for InboundApiKey<S, K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InboundApiKey")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, K, ReqBody, ResBody> Service<Request<ReqBody>> for InboundApiKey<S, K>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
+    K: KeyStore,
+    K::Lookup: Unpin,
+{
+    type Response = Response<ResponseBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S, K, ReqBody>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        let config = &self.config;
+        if let Some(name) = &config.identity_header {
+            req.headers_mut().remove(name);
+        }
+        if config.allow_preflight && is_preflight(&req) {
+            tracing::debug!(target: "tower_gateway_auth::inbound", "CORS preflight let through without a key");
+            return ResponseFuture::inner(self.inner.call(req));
+        }
+
+        let found = source::find(req.headers(), req.uri(), &config.sources, config.max_key_len);
+        let (digest, carriers) = match found {
+            Ok(Some(presented)) => (
+                config.store.hasher().digest(presented.key.as_bytes()),
+                presented.carriers,
+            ),
+            Ok(None) if config.allow_anonymous => {
+                tracing::debug!(target: "tower_gateway_auth::inbound", "no API key: passed on anonymously");
+                return ResponseFuture::inner(self.inner.call(req));
+            }
+            Ok(None) => return ResponseFuture::rejected(config.reject(&req, &missing(&config.sources), None)),
+            Err(rejection) => return ResponseFuture::rejected(config.reject(&req, &rejection, None)),
+        };
+        if config.hide_credentials {
+            let (mut parts, body) = req.into_parts();
+            source::hide(&mut parts.headers, &mut parts.uri, &config.sources, carriers);
+            req = Request::from_parts(parts, body);
+        }
+
+        let mut lookup = config.store.lookup(&digest);
+        // In-process stores answer at once: then the inner service is called right here,
+        // without cloning it or keeping any state in the future.
+        if let Poll::Ready(found) = Pin::new(&mut lookup).poll(&mut Context::from_waker(Waker::noop())) {
+            return match config.admit(found, &digest, &mut req) {
+                Ok(()) => ResponseFuture::inner(self.inner.call(req)),
+                Err(rejection) => ResponseFuture::rejected(config.reject(&req, &rejection, Some(&digest))),
+            };
+        }
+        // The service that was polled ready is the one that must be called: take it, and
+        // leave a clone to be readied for the next request.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        ResponseFuture {
+            state: State::Lookup {
+                lookup,
+                timer: None,
+                pending: Some(Pending {
+                    inner,
+                    request: req,
+                    config: self.config.clone(),
+                    digest,
+                }),
+            },
+        }
+    }
+}
+
+fn is_preflight<B>(req: &Request<B>) -> bool {
+    req.method() == Method::OPTIONS
+        && req.headers().contains_key(http::header::ORIGIN)
+        && req.headers().contains_key(http::header::ACCESS_CONTROL_REQUEST_METHOD)
+}
+
+fn missing(sources: &[KeySource]) -> Rejection {
+    let list = sources.iter().map(ToString::to_string).collect::<Vec<_>>();
+    let places = match list.as_slice() {
+        [one] => one.clone(),
+        [init @ .., last] => format!("{} or {last}", init.join(", ")),
+        [] => unreachable!("a layer has at least one source"),
+    };
+    Rejection::new(
+        RejectionKind::MissingKey,
+        format!("No API key was provided. Send one in {places}."),
+    )
+}
+
+impl<K: KeyStore> Config<K> {
+    /// Judges a lookup's result; on success the identity is put into the request.
+    fn admit<B>(&self, found: LookupResult, digest: &KeyDigest, req: &mut Request<B>) -> Result<(), Rejection> {
+        let record = match found {
+            Ok(Some(record)) if record.digest().ct_eq(digest) => record,
+            Ok(_) => {
+                tracing::info!(target: "tower_gateway_auth::inbound", fingerprint = %digest.fingerprint(), reason = "invalid_api_key", "API key rejected");
+                return Err(Rejection::new(RejectionKind::InvalidKey, "Invalid API key."));
+            }
+            Err(error) => {
+                tracing::warn!(target: "tower_gateway_auth::inbound", fingerprint = %digest.fingerprint(), %error, "key store failed: request refused");
+                return Err(unavailable());
+            }
+        };
+        let unusable = record.usable_at(self.clock.now()).err().map(|why| match why {
+            KeyUnusable::Revoked => (RejectionKind::RevokedKey, "This API key has been revoked."),
+            KeyUnusable::Disabled => (RejectionKind::DisabledKey, "This API key is disabled."),
+            KeyUnusable::Expired => (RejectionKind::ExpiredKey, "This API key has expired."),
+            KeyUnusable::NotYetValid => (RejectionKind::KeyNotYetValid, "This API key is not valid yet."),
+        });
+        let rejection = match unusable {
+            Some((kind, message)) => Some(Rejection::new(kind, message)),
+            None if !self.required_scopes.is_subset_of(record.scopes()) => {
+                Some(Rejection::insufficient_scope(self.required_scopes.iter()))
+            }
+            None => None,
+        };
+        if let Some(rejection) = rejection {
+            tracing::info!(target: "tower_gateway_auth::inbound", key_id = %record.id(), reason = rejection.code(), "API key rejected");
+            return Err(rejection);
+        }
+        tracing::debug!(target: "tower_gateway_auth::inbound", key_id = %record.id(), "API key accepted");
+        if let Some(name) = &self.identity_header {
+            let id = HeaderValue::try_from(record.id().to_string()).expect("key ids are ASCII");
+            req.headers_mut().insert(name.clone(), id);
+        }
+        req.extensions_mut().insert(Identity::new(record));
+        Ok(())
+    }
+
+    /// The response for `rejection`, in the configured dialect (or gRPC).
+    fn reject<B>(&self, req: &Request<B>, rejection: &Rejection, digest: Option<&KeyDigest>) -> Response<Bytes> {
+        if digest.is_none() {
+            tracing::info!(target: "tower_gateway_auth::inbound", reason = rejection.code(), "request rejected");
+        }
+        self.error_format.respond(rejection, &self.realm, req.headers())
+    }
+}
+
+fn unavailable() -> Rejection {
+    Rejection::new(
+        RejectionKind::StoreUnavailable,
+        "API keys cannot be verified right now; try again shortly.",
+    )
+}
+
+/// What a request waiting on its lookup still holds.
+struct Pending<S, K, B> {
+    inner: S,
+    request: Request<B>,
+    config: Arc<Config<K>>,
+    digest: KeyDigest,
+}
+
+pin_project! {
+    /// The response future of [`InboundApiKey`].
+    pub struct ResponseFuture<S, K, B>
+    where
+        S: Service<Request<B>>,
+        K: KeyStore,
+    {
+        #[pin]
+        state: State<S, K, B>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S, K, B>
+    where
+        S: Service<Request<B>>,
+        K: KeyStore,
+    {
+        Lookup {
+            lookup: K::Lookup,
+            timer: Option<Pin<Box<Sleep>>>,
+            pending: Option<Pending<S, K, B>>,
+        },
+        Decided {
+            #[pin]
+            future: crate::future::ResponseFuture<S::Future>,
+        },
+    }
+}
+
+impl<S, K, B> ResponseFuture<S, K, B>
+where
+    S: Service<Request<B>>,
+    K: KeyStore,
+{
+    fn inner(future: S::Future) -> Self {
+        ResponseFuture {
+            state: State::Decided {
+                future: crate::future::ResponseFuture::inner(future),
+            },
+        }
+    }
+
+    fn rejected(response: Response<Bytes>) -> Self {
+        ResponseFuture {
+            state: State::Decided {
+                future: crate::future::ResponseFuture::rejected(response),
+            },
+        }
+    }
+}
+
+impl<S, K, B, ResBody> Future for ResponseFuture<S, K, B>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+    K: KeyStore,
+    K::Lookup: Unpin,
+{
+    type Output = Result<Response<ResponseBody<ResBody>>, S::Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            let next = match self.as_mut().project().state.project() {
+                StateProj::Decided { future } => return future.poll(cx),
+                StateProj::Lookup { lookup, timer, pending } => {
+                    let found = match Pin::new(lookup).poll(cx) {
+                        Poll::Ready(found) => found,
+                        Poll::Pending => {
+                            let limit = pending.as_ref().and_then(|p| p.config.store_timeout);
+                            let Some(limit) = limit else { return Poll::Pending };
+                            // The timer is made only for lookups that actually wait.
+                            let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                            ready!(timer.as_mut().poll(cx));
+                            let p = pending.as_ref().expect("polled after completion");
+                            tracing::warn!(target: "tower_gateway_auth::inbound", fingerprint = %p.digest.fingerprint(), timeout = ?limit, "key store timed out: request refused");
+                            Err(crate::store::StoreError::new("lookup timed out"))
+                        }
+                    };
+                    let Pending { mut inner, mut request, config, digest } =
+                        pending.take().expect("polled after completion");
+                    match config.admit(found, &digest, &mut request) {
+                        Ok(()) => crate::future::ResponseFuture::inner(inner.call(request)),
+                        Err(rejection) => crate::future::ResponseFuture::rejected(config.reject(
+                            &request,
+                            &rejection,
+                            Some(&digest),
+                        )),
+                    }
+                }
+            };
+            self.as_mut().project().state.set(State::Decided { future: next });
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! [`RequireScopesLayer`]: per-route scope requirements on top of [`InboundApiKeyLayer`].
+//!
+//! [`InboundApiKeyLayer`]: super::InboundApiKeyLayer
+
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::body::ResponseBody;
+use crate::future::ResponseFuture;
+use crate::identity::Identity;
+use crate::record::Scopes;
+use crate::rejection::{ErrorFormat, Realm, Rejection, RejectionKind};
+
+/// Requires the [`Identity`] put in place by
+/// [`InboundApiKeyLayer`](super::InboundApiKeyLayer) to hold every one of some scopes: a key
+/// lacking one gets 403 `insufficient_scope`, a request with no identity 401.
+///
+/// Put it on the routes that need it, inside the inbound layer, so each key is verified once.
+///
+/// ```
+/// use axum::{Router, routing::post};
+/// use tower_gateway_auth::{ErrorFormat, InboundApiKeyLayer, MemoryStore, RequireScopesLayer};
+///
+/// let app: Router = Router::new()
+///     .route("/v1/chat/completions", post(|| async { "ok" }))
+///     .route_layer(RequireScopesLayer::new(["openai"]).error_format(ErrorFormat::OpenAi))
+///     .layer(InboundApiKeyLayer::new(MemoryStore::new()));
+/// ```
+#[derive(Debug, Clone)]
+pub struct RequireScopesLayer {
+    scopes: Scopes,
+    error_format: ErrorFormat,
+    realm: Realm,
+}
+
+impl RequireScopesLayer {
+    /// Requires every scope in `scopes`.
+    pub fn new<I, S>(scopes: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        RequireScopesLayer {
+            scopes: Scopes::new(scopes),
+            error_format: ErrorFormat::default(),
+            realm: Realm::default(),
+        }
+    }
+
+    /// The dialect of rejection bodies (default: OpenAI).
+    pub fn error_format(mut self, format: ErrorFormat) -> Self {
+        self.error_format = format;
+        self
+    }
+
+    /// The realm in `WWW-Authenticate` (default: `api`).
+    pub fn realm(mut self, realm: &str) -> Self {
+        self.realm = Realm::new(realm);
+        self
+    }
+}
+
+impl<S> Layer<S> for RequireScopesLayer {
+    type Service = RequireScopes<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RequireScopes {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// The service [`RequireScopesLayer`] wraps around an inner service.
+#[derive(Debug, Clone)]
+pub struct RequireScopes<S> {
+    inner: S,
+    layer: RequireScopesLayer,
+}
+
+impl<S> RequireScopes<S> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The inner service, unwrapped.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for RequireScopes<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+{
+    type Response = Response<ResponseBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        let rejection = match req.extensions().get::<Identity>() {
+            Some(who) if self.layer.scopes.is_subset_of(who.scopes()) => {
+                return ResponseFuture::inner(self.inner.call(req));
+            }
+            Some(who) => {
+                tracing::info!(target: "tower_gateway_auth::inbound", key_id = %who.id(), reason = "insufficient_scope", "API key rejected");
+                Rejection::insufficient_scope(self.layer.scopes.iter())
+            }
+            None => {
+                tracing::info!(target: "tower_gateway_auth::inbound", reason = "missing_api_key", "request rejected");
+                Rejection::new(RejectionKind::MissingKey, "This endpoint requires an API key.")
+            }
+        };
+        let response = self.layer.error_format.respond(&rejection, &self.layer.realm, req.headers());
+        ResponseFuture::rejected(response)
+    }
+}

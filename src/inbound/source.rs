@@ -1,0 +1,373 @@
+//! Where a client's key is looked for, and how it is read out of the request.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use http::header::AUTHORIZATION;
+use http::{HeaderMap, HeaderName, Uri};
+
+use crate::query;
+use crate::rejection::{Rejection, RejectionKind};
+
+/// One place a client may put its key.
+///
+/// Sources parse from strings, as a configuration file would name them:
+///
+/// ```
+/// use tower_gateway_auth::KeySource;
+///
+/// let sources: Vec<KeySource> = ["header:x-api-key", "bearer", "query:key"]
+///     .iter()
+///     .map(|s| s.parse().unwrap())
+///     .collect();
+/// assert_eq!(sources[1], KeySource::Bearer);
+/// assert!("cookie:key".parse::<KeySource>().is_err());
+/// ```
+#[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum KeySource {
+    /// A header whose whole value is the key, e.g. `X-API-Key`.
+    Header(HeaderName),
+    /// `Authorization: Bearer <key>`; the scheme is matched case-insensitively (RFC 9110).
+    Bearer,
+    /// A query parameter, percent-decoded.
+    Query(Arc<str>),
+}
+
+impl KeySource {
+    /// A header source.
+    pub fn header(name: HeaderName) -> Self {
+        KeySource::Header(name)
+    }
+
+    /// A query-parameter source.
+    pub fn query(name: impl Into<Arc<str>>) -> Self {
+        KeySource::Query(name.into())
+    }
+
+    /// The header this source reads, if it reads one.
+    pub fn header_name(&self) -> Option<&HeaderName> {
+        match self {
+            KeySource::Header(name) => Some(name),
+            KeySource::Bearer => Some(&AUTHORIZATION),
+            KeySource::Query(_) => None,
+        }
+    }
+
+    /// The query parameter this source reads, if it reads one.
+    pub fn query_name(&self) -> Option<&str> {
+        match self {
+            KeySource::Query(name) => Some(name),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for KeySource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeySource::Header(name) => write!(f, "the {name} header"),
+            KeySource::Bearer => f.write_str("an Authorization: Bearer token"),
+            KeySource::Query(name) => write!(f, "the `{name}` query parameter"),
+        }
+    }
+}
+
+impl fmt::Debug for KeySource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeySource::Header(name) => write!(f, "header:{name}"),
+            KeySource::Bearer => f.write_str("bearer"),
+            KeySource::Query(name) => write!(f, "query:{name}"),
+        }
+    }
+}
+
+/// The error when a string names no [`KeySource`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParseKeySourceError(String);
+
+impl fmt::Display for ParseKeySourceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "unknown key source `{}`: expected `header:NAME`, `bearer` or `query:NAME`",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for ParseKeySourceError {}
+
+impl FromStr for KeySource {
+    type Err = ParseKeySourceError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || ParseKeySourceError(s.to_owned());
+        if s.eq_ignore_ascii_case("bearer") {
+            return Ok(KeySource::Bearer);
+        }
+        match s.split_once(':') {
+            Some(("header", name)) => HeaderName::try_from(name)
+                .map(KeySource::Header)
+                .map_err(|_| err()),
+            Some(("query", name)) if !name.is_empty() => Ok(KeySource::query(name)),
+            _ => Err(err()),
+        }
+    }
+}
+
+/// A key found in a request, and which sources carried it (bit `i` for source `i`).
+pub(crate) struct Presented<'r> {
+    pub(crate) key: Cow<'r, str>,
+    pub(crate) carriers: u32,
+}
+
+/// The most sources a layer takes: `carriers` is a 32-bit set.
+pub(crate) const MAX_SOURCES: usize = 32;
+
+/// Reads the key out of the request: `Ok(None)` when no source carries one, an error when a
+/// credential is malformed, too long, or when sources disagree.
+pub(crate) fn find<'r>(
+    headers: &'r HeaderMap,
+    uri: &'r Uri,
+    sources: &[KeySource],
+    max_len: usize,
+) -> Result<Option<Presented<'r>>, Rejection> {
+    let mut found: Option<(Presented<'r>, usize)> = None;
+    for (i, source) in sources.iter().enumerate() {
+        let mut offer = |candidate: Cow<'r, str>| -> Result<(), Rejection> {
+            match &mut found {
+                None => {
+                    found = Some((
+                        Presented {
+                            key: candidate,
+                            carriers: 1 << i,
+                        },
+                        i,
+                    ));
+                }
+                Some((presented, _)) if presented.key == candidate => presented.carriers |= 1 << i,
+                Some((_, first)) => return Err(ambiguous(&sources[*first], source)),
+            }
+            Ok(())
+        };
+        match source {
+            KeySource::Header(name) => {
+                for value in headers.get_all(name) {
+                    if let Some(key) = header_key(value.as_bytes(), source, max_len)? {
+                        offer(key)?;
+                    }
+                }
+            }
+            KeySource::Bearer => {
+                for value in headers.get_all(AUTHORIZATION) {
+                    if let Some(token) = bearer_token(value.as_bytes()) {
+                        let token = token.ok_or_else(|| {
+                            malformed("The Authorization header uses the Bearer scheme but carries no token.")
+                        })?;
+                        if let Some(key) = header_key(token, source, max_len)? {
+                            offer(key)?;
+                        }
+                    }
+                }
+            }
+            KeySource::Query(name) => {
+                let Some(q) = uri.query() else { continue };
+                for raw in query::raw_values(q, name) {
+                    // Encoded, a key is at most three times its length: a cheap early bound.
+                    if raw.len() > max_len.saturating_mul(3) {
+                        return Err(too_long(source, max_len));
+                    }
+                    let decoded = query::decode(raw);
+                    if decoded.is_empty() {
+                        continue;
+                    }
+                    let key = checked_key(decoded, source, max_len)?;
+                    offer(key)?;
+                }
+            }
+        }
+    }
+    Ok(found.map(|(presented, _)| presented))
+}
+
+/// A header value as a key: surrounding whitespace trimmed, `None` when empty.
+fn header_key<'r>(
+    value: &'r [u8],
+    source: &KeySource,
+    max_len: usize,
+) -> Result<Option<Cow<'r, str>>, Rejection> {
+    let value = value.trim_ascii();
+    if value.is_empty() {
+        return Ok(None);
+    }
+    checked_key(Cow::Borrowed(value), source, max_len).map(Some)
+}
+
+/// The bound and the alphabet every key must meet: at most `max_len` bytes of visible ASCII.
+/// The length is checked first, so an oversized credential costs nothing more.
+fn checked_key<'r>(
+    key: Cow<'r, [u8]>,
+    source: &KeySource,
+    max_len: usize,
+) -> Result<Cow<'r, str>, Rejection> {
+    if key.len() > max_len {
+        return Err(too_long(source, max_len));
+    }
+    if !key.iter().all(|b| b.is_ascii_graphic()) {
+        return Err(malformed(format!(
+            "The API key in {source} holds characters an API key cannot have (spaces, control or non-ASCII characters)."
+        )));
+    }
+    Ok(match key {
+        Cow::Borrowed(b) => Cow::Borrowed(std::str::from_utf8(b).expect("checked ASCII")),
+        Cow::Owned(v) => Cow::Owned(String::from_utf8(v).expect("checked ASCII")),
+    })
+}
+
+/// Splits an `Authorization` value: `None` when the scheme is not Bearer (another scheme is
+/// not ours to judge), `Some(None)` for a Bearer with no token, else the token.
+fn bearer_token(value: &[u8]) -> Option<Option<&[u8]>> {
+    let value = value.trim_ascii();
+    let (scheme, rest) = match value.iter().position(|&b| b == b' ' || b == b'\t') {
+        Some(at) => (&value[..at], value[at..].trim_ascii_start()),
+        None => (value, &b""[..]),
+    };
+    if !scheme.eq_ignore_ascii_case(b"bearer") {
+        return None;
+    }
+    Some((!rest.is_empty()).then_some(rest))
+}
+
+fn malformed(message: impl Into<Cow<'static, str>>) -> Rejection {
+    Rejection::new(RejectionKind::MalformedKey, message)
+}
+
+fn too_long(source: &KeySource, max_len: usize) -> Rejection {
+    Rejection::new(
+        RejectionKind::KeyTooLong,
+        format!("The API key in {source} is longer than {max_len} bytes."),
+    )
+}
+
+fn ambiguous(first: &KeySource, second: &KeySource) -> Rejection {
+    let message = if first == second {
+        format!("More than one different API key was sent in {first}; send exactly one.")
+    } else {
+        format!("Different API keys were sent in {first} and {second}; send exactly one.")
+    };
+    Rejection::new(RejectionKind::AmbiguousKey, message)
+}
+
+/// Removes the credentials named by `carriers` from the request, so the inner service never
+/// sees them. Other query parameters are kept byte for byte.
+pub(crate) fn hide(headers: &mut HeaderMap, uri: &mut Uri, sources: &[KeySource], carriers: u32) {
+    let mut query_names: Vec<&str> = Vec::new();
+    for (i, source) in sources.iter().enumerate() {
+        if carriers & (1 << i) == 0 {
+            continue;
+        }
+        match source {
+            KeySource::Header(name) => {
+                headers.remove(name);
+            }
+            KeySource::Bearer => {
+                headers.remove(AUTHORIZATION);
+            }
+            KeySource::Query(name) => query_names.push(name),
+        }
+    }
+    if query_names.is_empty() {
+        return;
+    }
+    if let Some(rest) = uri.query().and_then(|q| query::without(q, &query_names)) {
+        *uri = query::set_query(uri, &rest);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn sources() -> Vec<KeySource> {
+        vec![
+            KeySource::Header(HeaderName::from_static("x-api-key")),
+            KeySource::Bearer,
+            KeySource::query("key"),
+        ]
+    }
+
+    fn run(headers: &[(&str, &str)], uri: &str) -> Result<Option<(String, u32)>, RejectionKind> {
+        let mut map = HeaderMap::new();
+        for (k, v) in headers {
+            map.append(
+                HeaderName::try_from(*k).unwrap(),
+                HeaderValue::from_bytes(v.as_bytes()).unwrap(),
+            );
+        }
+        let uri: Uri = uri.parse().unwrap();
+        find(&map, &uri, &sources(), 64)
+            .map(|p| p.map(|p| (p.key.into_owned(), p.carriers)))
+            .map_err(|r| r.kind())
+    }
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive_and_whitespace_tolerant() {
+        for v in ["Bearer k1", "bearer k1", "BEARER   k1  ", "  Bearer\tk1", "bEaReR k1"] {
+            assert_eq!(run(&[("authorization", v)], "/"), Ok(Some(("k1".into(), 2))), "{v}");
+        }
+        assert_eq!(run(&[("authorization", "Basic abc")], "/"), Ok(None));
+        assert_eq!(run(&[("authorization", "Bearer")], "/"), Err(RejectionKind::MalformedKey));
+        assert_eq!(run(&[("authorization", "Bearer a b")], "/"), Err(RejectionKind::MalformedKey));
+        assert_eq!(run(&[("authorization", "Bearerk1")], "/"), Ok(None));
+    }
+
+    #[test]
+    fn ambiguity_is_rejected_but_the_same_key_twice_is_fine() {
+        assert_eq!(
+            run(&[("x-api-key", "a"), ("x-api-key", "b")], "/"),
+            Err(RejectionKind::AmbiguousKey)
+        );
+        assert_eq!(run(&[], "/?key=a&key=b"), Err(RejectionKind::AmbiguousKey));
+        assert_eq!(
+            run(&[("x-api-key", "a"), ("authorization", "Bearer b")], "/"),
+            Err(RejectionKind::AmbiguousKey)
+        );
+        assert_eq!(
+            run(&[("x-api-key", "a"), ("authorization", "Bearer a")], "/?key=a"),
+            Ok(Some(("a".into(), 0b111)))
+        );
+    }
+
+    #[test]
+    fn query_values_are_percent_decoded() {
+        assert_eq!(run(&[], "/?x=1&key=a%2Bb+c"), Ok(Some(("a+b+c".into(), 4))));
+        assert_eq!(run(&[], "/?key=a%20b"), Err(RejectionKind::MalformedKey));
+        assert_eq!(run(&[], "/?key=%FF"), Err(RejectionKind::MalformedKey));
+        assert_eq!(run(&[], "/?key="), Ok(None));
+    }
+
+    #[test]
+    fn oversized_and_empty() {
+        let long = "k".repeat(65);
+        assert_eq!(run(&[("x-api-key", &long)], "/"), Err(RejectionKind::KeyTooLong));
+        assert_eq!(run(&[], &format!("/?key={long}")), Err(RejectionKind::KeyTooLong));
+        assert_eq!(run(&[("x-api-key", "  ")], "/"), Ok(None));
+    }
+
+    #[test]
+    fn hide_removes_only_the_carriers() {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-api-key", HeaderValue::from_static("a"));
+        headers.insert("authorization", HeaderValue::from_static("Bearer a"));
+        headers.insert("x-other", HeaderValue::from_static("1"));
+        let mut uri: Uri = "/p?z=%2F&key=a&y".parse().unwrap();
+        hide(&mut headers, &mut uri, &sources(), 0b101);
+        assert!(headers.get("x-api-key").is_none());
+        assert!(headers.get("authorization").is_some());
+        assert_eq!(uri, "/p?z=%2F&y");
+    }
+}

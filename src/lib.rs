@@ -1,0 +1,49 @@
+//! Tower layers that put API-gateway authentication in front of any axum, tonic or hyper
+//! service.
+//!
+//! - [`InboundApiKeyLayer`] finds the client's API key (a header, `Authorization: Bearer`,
+//!   or a query parameter), verifies it against a [`KeyStore`] that holds only digests, hands
+//!   the caller's [`Identity`] to the inner service, and otherwise rejects the request with
+//!   the right status, `WWW-Authenticate` and a body in the client's dialect
+//!   ([`ErrorFormat`]) or a gRPC status.
+//! - [`RequireScopesLayer`] adds per-route scope requirements.
+//!
+//! ```
+//! use axum::{Router, routing::get};
+//! use tower_gateway_auth::{Identity, InboundApiKeyLayer, KeyId, KeyRecord, KeyStore, MemoryStore};
+//!
+//! let store = MemoryStore::new();
+//! let digest = store.hasher().digest(b"gw_example-key");
+//! store.insert(KeyRecord::new(KeyId::random(), digest).with_name("alice"));
+//!
+//! let app: Router = Router::new()
+//!     .route("/whoami", get(|who: Identity| async move { who.name().to_owned() }))
+//!     .layer(InboundApiKeyLayer::new(store));
+//! ```
+//!
+//! # Features
+//! - `axum`: [`Identity`] as an extractor (and `Option<Identity>`).
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+pub mod body;
+pub mod future;
+pub mod inbound;
+mod identity;
+mod key;
+mod query;
+mod record;
+mod rejection;
+pub mod store;
+mod time;
+
+pub use identity::Identity;
+#[cfg(feature = "axum")]
+pub use identity::MissingIdentity;
+pub use inbound::{InboundApiKeyLayer, KeySource, RequireScopesLayer};
+pub use key::{Fingerprint, KeyDigest, KeyHasher};
+pub use record::{KeyId, KeyRecord, KeyStatus, KeyUnusable, Metadata, ParseKeyIdError, Scopes};
+pub use rejection::{ErrorFormat, Realm, Rejection, RejectionKind, UnknownErrorFormat, is_grpc};
+pub use store::{BoxLookup, KeyStore, LookupResult, MemoryStore, StoreError};
+pub use time::{Clock, ManualClock, SystemClock, Timestamp};

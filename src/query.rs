@@ -1,0 +1,120 @@
+//! Query-string surgery shared by the layers: find, remove and set one parameter while every
+//! other byte of the query stays exactly as the client sent it.
+
+use std::borrow::Cow;
+
+use http::Uri;
+use http::uri::PathAndQuery;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
+
+/// Characters left alone when a value is percent-encoded into a query: RFC 3986 unreserved.
+const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// One `&`-separated segment of a raw query: its raw name and raw value.
+fn split(segment: &str) -> (&str, &str) {
+    segment.split_once('=').unwrap_or((segment, ""))
+}
+
+/// Whether the segment's name, percent-decoded, is `name`.
+fn name_is(raw_name: &str, name: &str) -> bool {
+    if raw_name.contains('%') {
+        percent_decode_str(raw_name).eq(name.bytes())
+    } else {
+        raw_name == name
+    }
+}
+
+/// The raw (still percent-encoded) values of every parameter called `name`.
+pub(crate) fn raw_values<'q>(query: &'q str, name: &str) -> impl Iterator<Item = &'q str> {
+    query.split('&').filter_map(move |segment| {
+        let (raw_name, raw_value) = split(segment);
+        name_is(raw_name, name).then_some(raw_value)
+    })
+}
+
+/// A raw value, percent-decoded. `+` stays `+`: keys never hold spaces, and base64 keys do
+/// hold plus signs.
+pub(crate) fn decode(raw: &str) -> Cow<'_, [u8]> {
+    percent_decode_str(raw).into()
+}
+
+/// The query with every parameter in `names` removed, or `None` when none was there.
+/// The remaining segments, and their order, are kept byte for byte.
+pub(crate) fn without(query: &str, names: &[&str]) -> Option<String> {
+    let is_named = |segment: &str| names.iter().any(|n| name_is(split(segment).0, n));
+    if !query.split('&').any(is_named) {
+        return None;
+    }
+    let kept: Vec<&str> = query.split('&').filter(|s| !is_named(s)).collect();
+    Some(kept.join("&"))
+}
+
+/// The query with every `name` parameter removed and `name=value` (value percent-encoded)
+/// appended.
+pub(crate) fn with_param(query: Option<&str>, name: &str, value: &str) -> String {
+    let mut out = match query {
+        Some(q) => without(q, &[name]).unwrap_or_else(|| q.to_owned()),
+        None => String::new(),
+    };
+    if !out.is_empty() {
+        out.push('&');
+    }
+    out.extend(utf8_percent_encode(name, QUERY_VALUE));
+    out.push('=');
+    out.extend(utf8_percent_encode(value, QUERY_VALUE));
+    out
+}
+
+/// `uri` with its query replaced by `query` (`""` drops the `?`), everything else kept.
+pub(crate) fn set_query(uri: &Uri, query: &str) -> Uri {
+    let path = uri.path();
+    let path_and_query = if query.is_empty() {
+        PathAndQuery::try_from(path)
+    } else {
+        PathAndQuery::try_from(format!("{path}?{query}"))
+    }
+    .expect("segments of a valid query with a valid path form a valid path-and-query");
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(path_and_query);
+    Uri::from_parts(parts).expect("only the path-and-query changed")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_values_by_decoded_name() {
+        let q = "a=1&key=x%2By&k%65y=z&keys=no";
+        assert_eq!(raw_values(q, "key").collect::<Vec<_>>(), ["x%2By", "z"]);
+        assert_eq!(&*decode("x%2By+"), b"x+y+");
+    }
+
+    #[test]
+    fn removal_keeps_everything_else_byte_for_byte() {
+        assert_eq!(without("a=%20&key=x&b=2&&c", &["key"]).as_deref(), Some("a=%20&b=2&&c"));
+        assert_eq!(without("key=x", &["key"]).as_deref(), Some(""));
+        assert_eq!(without("key=x&key=y&z", &["key"]).as_deref(), Some("z"));
+        assert_eq!(without("a=1", &["key"]), None);
+    }
+
+    #[test]
+    fn set_param_replaces_and_encodes() {
+        assert_eq!(with_param(Some("key=old&a=b%20c"), "key", "s&k=/+ü"), "a=b%20c&key=s%26k%3D%2F%2B%C3%BC");
+        assert_eq!(with_param(None, "key", "v"), "key=v");
+        assert_eq!(with_param(Some(""), "key", "v"), "key=v");
+    }
+
+    #[test]
+    fn set_query_keeps_scheme_and_authority() {
+        let uri: Uri = "http://h:1/p/q?key=1".parse().unwrap();
+        assert_eq!(set_query(&uri, ""), "http://h:1/p/q");
+        assert_eq!(set_query(&uri, "a=1"), "http://h:1/p/q?a=1");
+        let uri: Uri = "/p".parse().unwrap();
+        assert_eq!(set_query(&uri, "a=1"), "/p?a=1");
+    }
+}

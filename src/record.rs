@@ -1,0 +1,485 @@
+//! What a store knows about a key: its public id, name, validity window, state, scopes and
+//! metadata, and the digest it is found by. Never the key.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::key::{KeyDigest, base62_fixed, base62_parse};
+use crate::time::Timestamp;
+
+/// A key's public id, safe to log and to show: `key_` and 11 base62 digits.
+///
+/// It is random and says nothing about the key itself.
+///
+/// ```
+/// use tower_gateway_auth::KeyId;
+///
+/// let id = KeyId::random();
+/// let shown = id.to_string();
+/// assert!(shown.starts_with("key_"));
+/// assert_eq!(shown.parse::<KeyId>().unwrap(), id);
+/// ```
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct KeyId(u64);
+
+impl KeyId {
+    const PREFIX: &'static str = "key_";
+    const DIGITS: usize = 11;
+
+    /// A fresh random id from the operating system's generator.
+    pub fn random() -> Self {
+        KeyId(getrandom::u64().expect("the OS random number generator failed"))
+    }
+
+    /// The id's number, e.g. to key a database row.
+    pub const fn as_u64(self) -> u64 {
+        self.0
+    }
+
+    /// The id with this number.
+    pub const fn from_u64(n: u64) -> Self {
+        KeyId(n)
+    }
+}
+
+impl fmt::Display for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut s = String::with_capacity(Self::PREFIX.len() + Self::DIGITS);
+        s.push_str(Self::PREFIX);
+        base62_fixed(u128::from(self.0), Self::DIGITS, &mut s);
+        f.write_str(&s)
+    }
+}
+
+impl fmt::Debug for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// The error when a string is not a [`KeyId`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParseKeyIdError;
+
+impl fmt::Display for ParseKeyIdError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("not a key id: expected `key_` followed by 11 base62 digits")
+    }
+}
+
+impl std::error::Error for ParseKeyIdError {}
+
+impl FromStr for KeyId {
+    type Err = ParseKeyIdError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let digits = s.strip_prefix(Self::PREFIX).ok_or(ParseKeyIdError)?;
+        if digits.len() != Self::DIGITS {
+            return Err(ParseKeyIdError);
+        }
+        let n = base62_parse(digits).ok_or(ParseKeyIdError)?;
+        u64::try_from(n).map(KeyId).map_err(|_| ParseKeyIdError)
+    }
+}
+
+impl Serialize for KeyId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for KeyId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Whether a key may be used at all, apart from its validity window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum KeyStatus {
+    /// Usable within its validity window.
+    #[default]
+    Active,
+    /// Switched off for now; may be enabled again.
+    Disabled,
+    /// Withdrawn for good.
+    Revoked,
+}
+
+/// A set of scope names (e.g. `openai`, `admin`). Cheap to clone.
+///
+/// ```
+/// use tower_gateway_auth::Scopes;
+///
+/// let s = Scopes::new(["chat", "admin", "chat"]);
+/// assert!(s.contains("admin"));
+/// assert_eq!(s.iter().collect::<Vec<_>>(), ["admin", "chat"]);
+/// assert!(Scopes::new(["chat"]).is_subset_of(&s));
+/// ```
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Scopes(Arc<[Box<str>]>);
+
+impl Scopes {
+    /// The given scopes, sorted and without duplicates.
+    pub fn new<I, S>(scopes: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let mut v: Vec<Box<str>> = scopes.into_iter().map(|s| s.into().into()).collect();
+        v.sort_unstable();
+        v.dedup();
+        Scopes(v.into())
+    }
+
+    /// No scopes.
+    pub fn empty() -> Self {
+        Scopes(Arc::from([]))
+    }
+
+    /// Whether `scope` is in the set.
+    pub fn contains(&self, scope: &str) -> bool {
+        self.0.binary_search_by(|s| (**s).cmp(scope)).is_ok()
+    }
+
+    /// Whether every scope of `self` is in `other`.
+    pub fn is_subset_of(&self, other: &Scopes) -> bool {
+        self.iter().all(|s| other.contains(s))
+    }
+
+    /// The scopes, in sorted order.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = &str> + '_ {
+        self.0.iter().map(|s| &**s)
+    }
+
+    /// How many scopes there are.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl Default for Scopes {
+    fn default() -> Self {
+        Scopes::empty()
+    }
+}
+
+impl fmt::Debug for Scopes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_set().entries(self.iter()).finish()
+    }
+}
+
+impl Serialize for Scopes {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for Scopes {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(Scopes::new(Vec::<String>::deserialize(d)?))
+    }
+}
+
+/// Free-form string metadata attached to a key (tenant, plan, owner …). Never secret.
+pub type Metadata = BTreeMap<String, String>;
+
+static NO_METADATA: Metadata = BTreeMap::new();
+
+/// Why a known key may not be used now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum KeyUnusable {
+    /// The key was revoked.
+    Revoked,
+    /// The key is disabled.
+    Disabled,
+    /// The key's expiry has passed.
+    Expired,
+    /// The key's not-before time has not come yet.
+    NotYetValid,
+}
+
+/// Everything a store knows about one key.
+///
+/// Records are immutable once shared; the `with_*` methods build a changed copy.
+///
+/// ```
+/// use tower_gateway_auth::{KeyHasher, KeyId, KeyRecord, Timestamp};
+///
+/// let digest = KeyHasher::sha256().digest(b"gw_example-key");
+/// let record = KeyRecord::new(KeyId::random(), digest)
+///     .with_name("ci-runner")
+///     .with_scopes(["openai"])
+///     .with_expires_at(Some(Timestamp::from_unix_secs(2_000_000_000)));
+/// assert!(record.usable_at(Timestamp::from_unix_secs(1_900_000_000)).is_ok());
+/// assert!(record.usable_at(Timestamp::from_unix_secs(2_000_000_000)).is_err());
+/// ```
+#[derive(Clone, Serialize, Deserialize)]
+pub struct KeyRecord {
+    id: KeyId,
+    #[serde(with = "digest_hex")]
+    digest: KeyDigest,
+    #[serde(default)]
+    name: Box<str>,
+    #[serde(default, skip_serializing_if = "str::is_empty")]
+    hint: Box<str>,
+    created_at: Timestamp,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    expires_at: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    not_before: Option<Timestamp>,
+    #[serde(default)]
+    status: KeyStatus,
+    #[serde(default)]
+    scopes: Scopes,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    metadata: Option<Box<Metadata>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    parent: Option<KeyId>,
+}
+
+impl KeyRecord {
+    /// An active record for the key with this digest, created now, with no name, scopes,
+    /// expiry or metadata.
+    pub fn new(id: KeyId, digest: KeyDigest) -> Self {
+        KeyRecord {
+            id,
+            digest,
+            name: "".into(),
+            hint: "".into(),
+            created_at: Timestamp::now(),
+            expires_at: None,
+            not_before: None,
+            status: KeyStatus::Active,
+            scopes: Scopes::empty(),
+            metadata: None,
+            parent: None,
+        }
+    }
+
+    /// Sets the human-readable name.
+    pub fn with_name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into().into();
+        self
+    }
+
+    /// Sets the display hint (the key's prefix and first characters, e.g. `gw_AbC4`).
+    pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = hint.into().into();
+        self
+    }
+
+    /// Sets the creation time.
+    pub fn with_created_at(mut self, t: Timestamp) -> Self {
+        self.created_at = t;
+        self
+    }
+
+    /// Sets the expiry: the key is rejected from this second on. `None` never expires.
+    pub fn with_expires_at(mut self, t: Option<Timestamp>) -> Self {
+        self.expires_at = t;
+        self
+    }
+
+    /// Sets the not-before time: the key is rejected before this second.
+    pub fn with_not_before(mut self, t: Option<Timestamp>) -> Self {
+        self.not_before = t;
+        self
+    }
+
+    /// Sets the status.
+    pub fn with_status(mut self, status: KeyStatus) -> Self {
+        self.status = status;
+        self
+    }
+
+    /// Sets the scopes.
+    pub fn with_scopes<I, S>(mut self, scopes: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.scopes = Scopes::new(scopes);
+        self
+    }
+
+    /// Sets the scopes from an existing set (shares it).
+    pub fn with_scope_set(mut self, scopes: Scopes) -> Self {
+        self.scopes = scopes;
+        self
+    }
+
+    /// Sets the metadata.
+    pub fn with_metadata(mut self, metadata: Metadata) -> Self {
+        self.metadata = (!metadata.is_empty()).then(|| Box::new(metadata));
+        self
+    }
+
+    /// Records the key this one was minted from (ephemeral keys).
+    pub fn with_parent(mut self, parent: Option<KeyId>) -> Self {
+        self.parent = parent;
+        self
+    }
+
+    /// The public id.
+    pub fn id(&self) -> KeyId {
+        self.id
+    }
+
+    /// The digest the store finds this record by.
+    pub fn digest(&self) -> &KeyDigest {
+        &self.digest
+    }
+
+    /// The human-readable name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The display hint, empty when none was recorded.
+    pub fn hint(&self) -> &str {
+        &self.hint
+    }
+
+    /// When the key was created.
+    pub fn created_at(&self) -> Timestamp {
+        self.created_at
+    }
+
+    /// When the key stops working, if ever.
+    pub fn expires_at(&self) -> Option<Timestamp> {
+        self.expires_at
+    }
+
+    /// When the key starts working, if not at once.
+    pub fn not_before(&self) -> Option<Timestamp> {
+        self.not_before
+    }
+
+    /// The status.
+    pub fn status(&self) -> KeyStatus {
+        self.status
+    }
+
+    /// The scopes.
+    pub fn scopes(&self) -> &Scopes {
+        &self.scopes
+    }
+
+    /// The metadata.
+    pub fn metadata(&self) -> &Metadata {
+        self.metadata.as_deref().unwrap_or(&NO_METADATA)
+    }
+
+    /// The key this one was minted from, for ephemeral keys.
+    pub fn parent(&self) -> Option<KeyId> {
+        self.parent
+    }
+
+    /// Whether the key may be used at `now`, and if not, why.
+    pub fn usable_at(&self, now: Timestamp) -> Result<(), KeyUnusable> {
+        match self.status {
+            KeyStatus::Revoked => return Err(KeyUnusable::Revoked),
+            KeyStatus::Disabled => return Err(KeyUnusable::Disabled),
+            KeyStatus::Active => {}
+        }
+        if self.expires_at.is_some_and(|t| now >= t) {
+            return Err(KeyUnusable::Expired);
+        }
+        if self.not_before.is_some_and(|t| now < t) {
+            return Err(KeyUnusable::NotYetValid);
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for KeyRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyRecord")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("hint", &self.hint)
+            .field("created_at", &self.created_at)
+            .field("expires_at", &self.expires_at)
+            .field("not_before", &self.not_before)
+            .field("status", &self.status)
+            .field("scopes", &self.scopes)
+            .field("metadata", self.metadata())
+            .field("parent", &self.parent)
+            .finish_non_exhaustive()
+    }
+}
+
+mod digest_hex {
+    use super::*;
+
+    pub(super) fn serialize<S: Serializer>(d: &KeyDigest, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&d.to_hex())
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<KeyDigest, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        KeyDigest::from_hex(&s).ok_or_else(|| serde::de::Error::custom("digest must be 64 hex digits"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::key::KeyHasher;
+
+    fn record() -> KeyRecord {
+        KeyRecord::new(KeyId::from_u64(7), KeyHasher::sha256().digest(b"k"))
+    }
+
+    #[test]
+    fn key_id_round_trips_and_rejects_junk() {
+        for n in [0, 1, u64::MAX] {
+            let id = KeyId::from_u64(n);
+            assert_eq!(id.to_string().len(), 15);
+            assert_eq!(id.to_string().parse::<KeyId>(), Ok(id));
+        }
+        for bad in ["", "key_", "key_123", "kez_00000000000", "key_0000000000!", "key_zzzzzzzzzzz"] {
+            assert!(bad.parse::<KeyId>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn validity_window_and_status() {
+        let t = Timestamp::from_unix_secs;
+        let r = record().with_not_before(Some(t(10))).with_expires_at(Some(t(20)));
+        assert_eq!(r.usable_at(t(9)), Err(KeyUnusable::NotYetValid));
+        assert_eq!(r.usable_at(t(10)), Ok(()));
+        assert_eq!(r.usable_at(t(19)), Ok(()));
+        assert_eq!(r.usable_at(t(20)), Err(KeyUnusable::Expired));
+        let r = r.with_status(KeyStatus::Disabled);
+        assert_eq!(r.usable_at(t(15)), Err(KeyUnusable::Disabled));
+        let r = r.with_status(KeyStatus::Revoked);
+        assert_eq!(r.usable_at(t(15)), Err(KeyUnusable::Revoked));
+    }
+
+    #[test]
+    fn debug_and_json_never_hold_more_than_the_digest() {
+        let r = record().with_name("n");
+        let debug = format!("{r:?}");
+        assert!(!debug.contains(&r.digest().to_hex()));
+        let json = serde_json::to_string(&r).unwrap();
+        let back: KeyRecord = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.digest(), r.digest());
+        assert_eq!(back.id(), r.id());
+        assert_eq!(back.name(), "n");
+    }
+}

@@ -1,0 +1,460 @@
+//! Why a request was turned away, and how that is told to the client: status,
+//! `WWW-Authenticate` (RFC 6750) and a body in the client's dialect, or a gRPC status.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, WWW_AUTHENTICATE};
+use http::{HeaderMap, HeaderValue, Response, StatusCode};
+use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
+use serde_json::json;
+
+/// What went wrong, in a form a program can match on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RejectionKind {
+    /// No key was presented.
+    MissingKey,
+    /// A credential was presented but is not well formed.
+    MalformedKey,
+    /// Several different keys were presented.
+    AmbiguousKey,
+    /// The presented key is longer than the configured bound.
+    KeyTooLong,
+    /// The key is unknown, or fails its checksum.
+    InvalidKey,
+    /// The key has expired.
+    ExpiredKey,
+    /// The key's not-before time has not come yet.
+    KeyNotYetValid,
+    /// The key was revoked.
+    RevokedKey,
+    /// The key is disabled.
+    DisabledKey,
+    /// The key lacks a scope the route requires.
+    InsufficientScope,
+    /// The key store failed or timed out.
+    StoreUnavailable,
+    /// No upstream credential is configured for this caller.
+    NoUpstreamCredential,
+    /// The upstream credential could not be obtained (e.g. the token endpoint is down).
+    UpstreamCredentialUnavailable,
+}
+
+impl RejectionKind {
+    /// The HTTP status for this kind.
+    pub fn status(self) -> StatusCode {
+        use RejectionKind::*;
+        match self {
+            MalformedKey | AmbiguousKey | KeyTooLong => StatusCode::BAD_REQUEST,
+            InsufficientScope => StatusCode::FORBIDDEN,
+            StoreUnavailable | UpstreamCredentialUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            MissingKey | InvalidKey | ExpiredKey | KeyNotYetValid | RevokedKey | DisabledKey
+            | NoUpstreamCredential => StatusCode::UNAUTHORIZED,
+        }
+    }
+
+    /// A stable machine-readable code, e.g. `invalid_api_key`.
+    pub fn code(self) -> &'static str {
+        use RejectionKind::*;
+        match self {
+            MissingKey => "missing_api_key",
+            MalformedKey => "malformed_api_key",
+            AmbiguousKey => "ambiguous_api_key",
+            KeyTooLong => "api_key_too_long",
+            InvalidKey => "invalid_api_key",
+            ExpiredKey => "expired_api_key",
+            KeyNotYetValid => "api_key_not_yet_valid",
+            RevokedKey => "revoked_api_key",
+            DisabledKey => "disabled_api_key",
+            InsufficientScope => "insufficient_scope",
+            StoreUnavailable => "auth_unavailable",
+            NoUpstreamCredential => "no_upstream_credential",
+            UpstreamCredentialUnavailable => "upstream_credential_unavailable",
+        }
+    }
+
+    /// The RFC 6750 `error` attribute for `WWW-Authenticate`, if any.
+    fn bearer_error(self) -> Option<&'static str> {
+        use RejectionKind::*;
+        match self {
+            MissingKey | StoreUnavailable | UpstreamCredentialUnavailable => None,
+            MalformedKey | AmbiguousKey | KeyTooLong => Some("invalid_request"),
+            InsufficientScope => Some("insufficient_scope"),
+            InvalidKey | ExpiredKey | KeyNotYetValid | RevokedKey | DisabledKey
+            | NoUpstreamCredential => Some("invalid_token"),
+        }
+    }
+
+    /// The gRPC status code: UNAUTHENTICATED, PERMISSION_DENIED or UNAVAILABLE.
+    fn grpc_status(self) -> &'static str {
+        match self.status() {
+            StatusCode::FORBIDDEN => "7",
+            StatusCode::SERVICE_UNAVAILABLE => "14",
+            _ => "16",
+        }
+    }
+}
+
+/// A request turned away: its kind and a message for the client.
+///
+/// Messages never contain the key, its digest or any upstream credential.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Rejection {
+    kind: RejectionKind,
+    message: Cow<'static, str>,
+    scopes: Option<Arc<str>>,
+}
+
+impl Rejection {
+    /// A rejection of `kind` with `message` for the client.
+    pub fn new(kind: RejectionKind, message: impl Into<Cow<'static, str>>) -> Self {
+        Rejection {
+            kind,
+            message: message.into(),
+            scopes: None,
+        }
+    }
+
+    /// A 403 for a key lacking some of `required` (space-separated in `WWW-Authenticate`).
+    pub fn insufficient_scope<'a>(required: impl IntoIterator<Item = &'a str>) -> Self {
+        let scopes = required.into_iter().collect::<Vec<_>>().join(" ");
+        Rejection {
+            kind: RejectionKind::InsufficientScope,
+            message: format!("This API key lacks the scope this endpoint requires: {scopes}.")
+                .into(),
+            scopes: Some(scopes.into()),
+        }
+    }
+
+    /// What went wrong.
+    pub fn kind(&self) -> RejectionKind {
+        self.kind
+    }
+
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        self.kind.status()
+    }
+
+    /// The machine-readable code.
+    pub fn code(&self) -> &'static str {
+        self.kind.code()
+    }
+
+    /// The message for the client.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// The `WWW-Authenticate` value RFC 6750 asks for, or `None` (503).
+    pub fn www_authenticate(&self, realm: &Realm) -> Option<HeaderValue> {
+        let status = self.status();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            return None;
+        }
+        let mut value = format!("Bearer realm=\"{}\"", realm.0);
+        if let Some(error) = self.kind.bearer_error() {
+            value.push_str(", error=\"");
+            value.push_str(error);
+            value.push('"');
+        }
+        if let Some(scopes) = &self.scopes {
+            value.push_str(", scope=\"");
+            value.push_str(scopes);
+            value.push('"');
+        }
+        HeaderValue::try_from(value).ok()
+    }
+}
+
+impl fmt::Debug for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Rejection")
+            .field("kind", &self.kind)
+            .field("message", &self.message)
+            .finish()
+    }
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// The realm named in `WWW-Authenticate`, checked to be a safe quoted-string.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Realm(Arc<str>);
+
+impl Realm {
+    /// `realm`, with characters that cannot stand in a quoted-string dropped.
+    pub fn new(realm: &str) -> Self {
+        let clean: String = realm
+            .chars()
+            .filter(|c| c.is_ascii() && !c.is_ascii_control() && *c != '"' && *c != '\\')
+            .collect();
+        Realm(clean.into())
+    }
+}
+
+impl Default for Realm {
+    fn default() -> Self {
+        Realm("api".into())
+    }
+}
+
+type CustomFn = dyn Fn(&Rejection) -> Response<Bytes> + Send + Sync;
+
+/// The dialect rejection bodies are written in.
+///
+/// Whatever the dialect, a gRPC request (`content-type: application/grpc…`) gets a
+/// trailers-only gRPC status instead, so tonic clients see a proper `Status`.
+///
+/// ```
+/// use tower_gateway_auth::ErrorFormat;
+///
+/// let format: ErrorFormat = "anthropic".parse().unwrap();
+/// assert!(matches!(format, ErrorFormat::Anthropic));
+/// assert!("xml".parse::<ErrorFormat>().is_err());
+/// ```
+#[derive(Clone, Default)]
+#[non_exhaustive]
+pub enum ErrorFormat {
+    /// `{"error":{"message","type","param","code"}}`, as OpenAI's API answers.
+    #[default]
+    OpenAi,
+    /// `{"type":"error","error":{"type","message"}}`, as Anthropic's API answers.
+    Anthropic,
+    /// `{"code":-1,"msg":"…"}`.
+    CodeMsg,
+    /// RFC 9457 `application/problem+json`.
+    Problem,
+    /// A response of your own making. `WWW-Authenticate` is added when it lacks one.
+    Custom(Arc<CustomFn>),
+}
+
+impl ErrorFormat {
+    /// A dialect of your own: `respond` writes the whole response.
+    pub fn custom(respond: impl Fn(&Rejection) -> Response<Bytes> + Send + Sync + 'static) -> Self {
+        ErrorFormat::Custom(Arc::new(respond))
+    }
+
+    /// The response for `rejection` to a request with `request_headers`.
+    pub fn respond(
+        &self,
+        rejection: &Rejection,
+        realm: &Realm,
+        request_headers: &HeaderMap,
+    ) -> Response<Bytes> {
+        if is_grpc(request_headers) {
+            return grpc_response(rejection);
+        }
+        let mut response = match self {
+            ErrorFormat::Custom(respond) => respond(rejection),
+            _ => self.json_response(rejection),
+        };
+        if let Some(challenge) = rejection.www_authenticate(realm) {
+            response
+                .headers_mut()
+                .entry(WWW_AUTHENTICATE)
+                .or_insert(challenge);
+        }
+        response
+    }
+
+    fn json_response(&self, rejection: &Rejection) -> Response<Bytes> {
+        let status = rejection.status();
+        let message = rejection.message();
+        let (content_type, body) = match self {
+            ErrorFormat::OpenAi => {
+                let kind = if status.is_server_error() { "server_error" } else { "invalid_request_error" };
+                let code = match rejection.kind() {
+                    RejectionKind::MissingKey => serde_json::Value::Null,
+                    RejectionKind::InvalidKey => "invalid_api_key".into(),
+                    other => other.code().into(),
+                };
+                let body = json!({"error": {"message": message, "type": kind, "param": null, "code": code}});
+                ("application/json", body)
+            }
+            ErrorFormat::Anthropic => {
+                let kind = match status {
+                    StatusCode::UNAUTHORIZED => "authentication_error",
+                    StatusCode::FORBIDDEN => "permission_error",
+                    StatusCode::BAD_REQUEST => "invalid_request_error",
+                    _ => "api_error",
+                };
+                let body = json!({"type": "error", "error": {"type": kind, "message": message}});
+                ("application/json", body)
+            }
+            ErrorFormat::CodeMsg => ("application/json", json!({"code": -1, "msg": message})),
+            ErrorFormat::Problem | ErrorFormat::Custom(_) => {
+                let body = json!({
+                    "type": "about:blank",
+                    "title": status.canonical_reason().unwrap_or("Error"),
+                    "status": status.as_u16(),
+                    "detail": message,
+                    "code": rejection.code(),
+                });
+                ("application/problem+json", body)
+            }
+        };
+        Response::builder()
+            .status(status)
+            .header(CONTENT_TYPE, HeaderValue::from_static(content_type))
+            .body(Bytes::from(body.to_string()))
+            .expect("static status and headers are valid")
+    }
+}
+
+impl fmt::Debug for ErrorFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ErrorFormat::OpenAi => "OpenAi",
+            ErrorFormat::Anthropic => "Anthropic",
+            ErrorFormat::CodeMsg => "CodeMsg",
+            ErrorFormat::Problem => "Problem",
+            ErrorFormat::Custom(_) => "Custom(..)",
+        })
+    }
+}
+
+/// The error when a string names no [`ErrorFormat`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownErrorFormat(String);
+
+impl fmt::Display for UnknownErrorFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "unknown error format `{}`: expected openai, anthropic, json or problem",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for UnknownErrorFormat {}
+
+impl FromStr for ErrorFormat {
+    type Err = UnknownErrorFormat;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "openai" => Ok(ErrorFormat::OpenAi),
+            "anthropic" => Ok(ErrorFormat::Anthropic),
+            "json" => Ok(ErrorFormat::CodeMsg),
+            "problem" => Ok(ErrorFormat::Problem),
+            other => Err(UnknownErrorFormat(other.to_owned())),
+        }
+    }
+}
+
+/// Whether the request speaks gRPC (`content-type: application/grpc`, `+proto`, `+json` …).
+pub fn is_grpc(headers: &HeaderMap) -> bool {
+    headers.get(CONTENT_TYPE).is_some_and(|ct| {
+        let ct = ct.as_bytes();
+        ct.len() >= 16 && ct[..16].eq_ignore_ascii_case(b"application/grpc")
+    })
+}
+
+/// gRPC's percent-encoding of `grpc-message`: everything outside printable ASCII, and `%`.
+const GRPC_MESSAGE: &AsciiSet = &CONTROLS.add(b'%');
+
+/// A trailers-only gRPC response: HTTP 200, the status in the headers, no body.
+fn grpc_response(rejection: &Rejection) -> Response<Bytes> {
+    let message = utf8_percent_encode(rejection.message(), GRPC_MESSAGE).to_string();
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(CONTENT_TYPE, HeaderValue::from_static("application/grpc"))
+        .header("grpc-status", HeaderValue::from_static(rejection.kind.grpc_status()))
+        .header(
+            "grpc-message",
+            HeaderValue::try_from(message).unwrap_or_else(|_| HeaderValue::from_static("")),
+        )
+        .body(Bytes::new())
+        .expect("static status and headers are valid")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(r: &Response<Bytes>) -> serde_json::Value {
+        serde_json::from_slice(r.body()).unwrap()
+    }
+
+    #[test]
+    fn www_authenticate_follows_rfc_6750() {
+        let realm = Realm::new("gate\"way");
+        let missing = Rejection::new(RejectionKind::MissingKey, "m");
+        assert_eq!(missing.www_authenticate(&realm).unwrap(), "Bearer realm=\"gateway\"");
+        let invalid = Rejection::new(RejectionKind::InvalidKey, "m");
+        assert_eq!(
+            invalid.www_authenticate(&realm).unwrap(),
+            "Bearer realm=\"gateway\", error=\"invalid_token\""
+        );
+        let scope = Rejection::insufficient_scope(["a", "b"]);
+        assert_eq!(
+            scope.www_authenticate(&realm).unwrap(),
+            "Bearer realm=\"gateway\", error=\"insufficient_scope\", scope=\"a b\""
+        );
+        let down = Rejection::new(RejectionKind::StoreUnavailable, "m");
+        assert!(down.www_authenticate(&realm).is_none());
+    }
+
+    #[test]
+    fn dialects() {
+        let r = Rejection::new(RejectionKind::InvalidKey, "Invalid API key.");
+        let h = HeaderMap::new();
+        let realm = Realm::default();
+        let openai = ErrorFormat::OpenAi.respond(&r, &realm, &h);
+        assert_eq!(openai.status(), 401);
+        assert_eq!(
+            body(&openai),
+            json!({"error":{"message":"Invalid API key.","type":"invalid_request_error","param":null,"code":"invalid_api_key"}})
+        );
+        let anthropic = ErrorFormat::Anthropic.respond(&r, &realm, &h);
+        assert_eq!(
+            body(&anthropic),
+            json!({"type":"error","error":{"type":"authentication_error","message":"Invalid API key."}})
+        );
+        let code = ErrorFormat::CodeMsg.respond(&r, &realm, &h);
+        assert_eq!(body(&code), json!({"code":-1,"msg":"Invalid API key."}));
+        let problem = ErrorFormat::Problem.respond(&r, &realm, &h);
+        assert_eq!(problem.headers()[CONTENT_TYPE], "application/problem+json");
+        assert_eq!(body(&problem)["status"], 401);
+        assert_eq!(body(&problem)["title"], "Unauthorized");
+        let forbidden = Rejection::insufficient_scope(["admin"]);
+        let anthropic = ErrorFormat::Anthropic.respond(&forbidden, &realm, &h);
+        assert_eq!(anthropic.status(), 403);
+        assert_eq!(body(&anthropic)["error"]["type"], "permission_error");
+    }
+
+    #[test]
+    fn custom_gets_www_authenticate_added() {
+        let f = ErrorFormat::custom(|r| {
+            Response::builder()
+                .status(r.status())
+                .body(Bytes::from_static(b"nope"))
+                .unwrap()
+        });
+        let r = Rejection::new(RejectionKind::MissingKey, "m");
+        let resp = f.respond(&r, &Realm::default(), &HeaderMap::new());
+        assert_eq!(resp.body(), "nope");
+        assert_eq!(resp.headers()[WWW_AUTHENTICATE], "Bearer realm=\"api\"");
+    }
+
+    #[test]
+    fn grpc_is_trailers_only() {
+        let mut h = HeaderMap::new();
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc+proto"));
+        let r = Rejection::new(RejectionKind::StoreUnavailable, "down 100%\n");
+        let resp = ErrorFormat::OpenAi.respond(&r, &Realm::default(), &h);
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["grpc-status"], "14");
+        assert_eq!(resp.headers()["grpc-message"], "down 100%25%0A");
+        assert!(resp.body().is_empty());
+    }
+}

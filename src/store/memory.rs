@@ -1,0 +1,207 @@
+//! The in-process store: a sharded hash table from digest to record.
+
+use std::future::{Ready, ready};
+use std::sync::{Arc, RwLock};
+
+use hashbrown::HashTable;
+
+use crate::key::{KeyDigest, KeyHasher};
+use crate::record::{KeyId, KeyRecord};
+use crate::store::{KeyStore, LookupResult};
+
+/// Shards keep writers from stalling every reader, and keep each rehash small.
+const SHARDS: usize = 16;
+
+type Shard = RwLock<HashTable<Arc<KeyRecord>>>;
+
+/// An in-memory [`KeyStore`]: records found by digest in a sharded hash table.
+///
+/// A lookup is one hash-table probe under a read lock and an `Arc` clone; it never waits on
+/// I/O, so its future is ready at once. It holds a million keys comfortably.
+///
+/// ```
+/// use tower_gateway_auth::{KeyId, KeyRecord, KeyStore, MemoryStore};
+///
+/// let store = MemoryStore::new();
+/// let digest = store.hasher().digest(b"gw_secret-key");
+/// store.insert(KeyRecord::new(KeyId::random(), digest).with_name("alice"));
+/// assert_eq!(store.len(), 1);
+/// ```
+pub struct MemoryStore {
+    shards: Box<[Shard]>,
+    hasher: KeyHasher,
+}
+
+impl MemoryStore {
+    /// An empty store hashing keys with plain SHA-256.
+    pub fn new() -> Self {
+        Self::with_hasher(KeyHasher::sha256())
+    }
+
+    /// An empty store hashing keys with `hasher` (e.g. peppered).
+    pub fn with_hasher(hasher: KeyHasher) -> Self {
+        MemoryStore {
+            shards: (0..SHARDS).map(|_| RwLock::new(HashTable::new())).collect(),
+            hasher,
+        }
+    }
+
+    fn shard(&self, digest: &KeyDigest) -> &Shard {
+        &self.shards[shard_index(digest)]
+    }
+
+    /// Adds `record`, replacing any record with the same digest. Returns the shared record.
+    pub fn insert(&self, record: KeyRecord) -> Arc<KeyRecord> {
+        let record = Arc::new(record);
+        let mut table = self.shard(record.digest()).write().unwrap_or_else(|e| e.into_inner());
+        put(&mut table, record.clone());
+        record
+    }
+
+    /// The record with public id `id`. This scans the store: it is for management, not for
+    /// the request path.
+    pub fn get(&self, id: KeyId) -> Option<Arc<KeyRecord>> {
+        self.shards.iter().find_map(|shard| {
+            let table = shard.read().unwrap_or_else(|e| e.into_inner());
+            table.iter().find(|r| r.id() == id).cloned()
+        })
+    }
+
+    /// Replaces the record with id `id` by `change(record)`; the digest is kept. Returns the
+    /// new record, or `None` when there is no such id.
+    pub fn update(
+        &self,
+        id: KeyId,
+        change: impl FnOnce(&KeyRecord) -> KeyRecord,
+    ) -> Option<Arc<KeyRecord>> {
+        for shard in self.shards.iter() {
+            let mut table = shard.write().unwrap_or_else(|e| e.into_inner());
+            if let Some(slot) = table.iter_mut().find(|r| r.id() == id) {
+                let changed = change(slot);
+                // The table is keyed by digest: a record may not move to another one.
+                assert!(
+                    changed.digest() == slot.digest(),
+                    "MemoryStore::update must not change a record's digest"
+                );
+                *slot = Arc::new(changed);
+                return Some(slot.clone());
+            }
+        }
+        None
+    }
+
+    /// Removes the record with id `id`; returns it.
+    pub fn remove(&self, id: KeyId) -> Option<Arc<KeyRecord>> {
+        let mut removed = None;
+        for shard in self.shards.iter() {
+            shard.write().unwrap_or_else(|e| e.into_inner()).retain(|r| {
+                if r.id() == id && removed.is_none() {
+                    removed = Some(r.clone());
+                    false
+                } else {
+                    true
+                }
+            });
+            if removed.is_some() {
+                break;
+            }
+        }
+        removed
+    }
+
+    /// Keeps only the records for which `keep` is true.
+    pub fn retain(&self, mut keep: impl FnMut(&KeyRecord) -> bool) {
+        for shard in self.shards.iter() {
+            shard.write().unwrap_or_else(|e| e.into_inner()).retain(|r| keep(r));
+        }
+    }
+
+    /// Every record, in no particular order.
+    pub fn list(&self) -> Vec<Arc<KeyRecord>> {
+        let mut all = Vec::with_capacity(self.len());
+        for shard in self.shards.iter() {
+            all.extend(shard.read().unwrap_or_else(|e| e.into_inner()).iter().cloned());
+        }
+        all
+    }
+
+    /// Replaces the whole content with `records` at once (used when reloading from a file).
+    pub fn replace_all(&self, records: impl IntoIterator<Item = Arc<KeyRecord>>) {
+        let mut tables: Vec<HashTable<Arc<KeyRecord>>> =
+            (0..SHARDS).map(|_| HashTable::new()).collect();
+        for record in records {
+            put(&mut tables[shard_index(record.digest())], record);
+        }
+        for (shard, table) in self.shards.iter().zip(tables) {
+            *shard.write().unwrap_or_else(|e| e.into_inner()) = table;
+        }
+    }
+
+    /// How many records the store holds.
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.read().unwrap_or_else(|e| e.into_inner()).len())
+            .sum()
+    }
+
+    /// Whether the store is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The record for `digest`, synchronously.
+    pub fn lookup_now(&self, digest: &KeyDigest) -> Option<Arc<KeyRecord>> {
+        let table = self.shard(digest).read().unwrap_or_else(|e| e.into_inner());
+        table
+            .find(digest.table_hash(), |r| r.digest() == digest)
+            .cloned()
+    }
+}
+
+fn shard_index(digest: &KeyDigest) -> usize {
+    // Byte 8 is past the bytes `table_hash` uses, so shard and bucket choice stay independent.
+    usize::from(digest.as_bytes()[8]) % SHARDS
+}
+
+/// Inserts `record`, replacing the one with the same digest.
+fn put(table: &mut HashTable<Arc<KeyRecord>>, record: Arc<KeyRecord>) {
+    let digest = *record.digest();
+    match table.entry(
+        digest.table_hash(),
+        |r| *r.digest() == digest,
+        |r| r.digest().table_hash(),
+    ) {
+        hashbrown::hash_table::Entry::Occupied(mut e) => *e.get_mut() = record,
+        hashbrown::hash_table::Entry::Vacant(e) => {
+            e.insert(record);
+        }
+    }
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("keys", &self.len())
+            .field("hasher", &self.hasher)
+            .finish()
+    }
+}
+
+impl KeyStore for MemoryStore {
+    type Lookup = Ready<LookupResult>;
+
+    fn lookup(&self, digest: &KeyDigest) -> Self::Lookup {
+        ready(Ok(self.lookup_now(digest)))
+    }
+
+    fn hasher(&self) -> &KeyHasher {
+        &self.hasher
+    }
+}
