@@ -61,7 +61,9 @@ where
                 Poll::Ready(Ok(response.map(ResponseBody::inner)))
             }
             KindProj::Rejected { response } => Poll::Ready(Ok(full_response(
-                response.take().expect("ResponseFuture polled after completion"),
+                response
+                    .take()
+                    .expect("ResponseFuture polled after completion"),
             ))),
         }
     }

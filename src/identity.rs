@@ -94,7 +94,11 @@ mod extract {
 
     impl IntoResponse for MissingIdentity {
         fn into_response(self) -> Response {
-            (StatusCode::UNAUTHORIZED, "An API key is required for this endpoint.").into_response()
+            (
+                StatusCode::UNAUTHORIZED,
+                "An API key is required for this endpoint.",
+            )
+                .into_response()
         }
     }
 
@@ -102,7 +106,11 @@ mod extract {
         type Rejection = MissingIdentity;
 
         async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-            parts.extensions.get::<Identity>().cloned().ok_or(MissingIdentity)
+            parts
+                .extensions
+                .get::<Identity>()
+                .cloned()
+                .ok_or(MissingIdentity)
         }
     }
 

@@ -29,8 +29,8 @@
 
 pub mod body;
 pub mod future;
-pub mod inbound;
 mod identity;
+pub mod inbound;
 mod key;
 mod query;
 mod record;
@@ -47,3 +47,8 @@ pub use record::{KeyId, KeyRecord, KeyStatus, KeyUnusable, Metadata, ParseKeyIdE
 pub use rejection::{ErrorFormat, Realm, Rejection, RejectionKind, UnknownErrorFormat, is_grpc};
 pub use store::{BoxLookup, KeyStore, LookupResult, MemoryStore, StoreError};
 pub use time::{Clock, ManualClock, SystemClock, Timestamp};
+
+/// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -1,18 +1,11 @@
-//! Query-string surgery shared by the layers: find, remove and set one parameter while every
+//! Query-string surgery shared by the layers: find and remove parameters while every
 //! other byte of the query stays exactly as the client sent it.
 
 use std::borrow::Cow;
 
 use http::Uri;
 use http::uri::PathAndQuery;
-use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
-
-/// Characters left alone when a value is percent-encoded into a query: RFC 3986 unreserved.
-const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'.')
-    .remove(b'_')
-    .remove(b'~');
+use percent_encoding::percent_decode_str;
 
 /// One `&`-separated segment of a raw query: its raw name and raw value.
 fn split(segment: &str) -> (&str, &str) {
@@ -53,22 +46,6 @@ pub(crate) fn without(query: &str, names: &[&str]) -> Option<String> {
     Some(kept.join("&"))
 }
 
-/// The query with every `name` parameter removed and `name=value` (value percent-encoded)
-/// appended.
-pub(crate) fn with_param(query: Option<&str>, name: &str, value: &str) -> String {
-    let mut out = match query {
-        Some(q) => without(q, &[name]).unwrap_or_else(|| q.to_owned()),
-        None => String::new(),
-    };
-    if !out.is_empty() {
-        out.push('&');
-    }
-    out.extend(utf8_percent_encode(name, QUERY_VALUE));
-    out.push('=');
-    out.extend(utf8_percent_encode(value, QUERY_VALUE));
-    out
-}
-
 /// `uri` with its query replaced by `query` (`""` drops the `?`), everything else kept.
 pub(crate) fn set_query(uri: &Uri, query: &str) -> Uri {
     let path = uri.path();
@@ -96,17 +73,13 @@ mod tests {
 
     #[test]
     fn removal_keeps_everything_else_byte_for_byte() {
-        assert_eq!(without("a=%20&key=x&b=2&&c", &["key"]).as_deref(), Some("a=%20&b=2&&c"));
+        assert_eq!(
+            without("a=%20&key=x&b=2&&c", &["key"]).as_deref(),
+            Some("a=%20&b=2&&c")
+        );
         assert_eq!(without("key=x", &["key"]).as_deref(), Some(""));
         assert_eq!(without("key=x&key=y&z", &["key"]).as_deref(), Some("z"));
         assert_eq!(without("a=1", &["key"]), None);
-    }
-
-    #[test]
-    fn set_param_replaces_and_encodes() {
-        assert_eq!(with_param(Some("key=old&a=b%20c"), "key", "s&k=/+ü"), "a=b%20c&key=s%26k%3D%2F%2B%C3%BC");
-        assert_eq!(with_param(None, "key", "v"), "key=v");
-        assert_eq!(with_param(Some(""), "key", "v"), "key=v");
     }
 
     #[test]

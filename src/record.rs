@@ -432,7 +432,8 @@ mod digest_hex {
 
     pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<KeyDigest, D::Error> {
         let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        KeyDigest::from_hex(&s).ok_or_else(|| serde::de::Error::custom("digest must be 64 hex digits"))
+        KeyDigest::from_hex(&s)
+            .ok_or_else(|| serde::de::Error::custom("digest must be 64 hex digits"))
     }
 }
 
@@ -452,7 +453,14 @@ mod tests {
             assert_eq!(id.to_string().len(), 15);
             assert_eq!(id.to_string().parse::<KeyId>(), Ok(id));
         }
-        for bad in ["", "key_", "key_123", "kez_00000000000", "key_0000000000!", "key_zzzzzzzzzzz"] {
+        for bad in [
+            "",
+            "key_",
+            "key_123",
+            "kez_00000000000",
+            "key_0000000000!",
+            "key_zzzzzzzzzzz",
+        ] {
             assert!(bad.parse::<KeyId>().is_err(), "{bad}");
         }
     }
@@ -460,7 +468,9 @@ mod tests {
     #[test]
     fn validity_window_and_status() {
         let t = Timestamp::from_unix_secs;
-        let r = record().with_not_before(Some(t(10))).with_expires_at(Some(t(20)));
+        let r = record()
+            .with_not_before(Some(t(10)))
+            .with_expires_at(Some(t(20)));
         assert_eq!(r.usable_at(t(9)), Err(KeyUnusable::NotYetValid));
         assert_eq!(r.usable_at(t(10)), Ok(()));
         assert_eq!(r.usable_at(t(19)), Ok(()));

@@ -271,7 +271,11 @@ impl ErrorFormat {
         let message = rejection.message();
         let (content_type, body) = match self {
             ErrorFormat::OpenAi => {
-                let kind = if status.is_server_error() { "server_error" } else { "invalid_request_error" };
+                let kind = if status.is_server_error() {
+                    "server_error"
+                } else {
+                    "invalid_request_error"
+                };
                 let code = match rejection.kind() {
                     RejectionKind::MissingKey => serde_json::Value::Null,
                     RejectionKind::InvalidKey => "invalid_api_key".into(),
@@ -368,7 +372,10 @@ fn grpc_response(rejection: &Rejection) -> Response<Bytes> {
     Response::builder()
         .status(StatusCode::OK)
         .header(CONTENT_TYPE, HeaderValue::from_static("application/grpc"))
-        .header("grpc-status", HeaderValue::from_static(rejection.kind.grpc_status()))
+        .header(
+            "grpc-status",
+            HeaderValue::from_static(rejection.kind.grpc_status()),
+        )
         .header(
             "grpc-message",
             HeaderValue::try_from(message).unwrap_or_else(|_| HeaderValue::from_static("")),
@@ -389,7 +396,10 @@ mod tests {
     fn www_authenticate_follows_rfc_6750() {
         let realm = Realm::new("gate\"way");
         let missing = Rejection::new(RejectionKind::MissingKey, "m");
-        assert_eq!(missing.www_authenticate(&realm).unwrap(), "Bearer realm=\"gateway\"");
+        assert_eq!(
+            missing.www_authenticate(&realm).unwrap(),
+            "Bearer realm=\"gateway\""
+        );
         let invalid = Rejection::new(RejectionKind::InvalidKey, "m");
         assert_eq!(
             invalid.www_authenticate(&realm).unwrap(),
@@ -449,7 +459,10 @@ mod tests {
     #[test]
     fn grpc_is_trailers_only() {
         let mut h = HeaderMap::new();
-        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc+proto"));
+        h.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc+proto"),
+        );
         let r = Rejection::new(RejectionKind::StoreUnavailable, "down 100%\n");
         let resp = ErrorFormat::OpenAi.respond(&r, &Realm::default(), &h);
         assert_eq!(resp.status(), 200);

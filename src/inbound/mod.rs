@@ -339,7 +339,12 @@ where
             return ResponseFuture::inner(self.inner.call(req));
         }
 
-        let found = source::find(req.headers(), req.uri(), &config.sources, config.max_key_len);
+        let found = source::find(
+            req.headers(),
+            req.uri(),
+            &config.sources,
+            config.max_key_len,
+        );
         let (digest, carriers) = match found {
             Ok(Some(presented)) => (
                 config.store.hasher().digest(presented.key.as_bytes()),
@@ -349,22 +354,39 @@ where
                 tracing::debug!(target: "tower_gateway_auth::inbound", "no API key: passed on anonymously");
                 return ResponseFuture::inner(self.inner.call(req));
             }
-            Ok(None) => return ResponseFuture::rejected(config.reject(&req, &missing(&config.sources), None)),
-            Err(rejection) => return ResponseFuture::rejected(config.reject(&req, &rejection, None)),
+            Ok(None) => {
+                return ResponseFuture::rejected(config.reject(
+                    &req,
+                    &missing(&config.sources),
+                    None,
+                ));
+            }
+            Err(rejection) => {
+                return ResponseFuture::rejected(config.reject(&req, &rejection, None));
+            }
         };
         if config.hide_credentials {
             let (mut parts, body) = req.into_parts();
-            source::hide(&mut parts.headers, &mut parts.uri, &config.sources, carriers);
+            source::hide(
+                &mut parts.headers,
+                &mut parts.uri,
+                &config.sources,
+                carriers,
+            );
             req = Request::from_parts(parts, body);
         }
 
         let mut lookup = config.store.lookup(&digest);
         // In-process stores answer at once: then the inner service is called right here,
         // without cloning it or keeping any state in the future.
-        if let Poll::Ready(found) = Pin::new(&mut lookup).poll(&mut Context::from_waker(Waker::noop())) {
+        if let Poll::Ready(found) =
+            Pin::new(&mut lookup).poll(&mut Context::from_waker(Waker::noop()))
+        {
             return match config.admit(found, &digest, &mut req) {
                 Ok(()) => ResponseFuture::inner(self.inner.call(req)),
-                Err(rejection) => ResponseFuture::rejected(config.reject(&req, &rejection, Some(&digest))),
+                Err(rejection) => {
+                    ResponseFuture::rejected(config.reject(&req, &rejection, Some(&digest)))
+                }
             };
         }
         // The service that was polled ready is the one that must be called: take it, and
@@ -389,7 +411,9 @@ where
 fn is_preflight<B>(req: &Request<B>) -> bool {
     req.method() == Method::OPTIONS
         && req.headers().contains_key(http::header::ORIGIN)
-        && req.headers().contains_key(http::header::ACCESS_CONTROL_REQUEST_METHOD)
+        && req
+            .headers()
+            .contains_key(http::header::ACCESS_CONTROL_REQUEST_METHOD)
 }
 
 fn missing(sources: &[KeySource]) -> Rejection {
@@ -407,24 +431,40 @@ fn missing(sources: &[KeySource]) -> Rejection {
 
 impl<K: KeyStore> Config<K> {
     /// Judges a lookup's result; on success the identity is put into the request.
-    fn admit<B>(&self, found: LookupResult, digest: &KeyDigest, req: &mut Request<B>) -> Result<(), Rejection> {
+    fn admit<B>(
+        &self,
+        found: LookupResult,
+        digest: &KeyDigest,
+        req: &mut Request<B>,
+    ) -> Result<(), Rejection> {
         let record = match found {
             Ok(Some(record)) if record.digest().ct_eq(digest) => record,
             Ok(_) => {
                 tracing::info!(target: "tower_gateway_auth::inbound", fingerprint = %digest.fingerprint(), reason = "invalid_api_key", "API key rejected");
-                return Err(Rejection::new(RejectionKind::InvalidKey, "Invalid API key."));
+                return Err(Rejection::new(
+                    RejectionKind::InvalidKey,
+                    "Invalid API key.",
+                ));
             }
             Err(error) => {
                 tracing::warn!(target: "tower_gateway_auth::inbound", fingerprint = %digest.fingerprint(), %error, "key store failed: request refused");
                 return Err(unavailable());
             }
         };
-        let unusable = record.usable_at(self.clock.now()).err().map(|why| match why {
-            KeyUnusable::Revoked => (RejectionKind::RevokedKey, "This API key has been revoked."),
-            KeyUnusable::Disabled => (RejectionKind::DisabledKey, "This API key is disabled."),
-            KeyUnusable::Expired => (RejectionKind::ExpiredKey, "This API key has expired."),
-            KeyUnusable::NotYetValid => (RejectionKind::KeyNotYetValid, "This API key is not valid yet."),
-        });
+        let unusable = record
+            .usable_at(self.clock.now())
+            .err()
+            .map(|why| match why {
+                KeyUnusable::Revoked => {
+                    (RejectionKind::RevokedKey, "This API key has been revoked.")
+                }
+                KeyUnusable::Disabled => (RejectionKind::DisabledKey, "This API key is disabled."),
+                KeyUnusable::Expired => (RejectionKind::ExpiredKey, "This API key has expired."),
+                KeyUnusable::NotYetValid => (
+                    RejectionKind::KeyNotYetValid,
+                    "This API key is not valid yet.",
+                ),
+            });
         let rejection = match unusable {
             Some((kind, message)) => Some(Rejection::new(kind, message)),
             None if !self.required_scopes.is_subset_of(record.scopes()) => {
@@ -446,11 +486,17 @@ impl<K: KeyStore> Config<K> {
     }
 
     /// The response for `rejection`, in the configured dialect (or gRPC).
-    fn reject<B>(&self, req: &Request<B>, rejection: &Rejection, digest: Option<&KeyDigest>) -> Response<Bytes> {
+    fn reject<B>(
+        &self,
+        req: &Request<B>,
+        rejection: &Rejection,
+        digest: Option<&KeyDigest>,
+    ) -> Response<Bytes> {
         if digest.is_none() {
             tracing::info!(target: "tower_gateway_auth::inbound", reason = rejection.code(), "request rejected");
         }
-        self.error_format.respond(rejection, &self.realm, req.headers())
+        self.error_format
+            .respond(rejection, &self.realm, req.headers())
     }
 }
 
@@ -534,22 +580,33 @@ where
         loop {
             let next = match self.as_mut().project().state.project() {
                 StateProj::Decided { future } => return future.poll(cx),
-                StateProj::Lookup { lookup, timer, pending } => {
+                StateProj::Lookup {
+                    lookup,
+                    timer,
+                    pending,
+                } => {
                     let found = match Pin::new(lookup).poll(cx) {
                         Poll::Ready(found) => found,
                         Poll::Pending => {
                             let limit = pending.as_ref().and_then(|p| p.config.store_timeout);
-                            let Some(limit) = limit else { return Poll::Pending };
+                            let Some(limit) = limit else {
+                                return Poll::Pending;
+                            };
                             // The timer is made only for lookups that actually wait.
-                            let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                            let timer =
+                                timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
                             ready!(timer.as_mut().poll(cx));
                             let p = pending.as_ref().expect("polled after completion");
                             tracing::warn!(target: "tower_gateway_auth::inbound", fingerprint = %p.digest.fingerprint(), timeout = ?limit, "key store timed out: request refused");
                             Err(crate::store::StoreError::new("lookup timed out"))
                         }
                     };
-                    let Pending { mut inner, mut request, config, digest } =
-                        pending.take().expect("polled after completion");
+                    let Pending {
+                        mut inner,
+                        mut request,
+                        config,
+                        digest,
+                    } = pending.take().expect("polled after completion");
                     match config.admit(found, &digest, &mut request) {
                         Ok(()) => crate::future::ResponseFuture::inner(inner.call(request)),
                         Err(rejection) => crate::future::ResponseFuture::rejected(config.reject(
@@ -560,7 +617,10 @@ where
                     }
                 }
             };
-            self.as_mut().project().state.set(State::Decided { future: next });
+            self.as_mut()
+                .project()
+                .state
+                .set(State::Decided { future: next });
         }
     }
 }

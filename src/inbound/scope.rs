@@ -121,10 +121,16 @@ where
             }
             None => {
                 tracing::info!(target: "tower_gateway_auth::inbound", reason = "missing_api_key", "request rejected");
-                Rejection::new(RejectionKind::MissingKey, "This endpoint requires an API key.")
+                Rejection::new(
+                    RejectionKind::MissingKey,
+                    "This endpoint requires an API key.",
+                )
             }
         };
-        let response = self.layer.error_format.respond(&rejection, &self.layer.realm, req.headers());
+        let response =
+            self.layer
+                .error_format
+                .respond(&rejection, &self.layer.realm, req.headers());
         ResponseFuture::rejected(response)
     }
 }

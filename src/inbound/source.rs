@@ -316,12 +316,28 @@ mod tests {
 
     #[test]
     fn bearer_scheme_is_case_insensitive_and_whitespace_tolerant() {
-        for v in ["Bearer k1", "bearer k1", "BEARER   k1  ", "  Bearer\tk1", "bEaReR k1"] {
-            assert_eq!(run(&[("authorization", v)], "/"), Ok(Some(("k1".into(), 2))), "{v}");
+        for v in [
+            "Bearer k1",
+            "bearer k1",
+            "BEARER   k1  ",
+            "  Bearer\tk1",
+            "bEaReR k1",
+        ] {
+            assert_eq!(
+                run(&[("authorization", v)], "/"),
+                Ok(Some(("k1".into(), 2))),
+                "{v}"
+            );
         }
         assert_eq!(run(&[("authorization", "Basic abc")], "/"), Ok(None));
-        assert_eq!(run(&[("authorization", "Bearer")], "/"), Err(RejectionKind::MalformedKey));
-        assert_eq!(run(&[("authorization", "Bearer a b")], "/"), Err(RejectionKind::MalformedKey));
+        assert_eq!(
+            run(&[("authorization", "Bearer")], "/"),
+            Err(RejectionKind::MalformedKey)
+        );
+        assert_eq!(
+            run(&[("authorization", "Bearer a b")], "/"),
+            Err(RejectionKind::MalformedKey)
+        );
         assert_eq!(run(&[("authorization", "Bearerk1")], "/"), Ok(None));
     }
 
@@ -337,7 +353,10 @@ mod tests {
             Err(RejectionKind::AmbiguousKey)
         );
         assert_eq!(
-            run(&[("x-api-key", "a"), ("authorization", "Bearer a")], "/?key=a"),
+            run(
+                &[("x-api-key", "a"), ("authorization", "Bearer a")],
+                "/?key=a"
+            ),
             Ok(Some(("a".into(), 0b111)))
         );
     }
@@ -353,8 +372,14 @@ mod tests {
     #[test]
     fn oversized_and_empty() {
         let long = "k".repeat(65);
-        assert_eq!(run(&[("x-api-key", &long)], "/"), Err(RejectionKind::KeyTooLong));
-        assert_eq!(run(&[], &format!("/?key={long}")), Err(RejectionKind::KeyTooLong));
+        assert_eq!(
+            run(&[("x-api-key", &long)], "/"),
+            Err(RejectionKind::KeyTooLong)
+        );
+        assert_eq!(
+            run(&[], &format!("/?key={long}")),
+            Err(RejectionKind::KeyTooLong)
+        );
         assert_eq!(run(&[("x-api-key", "  ")], "/"), Ok(None));
     }
 

@@ -53,7 +53,10 @@ impl MemoryStore {
     /// Adds `record`, replacing any record with the same digest. Returns the shared record.
     pub fn insert(&self, record: KeyRecord) -> Arc<KeyRecord> {
         let record = Arc::new(record);
-        let mut table = self.shard(record.digest()).write().unwrap_or_else(|e| e.into_inner());
+        let mut table = self
+            .shard(record.digest())
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
         put(&mut table, record.clone());
         record
     }
@@ -94,14 +97,17 @@ impl MemoryStore {
     pub fn remove(&self, id: KeyId) -> Option<Arc<KeyRecord>> {
         let mut removed = None;
         for shard in self.shards.iter() {
-            shard.write().unwrap_or_else(|e| e.into_inner()).retain(|r| {
-                if r.id() == id && removed.is_none() {
-                    removed = Some(r.clone());
-                    false
-                } else {
-                    true
-                }
-            });
+            shard
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|r| {
+                    if r.id() == id && removed.is_none() {
+                        removed = Some(r.clone());
+                        false
+                    } else {
+                        true
+                    }
+                });
             if removed.is_some() {
                 break;
             }
@@ -112,7 +118,10 @@ impl MemoryStore {
     /// Keeps only the records for which `keep` is true.
     pub fn retain(&self, mut keep: impl FnMut(&KeyRecord) -> bool) {
         for shard in self.shards.iter() {
-            shard.write().unwrap_or_else(|e| e.into_inner()).retain(|r| keep(r));
+            shard
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|r| keep(r));
         }
     }
 
@@ -120,7 +129,13 @@ impl MemoryStore {
     pub fn list(&self) -> Vec<Arc<KeyRecord>> {
         let mut all = Vec::with_capacity(self.len());
         for shard in self.shards.iter() {
-            all.extend(shard.read().unwrap_or_else(|e| e.into_inner()).iter().cloned());
+            all.extend(
+                shard
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .iter()
+                    .cloned(),
+            );
         }
         all
     }
