@@ -239,6 +239,11 @@ impl<K: KeyStore> InboundApiKeyLayer<K> {
         self
     }
 
+    /// The configured key sources, in order (e.g. for an upstream layer to strip them all).
+    pub fn key_sources(&self) -> &[KeySource] {
+        &self.config.sources
+    }
+
     /// The store keys are verified against.
     pub fn store(&self) -> &Arc<K> {
         &self.config.store
