@@ -238,3 +238,187 @@ mod tests {
         assert_eq!(base62_parse("a-b"), None);
     }
 }
+
+/// An API key in the clear: what a client presents, and what issuing a key returns exactly
+/// once. `Debug` and `Display` never show it; [`ApiKey::expose`] does, on purpose.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKey(Box<str>);
+
+impl ApiKey {
+    /// Wraps a key issued elsewhere (for import).
+    pub fn new(key: impl Into<String>) -> Self {
+        ApiKey(key.into().into())
+    }
+
+    /// The key itself. Call this only to hand the key to its owner.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ApiKey(<redacted>)")
+    }
+}
+
+/// The shape of keys this crate generates: `<prefix>_<random><checksum>`.
+///
+/// The random part is 128 bits from the operating system's generator in 22 base62 digits;
+/// the checksum is the CRC32 of everything before it, in 6 base62 digits, as GitHub's tokens
+/// have. The checksum lets a mistyped or truncated key be rejected without a store lookup,
+/// and the prefix makes secret scanning exact.
+///
+/// ```
+/// use tower_gateway_auth::{Checksum, KeyFormat};
+///
+/// let format = KeyFormat::new("gw").unwrap();
+/// let key = format.generate();
+/// assert!(key.expose().starts_with("gw_"));
+/// assert_eq!(key.expose().len(), 3 + 22 + 6);
+/// assert_eq!(format.check(key.expose()), Checksum::Valid);
+///
+/// let mut typo = key.expose().to_owned();
+/// typo.replace_range(5..6, if &typo[5..6] == "a" { "b" } else { "a" });
+/// assert_eq!(format.check(&typo), Checksum::Invalid);
+/// assert_eq!(format.check("sk-imported-elsewhere"), Checksum::NotThisFormat);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyFormat {
+    prefix: Box<str>,
+}
+
+/// What [`KeyFormat::check`] says of a presented key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checksum {
+    /// The key has this format and its checksum holds.
+    Valid,
+    /// The key has this format's prefix and shape but its checksum fails: a typo or a forgery.
+    Invalid,
+    /// The key does not have this format (e.g. it was issued elsewhere and imported).
+    NotThisFormat,
+}
+
+impl KeyFormat {
+    const RANDOM_DIGITS: usize = 22;
+    const CHECKSUM_DIGITS: usize = 6;
+
+    /// Keys starting with `prefix_`. The prefix is 1 to 16 ASCII letters, digits or `-`.
+    pub fn new(prefix: &str) -> Result<Self, InvalidPrefix> {
+        let ok = (1..=16).contains(&prefix.len())
+            && prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        if !ok {
+            return Err(InvalidPrefix(prefix.to_owned()));
+        }
+        Ok(KeyFormat {
+            prefix: prefix.into(),
+        })
+    }
+
+    /// The prefix, without the `_`.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// A fresh key.
+    pub fn generate(&self) -> ApiKey {
+        let mut random = [0u8; 16];
+        getrandom::fill(&mut random).expect("the OS random number generator failed");
+        let mut key = String::with_capacity(self.prefix.len() + 1 + 28);
+        key.push_str(&self.prefix);
+        key.push('_');
+        base62_fixed(u128::from_le_bytes(random), Self::RANDOM_DIGITS, &mut key);
+        let checksum = crc32fast::hash(key.as_bytes());
+        base62_fixed(u128::from(checksum), Self::CHECKSUM_DIGITS, &mut key);
+        ApiKey(key.into())
+    }
+
+    /// Whether `key` has this format and a valid checksum. Costs a CRC32 of ~30 bytes.
+    pub fn check(&self, key: &str) -> Checksum {
+        let Some(rest) = key
+            .strip_prefix(&*self.prefix)
+            .and_then(|r| r.strip_prefix('_'))
+        else {
+            return Checksum::NotThisFormat;
+        };
+        if rest.len() != Self::RANDOM_DIGITS + Self::CHECKSUM_DIGITS
+            || !rest.bytes().all(|b| b.is_ascii_alphanumeric())
+        {
+            return Checksum::NotThisFormat;
+        }
+        let (body, checksum) = key.split_at(key.len() - Self::CHECKSUM_DIGITS);
+        match base62_parse(checksum) {
+            Some(c) if c == u128::from(crc32fast::hash(body.as_bytes())) => Checksum::Valid,
+            _ => Checksum::Invalid,
+        }
+    }
+
+    /// The hint shown in listings: the prefix and the first four random characters, e.g.
+    /// `gw_AbC4`. It identifies a key to its owner without weakening it meaningfully.
+    pub fn hint(&self, key: &ApiKey) -> String {
+        let start = self.prefix.len() + 1;
+        let end = (start + 4).min(key.0.len());
+        key.0[..end].to_owned()
+    }
+}
+
+/// The error when a key prefix is not 1 to 16 ASCII letters, digits or `-`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidPrefix(String);
+
+impl fmt::Display for InvalidPrefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid key prefix `{}`: use 1 to 16 ASCII letters, digits or `-`",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for InvalidPrefix {}
+
+#[cfg(test)]
+mod format_tests {
+    use super::*;
+
+    #[test]
+    fn every_single_character_typo_is_caught() {
+        let format = KeyFormat::new("gw").unwrap();
+        let key = format.generate();
+        let key = key.expose();
+        for i in 3..key.len() {
+            for replacement in ['0', 'Z', 'z'] {
+                let mut typo: Vec<u8> = key.as_bytes().to_vec();
+                if typo[i] == replacement as u8 {
+                    continue;
+                }
+                typo[i] = replacement as u8;
+                let typo = String::from_utf8(typo).unwrap();
+                assert_eq!(format.check(&typo), Checksum::Invalid, "{i}");
+            }
+        }
+        assert_eq!(format.check(&key[..key.len() - 1]), Checksum::NotThisFormat);
+    }
+
+    #[test]
+    fn keys_are_distinct_and_hints_short() {
+        let format = KeyFormat::new("sk-test").unwrap();
+        let a = format.generate();
+        let b = format.generate();
+        assert_ne!(a, b);
+        assert_eq!(format.hint(&a).len(), "sk-test_".len() + 4);
+        assert!(a.expose().starts_with(&format.hint(&a)));
+        assert_eq!(format!("{a:?}"), "ApiKey(<redacted>)");
+    }
+
+    #[test]
+    fn prefixes_are_checked() {
+        assert!(KeyFormat::new("").is_err());
+        assert!(KeyFormat::new("a_b").is_err());
+        assert!(KeyFormat::new("x".repeat(17).as_str()).is_err());
+        assert!(KeyFormat::new("lbk").is_ok());
+    }
+}

@@ -27,25 +27,37 @@
 #![deny(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+#[cfg(feature = "axum")]
+mod admin_api;
 pub mod body;
 pub mod future;
 mod identity;
 pub mod inbound;
 mod key;
+mod lifecycle;
 mod query;
 mod record;
 mod rejection;
 pub mod store;
 mod time;
 
+#[cfg(feature = "axum")]
+pub use admin_api::ManagementApi;
 pub use identity::Identity;
 #[cfg(feature = "axum")]
 pub use identity::MissingIdentity;
 pub use inbound::{InboundApiKeyLayer, KeySource, RequireScopesLayer};
-pub use key::{Fingerprint, KeyDigest, KeyHasher};
+pub use key::{ApiKey, Checksum, Fingerprint, InvalidPrefix, KeyDigest, KeyFormat, KeyHasher};
+pub use lifecycle::{
+    DEFAULT_EPHEMERAL_TTL, DEFAULT_MAX_EPHEMERAL_TTL, DEFAULT_TTL, IssuedKey, KeyManager, Lifetime,
+    ManageError, NewKey,
+};
 pub use record::{KeyId, KeyRecord, KeyStatus, KeyUnusable, Metadata, ParseKeyIdError, Scopes};
 pub use rejection::{ErrorFormat, Realm, Rejection, RejectionKind, UnknownErrorFormat, is_grpc};
-pub use store::{BoxLookup, KeyStore, LookupResult, MemoryStore, StoreError};
+pub use store::{
+    BoxLookup, FileStore, FileStoreBuilder, KeyAdmin, KeyStore, LookupResult, MemoryStore,
+    StoreError, Write, WriteError,
+};
 pub use time::{Clock, ManualClock, SystemClock, Timestamp};
 
 /// The README's examples, compiled and run as doctests.

@@ -227,7 +227,7 @@ pub enum KeyUnusable {
 /// assert!(record.usable_at(Timestamp::from_unix_secs(1_900_000_000)).is_ok());
 /// assert!(record.usable_at(Timestamp::from_unix_secs(2_000_000_000)).is_err());
 /// ```
-#[derive(Clone, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyRecord {
     id: KeyId,
     #[serde(with = "digest_hex")]

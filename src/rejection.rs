@@ -267,19 +267,28 @@ impl ErrorFormat {
     }
 
     fn json_response(&self, rejection: &Rejection) -> Response<Bytes> {
-        let status = rejection.status();
-        let message = rejection.message();
+        // OpenAI leaves `code` null when no key was sent at all.
+        let openai_missing =
+            matches!(self, ErrorFormat::OpenAi) && rejection.kind() == RejectionKind::MissingKey;
+        let code = (!openai_missing).then(|| rejection.code());
+        self.error_response(rejection.status(), code, rejection.message())
+    }
+
+    /// An error response of any status in this dialect, for errors that are not
+    /// [`Rejection`]s (e.g. the management API's 404s). [`ErrorFormat::Custom`] answers in
+    /// problem+json here.
+    pub fn error_response(
+        &self,
+        status: StatusCode,
+        code: Option<&str>,
+        message: &str,
+    ) -> Response<Bytes> {
         let (content_type, body) = match self {
             ErrorFormat::OpenAi => {
                 let kind = if status.is_server_error() {
                     "server_error"
                 } else {
                     "invalid_request_error"
-                };
-                let code = match rejection.kind() {
-                    RejectionKind::MissingKey => serde_json::Value::Null,
-                    RejectionKind::InvalidKey => "invalid_api_key".into(),
-                    other => other.code().into(),
                 };
                 let body = json!({"error": {"message": message, "type": kind, "param": null, "code": code}});
                 ("application/json", body)
@@ -288,7 +297,9 @@ impl ErrorFormat {
                 let kind = match status {
                     StatusCode::UNAUTHORIZED => "authentication_error",
                     StatusCode::FORBIDDEN => "permission_error",
-                    StatusCode::BAD_REQUEST => "invalid_request_error",
+                    StatusCode::NOT_FOUND => "not_found_error",
+                    StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
+                    s if s.is_client_error() => "invalid_request_error",
                     _ => "api_error",
                 };
                 let body = json!({"type": "error", "error": {"type": kind, "message": message}});
@@ -301,7 +312,7 @@ impl ErrorFormat {
                     "title": status.canonical_reason().unwrap_or("Error"),
                     "status": status.as_u16(),
                     "detail": message,
-                    "code": rejection.code(),
+                    "code": code,
                 });
                 ("application/problem+json", body)
             }

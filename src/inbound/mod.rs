@@ -33,7 +33,7 @@ use tower_service::Service;
 
 use crate::body::ResponseBody;
 use crate::identity::Identity;
-use crate::key::KeyDigest;
+use crate::key::{Checksum, KeyDigest, KeyFormat};
 use crate::record::{KeyUnusable, Scopes};
 use crate::rejection::{ErrorFormat, Realm, Rejection, RejectionKind};
 use crate::store::{KeyStore, LookupResult};
@@ -97,6 +97,7 @@ struct Config<K> {
     max_key_len: usize,
     store_timeout: Option<Duration>,
     clock: Arc<dyn Clock>,
+    formats: Vec<KeyFormat>,
 }
 
 impl<K> Clone for Config<K> {
@@ -114,6 +115,7 @@ impl<K> Clone for Config<K> {
             max_key_len: self.max_key_len,
             store_timeout: self.store_timeout,
             clock: self.clock.clone(),
+            formats: self.formats.clone(),
         }
     }
 }
@@ -144,6 +146,7 @@ impl<K: KeyStore> InboundApiKeyLayer<K> {
                 max_key_len: DEFAULT_MAX_KEY_LEN,
                 store_timeout: Some(DEFAULT_STORE_TIMEOUT),
                 clock: Arc::new(SystemClock),
+                formats: Vec::new(),
             }),
         }
     }
@@ -242,6 +245,14 @@ impl<K: KeyStore> InboundApiKeyLayer<K> {
     /// The configured key sources, in order (e.g. for an upstream layer to strip them all).
     pub fn key_sources(&self) -> &[KeySource] {
         &self.config.sources
+    }
+
+    /// Key formats whose checksum is verified before any lookup: a key with one of these
+    /// prefixes and a failing checksum is rejected as invalid without touching the store.
+    /// Keys of other shapes (imported ones) are looked up as usual.
+    pub fn key_formats(mut self, formats: impl IntoIterator<Item = KeyFormat>) -> Self {
+        self.config_mut().formats = formats.into_iter().collect();
+        self
     }
 
     /// The store keys are verified against.
@@ -351,6 +362,15 @@ where
             config.max_key_len,
         );
         let (digest, carriers) = match found {
+            Ok(Some(presented)) if config.fails_checksum(&presented.key) => {
+                tracing::info!(target: "tower_gateway_auth::inbound", reason = "invalid_checksum", "API key rejected without lookup");
+                let rejection = Rejection::new(RejectionKind::InvalidKey, "Invalid API key.");
+                return ResponseFuture::rejected(config.error_format.respond(
+                    &rejection,
+                    &config.realm,
+                    req.headers(),
+                ));
+            }
             Ok(Some(presented)) => (
                 config.store.hasher().digest(presented.key.as_bytes()),
                 presented.carriers,
@@ -432,6 +452,14 @@ fn missing(sources: &[KeySource]) -> Rejection {
         RejectionKind::MissingKey,
         format!("No API key was provided. Send one in {places}."),
     )
+}
+
+impl<K> Config<K> {
+    fn fails_checksum(&self, key: &str) -> bool {
+        self.formats
+            .iter()
+            .any(|f| f.check(key) == Checksum::Invalid)
+    }
 }
 
 impl<K: KeyStore> Config<K> {

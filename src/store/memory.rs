@@ -7,7 +7,7 @@ use hashbrown::HashTable;
 
 use crate::key::{KeyDigest, KeyHasher};
 use crate::record::{KeyId, KeyRecord};
-use crate::store::{KeyStore, LookupResult};
+use crate::store::{KeyAdmin, KeyStore, LookupResult, StoreError, Write, WriteError};
 
 /// Shards keep writers from stalling every reader, and keep each rehash small.
 const SHARDS: usize = 16;
@@ -63,34 +63,11 @@ impl MemoryStore {
 
     /// The record with public id `id`. This scans the store: it is for management, not for
     /// the request path.
-    pub fn get(&self, id: KeyId) -> Option<Arc<KeyRecord>> {
+    pub fn by_id(&self, id: KeyId) -> Option<Arc<KeyRecord>> {
         self.shards.iter().find_map(|shard| {
             let table = shard.read().unwrap_or_else(|e| e.into_inner());
             table.iter().find(|r| r.id() == id).cloned()
         })
-    }
-
-    /// Replaces the record with id `id` by `change(record)`; the digest is kept. Returns the
-    /// new record, or `None` when there is no such id.
-    pub fn update(
-        &self,
-        id: KeyId,
-        change: impl FnOnce(&KeyRecord) -> KeyRecord,
-    ) -> Option<Arc<KeyRecord>> {
-        for shard in self.shards.iter() {
-            let mut table = shard.write().unwrap_or_else(|e| e.into_inner());
-            if let Some(slot) = table.iter_mut().find(|r| r.id() == id) {
-                let changed = change(slot);
-                // The table is keyed by digest: a record may not move to another one.
-                assert!(
-                    changed.digest() == slot.digest(),
-                    "MemoryStore::update must not change a record's digest"
-                );
-                *slot = Arc::new(changed);
-                return Some(slot.clone());
-            }
-        }
-        None
     }
 
     /// Removes the record with id `id`; returns it.
@@ -126,8 +103,8 @@ impl MemoryStore {
     }
 
     /// Every record, in no particular order.
-    pub fn list(&self) -> Vec<Arc<KeyRecord>> {
-        let mut all = Vec::with_capacity(self.len());
+    pub fn records(&self) -> Vec<Arc<KeyRecord>> {
+        let mut all = Vec::new();
         for shard in self.shards.iter() {
             all.extend(
                 shard
@@ -171,6 +148,68 @@ impl MemoryStore {
         table
             .find(digest.table_hash(), |r| r.digest() == digest)
             .cloned()
+    }
+}
+
+impl MemoryStore {
+    /// Applies `writes` atomically: every shard is locked (in order, so writers cannot
+    /// deadlock), every write is checked, then all are applied.
+    pub fn apply_now(&self, writes: Vec<Write>) -> Result<(), WriteError> {
+        let mut tables: Vec<_> = self
+            .shards
+            .iter()
+            .map(|s| s.write().unwrap_or_else(|e| e.into_inner()))
+            .collect();
+        let stored = |tables: &[std::sync::RwLockWriteGuard<'_, HashTable<Arc<KeyRecord>>>],
+                      digest: &KeyDigest| {
+            tables[shard_index(digest)]
+                .find(digest.table_hash(), |r| r.digest() == digest)
+                .cloned()
+        };
+        for write in &writes {
+            let holds = match write {
+                Write::Insert(new) => stored(&tables, new.digest()).is_none(),
+                Write::Replace { old, new } => {
+                    new.id() == old.id()
+                        && new.digest() == old.digest()
+                        && stored(&tables, old.digest()).is_some_and(|s| *s == **old)
+                }
+                Write::Remove(old) => stored(&tables, old.digest()).is_some_and(|s| *s == **old),
+            };
+            if !holds {
+                return Err(WriteError::Conflict);
+            }
+        }
+        for write in writes {
+            match write {
+                Write::Insert(new) | Write::Replace { new, .. } => {
+                    put(&mut tables[shard_index(new.digest())], Arc::new(new));
+                }
+                Write::Remove(old) => {
+                    let digest = old.digest();
+                    if let Ok(entry) = tables[shard_index(digest)]
+                        .find_entry(digest.table_hash(), |r| r.digest() == digest)
+                    {
+                        entry.remove();
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl KeyAdmin for MemoryStore {
+    async fn get(&self, id: KeyId) -> Result<Option<Arc<KeyRecord>>, StoreError> {
+        Ok(self.by_id(id))
+    }
+
+    async fn list(&self) -> Result<Vec<Arc<KeyRecord>>, StoreError> {
+        Ok(self.records())
+    }
+
+    async fn apply(&self, writes: Vec<Write>) -> Result<(), WriteError> {
+        self.apply_now(writes)
     }
 }
 

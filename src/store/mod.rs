@@ -9,9 +9,13 @@ use std::sync::Arc;
 use crate::key::{KeyDigest, KeyHasher};
 use crate::record::KeyRecord;
 
+mod file;
 mod memory;
 
+pub use file::{FileStore, FileStoreBuilder};
 pub use memory::MemoryStore;
+
+use crate::record::KeyId;
 
 /// What a lookup finds: the record, `None` for an unknown key, or a store fault.
 pub type LookupResult = Result<Option<Arc<KeyRecord>>, StoreError>;
@@ -65,6 +69,95 @@ impl<T: KeyStore> KeyStore for Arc<T> {
 
     fn hasher(&self) -> &KeyHasher {
         (**self).hasher()
+    }
+}
+
+/// One change to a store, applied by [`KeyAdmin::apply`].
+///
+/// Changes to existing records are compare-and-swap: they name the record they expect to
+/// find, so that two writers (two processes on one file, two replicas on one Redis) never
+/// silently undo each other's work.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Write {
+    /// Adds a record whose digest is not in the store yet.
+    Insert(KeyRecord),
+    /// Replaces `old` with `new` (same id and digest), if `old` is still what is stored.
+    Replace {
+        /// The record as it was read.
+        old: Arc<KeyRecord>,
+        /// Its replacement.
+        new: KeyRecord,
+    },
+    /// Removes the record, if it is still what is stored.
+    Remove(Arc<KeyRecord>),
+}
+
+/// Why [`KeyAdmin::apply`] changed nothing.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum WriteError {
+    /// A record changed since it was read, or an inserted digest exists already: read again
+    /// and retry.
+    Conflict,
+    /// The store failed.
+    Store(StoreError),
+}
+
+impl fmt::Display for WriteError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WriteError::Conflict => f.write_str("the key changed concurrently"),
+            WriteError::Store(e) => fmt::Display::fmt(e, f),
+        }
+    }
+}
+
+impl Error for WriteError {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        match self {
+            WriteError::Conflict => None,
+            WriteError::Store(e) => Some(e),
+        }
+    }
+}
+
+impl From<StoreError> for WriteError {
+    fn from(e: StoreError) -> Self {
+        WriteError::Store(e)
+    }
+}
+
+/// A store that can be managed: listed, read by id and changed. What
+/// [`KeyManager`](crate::KeyManager), the management API and the keygen example work on.
+pub trait KeyAdmin: KeyStore {
+    /// The record with public id `id`.
+    fn get(
+        &self,
+        id: KeyId,
+    ) -> impl Future<Output = Result<Option<Arc<KeyRecord>>, StoreError>> + Send;
+
+    /// Every record.
+    fn list(&self) -> impl Future<Output = Result<Vec<Arc<KeyRecord>>, StoreError>> + Send;
+
+    /// Applies every write, or none of them.
+    fn apply(&self, writes: Vec<Write>) -> impl Future<Output = Result<(), WriteError>> + Send;
+}
+
+impl<T: KeyAdmin> KeyAdmin for Arc<T> {
+    fn get(
+        &self,
+        id: KeyId,
+    ) -> impl Future<Output = Result<Option<Arc<KeyRecord>>, StoreError>> + Send {
+        (**self).get(id)
+    }
+
+    fn list(&self) -> impl Future<Output = Result<Vec<Arc<KeyRecord>>, StoreError>> + Send {
+        (**self).list()
+    }
+
+    fn apply(&self, writes: Vec<Write>) -> impl Future<Output = Result<(), WriteError>> + Send {
+        (**self).apply(writes)
     }
 }
 

@@ -1,0 +1,142 @@
+//! Issue, list and revoke keys in a key file (the `FileStore` the gateway reads).
+//!
+//! ```text
+//! cargo run --example keygen -- --keys-file keys.json --name alice [--ttl-days N | --no-expiry]
+//!                                [--scope S]... [--prefix P]
+//! cargo run --example keygen -- --keys-file keys.json --list
+//! cargo run --example keygen -- --keys-file keys.json --revoke key_XXXXXXXXXXX
+//! ```
+//!
+//! Issuing prints only the new key on stdout (details go to stderr), so
+//! `KEY=$(cargo run -q --example keygen -- ...)` works. The key is shown once: the file keeps
+//! only its digest. A running gateway sees the change within a couple of seconds.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tower_gateway_auth::{FileStore, KeyFormat, KeyManager, KeyRecord, NewKey, Timestamp};
+
+const USAGE: &str = "usage: keygen --keys-file FILE (--name NAME [--ttl-days N | --no-expiry] [--scope S]... [--prefix P] | --list | --revoke ID)";
+
+#[derive(Default)]
+struct Args {
+    keys_file: Option<String>,
+    name: Option<String>,
+    ttl_days: Option<u64>,
+    no_expiry: bool,
+    scopes: Vec<String>,
+    prefix: Option<String>,
+    list: bool,
+    revoke: Option<String>,
+}
+
+fn parse(mut raw: impl Iterator<Item = String>) -> Result<Args, String> {
+    let mut args = Args::default();
+    while let Some(flag) = raw.next() {
+        let mut value = || raw.next().ok_or_else(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--keys-file" => args.keys_file = Some(value()?),
+            "--name" => args.name = Some(value()?),
+            "--ttl-days" => {
+                let v = value()?;
+                let days = v
+                    .parse()
+                    .map_err(|_| format!("--ttl-days takes a whole number, not `{v}`"))?;
+                if days == 0 {
+                    return Err("--ttl-days must be at least 1 (use --no-expiry for keys that never expire)".into());
+                }
+                args.ttl_days = Some(days);
+            }
+            "--no-expiry" => args.no_expiry = true,
+            "--scope" => args.scopes.push(value()?),
+            "--prefix" => args.prefix = Some(value()?),
+            "--list" => args.list = true,
+            "--revoke" => args.revoke = Some(value()?),
+            "-h" | "--help" => return Err(USAGE.into()),
+            other => return Err(format!("unknown argument `{other}`\n{USAGE}")),
+        }
+    }
+    Ok(args)
+}
+
+fn describe(r: &KeyRecord, now: Timestamp) -> String {
+    let state = match r.usable_at(now) {
+        Ok(()) => "usable".to_owned(),
+        Err(why) => format!("{why:?}").to_lowercase(),
+    };
+    let expires = r.expires_at().map_or("never".to_owned(), |t| {
+        let left = t.as_unix_secs().saturating_sub(now.as_unix_secs());
+        format!("{t} (in {}d)", left / 86_400)
+    });
+    let scopes: Vec<&str> = r.scopes().iter().collect();
+    format!(
+        "{}  {:<20} {:<12} {:<10} expires {:<24} scopes [{}]",
+        r.id(),
+        r.name(),
+        r.hint(),
+        state,
+        expires,
+        scopes.join(" ")
+    )
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let path = args.keys_file.ok_or(USAGE)?;
+    let store = Arc::new(
+        FileStore::builder(&path)
+            .reload_every(None)
+            .open()
+            .map_err(|e| e.to_string())?,
+    );
+    let mut manager = KeyManager::new(store);
+    if let Some(prefix) = &args.prefix {
+        manager = manager.key_format(KeyFormat::new(prefix).map_err(|e| e.to_string())?);
+    }
+    let now = Timestamp::now();
+    match (args.list, args.revoke, args.name) {
+        (true, None, None) => {
+            for r in manager.list().await.map_err(|e| e.to_string())? {
+                println!("{}", describe(&r, now));
+            }
+        }
+        (false, Some(id), None) => {
+            let id = id.parse().map_err(|e| format!("{e}"))?;
+            let r = manager.revoke(id).await.map_err(|e| e.to_string())?;
+            eprintln!("revoked {}", describe(&r, now));
+        }
+        (false, None, Some(name)) => {
+            let mut spec = NewKey::named(name).scopes(args.scopes);
+            if args.no_expiry {
+                spec = spec.never_expires();
+            } else if let Some(days) = args.ttl_days {
+                spec = spec.expires_in(Duration::from_secs(days * 86_400));
+            }
+            let issued = manager.issue(spec).await.map_err(|e| e.to_string())?;
+            eprintln!("issued {}", describe(&issued.record, now));
+            eprintln!("the key below is shown once; {path} keeps only its digest");
+            println!("{}", issued.key.expose());
+        }
+        _ => {
+            return Err(format!(
+                "give exactly one of --name, --list or --revoke\n{USAGE}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let result = match parse(std::env::args().skip(1)) {
+        Ok(args) => run(args).await,
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("keygen: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,410 @@
+//! The key-management HTTP API, as an axum [`Router`] (feature `axum`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use http::StatusCode;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::identity::Identity;
+use crate::inbound::RequireScopesLayer;
+use crate::lifecycle::{IssuedKey, KeyManager, Lifetime, ManageError, NewKey};
+use crate::record::{KeyId, KeyRecord, KeyStatus, KeyUnusable, Metadata, Scopes};
+use crate::rejection::ErrorFormat;
+use crate::store::KeyAdmin;
+use crate::time::{Clock, SystemClock, Timestamp};
+
+/// The key-management API: JSON in and out, errors in the configured dialect.
+///
+/// | route | who | does |
+/// |---|---|---|
+/// | `POST /keys` | admin | issues a key; the answer holds the key, once |
+/// | `GET /keys` | admin | lists keys (hints only, never keys) |
+/// | `GET /keys/{id}` | admin | one key |
+/// | `POST /keys/{id}/revoke` | admin | revokes it, and its ephemeral keys |
+/// | `POST /keys/{id}/disable`, `/enable` | admin | switches it off or on |
+/// | `POST /keys/{id}/rotate` | admin | issues a successor; the old key works `grace_seconds` more |
+/// | `DELETE /keys/{id}` | admin | removes the record |
+/// | `POST /ephemeral` | any key | mints a short-lived key with a subset of the caller's scopes |
+///
+/// "admin" means a key with the admin scope (default `admin`). The router must sit behind an
+/// [`InboundApiKeyLayer`](crate::InboundApiKeyLayer) on the same store; without one every
+/// route answers 401, never 200.
+///
+/// Request bodies: `POST /keys` takes `{"name", "scopes"?, "ttl_days"? | "ttl_seconds"? |
+/// "never_expires"?, "not_before"?, "metadata"?}`; `rotate` takes `{"grace_seconds"?}`
+/// (default 3600); `/ephemeral` takes `{"scopes"?, "ttl_seconds"?}` (default 60).
+///
+/// ```
+/// use std::sync::Arc;
+/// use axum::Router;
+/// use tower_gateway_auth::{InboundApiKeyLayer, KeyManager, ManagementApi, MemoryStore};
+///
+/// let store = Arc::new(MemoryStore::new());
+/// let app: Router = Router::new()
+///     .nest("/admin", ManagementApi::new(KeyManager::new(store.clone())).router())
+///     .layer(InboundApiKeyLayer::from_shared(store));
+/// ```
+pub struct ManagementApi<A> {
+    manager: KeyManager<A>,
+    admin_scope: String,
+    error_format: ErrorFormat,
+    clock: Arc<dyn Clock>,
+}
+
+impl<A: KeyAdmin> ManagementApi<A> {
+    /// The API over `manager`, with admin scope `admin` and OpenAI-style errors.
+    pub fn new(manager: KeyManager<A>) -> Self {
+        ManagementApi {
+            manager,
+            admin_scope: "admin".to_owned(),
+            error_format: ErrorFormat::default(),
+            clock: Arc::new(SystemClock),
+        }
+    }
+
+    /// The scope admin routes require.
+    pub fn admin_scope(mut self, scope: impl Into<String>) -> Self {
+        self.admin_scope = scope.into();
+        self
+    }
+
+    /// The dialect of error bodies.
+    pub fn error_format(mut self, format: ErrorFormat) -> Self {
+        self.error_format = format;
+        self
+    }
+
+    /// The clock key states (`expired` …) are shown against; use the manager's.
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// The routes.
+    pub fn router(self) -> Router {
+        let state = Arc::new(ApiState {
+            manager: self.manager,
+            format: self.error_format.clone(),
+            clock: self.clock,
+        });
+        let admin = Router::new()
+            .route("/keys", post(create::<A>).get(list::<A>))
+            .route("/keys/{id}", get(show::<A>).delete(delete::<A>))
+            .route("/keys/{id}/revoke", post(revoke::<A>))
+            .route("/keys/{id}/disable", post(disable::<A>))
+            .route("/keys/{id}/enable", post(enable::<A>))
+            .route("/keys/{id}/rotate", post(rotate::<A>))
+            .route_layer(
+                RequireScopesLayer::new([self.admin_scope]).error_format(self.error_format.clone()),
+            );
+        Router::new()
+            .route("/ephemeral", post(ephemeral::<A>))
+            .merge(admin)
+            .with_state(state)
+    }
+}
+
+struct ApiState<A> {
+    manager: KeyManager<A>,
+    format: ErrorFormat,
+    clock: Arc<dyn Clock>,
+}
+
+type Shared<A> = State<Arc<ApiState<A>>>;
+
+/// What the API shows of a key: never the key, never its digest.
+#[derive(Serialize)]
+struct KeyView {
+    id: KeyId,
+    name: String,
+    hint: String,
+    scopes: Scopes,
+    /// The stored status (`active`, `disabled`, `revoked`).
+    status: KeyStatus,
+    /// Whether it works now, and if not why: `usable`, `expired`, `not_yet_valid`, …
+    state: &'static str,
+    created_at: Timestamp,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires_at: Option<Timestamp>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    not_before: Option<Timestamp>,
+    #[serde(skip_serializing_if = "Metadata::is_empty")]
+    metadata: Metadata,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parent: Option<KeyId>,
+}
+
+impl KeyView {
+    fn of(r: &KeyRecord, now: Timestamp) -> Self {
+        let state = match r.usable_at(now) {
+            Ok(()) => "usable",
+            Err(KeyUnusable::Revoked) => "revoked",
+            Err(KeyUnusable::Disabled) => "disabled",
+            Err(KeyUnusable::Expired) => "expired",
+            Err(KeyUnusable::NotYetValid) => "not_yet_valid",
+        };
+        KeyView {
+            id: r.id(),
+            name: r.name().to_owned(),
+            hint: r.hint().to_owned(),
+            scopes: r.scopes().clone(),
+            status: r.status(),
+            state,
+            created_at: r.created_at(),
+            expires_at: r.expires_at(),
+            not_before: r.not_before(),
+            metadata: r.metadata().clone(),
+            parent: r.parent(),
+        }
+    }
+}
+
+/// A freshly issued key with its view: the only answer that ever holds a key.
+#[derive(Serialize)]
+struct IssuedView {
+    key: String,
+    #[serde(flatten)]
+    view: KeyView,
+}
+
+/// An error answer, rendered in the API's dialect.
+struct ApiError {
+    format: ErrorFormat,
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let response = self
+            .format
+            .error_response(self.status, Some(self.code), &self.message);
+        response.map(axum::body::Body::from).into_response()
+    }
+}
+
+type Answer = Result<Response, ApiError>;
+
+impl<A> ApiState<A> {
+    fn error(
+        &self,
+        status: StatusCode,
+        code: &'static str,
+        message: impl Into<String>,
+    ) -> ApiError {
+        ApiError {
+            format: self.format.clone(),
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn fail(&self, e: ManageError) -> ApiError {
+        match e {
+            ManageError::NotFound(_) => {
+                self.error(StatusCode::NOT_FOUND, "key_not_found", e.to_string())
+            }
+            ManageError::Invalid(why) => {
+                self.error(StatusCode::BAD_REQUEST, "invalid_request", why)
+            }
+            ManageError::Conflict => self.error(StatusCode::CONFLICT, "conflict", e.to_string()),
+            ManageError::Store(error) => {
+                tracing::warn!(target: "tower_gateway_auth::admin", %error, "key store failed");
+                self.error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    "The key store is unavailable; try again shortly.",
+                )
+            }
+        }
+    }
+
+    fn view(&self, r: &KeyRecord) -> Response {
+        axum::Json(KeyView::of(r, self.clock.now())).into_response()
+    }
+
+    fn issued(&self, issued: IssuedKey) -> Response {
+        let body = IssuedView {
+            key: issued.key.expose().to_owned(),
+            view: KeyView::of(&issued.record, self.clock.now()),
+        };
+        let mut response = (StatusCode::CREATED, axum::Json(body)).into_response();
+        // A key is in this body: no cache may keep it.
+        response.headers_mut().insert(
+            http::header::CACHE_CONTROL,
+            http::HeaderValue::from_static("no-store"),
+        );
+        response
+    }
+
+    /// Parses a JSON body (empty means `{}`), answering 400 in the dialect when it is bad.
+    fn parse<T: DeserializeOwned>(&self, body: &Bytes) -> Result<T, ApiError> {
+        let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
+            b"{}"
+        } else {
+            body
+        };
+        serde_json::from_slice(body).map_err(|e| {
+            self.error(
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
+                format!("Invalid request body: {e}"),
+            )
+        })
+    }
+
+    fn id(&self, raw: &str) -> Result<KeyId, ApiError> {
+        raw.parse().map_err(|e: crate::record::ParseKeyIdError| {
+            self.error(StatusCode::NOT_FOUND, "key_not_found", e.to_string())
+        })
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateBody {
+    name: String,
+    #[serde(default)]
+    scopes: Vec<String>,
+    ttl_days: Option<u64>,
+    ttl_seconds: Option<u64>,
+    #[serde(default)]
+    never_expires: bool,
+    not_before: Option<Timestamp>,
+    #[serde(default)]
+    metadata: Metadata,
+}
+
+async fn create<A: KeyAdmin>(State(s): Shared<A>, body: Bytes) -> Answer {
+    let body: CreateBody = s.parse(&body)?;
+    let lifetime = match (body.ttl_days, body.ttl_seconds, body.never_expires) {
+        (None, None, false) => Lifetime::Default,
+        (None, None, true) => Lifetime::Never,
+        (Some(days), None, false) if days > 0 => {
+            Lifetime::For(Duration::from_secs(days.saturating_mul(86_400)))
+        }
+        (None, Some(secs), false) if secs > 0 => Lifetime::For(Duration::from_secs(secs)),
+        _ => {
+            return Err(s.error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "Give at most one of ttl_days, ttl_seconds (both positive) or never_expires.",
+            ));
+        }
+    };
+    if body.name.trim().is_empty() || body.name.len() > 200 {
+        return Err(s.error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "A key needs a name of 1 to 200 characters.",
+        ));
+    }
+    let mut spec = NewKey::named(body.name)
+        .scopes(body.scopes)
+        .lifetime(lifetime)
+        .metadata_map(body.metadata);
+    if let Some(t) = body.not_before {
+        spec = spec.not_before(t);
+    }
+    let issued = s.manager.issue(spec).await.map_err(|e| s.fail(e))?;
+    Ok(s.issued(issued))
+}
+
+#[derive(Serialize)]
+struct ListView {
+    keys: Vec<KeyView>,
+}
+
+async fn list<A: KeyAdmin>(State(s): Shared<A>) -> Answer {
+    let all = s.manager.list().await.map_err(|e| s.fail(e))?;
+    let now = s.clock.now();
+    let keys = all.iter().map(|r| KeyView::of(r, now)).collect();
+    Ok(axum::Json(ListView { keys }).into_response())
+}
+
+async fn show<A: KeyAdmin>(State(s): Shared<A>, Path(id): Path<String>) -> Answer {
+    let record = s.manager.get(s.id(&id)?).await.map_err(|e| s.fail(e))?;
+    Ok(s.view(&record))
+}
+
+async fn revoke<A: KeyAdmin>(State(s): Shared<A>, Path(id): Path<String>) -> Answer {
+    let record = s.manager.revoke(s.id(&id)?).await.map_err(|e| s.fail(e))?;
+    Ok(s.view(&record))
+}
+
+async fn delete<A: KeyAdmin>(State(s): Shared<A>, Path(id): Path<String>) -> Answer {
+    s.manager.delete(s.id(&id)?).await.map_err(|e| s.fail(e))?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn disable<A: KeyAdmin>(State(s): Shared<A>, Path(id): Path<String>) -> Answer {
+    let record = s
+        .manager
+        .set_enabled(s.id(&id)?, false)
+        .await
+        .map_err(|e| s.fail(e))?;
+    Ok(s.view(&record))
+}
+
+async fn enable<A: KeyAdmin>(State(s): Shared<A>, Path(id): Path<String>) -> Answer {
+    let record = s
+        .manager
+        .set_enabled(s.id(&id)?, true)
+        .await
+        .map_err(|e| s.fail(e))?;
+    Ok(s.view(&record))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RotateBody {
+    #[serde(default = "default_grace")]
+    grace_seconds: u64,
+}
+
+fn default_grace() -> u64 {
+    3600
+}
+
+async fn rotate<A: KeyAdmin>(State(s): Shared<A>, Path(id): Path<String>, body: Bytes) -> Answer {
+    let id = s.id(&id)?;
+    let body: RotateBody = s.parse(&body)?;
+    let grace = Duration::from_secs(body.grace_seconds);
+    let issued = s.manager.rotate(id, grace).await.map_err(|e| s.fail(e))?;
+    Ok(s.issued(issued))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EphemeralBody {
+    scopes: Option<Vec<String>>,
+    ttl_seconds: Option<u64>,
+}
+
+async fn ephemeral<A: KeyAdmin>(State(s): Shared<A>, who: Option<Identity>, body: Bytes) -> Answer {
+    let Some(who) = who else {
+        return Err(s.error(
+            StatusCode::UNAUTHORIZED,
+            "missing_api_key",
+            "This endpoint requires an API key.",
+        ));
+    };
+    let body: EphemeralBody = s.parse(&body)?;
+    let scopes = body.scopes.map(Scopes::new);
+    let ttl = body.ttl_seconds.map(Duration::from_secs);
+    let issued = s
+        .manager
+        .mint_ephemeral(&who, scopes, ttl)
+        .await
+        .map_err(|e| s.fail(e))?;
+    Ok(s.issued(issued))
+}

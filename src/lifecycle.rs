@@ -1,0 +1,567 @@
+//! Key lifecycle on any [`KeyAdmin`] store: issue keys (shown once), import keys issued
+//! elsewhere, revoke, disable, rotate with a grace period, mint short-lived ephemeral keys,
+//! and clean expired ephemeral keys up.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::identity::Identity;
+use crate::key::{ApiKey, KeyFormat};
+use crate::record::{KeyId, KeyRecord, KeyStatus, Metadata, Scopes};
+use crate::store::{KeyAdmin, StoreError, Write, WriteError};
+use crate::time::{Clock, SystemClock, Timestamp};
+
+/// How long a generated key lives unless told otherwise: 90 days.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(90 * 24 * 60 * 60);
+
+/// How long an ephemeral key lives unless told otherwise: 60 seconds.
+pub const DEFAULT_EPHEMERAL_TTL: Duration = Duration::from_secs(60);
+
+/// The longest an ephemeral key may live by default: one hour.
+pub const DEFAULT_MAX_EPHEMERAL_TTL: Duration = Duration::from_secs(60 * 60);
+
+/// How many times a write that lost a race is retried before giving up.
+const RETRIES: usize = 8;
+
+/// When a new key stops working.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Lifetime {
+    /// The manager's default (90 days unless configured otherwise).
+    #[default]
+    Default,
+    /// Never.
+    Never,
+    /// This long after it is issued.
+    For(Duration),
+    /// At this time.
+    Until(Timestamp),
+}
+
+/// What to issue: a name, scopes, a lifetime, a not-before time and metadata.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_gateway_auth::NewKey;
+///
+/// let spec = NewKey::named("ci-runner")
+///     .scopes(["openai"])
+///     .expires_in(Duration::from_secs(7 * 24 * 3600))
+///     .metadata("tenant", "acme");
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct NewKey {
+    name: String,
+    scopes: Scopes,
+    lifetime: Lifetime,
+    not_before: Option<Timestamp>,
+    metadata: Metadata,
+}
+
+impl NewKey {
+    /// A key called `name`, with no scopes and the default lifetime.
+    pub fn named(name: impl Into<String>) -> Self {
+        NewKey {
+            name: name.into(),
+            ..NewKey::default()
+        }
+    }
+
+    /// Sets the scopes.
+    pub fn scopes<I, S>(mut self, scopes: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.scopes = Scopes::new(scopes);
+        self
+    }
+
+    /// Sets the lifetime.
+    pub fn lifetime(mut self, lifetime: Lifetime) -> Self {
+        self.lifetime = lifetime;
+        self
+    }
+
+    /// Expires `ttl` after issuing.
+    pub fn expires_in(self, ttl: Duration) -> Self {
+        self.lifetime(Lifetime::For(ttl))
+    }
+
+    /// Never expires.
+    pub fn never_expires(self) -> Self {
+        self.lifetime(Lifetime::Never)
+    }
+
+    /// Not usable before `t`.
+    pub fn not_before(mut self, t: Timestamp) -> Self {
+        self.not_before = Some(t);
+        self
+    }
+
+    /// Adds one metadata entry.
+    pub fn metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.metadata.insert(key.into(), value.into());
+        self
+    }
+
+    /// Replaces all metadata.
+    pub fn metadata_map(mut self, metadata: Metadata) -> Self {
+        self.metadata = metadata;
+        self
+    }
+}
+
+/// A key just issued: the key itself, shown this once, and its record.
+#[derive(Debug, Clone)]
+pub struct IssuedKey {
+    /// The key. It is not stored anywhere: hand it to its owner now.
+    pub key: ApiKey,
+    /// What the store keeps.
+    pub record: Arc<KeyRecord>,
+}
+
+/// Why a lifecycle operation failed.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ManageError {
+    /// No key has this id.
+    NotFound(KeyId),
+    /// The request makes no sense (e.g. ephemeral scopes beyond the parent's).
+    Invalid(String),
+    /// The key kept changing under us; try again.
+    Conflict,
+    /// The store failed.
+    Store(StoreError),
+}
+
+impl fmt::Display for ManageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ManageError::NotFound(id) => write!(f, "no key has id {id}"),
+            ManageError::Invalid(why) => f.write_str(why),
+            ManageError::Conflict => f.write_str("the key changed concurrently; try again"),
+            ManageError::Store(e) => write!(f, "key store failed: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for ManageError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ManageError::Store(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<StoreError> for ManageError {
+    fn from(e: StoreError) -> Self {
+        ManageError::Store(e)
+    }
+}
+
+/// Issues and manages keys on a [`KeyAdmin`] store.
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use tower_gateway_auth::{KeyManager, MemoryStore, NewKey};
+///
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let manager = KeyManager::new(Arc::new(MemoryStore::new()));
+/// let issued = manager.issue(NewKey::named("alice").scopes(["chat"])).await.unwrap();
+/// println!("your key, shown once: {}", issued.key.expose());
+///
+/// let next = manager.rotate(issued.record.id(), Duration::from_secs(3600)).await.unwrap();
+/// manager.revoke(next.record.id()).await.unwrap();
+/// # });
+/// ```
+pub struct KeyManager<A> {
+    store: Arc<A>,
+    format: KeyFormat,
+    clock: Arc<dyn Clock>,
+    default_ttl: Option<Duration>,
+    max_ephemeral_ttl: Duration,
+}
+
+impl<A> Clone for KeyManager<A> {
+    fn clone(&self) -> Self {
+        KeyManager {
+            store: self.store.clone(),
+            format: self.format.clone(),
+            clock: self.clock.clone(),
+            default_ttl: self.default_ttl,
+            max_ephemeral_ttl: self.max_ephemeral_ttl,
+        }
+    }
+}
+
+impl<A> fmt::Debug for KeyManager<A> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyManager")
+            .field("format", &self.format)
+            .field("default_ttl", &self.default_ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<A: KeyAdmin> KeyManager<A> {
+    /// A manager issuing `gw_` keys that live 90 days, on the system clock.
+    pub fn new(store: Arc<A>) -> Self {
+        KeyManager {
+            store,
+            format: KeyFormat::new("gw").expect("`gw` is a valid prefix"),
+            clock: Arc::new(SystemClock),
+            default_ttl: Some(DEFAULT_TTL),
+            max_ephemeral_ttl: DEFAULT_MAX_EPHEMERAL_TTL,
+        }
+    }
+
+    /// Issues keys of this format (prefix).
+    pub fn key_format(mut self, format: KeyFormat) -> Self {
+        self.format = format;
+        self
+    }
+
+    /// Reads time from `clock`.
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// The lifetime of keys issued with [`Lifetime::Default`]; `None` never expires.
+    pub fn default_ttl(mut self, ttl: Option<Duration>) -> Self {
+        self.default_ttl = ttl;
+        self
+    }
+
+    /// The longest lifetime an ephemeral key may ask for.
+    pub fn max_ephemeral_ttl(mut self, ttl: Duration) -> Self {
+        self.max_ephemeral_ttl = ttl;
+        self
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<A> {
+        &self.store
+    }
+
+    /// The format of issued keys.
+    pub fn format(&self) -> &KeyFormat {
+        &self.format
+    }
+
+    fn expiry(&self, lifetime: Lifetime, now: Timestamp) -> Option<Timestamp> {
+        match lifetime {
+            Lifetime::Default => self.default_ttl.map(|ttl| now + ttl),
+            Lifetime::Never => None,
+            Lifetime::For(ttl) => Some(now + ttl),
+            Lifetime::Until(t) => Some(t),
+        }
+    }
+
+    fn record(&self, key: &ApiKey, hint: String, spec: NewKey, now: Timestamp) -> KeyRecord {
+        let digest = self.store.hasher().digest(key.expose().as_bytes());
+        KeyRecord::new(KeyId::random(), digest)
+            .with_name(spec.name)
+            .with_hint(hint)
+            .with_created_at(now)
+            .with_expires_at(self.expiry(spec.lifetime, now))
+            .with_not_before(spec.not_before)
+            .with_scope_set(spec.scopes)
+            .with_metadata(spec.metadata)
+    }
+
+    /// A fresh key and its record, not yet stored.
+    fn generate(&self, spec: NewKey, now: Timestamp) -> (ApiKey, KeyRecord) {
+        let key = self.format.generate();
+        let hint = self.format.hint(&key);
+        let record = self.record(&key, hint, spec, now);
+        (key, record)
+    }
+
+    /// Issues a new key. The key is returned once and never stored.
+    pub async fn issue(&self, spec: NewKey) -> Result<IssuedKey, ManageError> {
+        let now = self.clock.now();
+        let (key, record) = self.generate(spec, now);
+        let record = self.insert(record).await?;
+        tracing::info!(target: "tower_gateway_auth::lifecycle", key_id = %record.id(), "key issued");
+        Ok(IssuedKey { key, record })
+    }
+
+    /// Stores a key issued elsewhere (any shape), by digest. Its hint is its first four
+    /// characters when it is long enough for that to be harmless.
+    pub async fn import(&self, key: &ApiKey, spec: NewKey) -> Result<Arc<KeyRecord>, ManageError> {
+        let hint = key.expose().get(..4).filter(|_| key.expose().len() >= 20);
+        let record = self.record(key, hint.unwrap_or("").to_owned(), spec, self.clock.now());
+        let record = self.insert(record).await?;
+        tracing::info!(target: "tower_gateway_auth::lifecycle", key_id = %record.id(), "key imported");
+        Ok(record)
+    }
+
+    async fn insert(&self, record: KeyRecord) -> Result<Arc<KeyRecord>, ManageError> {
+        let stored = Arc::new(record.clone());
+        match self.store.apply(vec![Write::Insert(record)]).await {
+            Ok(()) => Ok(stored),
+            Err(WriteError::Conflict) => {
+                Err(ManageError::Invalid("this key exists already".into()))
+            }
+            Err(WriteError::Store(e)) => Err(e.into()),
+        }
+    }
+
+    /// The record with id `id`.
+    pub async fn get(&self, id: KeyId) -> Result<Arc<KeyRecord>, ManageError> {
+        self.store.get(id).await?.ok_or(ManageError::NotFound(id))
+    }
+
+    /// Every record, oldest first.
+    pub async fn list(&self) -> Result<Vec<Arc<KeyRecord>>, ManageError> {
+        let mut all = self.store.list().await?;
+        all.sort_by_key(|r| (r.created_at(), r.id()));
+        Ok(all)
+    }
+
+    /// Revokes the key for good, and every ephemeral key minted from it.
+    pub async fn revoke(&self, id: KeyId) -> Result<Arc<KeyRecord>, ManageError> {
+        for _ in 0..RETRIES {
+            let all = self.store.list().await?;
+            let target = all
+                .iter()
+                .find(|r| r.id() == id)
+                .ok_or(ManageError::NotFound(id))?;
+            let writes: Vec<Write> = all
+                .iter()
+                .filter(|r| r.id() == id || r.parent() == Some(id))
+                .filter(|r| r.status() != KeyStatus::Revoked)
+                .map(|r| Write::Replace {
+                    old: r.clone(),
+                    new: (**r).clone().with_status(KeyStatus::Revoked),
+                })
+                .collect();
+            let revoked = Arc::new((**target).clone().with_status(KeyStatus::Revoked));
+            if writes.is_empty() {
+                return Ok(revoked);
+            }
+            match self.store.apply(writes).await {
+                Ok(()) => {
+                    tracing::info!(target: "tower_gateway_auth::lifecycle", key_id = %id, "key revoked");
+                    return Ok(revoked);
+                }
+                Err(WriteError::Conflict) => continue,
+                Err(WriteError::Store(e)) => return Err(e.into()),
+            }
+        }
+        Err(ManageError::Conflict)
+    }
+
+    /// Removes the key's record, and those of the ephemeral keys minted from it. Prefer
+    /// [`revoke`](Self::revoke), which keeps the record for the audit trail.
+    pub async fn delete(&self, id: KeyId) -> Result<Arc<KeyRecord>, ManageError> {
+        for _ in 0..RETRIES {
+            let all = self.store.list().await?;
+            let target = all
+                .iter()
+                .find(|r| r.id() == id)
+                .cloned()
+                .ok_or(ManageError::NotFound(id))?;
+            let writes = all
+                .into_iter()
+                .filter(|r| r.id() == id || r.parent() == Some(id))
+                .map(Write::Remove)
+                .collect();
+            match self.store.apply(writes).await {
+                Ok(()) => {
+                    tracing::info!(target: "tower_gateway_auth::lifecycle", key_id = %id, "key deleted");
+                    return Ok(target);
+                }
+                Err(WriteError::Conflict) => continue,
+                Err(WriteError::Store(e)) => return Err(e.into()),
+            }
+        }
+        Err(ManageError::Conflict)
+    }
+
+    /// Disables (`false`) or re-enables (`true`) a key. A revoked key stays revoked.
+    pub async fn set_enabled(
+        &self,
+        id: KeyId,
+        enabled: bool,
+    ) -> Result<Arc<KeyRecord>, ManageError> {
+        self.change(id, |r| {
+            if r.status() == KeyStatus::Revoked {
+                return Err(ManageError::Invalid(format!("key {id} is revoked")));
+            }
+            let status = if enabled {
+                KeyStatus::Active
+            } else {
+                KeyStatus::Disabled
+            };
+            Ok(r.clone().with_status(status))
+        })
+        .await
+    }
+
+    /// Issues a successor to key `id` with the same name, scopes, metadata and lifetime
+    /// length, and keeps the old key working for `grace` more (never longer than it would
+    /// have anyway). After that the old key is rejected as expired.
+    pub async fn rotate(&self, id: KeyId, grace: Duration) -> Result<IssuedKey, ManageError> {
+        for _ in 0..RETRIES {
+            let old = self.get(id).await?;
+            if old.status() == KeyStatus::Revoked || old.parent().is_some() {
+                return Err(ManageError::Invalid(format!(
+                    "key {id} cannot be rotated: it is revoked or ephemeral"
+                )));
+            }
+            let now = self.clock.now();
+            let lifetime = match old.expires_at() {
+                None => Lifetime::Never,
+                Some(end) => Lifetime::For(Duration::from_secs(
+                    end.as_unix_secs()
+                        .saturating_sub(old.created_at().as_unix_secs()),
+                )),
+            };
+            let spec = NewKey {
+                name: old.name().to_owned(),
+                scopes: old.scopes().clone(),
+                lifetime,
+                not_before: None,
+                metadata: old.metadata().clone(),
+            };
+            let (key, successor) = self.generate(spec, now);
+            let grace_end = now + grace;
+            let old_end = old.expires_at().map_or(grace_end, |t| t.min(grace_end));
+            let retired = (*old).clone().with_expires_at(Some(old_end));
+            let successor_shared = Arc::new(successor.clone());
+            let writes = vec![
+                Write::Replace { old, new: retired },
+                Write::Insert(successor),
+            ];
+            match self.store.apply(writes).await {
+                Ok(()) => {
+                    tracing::info!(target: "tower_gateway_auth::lifecycle", key_id = %id, successor = %successor_shared.id(), grace_secs = grace.as_secs(), "key rotated");
+                    return Ok(IssuedKey {
+                        key,
+                        record: successor_shared,
+                    });
+                }
+                Err(WriteError::Conflict) => continue,
+                Err(WriteError::Store(e)) => return Err(e.into()),
+            }
+        }
+        Err(ManageError::Conflict)
+    }
+
+    /// Mints a short-lived key for `parent` (an authenticated caller): `scopes` must be a
+    /// subset of the parent's (all of them when `None`), it lives `ttl` (default 60 s, at
+    /// most the configured maximum and never beyond the parent's expiry), and it carries the
+    /// parent's metadata. Ephemeral keys cannot mint further keys.
+    pub async fn mint_ephemeral(
+        &self,
+        parent: &Identity,
+        scopes: Option<Scopes>,
+        ttl: Option<Duration>,
+    ) -> Result<IssuedKey, ManageError> {
+        if parent.parent().is_some() {
+            return Err(ManageError::Invalid(
+                "an ephemeral key cannot mint another key".into(),
+            ));
+        }
+        let scopes = scopes.unwrap_or_else(|| parent.scopes().clone());
+        if !scopes.is_subset_of(parent.scopes()) {
+            let extra: Vec<&str> = scopes.iter().filter(|s| !parent.has_scope(s)).collect();
+            return Err(ManageError::Invalid(format!(
+                "an ephemeral key cannot have scopes its parent lacks: {}",
+                extra.join(" ")
+            )));
+        }
+        let ttl = ttl.unwrap_or(DEFAULT_EPHEMERAL_TTL);
+        if ttl.is_zero() || ttl > self.max_ephemeral_ttl {
+            return Err(ManageError::Invalid(format!(
+                "an ephemeral key lives between 1 and {} seconds",
+                self.max_ephemeral_ttl.as_secs()
+            )));
+        }
+        let now = self.clock.now();
+        let end = parent.expires_at().map_or(now + ttl, |t| t.min(now + ttl));
+        let spec = NewKey {
+            name: format!("ephemeral:{}", parent.name()),
+            scopes,
+            lifetime: Lifetime::Until(end),
+            not_before: None,
+            metadata: parent.metadata().clone(),
+        };
+        let (key, record) = self.generate(spec, now);
+        let record = self.insert(record.with_parent(Some(parent.id()))).await?;
+        tracing::info!(target: "tower_gateway_auth::lifecycle", key_id = %record.id(), parent = %parent.id(), "ephemeral key minted");
+        Ok(IssuedKey { key, record })
+    }
+
+    /// Removes ephemeral keys whose expiry has passed; returns how many.
+    pub async fn purge_expired(&self) -> Result<usize, ManageError> {
+        let now = self.clock.now();
+        for _ in 0..RETRIES {
+            let writes: Vec<Write> = self
+                .store
+                .list()
+                .await?
+                .into_iter()
+                .filter(|r| r.parent().is_some() && r.expires_at().is_some_and(|t| t <= now))
+                .map(Write::Remove)
+                .collect();
+            let n = writes.len();
+            if n == 0 {
+                return Ok(0);
+            }
+            match self.store.apply(writes).await {
+                Ok(()) => {
+                    tracing::debug!(target: "tower_gateway_auth::lifecycle", removed = n, "expired ephemeral keys purged");
+                    return Ok(n);
+                }
+                Err(WriteError::Conflict) => continue,
+                Err(WriteError::Store(e)) => return Err(e.into()),
+            }
+        }
+        Err(ManageError::Conflict)
+    }
+
+    /// Purges expired ephemeral keys every `every`, on the current tokio runtime, until the
+    /// returned handle is aborted.
+    pub fn spawn_purge(&self, every: Duration) -> tokio::task::JoinHandle<()>
+    where
+        A: 'static,
+    {
+        let manager = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if let Err(error) = manager.purge_expired().await {
+                    tracing::warn!(target: "tower_gateway_auth::lifecycle", %error, "purging expired ephemeral keys failed");
+                }
+            }
+        })
+    }
+
+    /// Replaces record `id` by `change(record)`, retrying when it changed concurrently.
+    async fn change(
+        &self,
+        id: KeyId,
+        change: impl Fn(&KeyRecord) -> Result<KeyRecord, ManageError>,
+    ) -> Result<Arc<KeyRecord>, ManageError> {
+        for _ in 0..RETRIES {
+            let old = self.get(id).await?;
+            let new = change(&old)?;
+            let shared = Arc::new(new.clone());
+            match self.store.apply(vec![Write::Replace { old, new }]).await {
+                Ok(()) => return Ok(shared),
+                Err(WriteError::Conflict) => continue,
+                Err(WriteError::Store(e)) => return Err(e.into()),
+            }
+        }
+        Err(ManageError::Conflict)
+    }
+}

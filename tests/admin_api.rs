@@ -1,0 +1,413 @@
+//! The management API over a real loopback server: create → use → list (hints only) →
+//! revoke → rejected; plus rotation, ephemeral keys and every error in the dialect.
+
+mod support;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::routing::get;
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::Full;
+use serde_json::{Value, json};
+use support::{Answer, HttpClient, client, send, spawn_axum};
+use tower_gateway_auth::{
+    ErrorFormat, Identity, InboundApiKeyLayer, KeyFormat, KeyManager, ManagementApi, MemoryStore,
+    NewKey,
+};
+
+struct Api {
+    http: HttpClient,
+    base: String,
+}
+
+impl Api {
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        key: Option<&str>,
+        body: Option<Value>,
+    ) -> Answer {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base));
+        if let Some(key) = key {
+            req = req.header("authorization", format!("Bearer {key}"));
+        }
+        let body = body.map_or(Bytes::new(), |b| Bytes::from(b.to_string()));
+        send(
+            &self.http,
+            req.header("content-type", "application/json")
+                .body(Full::new(body))
+                .unwrap(),
+        )
+        .await
+    }
+
+    async fn raw(&self, method: Method, path: &str, key: &str, body: &'static str) -> Answer {
+        let req = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base))
+            .header("x-api-key", key)
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .unwrap();
+        send(&self.http, req).await
+    }
+}
+
+/// A gateway-shaped app: `/admin` (the management API) and `/v1/whoami`, behind one inbound
+/// layer on one store. Returns the API handle and a bootstrap admin key.
+async fn start(format: ErrorFormat) -> (Api, String) {
+    let store = Arc::new(MemoryStore::new());
+    let manager = KeyManager::new(store.clone());
+    let admin = manager
+        .issue(NewKey::named("root").scopes(["admin", "chat"]))
+        .await
+        .unwrap();
+    let app = Router::new()
+        .route(
+            "/v1/whoami",
+            get(|who: Identity| async move { who.name().to_owned() }),
+        )
+        .nest(
+            "/admin",
+            ManagementApi::new(manager)
+                .error_format(format.clone())
+                .router(),
+        )
+        .layer(
+            InboundApiKeyLayer::from_shared(store)
+                .error_format(format)
+                .key_formats([KeyFormat::new("gw").unwrap()]),
+        );
+    let addr = spawn_axum(app).await;
+    let api = Api {
+        http: client(),
+        base: format!("http://{addr}"),
+    };
+    (api, admin.key.expose().to_owned())
+}
+
+#[tokio::test]
+async fn create_use_list_revoke() {
+    let (api, admin) = start(ErrorFormat::OpenAi).await;
+    let created = api
+        .call(Method::POST, "/admin/keys", Some(&admin), Some(json!({"name": "alice", "scopes": ["chat"], "ttl_days": 30, "metadata": {"tenant": "acme"}})))
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED);
+    assert_eq!(created.headers["cache-control"], "no-store");
+    let body = created.json();
+    let key = body["key"].as_str().unwrap().to_owned();
+    let id = body["id"].as_str().unwrap().to_owned();
+    assert!(key.starts_with("gw_"));
+    assert_eq!(body["hint"], key[..7]);
+    assert_eq!(body["scopes"], json!(["chat"]));
+    assert_eq!(body["state"], "usable");
+    assert_eq!(body["metadata"]["tenant"], "acme");
+    assert_eq!(
+        body["expires_at"].as_u64().unwrap() - body["created_at"].as_u64().unwrap(),
+        30 * 86_400
+    );
+
+    let who = api.call(Method::GET, "/v1/whoami", Some(&key), None).await;
+    assert_eq!((who.status, who.text()), (StatusCode::OK, "alice"));
+
+    let list = api
+        .call(Method::GET, "/admin/keys", Some(&admin), None)
+        .await;
+    assert_eq!(list.status, StatusCode::OK);
+    assert!(!list.text().contains(&key), "a listing showed a key");
+    assert!(!list.text().contains(&admin), "a listing showed a key");
+    assert!(!list.text().contains("digest"));
+    let keys = list.json()["keys"].as_array().unwrap().clone();
+    assert_eq!(keys.len(), 2);
+    let alice = keys.iter().find(|k| k["id"] == id.as_str()).unwrap();
+    assert_eq!(alice["hint"], key[..7]);
+    assert!(alice.get("key").is_none());
+
+    let shown = api
+        .call(
+            Method::GET,
+            &format!("/admin/keys/{id}"),
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(shown.json()["name"], "alice");
+
+    let revoked = api
+        .call(
+            Method::POST,
+            &format!("/admin/keys/{id}/revoke"),
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(revoked.status, StatusCode::OK);
+    assert_eq!(revoked.json()["status"], "revoked");
+    let who = api.call(Method::GET, "/v1/whoami", Some(&key), None).await;
+    assert_eq!(who.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(who.json()["error"]["code"], "revoked_api_key");
+}
+
+#[tokio::test]
+async fn rotate_disable_enable_delete_over_http() {
+    let (api, admin) = start(ErrorFormat::OpenAi).await;
+    let created = api
+        .call(
+            Method::POST,
+            "/admin/keys",
+            Some(&admin),
+            Some(json!({"name": "svc", "never_expires": true})),
+        )
+        .await
+        .json();
+    let (old_key, id) = (
+        created["key"].as_str().unwrap().to_owned(),
+        created["id"].as_str().unwrap().to_owned(),
+    );
+    assert!(created.get("expires_at").is_none());
+
+    let rotated = api
+        .call(
+            Method::POST,
+            &format!("/admin/keys/{id}/rotate"),
+            Some(&admin),
+            Some(json!({"grace_seconds": 0})),
+        )
+        .await;
+    assert_eq!(rotated.status, StatusCode::CREATED);
+    let new_key = rotated.json()["key"].as_str().unwrap().to_owned();
+    assert_ne!(new_key, old_key);
+    assert_eq!(
+        api.call(Method::GET, "/v1/whoami", Some(&old_key), None)
+            .await
+            .json()["error"]["code"],
+        "expired_api_key"
+    );
+    assert_eq!(
+        api.call(Method::GET, "/v1/whoami", Some(&new_key), None)
+            .await
+            .text(),
+        "svc"
+    );
+
+    let new_id = rotated.json()["id"].as_str().unwrap().to_owned();
+    api.call(
+        Method::POST,
+        &format!("/admin/keys/{new_id}/disable"),
+        Some(&admin),
+        None,
+    )
+    .await;
+    assert_eq!(
+        api.call(Method::GET, "/v1/whoami", Some(&new_key), None)
+            .await
+            .json()["error"]["code"],
+        "disabled_api_key"
+    );
+    api.call(
+        Method::POST,
+        &format!("/admin/keys/{new_id}/enable"),
+        Some(&admin),
+        None,
+    )
+    .await;
+    assert_eq!(
+        api.call(Method::GET, "/v1/whoami", Some(&new_key), None)
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let deleted = api
+        .call(
+            Method::DELETE,
+            &format!("/admin/keys/{new_id}"),
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(deleted.status, StatusCode::NO_CONTENT);
+    assert_eq!(
+        api.call(
+            Method::GET,
+            &format!("/admin/keys/{new_id}"),
+            Some(&admin),
+            None
+        )
+        .await
+        .status,
+        StatusCode::NOT_FOUND
+    );
+}
+
+#[tokio::test]
+async fn any_key_mints_ephemeral_keys_within_its_scopes() {
+    let (api, admin) = start(ErrorFormat::OpenAi).await;
+    let app_key = api
+        .call(
+            Method::POST,
+            "/admin/keys",
+            Some(&admin),
+            Some(json!({"name": "app", "scopes": ["chat", "realtime"]})),
+        )
+        .await
+        .json()["key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let minted = api
+        .call(
+            Method::POST,
+            "/admin/ephemeral",
+            Some(&app_key),
+            Some(json!({"scopes": ["realtime"], "ttl_seconds": 30})),
+        )
+        .await;
+    assert_eq!(minted.status, StatusCode::CREATED);
+    let body = minted.json();
+    assert_eq!(body["scopes"], json!(["realtime"]));
+    assert_eq!(
+        body["expires_at"].as_u64().unwrap() - body["created_at"].as_u64().unwrap(),
+        30
+    );
+    let eph = body["key"].as_str().unwrap();
+    assert_eq!(
+        api.call(Method::GET, "/v1/whoami", Some(eph), None)
+            .await
+            .text(),
+        "ephemeral:app"
+    );
+
+    let wider = api
+        .call(
+            Method::POST,
+            "/admin/ephemeral",
+            Some(&app_key),
+            Some(json!({"scopes": ["admin"]})),
+        )
+        .await;
+    assert_eq!(wider.status, StatusCode::BAD_REQUEST);
+    assert!(
+        wider.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("admin")
+    );
+    // The app key is no admin.
+    assert_eq!(
+        api.call(Method::GET, "/admin/keys", Some(&app_key), None)
+            .await
+            .status,
+        StatusCode::FORBIDDEN
+    );
+}
+
+/// Method, path, key, body, expected status, expected Anthropic error type.
+type Case<'a> = (
+    Method,
+    &'a str,
+    Option<&'a str>,
+    &'static str,
+    StatusCode,
+    &'a str,
+);
+
+#[tokio::test]
+async fn errors_come_in_the_configured_dialect_and_nothing_changes() {
+    let (api, admin) = start(ErrorFormat::Anthropic).await;
+    let cases: Vec<Case> = vec![
+        (
+            Method::GET,
+            "/admin/keys",
+            None,
+            "",
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+        ),
+        (
+            Method::POST,
+            "/admin/keys",
+            Some(admin.as_str()),
+            "{not json",
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+        ),
+        (
+            Method::POST,
+            "/admin/keys",
+            Some(admin.as_str()),
+            r#"{"name": ""}"#,
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+        ),
+        (
+            Method::POST,
+            "/admin/keys",
+            Some(admin.as_str()),
+            r#"{"name": "x", "ttl_days": 0}"#,
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+        ),
+        (
+            Method::POST,
+            "/admin/keys",
+            Some(admin.as_str()),
+            r#"{"name": "x", "ttl_days": 1, "never_expires": true}"#,
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+        ),
+        (
+            Method::POST,
+            "/admin/keys",
+            Some(admin.as_str()),
+            r#"{"name": "x", "unknown_field": 1}"#,
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+        ),
+        (
+            Method::GET,
+            "/admin/keys/key_00000000000",
+            Some(admin.as_str()),
+            "",
+            StatusCode::NOT_FOUND,
+            "not_found_error",
+        ),
+        (
+            Method::POST,
+            "/admin/keys/not-an-id/revoke",
+            Some(admin.as_str()),
+            "",
+            StatusCode::NOT_FOUND,
+            "not_found_error",
+        ),
+        (
+            Method::POST,
+            "/admin/keys/key_00000000000/rotate",
+            Some(admin.as_str()),
+            r#"{"grace_seconds": -1}"#,
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+        ),
+    ];
+    for (method, path, key, body, status, kind) in cases {
+        let a = match key {
+            Some(key) => api.raw(method.clone(), path, key, body).await,
+            None => api.call(method.clone(), path, None, None).await,
+        };
+        assert_eq!(a.status, status, "{method} {path} {body}");
+        assert_eq!(a.json()["type"], "error", "{method} {path} {body}");
+        assert_eq!(a.json()["error"]["type"], kind, "{method} {path} {body}");
+    }
+    let list = api
+        .call(Method::GET, "/admin/keys", Some(&admin), None)
+        .await
+        .json();
+    assert_eq!(
+        list["keys"].as_array().unwrap().len(),
+        1,
+        "a rejected request changed the store"
+    );
+}

@@ -1,0 +1,435 @@
+//! Key lifecycle: issuing, expiry, not-before, rotation grace, ephemeral keys, checksums,
+//! imports and peppers — each checked through the inbound layer, on an injectable clock.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use http::{Request, StatusCode};
+use support::{Recorder, read};
+use tower::{ServiceBuilder, ServiceExt};
+use tower_gateway_auth::{
+    ApiKey, Identity, InboundApiKeyLayer, KeyAdmin, KeyDigest, KeyFormat, KeyHasher, KeyManager,
+    KeyStatus, KeyStore, Lifetime, ManageError, ManualClock, MemoryStore, NewKey, Scopes,
+    Timestamp,
+};
+
+const T0: u64 = 1_800_000_000;
+const DAY: u64 = 86_400;
+
+fn t(secs: u64) -> Timestamp {
+    Timestamp::from_unix_secs(secs)
+}
+
+struct Fixture {
+    clock: ManualClock,
+    store: Arc<MemoryStore>,
+    manager: KeyManager<MemoryStore>,
+}
+
+fn fixture() -> Fixture {
+    let clock = ManualClock::new(t(T0));
+    let store = Arc::new(MemoryStore::new());
+    let manager = KeyManager::new(store.clone()).clock(clock.clone());
+    Fixture {
+        clock,
+        store,
+        manager,
+    }
+}
+
+impl Fixture {
+    /// The status and error code a request with `key` gets right now.
+    async fn try_key(&self, key: &ApiKey) -> (StatusCode, Option<Identity>, String) {
+        let rec = Recorder::default();
+        let layer = InboundApiKeyLayer::from_shared(self.store.clone())
+            .clock(self.clock.clone())
+            .key_formats([KeyFormat::new("gw").unwrap()]);
+        let svc = ServiceBuilder::new().layer(layer).service(rec.service());
+        let req = Request::builder()
+            .header("x-api-key", key.expose())
+            .body(())
+            .unwrap();
+        let a = read(svc.oneshot(req).await.unwrap()).await;
+        let code = if a.status == StatusCode::OK {
+            String::new()
+        } else {
+            a.json()["error"]["code"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let who = (a.status == StatusCode::OK).then(|| rec.last().identity.unwrap());
+        (a.status, who, code)
+    }
+}
+
+#[tokio::test]
+async fn an_issued_key_is_shown_once_lives_90_days_and_then_expires() {
+    let f = fixture();
+    let issued = f
+        .manager
+        .issue(NewKey::named("alice").scopes(["chat"]))
+        .await
+        .unwrap();
+    let key = issued.key.expose();
+    assert!(key.starts_with("gw_") && key.len() == 31, "{key}");
+    assert_eq!(issued.record.hint(), &key[..7]);
+    assert_eq!(issued.record.expires_at(), Some(t(T0 + 90 * DAY)));
+    assert_eq!(issued.record.created_at(), t(T0));
+    // The store holds the digest, never the key.
+    let stored = f.store.by_id(issued.record.id()).unwrap();
+    assert_eq!(stored.digest(), &KeyHasher::sha256().digest(key.as_bytes()));
+    assert!(!format!("{stored:?}").contains(key));
+
+    let (status, who, _) = f.try_key(&issued.key).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(who.unwrap().name(), "alice");
+    f.clock.set(t(T0 + 90 * DAY - 1));
+    assert_eq!(f.try_key(&issued.key).await.0, StatusCode::OK);
+    f.clock.set(t(T0 + 90 * DAY));
+    let (status, _, code) = f.try_key(&issued.key).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::UNAUTHORIZED, "expired_api_key")
+    );
+}
+
+#[tokio::test]
+async fn custom_lifetimes_never_and_not_before() {
+    let f = fixture();
+    let never = f
+        .manager
+        .issue(NewKey::named("n").never_expires())
+        .await
+        .unwrap();
+    assert_eq!(never.record.expires_at(), None);
+    let week = f
+        .manager
+        .issue(NewKey::named("w").expires_in(Duration::from_secs(7 * DAY)))
+        .await
+        .unwrap();
+    assert_eq!(week.record.expires_at(), Some(t(T0 + 7 * DAY)));
+    let later = f
+        .manager
+        .issue(
+            NewKey::named("l")
+                .not_before(t(T0 + 100))
+                .lifetime(Lifetime::Until(t(T0 + 200))),
+        )
+        .await
+        .unwrap();
+    let (status, _, code) = f.try_key(&later.key).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::UNAUTHORIZED, "api_key_not_yet_valid")
+    );
+    f.clock.set(t(T0 + 100));
+    assert_eq!(f.try_key(&later.key).await.0, StatusCode::OK);
+    f.clock.set(t(T0 + 200));
+    assert_eq!(f.try_key(&later.key).await.0, StatusCode::UNAUTHORIZED);
+    f.clock.set(t(T0 + 10_000 * DAY));
+    assert_eq!(f.try_key(&never.key).await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn rotation_keeps_the_old_key_for_exactly_the_grace_period() {
+    let f = fixture();
+    let old = f
+        .manager
+        .issue(
+            NewKey::named("svc")
+                .scopes(["chat"])
+                .metadata("tenant", "acme"),
+        )
+        .await
+        .unwrap();
+    f.clock.set(t(T0 + 1_000));
+    let new = f
+        .manager
+        .rotate(old.record.id(), Duration::from_secs(600))
+        .await
+        .unwrap();
+    assert_ne!(new.key, old.key);
+    assert_eq!(new.record.name(), "svc");
+    assert_eq!(new.record.scopes(), old.record.scopes());
+    assert_eq!(new.record.metadata()["tenant"], "acme");
+    // Same lifetime length as the old key: 90 days from the rotation.
+    assert_eq!(new.record.expires_at(), Some(t(T0 + 1_000 + 90 * DAY)));
+
+    f.clock.set(t(T0 + 1_599));
+    assert_eq!(
+        f.try_key(&old.key).await.0,
+        StatusCode::OK,
+        "inside the grace period"
+    );
+    assert_eq!(f.try_key(&new.key).await.0, StatusCode::OK);
+    f.clock.set(t(T0 + 1_600));
+    let (status, _, code) = f.try_key(&old.key).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::UNAUTHORIZED, "expired_api_key")
+    );
+    assert_eq!(f.try_key(&new.key).await.0, StatusCode::OK);
+
+    // A grace longer than the key had left does not extend it.
+    let short = f
+        .manager
+        .issue(NewKey::named("s").expires_in(Duration::from_secs(50)))
+        .await
+        .unwrap();
+    f.manager
+        .rotate(short.record.id(), Duration::from_secs(3_600))
+        .await
+        .unwrap();
+    assert_eq!(
+        f.store.by_id(short.record.id()).unwrap().expires_at(),
+        Some(t(T0 + 1_650))
+    );
+
+    // Revoked keys cannot be rotated back to life.
+    f.manager.revoke(new.record.id()).await.unwrap();
+    assert!(matches!(
+        f.manager.rotate(new.record.id(), Duration::ZERO).await,
+        Err(ManageError::Invalid(_))
+    ));
+}
+
+#[tokio::test]
+async fn ephemeral_keys_narrow_scopes_expire_and_are_purged() {
+    let f = fixture();
+    let parent = f
+        .manager
+        .issue(
+            NewKey::named("app")
+                .scopes(["chat", "realtime"])
+                .metadata("tenant", "t1"),
+        )
+        .await
+        .unwrap();
+    let who = f.try_key(&parent.key).await.1.unwrap();
+
+    let eph = f
+        .manager
+        .mint_ephemeral(&who, Some(Scopes::new(["realtime"])), None)
+        .await
+        .unwrap();
+    assert_eq!(eph.record.expires_at(), Some(t(T0 + 60)), "60 s by default");
+    assert_eq!(eph.record.parent(), Some(who.id()));
+    assert_eq!(eph.record.metadata()["tenant"], "t1");
+    let (status, eph_who, _) = f.try_key(&eph.key).await;
+    assert_eq!(status, StatusCode::OK);
+    let eph_who = eph_who.unwrap();
+    assert!(eph_who.has_scope("realtime") && !eph_who.has_scope("chat"));
+
+    // Wider scopes than the parent's, and keys minted from ephemeral keys, are refused.
+    let wider = f
+        .manager
+        .mint_ephemeral(&who, Some(Scopes::new(["admin", "chat"])), None)
+        .await;
+    assert!(
+        matches!(wider, Err(ManageError::Invalid(ref m)) if m.contains("admin") && !m.contains("chat"))
+    );
+    assert!(matches!(
+        f.manager.mint_ephemeral(&eph_who, None, None).await,
+        Err(ManageError::Invalid(_))
+    ));
+    assert!(matches!(
+        f.manager
+            .mint_ephemeral(&who, None, Some(Duration::from_secs(7_200)))
+            .await,
+        Err(ManageError::Invalid(_))
+    ));
+
+    f.clock.set(t(T0 + 59));
+    assert_eq!(f.try_key(&eph.key).await.0, StatusCode::OK);
+    f.clock.set(t(T0 + 60));
+    assert_eq!(f.try_key(&eph.key).await.2, "expired_api_key");
+
+    let live = f
+        .manager
+        .mint_ephemeral(&who, None, Some(Duration::from_secs(600)))
+        .await
+        .unwrap();
+    assert_eq!(f.store.len(), 3);
+    assert_eq!(f.manager.purge_expired().await.unwrap(), 1);
+    assert!(f.store.by_id(eph.record.id()).is_none());
+    assert!(f.store.by_id(live.record.id()).is_some());
+    assert!(
+        f.store.by_id(parent.record.id()).is_some(),
+        "only ephemeral keys are purged"
+    );
+
+    // Revoking the parent revokes what it minted.
+    f.manager.revoke(parent.record.id()).await.unwrap();
+    assert_eq!(
+        f.store.by_id(live.record.id()).unwrap().status(),
+        KeyStatus::Revoked
+    );
+    assert_eq!(f.try_key(&live.key).await.2, "revoked_api_key");
+}
+
+#[tokio::test]
+async fn an_ephemeral_key_never_outlives_its_parent() {
+    let f = fixture();
+    let parent = f
+        .manager
+        .issue(NewKey::named("p").expires_in(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    let who = f.try_key(&parent.key).await.1.unwrap();
+    let eph = f
+        .manager
+        .mint_ephemeral(&who, None, Some(Duration::from_secs(600)))
+        .await
+        .unwrap();
+    assert_eq!(eph.record.expires_at(), Some(t(T0 + 30)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_purge_task_cleans_up_by_itself() {
+    let f = fixture();
+    let parent = f.manager.issue(NewKey::named("p")).await.unwrap();
+    let who = f.try_key(&parent.key).await.1.unwrap();
+    f.manager.mint_ephemeral(&who, None, None).await.unwrap();
+    let task = f.manager.spawn_purge(Duration::from_secs(30));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(f.store.len(), 2, "not expired yet");
+    f.clock.advance(Duration::from_secs(61));
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    assert_eq!(f.store.len(), 1);
+    task.abort();
+}
+
+/// Counts lookups, to show a checksum typo never reaches the store.
+struct Counting {
+    inner: Arc<MemoryStore>,
+    lookups: Arc<AtomicUsize>,
+}
+
+impl KeyStore for Counting {
+    type Lookup = <MemoryStore as KeyStore>::Lookup;
+    fn lookup(&self, digest: &KeyDigest) -> Self::Lookup {
+        self.lookups.fetch_add(1, Ordering::SeqCst);
+        self.inner.lookup(digest)
+    }
+}
+
+#[tokio::test]
+async fn a_checksum_typo_is_rejected_with_zero_store_calls() {
+    let f = fixture();
+    let issued = f.manager.issue(NewKey::named("alice")).await.unwrap();
+    let imported = ApiKey::new("sk-proj-imported-from-elsewhere-0123456789");
+    f.manager
+        .import(&imported, NewKey::named("legacy"))
+        .await
+        .unwrap();
+    let lookups = Arc::new(AtomicUsize::new(0));
+    let store = Counting {
+        inner: f.store.clone(),
+        lookups: lookups.clone(),
+    };
+    let layer = InboundApiKeyLayer::new(store).key_formats([KeyFormat::new("gw").unwrap()]);
+    let rec = Recorder::default();
+    let svc = ServiceBuilder::new().layer(layer).service(rec.service());
+    let send = |key: String| {
+        let svc = svc.clone();
+        async move {
+            let req = Request::builder()
+                .header("x-api-key", key)
+                .body(())
+                .unwrap();
+            read(svc.oneshot(req).await.unwrap()).await
+        }
+    };
+
+    let key = issued.key.expose().to_owned();
+    let mut typo = key.clone().into_bytes();
+    typo[10] = if typo[10] == b'x' { b'y' } else { b'x' };
+    let a = send(String::from_utf8(typo).unwrap()).await;
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(a.json()["error"]["code"], "invalid_api_key");
+    assert_eq!(
+        lookups.load(Ordering::SeqCst),
+        0,
+        "a typo must not reach the store"
+    );
+
+    assert_eq!(send(key).await.status, StatusCode::OK);
+    assert_eq!(
+        send(imported.expose().to_owned()).await.status,
+        StatusCode::OK,
+        "imported keys still verify"
+    );
+    assert_eq!(lookups.load(Ordering::SeqCst), 2);
+    assert_eq!(rec.count(), 2);
+}
+
+#[tokio::test]
+async fn a_peppered_store_verifies_its_keys_and_stores_hmac_digests() {
+    let store = Arc::new(MemoryStore::with_hasher(KeyHasher::with_pepper(
+        b"a long server-side pepper",
+    )));
+    let clock = ManualClock::new(t(T0));
+    let manager = KeyManager::new(store.clone()).clock(clock.clone());
+    let issued = manager.issue(NewKey::named("p")).await.unwrap();
+    let plain = KeyHasher::sha256().digest(issued.key.expose().as_bytes());
+    assert_ne!(
+        issued.record.digest(),
+        &plain,
+        "the digest must depend on the pepper"
+    );
+    let f = Fixture {
+        clock,
+        store,
+        manager,
+    };
+    assert_eq!(f.try_key(&issued.key).await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn disable_enable_and_delete() {
+    let f = fixture();
+    let issued = f.manager.issue(NewKey::named("d")).await.unwrap();
+    let id = issued.record.id();
+    f.manager.set_enabled(id, false).await.unwrap();
+    assert_eq!(f.try_key(&issued.key).await.2, "disabled_api_key");
+    f.manager.set_enabled(id, true).await.unwrap();
+    assert_eq!(f.try_key(&issued.key).await.0, StatusCode::OK);
+    f.manager.delete(id).await.unwrap();
+    assert_eq!(f.try_key(&issued.key).await.2, "invalid_api_key");
+    assert!(matches!(
+        f.manager.get(id).await,
+        Err(ManageError::NotFound(_))
+    ));
+    assert!(matches!(
+        f.manager.revoke(id).await,
+        Err(ManageError::NotFound(_))
+    ));
+}
+
+#[tokio::test]
+async fn a_stale_write_is_a_conflict_not_a_lost_update() {
+    let f = fixture();
+    let issued = f.manager.issue(NewKey::named("c")).await.unwrap();
+    let stale = issued.record.clone();
+    f.manager.set_enabled(stale.id(), false).await.unwrap();
+    // A writer still holding the old record cannot overwrite the newer one.
+    let result = f
+        .store
+        .apply(vec![tower_gateway_auth::Write::Replace {
+            old: stale.clone(),
+            new: (*stale).clone().with_name("renamed"),
+        }])
+        .await;
+    assert!(matches!(
+        result,
+        Err(tower_gateway_auth::WriteError::Conflict)
+    ));
+    assert_eq!(
+        f.store.by_id(stale.id()).unwrap().status(),
+        KeyStatus::Disabled
+    );
+}
