@@ -22,7 +22,8 @@
 //! ```
 //!
 //! # Features
-//! - `axum`: [`Identity`] as an extractor (and `Option<Identity>`).
+//! - `axum`: [`Identity`] as an extractor (and `Option<Identity>`), and [`ManagementApi`].
+//! - `proxy`: [`proxy::Forward`], a streaming forwarding proxy (hyper-util client, rustls).
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -35,6 +36,8 @@ mod identity;
 pub mod inbound;
 mod key;
 mod lifecycle;
+#[cfg(feature = "proxy")]
+pub mod proxy;
 mod query;
 mod record;
 mod rejection;

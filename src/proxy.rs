@@ -1,0 +1,348 @@
+//! [`Forward`]: the last service of a gateway, sending each request on to an upstream over
+//! HTTP or HTTPS (rustls) and streaming both bodies (feature `proxy`).
+
+use std::convert::Infallible;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName};
+use http::uri::{Authority, Scheme};
+use http::{Request, Response, StatusCode, Uri};
+use http_body::Body;
+use http_body_util::BodyExt;
+use http_body_util::combinators::UnsyncBoxBody;
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tower_service::Service;
+
+use crate::body::ResponseBody;
+use crate::rejection::ErrorFormat;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type OutBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// A forwarding proxy to one upstream base URL.
+///
+/// - The request's path and query are appended to the upstream's base URL, the query byte
+///   for byte: `https://api.openai.com` and `/v1/chat/completions?x=1` make
+///   `https://api.openai.com/v1/chat/completions?x=1`. Mounted with axum's
+///   `nest_service("/openai", forward)`, the prefix is stripped first.
+/// - Request and response bodies stream: a server-sent-events answer reaches the client event
+///   by event.
+/// - Hop-by-hop headers (`Connection` and the headers it names, `Keep-Alive`,
+///   `Proxy-Connection`, `Proxy-Authorization`, `TE` other than `trailers`, `Trailer`,
+///   `Transfer-Encoding`, `Upgrade`) are dropped both ways; `Host` becomes the upstream's.
+/// - Upstream answers, errors included, come back as they are. An unreachable upstream gives
+///   502 and one that does not answer within the response timeout 504, with a body in the
+///   configured [`ErrorFormat`].
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_gateway_auth::proxy::Forward;
+///
+/// let forward = Forward::builder("https://api.openai.com")
+///     .unwrap()
+///     .connect_timeout(Duration::from_secs(5))
+///     .response_timeout(Duration::from_secs(60))
+///     .build();
+/// # let _ = forward;
+/// ```
+#[derive(Clone)]
+pub struct Forward {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: Client<HttpsConnector<HttpConnector>, OutBody>,
+    scheme: Scheme,
+    authority: Authority,
+    base_path: String,
+    response_timeout: Option<Duration>,
+    error_format: ErrorFormat,
+}
+
+/// The error when an upstream is not an absolute `http://` or `https://` URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidUpstream(String);
+
+impl fmt::Display for InvalidUpstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid upstream `{}`: expected http://host[:port][/base] or https://…, with no query",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for InvalidUpstream {}
+
+/// Options for [`Forward`].
+#[derive(Debug)]
+pub struct ForwardBuilder {
+    scheme: Scheme,
+    authority: Authority,
+    base_path: String,
+    connect_timeout: Option<Duration>,
+    response_timeout: Option<Duration>,
+    error_format: ErrorFormat,
+}
+
+impl ForwardBuilder {
+    /// How long connecting (TCP and TLS) may take (default: 10 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = Some(timeout);
+        self
+    }
+
+    /// How long the upstream may take to send its response head (default: 300 s). Bodies are
+    /// not limited: a long stream is not cut off.
+    pub fn response_timeout(mut self, timeout: Duration) -> Self {
+        self.response_timeout = Some(timeout);
+        self
+    }
+
+    /// The dialect of the proxy's own 502/504 bodies (default: OpenAI).
+    pub fn error_format(mut self, format: ErrorFormat) -> Self {
+        self.error_format = format;
+        self
+    }
+
+    /// The proxy.
+    pub fn build(self) -> Forward {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_connect_timeout(self.connect_timeout);
+        http.set_nodelay(true);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
+            .expect("ring supports rustls' default protocol versions")
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(https);
+        Forward {
+            inner: Arc::new(Inner {
+                client,
+                scheme: self.scheme,
+                authority: self.authority,
+                base_path: self.base_path,
+                response_timeout: self.response_timeout,
+                error_format: self.error_format,
+            }),
+        }
+    }
+}
+
+impl Forward {
+    /// Options for a proxy to `upstream`, e.g. `https://api.anthropic.com` or
+    /// `http://127.0.0.1:9000/base`.
+    pub fn builder(upstream: &str) -> Result<ForwardBuilder, InvalidUpstream> {
+        let bad = || InvalidUpstream(upstream.to_owned());
+        let uri: Uri = upstream.parse().map_err(|_| bad())?;
+        let scheme = uri.scheme().cloned().ok_or_else(bad)?;
+        if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
+            return Err(bad());
+        }
+        let authority = uri.authority().cloned().ok_or_else(bad)?;
+        if uri.query().is_some() {
+            return Err(bad());
+        }
+        Ok(ForwardBuilder {
+            scheme,
+            authority,
+            base_path: uri.path().trim_end_matches('/').to_owned(),
+            connect_timeout: Some(Duration::from_secs(10)),
+            response_timeout: Some(Duration::from_secs(300)),
+            error_format: ErrorFormat::default(),
+        })
+    }
+
+    /// A proxy to `upstream` with default options.
+    pub fn new(upstream: &str) -> Result<Self, InvalidUpstream> {
+        Ok(Self::builder(upstream)?.build())
+    }
+
+    /// The upstream URL this request goes to.
+    fn target(&self, uri: &Uri) -> Uri {
+        let inner = &self.inner;
+        let path_and_query = uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let path_and_query = if path_and_query.starts_with('/') {
+            format!("{}{path_and_query}", inner.base_path)
+        } else {
+            format!("{}/{path_and_query}", inner.base_path)
+        };
+        Uri::builder()
+            .scheme(inner.scheme.clone())
+            .authority(inner.authority.clone())
+            .path_and_query(path_and_query)
+            .build()
+            .expect("parts of valid URIs make a valid URI")
+    }
+}
+
+impl fmt::Debug for Forward {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Forward")
+            .field(
+                "upstream",
+                &format_args!(
+                    "{}://{}{}",
+                    self.inner.scheme, self.inner.authority, self.inner.base_path
+                ),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHORIZATION,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Drops hop-by-hop headers, and those the `Connection` header names.
+fn drop_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::try_from(name.trim()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    // `TE: trailers` is how gRPC says it wants trailers; any other TE is hop-by-hop.
+    let te_is_trailers = headers
+        .get(header::TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    if !te_is_trailers {
+        headers.remove(header::TE);
+    }
+}
+
+impl<B> Service<Request<B>> for Forward
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<ResponseBody<Incoming>>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // The client pools connections and queues requests itself.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let (mut parts, body) = req.into_parts();
+        parts.uri = self.target(&parts.uri);
+        drop_hop_by_hop(&mut parts.headers);
+        parts.headers.remove(header::HOST);
+        let outgoing = Request::from_parts(parts, body.map_err(Into::into).boxed_unsync());
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let started = Instant::now();
+            let sent = inner.client.request(outgoing);
+            let result = match inner.response_timeout {
+                Some(limit) => tokio::time::timeout(limit, sent).await.map_err(|_| limit),
+                None => Ok(sent.await),
+            };
+            let response = match result {
+                Ok(Ok(mut response)) => {
+                    drop_hop_by_hop(response.headers_mut());
+                    tracing::debug!(target: "tower_gateway_auth::proxy", upstream = %inner.authority, status = response.status().as_u16(), elapsed = ?started.elapsed(), "forwarded");
+                    return Ok(response.map(ResponseBody::inner));
+                }
+                Ok(Err(error)) => {
+                    let connect = error.is_connect();
+                    tracing::warn!(target: "tower_gateway_auth::proxy", upstream = %inner.authority, %error, "upstream request failed");
+                    let message = if connect {
+                        format!("The upstream {} could not be reached.", inner.authority)
+                    } else {
+                        format!("The upstream {} failed to answer.", inner.authority)
+                    };
+                    inner.error_format.error_response(
+                        StatusCode::BAD_GATEWAY,
+                        Some("upstream_unreachable"),
+                        &message,
+                    )
+                }
+                Err(limit) => {
+                    tracing::warn!(target: "tower_gateway_auth::proxy", upstream = %inner.authority, timeout = ?limit, "upstream timed out");
+                    let message = format!(
+                        "The upstream {} did not answer within {} s.",
+                        inner.authority,
+                        limit.as_secs_f32()
+                    );
+                    inner.error_format.error_response(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        Some("upstream_timeout"),
+                        &message,
+                    )
+                }
+            };
+            Ok(response.map(ResponseBody::full))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_join_base_and_keep_the_query() {
+        let f = Forward::new("http://127.0.0.1:9/base/").unwrap();
+        let uri: Uri = "/v1/chat?x=%2F&&y".parse().unwrap();
+        assert_eq!(f.target(&uri), "http://127.0.0.1:9/base/v1/chat?x=%2F&&y");
+        let f = Forward::new("https://api.openai.com").unwrap();
+        assert_eq!(
+            f.target(&"/v1/models".parse().unwrap()),
+            "https://api.openai.com/v1/models"
+        );
+        for bad in ["api.openai.com", "ftp://x", "/relative", "http://h/?q=1"] {
+            assert!(Forward::new(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("connection", "keep-alive, x-private"),
+            ("x-private", "1"),
+            ("keep-alive", "timeout=5"),
+            ("upgrade", "h2c"),
+            ("te", "gzip"),
+            ("proxy-authorization", "Basic x"),
+            ("x-kept", "1"),
+        ] {
+            h.insert(k, v.parse().unwrap());
+        }
+        drop_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-kept"]);
+        let mut grpc = HeaderMap::new();
+        grpc.insert("te", "trailers".parse().unwrap());
+        drop_hop_by_hop(&mut grpc);
+        assert_eq!(grpc["te"], "trailers");
+    }
+}
