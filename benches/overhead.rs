@@ -1,0 +1,181 @@
+//! The cost of authentication per request, against the floor: `cargo bench --bench overhead`.
+//!
+//! Every function in group `inbound` handles the same pre-built requests: `Authorization:
+//! Bearer` with one of 10,000 distinct valid keys, cycling. Futures are polled once with a
+//! no-op waker: everything here completes synchronously, so no runtime cost is measured.
+//!
+//! - `bare`: the inner service alone.
+//! - `tower_http_bearer`: tower-http's `ValidateRequestHeaderLayer::bearer`, one token.
+//! - `floor`: SHA-256 of the key plus one lookup in a 1,000,000-entry `HashMap` keyed by
+//!   digest, no service: the unavoidable work when keys are hashed at rest.
+//! - `inbound_1m`: `InboundApiKeyLayer` over a `MemoryStore` of 1,000,000 keys.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::{Future, Ready, ready};
+use std::hint::black_box;
+use std::pin::pin;
+use std::task::{Context, Poll, Waker};
+
+use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+use http::header::AUTHORIZATION;
+use http::{HeaderMap, HeaderValue, Request, Response, Uri};
+use sha2::{Digest, Sha256};
+use tower::{Layer, Service};
+use tower_gateway_auth::{InboundApiKeyLayer, KeyFormat, KeyHasher, KeyId, KeyRecord, MemoryStore};
+
+const STORE_KEYS: usize = 1_000_000;
+const ACTIVE_KEYS: usize = 10_000;
+
+/// The inner service: answers at once, as cheaply as a service can.
+#[derive(Clone, Copy)]
+struct Bare;
+
+impl Service<Request<()>> for Bare {
+    type Response = Response<()>;
+    type Error = Infallible;
+    type Future = Ready<Result<Response<()>, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<()>) -> Self::Future {
+        black_box(&req);
+        ready(Ok(Response::new(())))
+    }
+}
+
+/// Polls a future that must be ready at once.
+fn now<F: Future>(f: F) -> F::Output {
+    match pin!(f).poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(v) => v,
+        Poll::Pending => panic!("the benchmarked service did not complete synchronously"),
+    }
+}
+
+/// Drives one request through `svc` and returns the status.
+fn serve<S, B>(svc: &mut S, req: Request<()>) -> http::StatusCode
+where
+    S: Service<Request<()>, Response = Response<B>>,
+    S::Error: std::fmt::Debug,
+{
+    now(std::future::poll_fn(|cx| svc.poll_ready(cx))).unwrap();
+    now(svc.call(req)).unwrap().status()
+}
+
+struct Fixture {
+    keys: Vec<String>,
+    requests: Vec<(Uri, HeaderMap)>,
+    store: MemoryStore,
+}
+
+fn fixture() -> Fixture {
+    let format = KeyFormat::new("gw").unwrap();
+    let keys: Vec<String> = (0..ACTIVE_KEYS)
+        .map(|_| format.generate().expose().to_owned())
+        .collect();
+    let store = MemoryStore::new();
+    let hasher = KeyHasher::sha256();
+    for (i, key) in keys.iter().enumerate() {
+        store.insert(
+            KeyRecord::new(KeyId::random(), hasher.digest(key.as_bytes()))
+                .with_name(format!("active-{i}")),
+        );
+    }
+    for i in ACTIVE_KEYS..STORE_KEYS {
+        let digest = hasher.digest(format!("filler-{i}").as_bytes());
+        store.insert(KeyRecord::new(KeyId::random(), digest).with_name(format!("filler-{i}")));
+    }
+    let uri: Uri = "/v1/chat/completions".parse().unwrap();
+    let requests = keys
+        .iter()
+        .map(|key| {
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                AUTHORIZATION,
+                HeaderValue::try_from(format!("Bearer {key}")).unwrap(),
+            );
+            headers.insert("content-type", HeaderValue::from_static("application/json"));
+            (uri.clone(), headers)
+        })
+        .collect();
+    Fixture {
+        keys,
+        requests,
+        store,
+    }
+}
+
+/// A fresh request, cycling over the pre-built ones (built outside the measurement).
+fn next(requests: &[(Uri, HeaderMap)], i: &mut usize) -> Request<()> {
+    let (uri, headers) = &requests[*i % requests.len()];
+    *i += 1;
+    let mut req = Request::new(());
+    *req.uri_mut() = uri.clone();
+    *req.headers_mut() = headers.clone();
+    req
+}
+
+fn inbound(c: &mut Criterion) {
+    let f = fixture();
+    let mut group = c.benchmark_group("inbound");
+
+    let mut svc = Bare;
+    let mut i = 0;
+    group.bench_function("bare", |b| {
+        b.iter_batched(
+            || next(&f.requests, &mut i),
+            |req| serve(&mut svc, req),
+            BatchSize::SmallInput,
+        )
+    });
+
+    #[allow(deprecated)]
+    let mut svc =
+        tower_http::validate_request::ValidateRequestHeaderLayer::bearer(&f.keys[0]).layer(Bare);
+    let mut i = 0;
+    group.bench_function("tower_http_bearer", |b| {
+        b.iter_batched(
+            || next(&f.requests, &mut i),
+            |req| serve(&mut svc, req),
+            BatchSize::SmallInput,
+        )
+    });
+
+    let map: HashMap<[u8; 32], u32> = (0..STORE_KEYS as u32)
+        .map(|i| {
+            let key = match f.keys.get(i as usize) {
+                Some(key) => key.clone(),
+                None => format!("filler-{i}"),
+            };
+            (Sha256::digest(key.as_bytes()).into(), i)
+        })
+        .collect();
+    let mut i = 0;
+    group.bench_function("floor", |b| {
+        b.iter(|| {
+            let key = &f.keys[i % ACTIVE_KEYS];
+            i += 1;
+            let digest: [u8; 32] = Sha256::digest(black_box(key).as_bytes()).into();
+            black_box(map.get(&digest)).expect("every active key is in the map");
+        })
+    });
+    drop(map);
+
+    let store = std::sync::Arc::new(f.store);
+    assert_eq!(store.len(), STORE_KEYS);
+    let mut svc = InboundApiKeyLayer::from_shared(store.clone()).layer(Bare);
+    let mut i = 0;
+    group.bench_function("inbound_1m", |b| {
+        b.iter_batched(
+            || next(&f.requests, &mut i),
+            |req| assert_eq!(serve(&mut svc, req), 200),
+            BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+}
+
+criterion_group!(benches, inbound);
+criterion_main!(benches);
