@@ -23,6 +23,9 @@ pub enum Placement {
     Header(HeaderName),
     /// A query parameter, percent-encoded; any parameter of that name the client sent is
     /// replaced.
+    ///
+    /// Prefer a header where the provider takes one: a credential in the URI shows up
+    /// wherever a layer below logs or traces the URI (tower-http's `TraceLayer` does).
     Query(Arc<str>),
 }
 
@@ -109,7 +112,8 @@ impl Provider {
         Self::header_preset("gemini", "x-goog-api-key")
     }
 
-    /// Google Gemini with the key in the query: `?key=`.
+    /// Google Gemini with the key in the query: `?key=`. Prefer [`gemini`](Self::gemini)
+    /// unless the client path needs it; see [`Placement::Query`].
     pub fn gemini_query() -> Self {
         Self::preset("gemini-query", Placement::Query("key".into()))
     }

@@ -410,7 +410,7 @@ impl<F> Shared<F> {
                 let lead = settings.refresh_margin.min(token.lifetime / 2);
                 tracing::info!(
                     target: "tower_gateway_auth::upstream",
-                    source = %settings.name,
+                    source = &*settings.name,
                     fingerprint = %token.credential.fingerprint(),
                     lifetime_secs = token.lifetime.as_secs(),
                     "upstream token fetched"
@@ -426,7 +426,7 @@ impl<F> Shared<F> {
                 let now = settings.clock.now();
                 tracing::warn!(
                     target: "tower_gateway_auth::upstream",
-                    source = %settings.name,
+                    source = &*settings.name,
                     %error,
                     retry_in_secs = settings.retry_backoff.as_secs(),
                     still_valid = state.current.as_ref().is_some_and(|c| now < c.expires_at),
