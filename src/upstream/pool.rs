@@ -19,10 +19,11 @@ use crate::upstream::credential::{Credential, CredentialError, CredentialSource,
 ///
 /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
 /// let pool = KeyPool::new(["sk-one", "sk-two"].map(|k| Credential::new(k).unwrap())).unwrap();
-/// let first = pool.credential(None).await.unwrap();
-/// let second = pool.credential(None).await.unwrap();
-/// let third = pool.credential(None).await.unwrap();
-/// assert_eq!((first.value(), second.value(), third.value()), ("sk-one", "sk-two", "sk-one"));
+/// let mut turns = Vec::new();
+/// for _ in 0..3 {
+///     turns.push(pool.credential(None).await.unwrap().value().clone());
+/// }
+/// assert_eq!(turns, ["sk-one", "sk-two", "sk-one"]);
 /// # });
 /// ```
 pub struct KeyPool {

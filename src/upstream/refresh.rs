@@ -607,7 +607,75 @@ impl fmt::Debug for RefreshFuture {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::Waker;
+
     use super::*;
+    use crate::time::ManualClock;
+
+    /// A source whose fetches are counted and issue `tok-1`, `tok-2` … valid for 60 s.
+    fn counted(clock: &ManualClock) -> (RefreshingToken<impl TokenFetcher>, Arc<AtomicUsize>) {
+        let fetches = Arc::new(AtomicUsize::new(0));
+        let counter = fetches.clone();
+        let source = RefreshingToken::builder(move || {
+            let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+            async move {
+                Ok(Token::new(
+                    Credential::new(&format!("tok-{n}"))?,
+                    Duration::from_secs(60),
+                ))
+            }
+        })
+        .clock(clock.clone())
+        .build();
+        (source, fetches)
+    }
+
+    async fn value(source: &RefreshingToken<impl TokenFetcher>) -> String {
+        let credential = source.credential(None).await.unwrap();
+        credential.value().to_str().unwrap().to_owned()
+    }
+
+    #[tokio::test]
+    async fn a_short_lived_token_is_refreshed_at_half_its_life_not_on_every_request() {
+        let clock = ManualClock::new(Timestamp::from_unix_secs(1000));
+        let (source, fetches) = counted(&clock);
+        assert_eq!(value(&source).await, "tok-1");
+        // The 60 s default margin is the whole lifetime: half of it is used instead.
+        clock.advance(Duration::from_secs(29));
+        for _ in 0..10 {
+            assert_eq!(value(&source).await, "tok-1");
+        }
+        assert_eq!(fetches.load(Ordering::SeqCst), 1);
+        clock.advance(Duration::from_secs(1));
+        assert_eq!(value(&source).await, "tok-1", "served while refreshing");
+        clock.advance(Duration::from_secs(30));
+        assert_eq!(value(&source).await, "tok-2");
+        assert_eq!(fetches.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn without_a_runtime_the_answer_is_503_not_a_panic() {
+        let clock = ManualClock::new(Timestamp::from_unix_secs(1000));
+        let (source, fetches) = counted(&clock);
+        let mut answer = source.credential(None);
+        let polled = Pin::new(&mut answer).poll(&mut Context::from_waker(Waker::noop()));
+        match polled {
+            Poll::Ready(Err(rejection)) => {
+                assert_eq!(
+                    rejection.kind(),
+                    RejectionKind::UpstreamCredentialUnavailable
+                )
+            }
+            other => panic!("expected a 503 at once, got {other:?}"),
+        }
+        assert_eq!(fetches.load(Ordering::SeqCst), 0);
+        // And the backoff holds: no fetch is attempted again right away.
+        let mut again = source.credential(None);
+        let polled = Pin::new(&mut again).poll(&mut Context::from_waker(Waker::noop()));
+        assert!(matches!(polled, Poll::Ready(Err(_))));
+        assert!(format!("{again:?}").contains("Ready"));
+    }
 
     #[test]
     fn oauth2_responses() {
