@@ -245,11 +245,17 @@ async fn a_refresh_ahead_of_expiry_is_one_fetch_while_the_current_token_keeps_se
 }
 
 #[tokio::test]
-async fn an_unreachable_token_endpoint_gives_503_backs_off_and_forwards_nothing() {
-    // A port nothing listens on: connection refused.
-    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/oauth2/token", closed.local_addr().unwrap());
-    drop(closed);
+async fn a_token_endpoint_that_hangs_up_gives_503_backs_off_and_forwards_nothing() {
+    // An endpoint that hangs up on every connection. (A port released for the purpose
+    // could be taken by another test's server meanwhile.)
+    let broken = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/oauth2/token", broken.local_addr().unwrap());
+    tokio::spawn(async move {
+        loop {
+            let (connection, _) = broken.accept().await.unwrap();
+            drop(connection);
+        }
+    });
     let fetcher = ClientCredentials::new(url);
     let attempts = fetcher.attempts.clone();
     let clock = clock();
