@@ -7,6 +7,15 @@
 //!   the right status, `WWW-Authenticate` and a body in the client's dialect
 //!   ([`ErrorFormat`]) or a gRPC status.
 //! - [`RequireScopesLayer`] adds per-route scope requirements.
+//! - [`UpstreamAuthLayer`] strips every client credential and gives the request the
+//!   provider's instead, placed as the [`Provider`] wants it (OpenAI, Anthropic, Gemini,
+//!   Azure OpenAI, Mistral, Cohere, Hugging Face or a header/query of your own), from a
+//!   [`CredentialSource`]: a fixed [`Credential`], a [`KeyPool`], a per-caller choice
+//!   ([`PerIdentity`]) or a [`RefreshingToken`].
+//! - [`HeaderInjectLayer`] overwrites, appends, defaults or removes request headers, adds
+//!   provider headers and gives each request an id ([`RequestId`]).
+//!
+//! A gateway stacks them in that order: client → inbound → upstream → inject → proxy.
 //!
 //! ```
 //! use axum::{Router, routing::get};
@@ -34,6 +43,7 @@ pub mod body;
 pub mod future;
 mod identity;
 pub mod inbound;
+pub mod inject;
 mod key;
 mod lifecycle;
 #[cfg(feature = "proxy")]
@@ -43,6 +53,7 @@ mod record;
 mod rejection;
 pub mod store;
 mod time;
+pub mod upstream;
 
 #[cfg(feature = "axum")]
 pub use admin_api::ManagementApi;
@@ -50,6 +61,7 @@ pub use identity::Identity;
 #[cfg(feature = "axum")]
 pub use identity::MissingIdentity;
 pub use inbound::{InboundApiKeyLayer, KeySource, RequireScopesLayer};
+pub use inject::{HeaderInjectLayer, HeaderRule, RequestId};
 pub use key::{ApiKey, Checksum, Fingerprint, InvalidPrefix, KeyDigest, KeyFormat, KeyHasher};
 pub use lifecycle::{
     DEFAULT_EPHEMERAL_TTL, DEFAULT_MAX_EPHEMERAL_TTL, DEFAULT_TTL, IssuedKey, KeyManager, Lifetime,
@@ -62,6 +74,10 @@ pub use store::{
     StoreError, Write, WriteError,
 };
 pub use time::{Clock, ManualClock, SystemClock, Timestamp};
+pub use upstream::{
+    Credential, CredentialError, CredentialSource, FetchError, KeyPool, PerIdentity, Provider,
+    RefreshingToken, Token, TokenFetcher, UpstreamAuthLayer,
+};
 
 /// The README's examples, compiled and run as doctests.
 #[cfg(doctest)]

@@ -5,7 +5,16 @@ use std::borrow::Cow;
 
 use http::Uri;
 use http::uri::PathAndQuery;
-use percent_encoding::percent_decode_str;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, percent_encode};
+
+/// What stays unencoded in a parameter the layers write: RFC 3986's unreserved characters.
+/// Everything else, reserved characters (`&`, `=`, `+`, `#` …) included, is percent-encoded,
+/// so a written value never changes how the rest of the query parses.
+const UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
 
 /// One `&`-separated segment of a raw query: its raw name and raw value.
 fn split(segment: &str) -> (&str, &str) {
@@ -37,13 +46,30 @@ pub(crate) fn decode(raw: &str) -> Cow<'_, [u8]> {
 
 /// The query with every parameter in `names` removed, or `None` when none was there.
 /// The remaining segments, and their order, are kept byte for byte.
-pub(crate) fn without(query: &str, names: &[&str]) -> Option<String> {
-    let is_named = |segment: &str| names.iter().any(|n| name_is(split(segment).0, n));
+pub(crate) fn without<N: AsRef<str>>(query: &str, names: &[N]) -> Option<String> {
+    let is_named = |segment: &str| names.iter().any(|n| name_is(split(segment).0, n.as_ref()));
     if !query.split('&').any(is_named) {
         return None;
     }
     let kept: Vec<&str> = query.split('&').filter(|s| !is_named(s)).collect();
     Some(kept.join("&"))
+}
+
+/// The query with every parameter called `name` removed and one `name=value` appended, the
+/// value percent-encoded (RFC 3986 unreserved characters stay). Every other segment is kept
+/// byte for byte, in order.
+pub(crate) fn with_param(query: &str, name: &str, value: &[u8]) -> String {
+    let kept = without(query, &[name]);
+    let rest = kept.as_deref().unwrap_or(query);
+    let mut out = String::with_capacity(rest.len() + name.len() + 3 * value.len() + 2);
+    out.push_str(rest);
+    if !out.is_empty() {
+        out.push('&');
+    }
+    out.extend(percent_encode(name.as_bytes(), UNRESERVED));
+    out.push('=');
+    out.extend(percent_encode(value, UNRESERVED));
+    out
 }
 
 /// `uri` with its query replaced by `query` (`""` drops the `?`), everything else kept.
@@ -80,6 +106,21 @@ mod tests {
         assert_eq!(without("key=x", &["key"]).as_deref(), Some(""));
         assert_eq!(without("key=x&key=y&z", &["key"]).as_deref(), Some("z"));
         assert_eq!(without("a=1", &["key"]), None);
+    }
+
+    #[test]
+    fn with_param_replaces_every_copy_and_encodes_reserved_characters() {
+        assert_eq!(with_param("", "key", b"a b"), "key=a%20b");
+        assert_eq!(
+            with_param("alt=sse&key=old&x=%2F&key=older", "key", b"k&=+/?#%~._-"),
+            "alt=sse&x=%2F&key=k%26%3D%2B%2F%3F%23%25~._-"
+        );
+        assert_eq!(with_param("key=old", "key", b"new"), "key=new");
+        assert_eq!(
+            with_param("a=1&a=2", "api-version", b"2024-10-21"),
+            "a=1&a=2&api-version=2024-10-21"
+        );
+        assert_eq!(with_param("k%65y=old&b", "key", b"v"), "b&key=v");
     }
 
     #[test]

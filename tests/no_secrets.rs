@@ -1,16 +1,19 @@
-//! No key, digest or pepper ever shows up in a log line or a `Debug` print.
+//! No key, digest, pepper or upstream credential ever shows up in a log line, a `Debug`
+//! print or an answer to the client.
 
 mod support;
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
-use http::{HeaderName, Request};
+use http::{HeaderName, HeaderValue, Request};
 use support::{Recorder, read};
 use tower::{ServiceBuilder, ServiceExt};
 use tower_gateway_auth::{
-    BoxLookup, InboundApiKeyLayer, KeyDigest, KeyHasher, KeyId, KeyRecord, KeyStatus, KeyStore,
-    MemoryStore, StoreError,
+    BoxLookup, Credential, CredentialSource, FetchError, HeaderInjectLayer, HeaderRule,
+    InboundApiKeyLayer, KeyDigest, KeyHasher, KeyId, KeyPool, KeyRecord, KeyStatus, KeyStore,
+    MemoryStore, Metadata, PerIdentity, Provider, RefreshingToken, StoreError, Token, TokenFetcher,
+    UpstreamAuthLayer,
 };
 
 #[derive(Clone, Default)]
@@ -127,4 +130,201 @@ async fn logs_and_debug_prints_name_keys_only_by_id_or_fingerprint() {
         "{logs}"
     );
     assert!(logs.contains("redis unreachable"), "{logs}");
+}
+
+/// A token fetcher holding a client secret of its own.
+#[derive(Debug)]
+struct Idp {
+    client_secret: &'static str,
+    up: bool,
+}
+
+impl TokenFetcher for Idp {
+    async fn fetch(&self) -> Result<Token, FetchError> {
+        if !self.up {
+            return Err(FetchError::new("the token endpoint answered 401"));
+        }
+        let _ = self.client_secret;
+        Ok(Token::new(
+            Credential::new("tok-refreshed-secret")?,
+            std::time::Duration::from_secs(3600),
+        ))
+    }
+}
+
+#[tokio::test]
+async fn upstream_credentials_stay_out_of_logs_debug_and_answers() {
+    const CLIENT_KEY: &str = "gw_client-secret-key";
+    const STATIC: &str = "sk-static-upstream-secret";
+    const POOLED: [&str; 2] = ["sk-pool-secret-a", "sk-pool-secret-b"];
+    const TENANT: &str = "sk-tenant-secret";
+    const TOKEN: &str = "tok-refreshed-secret";
+    const IDP_SECRET: &str = "idp-client-secret";
+    const INJECTED: &str = "injected-header-secret";
+
+    let logs = Buffer::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let store = Arc::new(MemoryStore::new());
+    let mut acme = Metadata::new();
+    acme.insert("tenant".into(), "acme".into());
+    store.insert(
+        KeyRecord::new(
+            KeyId::random(),
+            store.hasher().digest(CLIENT_KEY.as_bytes()),
+        )
+        .with_metadata(acme),
+    );
+    let stranger = "gw_stranger-secret-key";
+    store.insert(KeyRecord::new(
+        KeyId::random(),
+        store.hasher().digest(stranger.as_bytes()),
+    ));
+    let inbound = InboundApiKeyLayer::from_shared(store.clone());
+    let rec = Recorder::default();
+    let mut answers = String::new();
+    let mut note = |a: support::Answer| answers.push_str(&format!("{a:?}\n"));
+    let request = |key: &str| {
+        Request::builder()
+            .uri("/v1/x?key=k&keep=1")
+            .header("authorization", format!("Bearer {key}"))
+            .body(())
+            .unwrap()
+    };
+
+    let fixed = UpstreamAuthLayer::new(Provider::openai(), Credential::new(STATIC).unwrap())
+        .strip_inbound(&inbound);
+    let fixed_svc = ServiceBuilder::new()
+        .layer(fixed.clone())
+        .layer(HeaderInjectLayer::new().overwrite(
+            HeaderName::from_static("x-internal"),
+            HeaderValue::from_static(INJECTED),
+        ))
+        .service(rec.service());
+    note(read(fixed_svc.oneshot(request(CLIENT_KEY)).await.unwrap()).await);
+
+    let pool = KeyPool::new(POOLED.map(|k| Credential::new(k).unwrap())).unwrap();
+    let pooled = UpstreamAuthLayer::new(Provider::gemini_query(), pool);
+    let pooled_svc = ServiceBuilder::new()
+        .layer(pooled.clone())
+        .service(rec.service());
+    for _ in 0..2 {
+        note(
+            read(
+                pooled_svc
+                    .clone()
+                    .oneshot(request(CLIENT_KEY))
+                    .await
+                    .unwrap(),
+            )
+            .await,
+        );
+    }
+
+    let per_tenant = UpstreamAuthLayer::new(
+        Provider::anthropic(),
+        PerIdentity::new()
+            .by_metadata("tenant")
+            .for_value("acme", Credential::new(TENANT).unwrap()),
+    );
+    let per_tenant_svc = ServiceBuilder::new()
+        .layer(inbound.clone())
+        .layer(per_tenant.clone())
+        .service(rec.service());
+    note(
+        read(
+            per_tenant_svc
+                .clone()
+                .oneshot(request(CLIENT_KEY))
+                .await
+                .unwrap(),
+        )
+        .await,
+    );
+    note(
+        read(
+            per_tenant_svc
+                .clone()
+                .oneshot(request(stranger))
+                .await
+                .unwrap(),
+        )
+        .await,
+    );
+
+    let tokens = RefreshingToken::builder(Idp {
+        client_secret: IDP_SECRET,
+        up: true,
+    })
+    .name("test-idp")
+    .build();
+    let refreshing = UpstreamAuthLayer::new(Provider::bearer(), tokens.clone());
+    let refreshing_svc = ServiceBuilder::new()
+        .layer(refreshing.clone())
+        .service(rec.service());
+    note(read(refreshing_svc.oneshot(request(CLIENT_KEY)).await.unwrap()).await);
+    let down = RefreshingToken::builder(Idp {
+        client_secret: IDP_SECRET,
+        up: false,
+    })
+    .name("down-idp")
+    .build();
+    let down_svc = ServiceBuilder::new()
+        .layer(UpstreamAuthLayer::new(Provider::bearer(), down.clone()))
+        .service(rec.service());
+    note(read(down_svc.oneshot(request(CLIENT_KEY)).await.unwrap()).await);
+
+    // Everything the provider got carried an upstream credential, and no client key.
+    assert_eq!(rec.count(), 5);
+    for seen in rec.all() {
+        assert!(!seen.everything().contains(CLIENT_KEY));
+    }
+
+    let token = tokens.credential(None).await.unwrap();
+    // A service over a fresh inner: the test recorder's own Debug shows what it recorded.
+    let fixed_svc = tower::Layer::layer(&fixed, Recorder::default().service());
+    let debug = format!(
+        "{fixed:?}\n{fixed_svc:?}\n{pooled:?}\n{per_tenant:?}\n{refreshing:?}\n{tokens:?}\n\
+         {down:?}\n{token:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}",
+        Token::new(token.clone(), std::time::Duration::from_secs(1)),
+        Provider::openai().organization(HeaderValue::from_static("org-x")),
+        HeaderRule::overwrite(
+            HeaderName::from_static("x-internal"),
+            HeaderValue::from_static(INJECTED)
+        ),
+        tokens.credential(None),
+        Credential::new("sk-bad secret").unwrap_err(),
+    );
+    let logs = logs.text();
+    for (what, text) in [("logs", &logs), ("debug", &debug), ("answers", &answers)] {
+        for secret in [
+            STATIC, POOLED[0], POOLED[1], TENANT, TOKEN, IDP_SECRET, INJECTED, CLIENT_KEY,
+        ] {
+            assert!(!text.contains(secret), "{what} hold {secret}:\n{text}");
+        }
+        assert!(
+            !text.contains("sk-bad"),
+            "{what} hold part of a bad credential"
+        );
+    }
+    // What the logs do say: which provider and source, and which credential by fingerprint.
+    let fixed_fingerprint = Credential::new(STATIC).unwrap().fingerprint().to_string();
+    for expected in [
+        "provider=\"openai\"",
+        "source=\"pool\"",
+        "source=\"per-identity\"",
+        "source=\"test-idp\"",
+        "upstream token fetched",
+        "the token endpoint answered 401",
+        "no_upstream_credential",
+        &fixed_fingerprint,
+    ] {
+        assert!(logs.contains(expected), "logs lack {expected}:\n{logs}");
+    }
 }

@@ -39,6 +39,10 @@ impl Recorder {
         self.0.lock().unwrap().len()
     }
 
+    pub fn all(&self) -> Vec<Seen> {
+        self.0.lock().unwrap().clone()
+    }
+
     pub fn last(&self) -> Seen {
         self.0
             .lock()
@@ -161,4 +165,158 @@ where
         headers: parts.headers,
         body,
     }
+}
+
+/// Headers every HTTP client adds on its own; left out of [`Seen::header_pairs`] so tests
+/// can compare the rest exactly.
+const TRANSPORT_HEADERS: [&str; 3] = ["host", "content-length", "transfer-encoding"];
+
+impl Seen {
+    /// Every header but the transport ones, as sorted `(name, value)` pairs.
+    pub fn header_pairs(&self) -> Vec<(String, String)> {
+        let mut pairs: Vec<(String, String)> = self
+            .headers
+            .iter()
+            .filter(|(name, _)| !TRANSPORT_HEADERS.contains(&name.as_str()))
+            .map(|(name, value)| {
+                let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
+                (name.as_str().to_owned(), value)
+            })
+            .collect();
+        pairs.sort();
+        pairs
+    }
+
+    /// The URI and every header, as one text to search for leaked secrets.
+    pub fn everything(&self) -> String {
+        let mut text = self.uri.to_string();
+        for (name, value) in &self.headers {
+            text.push('\n');
+            text.push_str(name.as_str());
+            text.push_str(": ");
+            text.push_str(&String::from_utf8_lossy(value.as_bytes()));
+        }
+        text
+    }
+}
+
+/// `(name, value)` pairs as owned, sorted strings, to compare with [`Seen::header_pairs`].
+pub fn pairs(expected: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut pairs: Vec<(String, String)> = expected
+        .iter()
+        .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+        .collect();
+    pairs.sort();
+    pairs
+}
+
+/// The request id a recording upstream answers with, as providers do.
+pub const UPSTREAM_REQUEST_ID: &str = "req_upstream";
+
+/// A provider stand-in on 127.0.0.1:0: records every request and answers 200 "upstream ok"
+/// with its own `x-request-id`.
+pub async fn spawn_upstream() -> (SocketAddr, Recorder) {
+    let rec = Recorder::default();
+    let recording = rec.clone();
+    let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
+        recording.record(&req);
+        async { ([("x-request-id", UPSTREAM_REQUEST_ID)], "upstream ok") }
+    });
+    (spawn_axum(app).await, rec)
+}
+
+/// The proxy at the bottom of a gateway stack: sends each request, as the layers above
+/// left it, to `upstream` with a real HTTP client and hands back the answer (502 when the
+/// upstream cannot be reached).
+#[derive(Clone)]
+pub struct Forward {
+    upstream: SocketAddr,
+    client: HttpClient,
+}
+
+impl Forward {
+    pub fn to(upstream: SocketAddr) -> Self {
+        Forward {
+            upstream,
+            client: client(),
+        }
+    }
+}
+
+impl<B> tower::Service<Request<B>> for Forward
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: std::fmt::Debug,
+{
+    type Response = Response<Full<Bytes>>;
+    type Error = Infallible;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Infallible>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let client = self.client.clone();
+        let upstream = self.upstream;
+        Box::pin(async move {
+            let (mut parts, body) = req.into_parts();
+            let body = body.collect().await.expect("request body").to_bytes();
+            let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+            parts.uri = format!("http://{upstream}{path_and_query}")
+                .parse()
+                .unwrap();
+            parts.headers.remove(http::header::HOST);
+            let answer = match client
+                .request(Request::from_parts(parts, Full::new(body)))
+                .await
+            {
+                Ok(response) => read(response).await,
+                Err(_) => Answer {
+                    status: StatusCode::BAD_GATEWAY,
+                    headers: HeaderMap::new(),
+                    body: Bytes::new(),
+                },
+            };
+            let mut response = Response::new(Full::new(answer.body));
+            *response.status_mut() = answer.status;
+            *response.headers_mut() = answer.headers;
+            Ok(response)
+        })
+    }
+}
+
+/// Serves any tower service (a whole gateway stack) on 127.0.0.1:0 with hyper.
+pub async fn spawn_service<S, B>(service: S) -> SocketAddr
+where
+    S: tower::Service<Request<hyper::body::Incoming>, Response = Response<B>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let service = hyper_util::service::TowerToHyperService::new(service.clone());
+            tokio::spawn(async move {
+                hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await
+                    .ok();
+            });
+        }
+    });
+    addr
 }

@@ -1,0 +1,689 @@
+//! [`HeaderInjectLayer`]: set, append, default or remove request headers on the way to the
+//! provider, give each request an id, and add the provider headers a gateway usually needs.
+//!
+//! The data path of one request, top to bottom:
+//!
+//! 1. the request id, if configured: the client's kept (when allowed and well formed) or a
+//!    fresh UUID v4, so the rules below can read it;
+//! 2. every [`HeaderRule`], in the order given;
+//! 3. the inner service; on the way back, the request id is echoed on the response when
+//!    configured.
+//!
+//! The same [`HeaderRule`]s carry the extra headers of the provider presets
+//! ([`Provider`](crate::upstream::Provider)), so both layers treat headers alike.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use http::request::Parts;
+use http::{HeaderName, HeaderValue, Request, Response};
+use pin_project_lite::pin_project;
+use tower_layer::Layer;
+use tower_service::Service;
+
+/// `anthropic-version`, which Anthropic's API requires on every request.
+pub const ANTHROPIC_VERSION: HeaderName = HeaderName::from_static("anthropic-version");
+/// `anthropic-beta`: a comma-separated list of beta features to enable.
+pub const ANTHROPIC_BETA: HeaderName = HeaderName::from_static("anthropic-beta");
+/// `openai-organization`: which organization an OpenAI request is billed to.
+pub const OPENAI_ORGANIZATION: HeaderName = HeaderName::from_static("openai-organization");
+/// `openai-project`: which project an OpenAI request is billed to.
+pub const OPENAI_PROJECT: HeaderName = HeaderName::from_static("openai-project");
+/// The `anthropic-version` sent when the client sent none.
+pub const DEFAULT_ANTHROPIC_VERSION: &str = "2023-06-01";
+/// The header a [`RequestId`] uses unless told otherwise.
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+type MakeFn = dyn Fn(&Parts) -> Option<HeaderValue> + Send + Sync;
+
+/// One thing to do to one request header.
+///
+/// A value is either static or made per request from the request's head (method, URI,
+/// headers, extensions — e.g. the caller's [`Identity`](crate::Identity)). A maker that
+/// returns `None` leaves the request as it is.
+///
+/// ```
+/// use http::{HeaderName, HeaderValue};
+/// use tower_gateway_auth::{HeaderRule, Identity};
+///
+/// let rules = [
+///     HeaderRule::overwrite(HeaderName::from_static("x-gateway"), HeaderValue::from_static("1")),
+///     HeaderRule::if_absent(HeaderName::from_static("accept"), HeaderValue::from_static("application/json")),
+///     HeaderRule::remove(HeaderName::from_static("cookie")),
+///     HeaderRule::overwrite_with(HeaderName::from_static("x-caller"), |req| {
+///         let who = req.extensions.get::<Identity>()?;
+///         HeaderValue::try_from(who.id().to_string()).ok()
+///     }),
+/// ];
+/// assert_eq!(rules[2].name(), "cookie");
+/// ```
+#[derive(Clone)]
+pub struct HeaderRule {
+    name: HeaderName,
+    action: Action,
+}
+
+#[derive(Clone)]
+enum Action {
+    Set { mode: Mode, value: Value },
+    Remove,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// Replace every value the request had.
+    Overwrite,
+    /// Add a value, keeping the ones there.
+    Append,
+    /// Set only when the request has none.
+    IfAbsent,
+}
+
+#[derive(Clone)]
+enum Value {
+    Static(HeaderValue),
+    Made(Arc<MakeFn>),
+}
+
+impl HeaderRule {
+    fn set(name: HeaderName, mode: Mode, value: Value) -> Self {
+        HeaderRule {
+            name,
+            action: Action::Set { mode, value },
+        }
+    }
+
+    /// Sets `name` to `value`, replacing whatever the request carried.
+    pub fn overwrite(name: HeaderName, value: HeaderValue) -> Self {
+        Self::set(name, Mode::Overwrite, Value::Static(value))
+    }
+
+    /// Adds `value` to `name`, keeping the values already there.
+    pub fn append(name: HeaderName, value: HeaderValue) -> Self {
+        Self::set(name, Mode::Append, Value::Static(value))
+    }
+
+    /// Sets `name` to `value` only when the request carries no `name` at all.
+    pub fn if_absent(name: HeaderName, value: HeaderValue) -> Self {
+        Self::set(name, Mode::IfAbsent, Value::Static(value))
+    }
+
+    /// Removes every `name` header.
+    pub fn remove(name: HeaderName) -> Self {
+        HeaderRule {
+            name,
+            action: Action::Remove,
+        }
+    }
+
+    /// [`overwrite`](Self::overwrite) with a value made from each request.
+    pub fn overwrite_with<F>(name: HeaderName, make: F) -> Self
+    where
+        F: Fn(&Parts) -> Option<HeaderValue> + Send + Sync + 'static,
+    {
+        Self::set(name, Mode::Overwrite, Value::Made(Arc::new(make)))
+    }
+
+    /// [`append`](Self::append) with a value made from each request.
+    pub fn append_with<F>(name: HeaderName, make: F) -> Self
+    where
+        F: Fn(&Parts) -> Option<HeaderValue> + Send + Sync + 'static,
+    {
+        Self::set(name, Mode::Append, Value::Made(Arc::new(make)))
+    }
+
+    /// [`if_absent`](Self::if_absent) with a value made from each request; the maker is
+    /// called only when the header is absent.
+    pub fn if_absent_with<F>(name: HeaderName, make: F) -> Self
+    where
+        F: Fn(&Parts) -> Option<HeaderValue> + Send + Sync + 'static,
+    {
+        Self::set(name, Mode::IfAbsent, Value::Made(Arc::new(make)))
+    }
+
+    /// The header this rule acts on.
+    pub fn name(&self) -> &HeaderName {
+        &self.name
+    }
+
+    /// Applies the rule to a request head.
+    pub(crate) fn apply(&self, parts: &mut Parts) {
+        let (mode, value) = match &self.action {
+            Action::Remove => {
+                parts.headers.remove(&self.name);
+                return;
+            }
+            Action::Set { mode, value } => (*mode, value),
+        };
+        if mode == Mode::IfAbsent && parts.headers.contains_key(&self.name) {
+            return;
+        }
+        let value = match value {
+            Value::Static(value) => value.clone(),
+            Value::Made(make) => match make(parts) {
+                Some(value) => value,
+                None => return,
+            },
+        };
+        match mode {
+            Mode::Overwrite | Mode::IfAbsent => {
+                parts.headers.insert(self.name.clone(), value);
+            }
+            Mode::Append => {
+                parts.headers.append(self.name.clone(), value);
+            }
+        }
+    }
+}
+
+/// Values are left out: a static value may well be a secret.
+impl fmt::Debug for HeaderRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let action = match &self.action {
+            Action::Remove => "remove",
+            Action::Set { mode, value } => match (mode, value) {
+                (Mode::Overwrite, Value::Static(_)) => "overwrite",
+                (Mode::Append, Value::Static(_)) => "append",
+                (Mode::IfAbsent, Value::Static(_)) => "if_absent",
+                (Mode::Overwrite, Value::Made(_)) => "overwrite_with",
+                (Mode::Append, Value::Made(_)) => "append_with",
+                (Mode::IfAbsent, Value::Made(_)) => "if_absent_with",
+            },
+        };
+        write!(f, "{action}({})", self.name)
+    }
+}
+
+/// Anthropic's headers: `anthropic-version` when the client sent none, and `beta` features
+/// added to the client's `anthropic-beta` list (never dropping the client's own).
+pub(crate) fn anthropic_rules(version: HeaderValue, beta: Option<HeaderValue>) -> Vec<HeaderRule> {
+    let mut rules = vec![HeaderRule::if_absent(ANTHROPIC_VERSION, version)];
+    if let Some(beta) = beta {
+        rules.push(HeaderRule::overwrite_with(ANTHROPIC_BETA, move |req| {
+            merged_list(req.headers.get_all(ANTHROPIC_BETA), &beta)
+        }));
+    }
+    rules
+}
+
+/// The items of every `values` line and of `extra`, comma-joined, each once, in order.
+fn merged_list<'a>(
+    values: impl IntoIterator<Item = &'a HeaderValue>,
+    extra: &'a HeaderValue,
+) -> Option<HeaderValue> {
+    let mut items: Vec<&[u8]> = Vec::new();
+    for line in values.into_iter().chain([extra]) {
+        for item in line.as_bytes().split(|&b| b == b',') {
+            let item = item.trim_ascii();
+            if !item.is_empty() && !items.contains(&item) {
+                items.push(item);
+            }
+        }
+    }
+    HeaderValue::from_bytes(&items.join(&b","[..])).ok()
+}
+
+/// OpenAI's account headers, each set (overwriting the client's) when given.
+pub(crate) fn openai_rules(
+    organization: Option<HeaderValue>,
+    project: Option<HeaderValue>,
+) -> Vec<HeaderRule> {
+    [
+        (OPENAI_ORGANIZATION, organization),
+        (OPENAI_PROJECT, project),
+    ]
+    .into_iter()
+    .filter_map(|(name, value)| Some(HeaderRule::overwrite(name, value?)))
+    .collect()
+}
+
+/// How a [`HeaderInjectLayer`] gives each request an id.
+///
+/// Default: header `x-request-id`, always a fresh UUID v4 (a client's id is replaced, so
+/// clients cannot plant ids in the gateway's logs), not echoed on the response.
+///
+/// ```
+/// use http::HeaderName;
+/// use tower_gateway_auth::RequestId;
+///
+/// let ids = RequestId::new()
+///     .header(HeaderName::from_static("x-correlation-id"))
+///     .keep_client_id(true)
+///     .echo(true);
+/// # let _ = ids;
+/// ```
+#[derive(Debug, Clone)]
+pub struct RequestId {
+    header: HeaderName,
+    keep_client_id: bool,
+    echo: bool,
+}
+
+/// The longest client-sent id kept; a longer one is replaced.
+const MAX_CLIENT_ID_LEN: usize = 128;
+
+impl RequestId {
+    /// The defaults above.
+    pub fn new() -> Self {
+        RequestId {
+            header: X_REQUEST_ID,
+            keep_client_id: false,
+            echo: false,
+        }
+    }
+
+    /// The header carrying the id (default `x-request-id`).
+    pub fn header(mut self, name: HeaderName) -> Self {
+        self.header = name;
+        self
+    }
+
+    /// Keeps an id the client sent, when it is one value of at most 128 visible ASCII
+    /// characters; otherwise a fresh one replaces it (default: always replace).
+    pub fn keep_client_id(mut self, keep: bool) -> Self {
+        self.keep_client_id = keep;
+        self
+    }
+
+    /// Sets the id on the response too, replacing any value the inner service put there
+    /// (default: no). Use a header name of your own to keep an upstream's id as well.
+    pub fn echo(mut self, echo: bool) -> Self {
+        self.echo = echo;
+        self
+    }
+
+    /// Puts the id into the request headers and returns it.
+    fn assign(&self, headers: &mut http::HeaderMap) -> HeaderValue {
+        if self.keep_client_id {
+            let mut sent = headers.get_all(&self.header).iter();
+            if let (Some(id), None) = (sent.next(), sent.next())
+                && is_acceptable_id(id)
+            {
+                return id.clone();
+            }
+        }
+        let id = new_request_id();
+        headers.insert(self.header.clone(), id.clone());
+        id
+    }
+}
+
+impl Default for RequestId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn is_acceptable_id(id: &HeaderValue) -> bool {
+    let id = id.as_bytes();
+    !id.is_empty() && id.len() <= MAX_CLIENT_ID_LEN && id.iter().all(u8::is_ascii_graphic)
+}
+
+/// A random (version 4) UUID from the operating system's generator, lower-case hex.
+fn new_request_id() -> HeaderValue {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).expect("the OS random number generator failed");
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut text = [0u8; 36];
+    let mut at = 0;
+    for (i, b) in bytes.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            text[at] = b'-';
+            at += 1;
+        }
+        text[at] = HEX[usize::from(b >> 4)];
+        text[at + 1] = HEX[usize::from(b & 0xf)];
+        at += 2;
+    }
+    HeaderValue::from_bytes(&text).expect("hex digits and dashes are a valid header value")
+}
+
+/// A layer that edits request headers on their way to the inner service.
+///
+/// ```
+/// use std::convert::Infallible;
+/// use http::{HeaderName, HeaderValue, Request, Response};
+/// use tower::{ServiceBuilder, ServiceExt};
+/// use tower_gateway_auth::{HeaderInjectLayer, RequestId};
+///
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let service = ServiceBuilder::new()
+///     .layer(
+///         HeaderInjectLayer::new()
+///             .anthropic(HeaderValue::from_static("2023-06-01"), Some(HeaderValue::from_static("tools-2024-04-04")))
+///             .remove(HeaderName::from_static("cookie"))
+///             .request_id(RequestId::new().echo(true)),
+///     )
+///     .service_fn(|req: Request<()>| async move {
+///         assert_eq!(req.headers()["anthropic-version"], "2023-06-01");
+///         assert!(req.headers().get("cookie").is_none());
+///         Ok::<_, Infallible>(Response::new(()))
+///     });
+///
+/// let req = Request::builder().header("cookie", "session=1").body(()).unwrap();
+/// let response = service.oneshot(req).await.unwrap();
+/// assert_eq!(response.headers()["x-request-id"].len(), 36);
+/// # });
+/// ```
+#[derive(Clone, Default)]
+pub struct HeaderInjectLayer {
+    config: Arc<InjectConfig>,
+}
+
+#[derive(Clone, Default)]
+struct InjectConfig {
+    rules: Vec<HeaderRule>,
+    request_id: Option<RequestId>,
+}
+
+impl HeaderInjectLayer {
+    /// A layer that changes nothing yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn config_mut(&mut self) -> &mut InjectConfig {
+        Arc::make_mut(&mut self.config)
+    }
+
+    /// Adds a rule; rules run in the order they were added.
+    pub fn rule(mut self, rule: HeaderRule) -> Self {
+        self.config_mut().rules.push(rule);
+        self
+    }
+
+    /// Adds several rules, in order.
+    pub fn rules(mut self, rules: impl IntoIterator<Item = HeaderRule>) -> Self {
+        self.config_mut().rules.extend(rules);
+        self
+    }
+
+    /// Sets `name` to `value`, replacing the client's. See [`HeaderRule::overwrite`].
+    pub fn overwrite(self, name: HeaderName, value: HeaderValue) -> Self {
+        self.rule(HeaderRule::overwrite(name, value))
+    }
+
+    /// Adds `value` to `name`. See [`HeaderRule::append`].
+    pub fn append(self, name: HeaderName, value: HeaderValue) -> Self {
+        self.rule(HeaderRule::append(name, value))
+    }
+
+    /// Sets `name` when the client sent none. See [`HeaderRule::if_absent`].
+    pub fn if_absent(self, name: HeaderName, value: HeaderValue) -> Self {
+        self.rule(HeaderRule::if_absent(name, value))
+    }
+
+    /// Removes `name`. See [`HeaderRule::remove`].
+    pub fn remove(self, name: HeaderName) -> Self {
+        self.rule(HeaderRule::remove(name))
+    }
+
+    /// Gives every request an id, as `ids` says.
+    pub fn request_id(mut self, ids: RequestId) -> Self {
+        self.config_mut().request_id = Some(ids);
+        self
+    }
+
+    /// Anthropic's headers: `anthropic-version: version` when the client sent none, and the
+    /// `beta` features added to the client's `anthropic-beta` list.
+    pub fn anthropic(self, version: HeaderValue, beta: Option<HeaderValue>) -> Self {
+        self.rules(anthropic_rules(version, beta))
+    }
+
+    /// OpenAI's `OpenAI-Organization` and `OpenAI-Project`, each set (replacing the client's)
+    /// when given.
+    pub fn openai(self, organization: Option<HeaderValue>, project: Option<HeaderValue>) -> Self {
+        self.rules(openai_rules(organization, project))
+    }
+}
+
+impl fmt::Debug for HeaderInjectLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HeaderInjectLayer")
+            .field("rules", &self.config.rules)
+            .field("request_id", &self.config.request_id)
+            .finish()
+    }
+}
+
+impl<S> Layer<S> for HeaderInjectLayer {
+    type Service = HeaderInject<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        HeaderInject {
+            inner,
+            config: self.config.clone(),
+        }
+    }
+}
+
+/// The service [`HeaderInjectLayer`] wraps around an inner service.
+#[derive(Clone)]
+pub struct HeaderInject<S> {
+    inner: S,
+    config: Arc<InjectConfig>,
+}
+
+impl<S> HeaderInject<S> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The inner service, unwrapped.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for HeaderInject<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HeaderInject")
+            .field("inner", &self.inner)
+            .field("rules", &self.config.rules)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for HeaderInject<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+{
+    type Response = Response<ResBody>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        let (mut parts, body) = req.into_parts();
+        let echo = self.config.request_id.as_ref().and_then(|ids| {
+            let id = ids.assign(&mut parts.headers);
+            ids.echo.then(|| (ids.header.clone(), id))
+        });
+        for rule in &self.config.rules {
+            rule.apply(&mut parts);
+        }
+        ResponseFuture {
+            inner: self.inner.call(Request::from_parts(parts, body)),
+            echo,
+        }
+    }
+}
+
+pin_project! {
+    /// The response future of [`HeaderInject`]: the inner future, with the request id set on
+    /// its response when echoing.
+    pub struct ResponseFuture<F> {
+        #[pin]
+        inner: F,
+        echo: Option<(HeaderName, HeaderValue)>,
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let mut response = ready!(this.inner.poll(cx))?;
+        if let Some((name, id)) = this.echo.take() {
+            response.headers_mut().insert(name, id);
+        }
+        Poll::Ready(Ok(response))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(headers: &[(&str, &str)]) -> Parts {
+        let mut req = Request::builder();
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        req.body(()).unwrap().into_parts().0
+    }
+
+    fn values(parts: &Parts, name: &str) -> Vec<String> {
+        parts
+            .headers
+            .get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn each_mode_does_what_it_says() {
+        let n = HeaderName::from_static("x-n");
+        let v = HeaderValue::from_static("gw");
+        let cases: [(HeaderRule, &[&str]); 4] = [
+            (HeaderRule::overwrite(n.clone(), v.clone()), &["gw"]),
+            (HeaderRule::append(n.clone(), v.clone()), &["a", "b", "gw"]),
+            (HeaderRule::if_absent(n.clone(), v.clone()), &["a", "b"]),
+            (HeaderRule::remove(n.clone()), &[]),
+        ];
+        for (rule, expected) in cases {
+            let mut p = parts(&[("x-n", "a"), ("x-n", "b"), ("x-other", "1")]);
+            rule.apply(&mut p);
+            assert_eq!(values(&p, "x-n"), expected, "{rule:?}");
+            assert_eq!(values(&p, "x-other"), ["1"]);
+        }
+        let mut p = parts(&[]);
+        HeaderRule::if_absent(n.clone(), v).apply(&mut p);
+        assert_eq!(values(&p, "x-n"), ["gw"]);
+    }
+
+    #[test]
+    fn makers_see_the_request_and_none_changes_nothing() {
+        let rule = HeaderRule::overwrite_with(HeaderName::from_static("x-path"), |req| {
+            (req.uri.path() != "/skip").then(|| HeaderValue::try_from(req.uri.path()).unwrap())
+        });
+        let mut p = Request::get("/v1/chat").body(()).unwrap().into_parts().0;
+        rule.apply(&mut p);
+        assert_eq!(values(&p, "x-path"), ["/v1/chat"]);
+        let mut p = Request::get("/skip")
+            .header("x-path", "client")
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0;
+        rule.apply(&mut p);
+        assert_eq!(values(&p, "x-path"), ["client"]);
+
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = calls.clone();
+        let lazy = HeaderRule::if_absent_with(HeaderName::from_static("x-n"), move |_| {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Some(HeaderValue::from_static("made"))
+        });
+        let mut p = parts(&[("x-n", "client")]);
+        lazy.apply(&mut p);
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn anthropic_beta_list_is_merged_not_replaced() {
+        let rules = anthropic_rules(
+            HeaderValue::from_static(DEFAULT_ANTHROPIC_VERSION),
+            Some(HeaderValue::from_static("b2, b3")),
+        );
+        let mut p = parts(&[("anthropic-beta", "b1,b2"), ("anthropic-beta", " b4 ")]);
+        for rule in &rules {
+            rule.apply(&mut p);
+        }
+        assert_eq!(values(&p, "anthropic-beta"), ["b1,b2,b4,b3"]);
+        assert_eq!(values(&p, "anthropic-version"), ["2023-06-01"]);
+
+        let mut p = parts(&[("anthropic-version", "2024-01-01")]);
+        for rule in &rules {
+            rule.apply(&mut p);
+        }
+        assert_eq!(values(&p, "anthropic-beta"), ["b2,b3"]);
+        assert_eq!(values(&p, "anthropic-version"), ["2024-01-01"]);
+    }
+
+    #[test]
+    fn request_ids_are_uuid_v4_and_client_ids_are_checked() {
+        let id = new_request_id();
+        let text = id.to_str().unwrap();
+        assert_eq!(text.len(), 36);
+        assert_eq!(text.as_bytes()[14], b'4');
+        assert!(matches!(text.as_bytes()[19], b'8' | b'9' | b'a' | b'b'));
+        assert_ne!(new_request_id(), id);
+
+        let keep = RequestId::new().keep_client_id(true);
+        let mut p = parts(&[("x-request-id", "client-1")]);
+        assert_eq!(keep.assign(&mut p.headers), "client-1");
+        for bad in [
+            &[("x-request-id", "a b")][..],
+            &[("x-request-id", "a"), ("x-request-id", "b")],
+        ] {
+            let mut p = parts(bad);
+            let id = keep.assign(&mut p.headers);
+            assert_eq!(id.len(), 36);
+            assert_eq!(values(&p, "x-request-id"), [id.to_str().unwrap()]);
+        }
+        let long = "x".repeat(MAX_CLIENT_ID_LEN + 1);
+        let mut p = parts(&[("x-request-id", &long)]);
+        assert_eq!(keep.assign(&mut p.headers).len(), 36);
+
+        let replace = RequestId::new();
+        let mut p = parts(&[("x-request-id", "client-1")]);
+        assert_ne!(replace.assign(&mut p.headers), "client-1");
+    }
+
+    #[test]
+    fn debug_names_headers_but_never_values() {
+        let layer = HeaderInjectLayer::new()
+            .overwrite(
+                HeaderName::from_static("x-secret"),
+                HeaderValue::from_static("s3cr3t"),
+            )
+            .openai(Some(HeaderValue::from_static("org-hidden")), None);
+        let text = format!("{layer:?}");
+        assert!(text.contains("overwrite(x-secret)"), "{text}");
+        assert!(text.contains("overwrite(openai-organization)"), "{text}");
+        assert!(
+            !text.contains("s3cr3t") && !text.contains("org-hidden"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,553 @@
+//! [`UpstreamAuthLayer`]: strip every client credential, then give the request the
+//! provider's.
+//!
+//! The gateway's client key must never reach the provider, and the provider's key must
+//! never reach the client. The data path of one request, top to bottom:
+//!
+//! 1. ask the [`CredentialSource`] for this caller's credential (the [`Identity`] the
+//!    inbound layer put in the extensions selects it); a refusal (401) or an unavailable
+//!    credential (503) is answered here and the request goes no further;
+//! 2. remove every client credential: the `Authorization`, `x-api-key`, `api-key` and
+//!    `x-goog-api-key` headers and the `key` query parameter, the names the inbound layer
+//!    reads ([`strip_inbound`](UpstreamAuthLayer::strip_inbound)) and any added with
+//!    [`strip_header`](UpstreamAuthLayer::strip_header) /
+//!    [`strip_query`](UpstreamAuthLayer::strip_query) — whether or not the inbound layer
+//!    hid them. Other query parameters are kept byte for byte;
+//! 3. apply the [`Provider`]'s header rules and query parameters;
+//! 4. place the credential as the provider wants it ([`Placement`]) and call the inner
+//!    service.
+//!
+//! Credentials are sensitive header values throughout; logs name the provider, the source
+//! and the credential's [`Fingerprint`](crate::Fingerprint), never the credential.
+
+mod credential;
+mod per_identity;
+mod pool;
+mod provider;
+mod refresh;
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+
+use bytes::Bytes;
+use http::header::AUTHORIZATION;
+use http::request::Parts;
+use http::{HeaderName, Request, Response, Uri};
+use pin_project_lite::pin_project;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::body::ResponseBody;
+use crate::identity::Identity;
+use crate::inbound::InboundApiKeyLayer;
+use crate::query;
+use crate::rejection::{ErrorFormat, Realm, Rejection};
+
+pub use credential::{Credential, CredentialError, CredentialSource};
+pub use per_identity::{PerIdentity, PerIdentityFuture};
+pub use pool::KeyPool;
+pub use provider::{ParseProviderError, Placement, Provider};
+pub use refresh::{
+    DEFAULT_FETCH_TIMEOUT, DEFAULT_REFRESH_MARGIN, DEFAULT_RETRY_BACKOFF, FetchError,
+    RefreshFuture, RefreshingToken, RefreshingTokenBuilder, Token, TokenFetcher,
+};
+
+/// The client-credential headers removed from every request.
+pub const DEFAULT_STRIPPED_HEADERS: [HeaderName; 4] = [
+    AUTHORIZATION,
+    HeaderName::from_static("x-api-key"),
+    HeaderName::from_static("api-key"),
+    HeaderName::from_static("x-goog-api-key"),
+];
+
+/// The client-credential query parameters removed from every request.
+pub const DEFAULT_STRIPPED_QUERY: [&str; 1] = ["key"];
+
+/// A layer that replaces the client's credentials with the provider's.
+///
+/// Defaults: the headers in [`DEFAULT_STRIPPED_HEADERS`] and the query parameters in
+/// [`DEFAULT_STRIPPED_QUERY`] are stripped, OpenAI-style error bodies, realm `api`.
+///
+/// ```
+/// use std::convert::Infallible;
+/// use http::{Request, Response, StatusCode};
+/// use tower::{ServiceBuilder, ServiceExt};
+/// use tower_gateway_auth::{Credential, InboundApiKeyLayer, MemoryStore, Provider, UpstreamAuthLayer};
+///
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let inbound = InboundApiKeyLayer::new(MemoryStore::new());
+/// let upstream = UpstreamAuthLayer::new(Provider::anthropic(), Credential::new("sk-ant-upstream").unwrap())
+///     .strip_inbound(&inbound);
+///
+/// let service = ServiceBuilder::new()
+///     .layer(upstream)
+///     .service_fn(|req: Request<()>| async move {
+///         assert_eq!(req.headers()["x-api-key"], "sk-ant-upstream");
+///         assert_eq!(req.headers()["anthropic-version"], "2023-06-01");
+///         assert!(req.headers().get("authorization").is_none());
+///         assert_eq!(req.uri(), "/v1/messages?beta=true");
+///         Ok::<_, Infallible>(Response::new(()))
+///     });
+///
+/// let req = Request::post("/v1/messages?key=gw_client&beta=true")
+///     .header("authorization", "Bearer gw_client")
+///     .body(())
+///     .unwrap();
+/// assert_eq!(service.oneshot(req).await.unwrap().status(), StatusCode::OK);
+/// # });
+/// ```
+pub struct UpstreamAuthLayer<C> {
+    config: Arc<Config<C>>,
+}
+
+struct Config<C> {
+    provider: Provider,
+    source: Arc<C>,
+    strip_headers: Vec<HeaderName>,
+    strip_query: Vec<Arc<str>>,
+    error_format: ErrorFormat,
+    realm: Realm,
+}
+
+impl<C> Clone for Config<C> {
+    fn clone(&self) -> Self {
+        Config {
+            provider: self.provider.clone(),
+            source: self.source.clone(),
+            strip_headers: self.strip_headers.clone(),
+            strip_query: self.strip_query.clone(),
+            error_format: self.error_format.clone(),
+            realm: self.realm.clone(),
+        }
+    }
+}
+
+impl<C: CredentialSource> UpstreamAuthLayer<C> {
+    /// A layer giving requests `provider`'s credential from `source`.
+    pub fn new(provider: Provider, source: C) -> Self {
+        Self::from_shared(provider, Arc::new(source))
+    }
+
+    /// A layer using a source shared with other parts of the program (e.g. one token
+    /// source for several routes).
+    pub fn from_shared(provider: Provider, source: Arc<C>) -> Self {
+        UpstreamAuthLayer {
+            config: Arc::new(Config {
+                provider,
+                source,
+                strip_headers: DEFAULT_STRIPPED_HEADERS.to_vec(),
+                strip_query: DEFAULT_STRIPPED_QUERY.iter().map(|&n| n.into()).collect(),
+                error_format: ErrorFormat::default(),
+                realm: Realm::default(),
+            }),
+        }
+    }
+
+    fn config_mut(&mut self) -> &mut Config<C> {
+        Arc::make_mut(&mut self.config)
+    }
+
+    /// Also strips every header and query parameter `inbound` reads keys from, whether or
+    /// not it hides them itself.
+    pub fn strip_inbound<K>(mut self, inbound: &InboundApiKeyLayer<K>) -> Self
+    where
+        K: crate::store::KeyStore,
+    {
+        for source in inbound.key_sources() {
+            if let Some(name) = source.header_name() {
+                self = self.strip_header(name.clone());
+            }
+            if let Some(name) = source.query_name() {
+                self = self.strip_query(name);
+            }
+        }
+        self
+    }
+
+    /// Also strips header `name` (every value).
+    pub fn strip_header(mut self, name: HeaderName) -> Self {
+        let config = self.config_mut();
+        if !config.strip_headers.contains(&name) {
+            config.strip_headers.push(name);
+        }
+        self
+    }
+
+    /// Also strips query parameter `name` (every occurrence, its name compared
+    /// percent-decoded).
+    pub fn strip_query(mut self, name: &str) -> Self {
+        let config = self.config_mut();
+        if !config.strip_query.iter().any(|n| &**n == name) {
+            config.strip_query.push(name.into());
+        }
+        self
+    }
+
+    /// The dialect of rejection bodies (default: OpenAI).
+    pub fn error_format(mut self, format: ErrorFormat) -> Self {
+        self.config_mut().error_format = format;
+        self
+    }
+
+    /// The realm in `WWW-Authenticate` (default: `api`).
+    pub fn realm(mut self, realm: &str) -> Self {
+        self.config_mut().realm = Realm::new(realm);
+        self
+    }
+
+    /// The provider.
+    pub fn provider(&self) -> &Provider {
+        &self.config.provider
+    }
+
+    /// The credential source.
+    pub fn source(&self) -> &Arc<C> {
+        &self.config.source
+    }
+
+    /// The headers stripped from every request.
+    pub fn stripped_headers(&self) -> &[HeaderName] {
+        &self.config.strip_headers
+    }
+
+    /// The query parameters stripped from every request.
+    pub fn stripped_query(&self) -> impl Iterator<Item = &str> {
+        self.config.strip_query.iter().map(|n| &**n)
+    }
+}
+
+impl<C> Clone for UpstreamAuthLayer<C> {
+    fn clone(&self) -> Self {
+        UpstreamAuthLayer {
+            config: self.config.clone(),
+        }
+    }
+}
+
+impl<C: fmt::Debug> fmt::Debug for UpstreamAuthLayer<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.config.fmt("UpstreamAuthLayer", f)
+    }
+}
+
+impl<C: fmt::Debug> Config<C> {
+    fn fmt(&self, name: &str, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct(name)
+            .field("provider", &self.provider)
+            .field("source", &self.source)
+            .field("strip_headers", &self.strip_headers)
+            .field("strip_query", &self.strip_query)
+            .field("error_format", &self.error_format)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, C> Layer<S> for UpstreamAuthLayer<C> {
+    type Service = UpstreamAuth<S, C>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        UpstreamAuth {
+            inner,
+            config: self.config.clone(),
+        }
+    }
+}
+
+/// The service [`UpstreamAuthLayer`] wraps around an inner service.
+pub struct UpstreamAuth<S, C> {
+    inner: S,
+    config: Arc<Config<C>>,
+}
+
+impl<S, C> UpstreamAuth<S, C> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The inner service, unwrapped.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: Clone, C> Clone for UpstreamAuth<S, C> {
+    fn clone(&self) -> Self {
+        UpstreamAuth {
+            inner: self.inner.clone(),
+            config: self.config.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug, C> fmt::Debug for UpstreamAuth<S, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpstreamAuth")
+            .field("inner", &self.inner)
+            .field("provider", &self.config.provider.name())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, C, ReqBody, ResBody> Service<Request<ReqBody>> for UpstreamAuth<S, C>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
+    C: CredentialSource,
+{
+    type Response = Response<ResponseBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S, C, ReqBody>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        let mut credential = self
+            .config
+            .source
+            .credential(req.extensions().get::<Identity>());
+        // Static keys and pools answer at once: then the inner service is called right
+        // here, without cloning it or keeping any state in the future.
+        if let Poll::Ready(credential) =
+            Pin::new(&mut credential).poll(&mut Context::from_waker(Waker::noop()))
+        {
+            return ResponseFuture::decided(self.config.forward(&mut self.inner, req, credential));
+        }
+        // The service that was polled ready is the one that must be called: take it, and
+        // leave a clone to be readied for the next request.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        ResponseFuture {
+            state: State::Waiting {
+                credential,
+                pending: Some(Pending {
+                    inner,
+                    request: req,
+                    config: self.config.clone(),
+                }),
+            },
+        }
+    }
+}
+
+impl<C: CredentialSource> Config<C> {
+    /// Rewrites the request with `credential` and calls `inner`, or answers the rejection.
+    fn forward<S, B, ResBody>(
+        &self,
+        inner: &mut S,
+        req: Request<B>,
+        credential: Result<Credential, Rejection>,
+    ) -> crate::future::ResponseFuture<S::Future>
+    where
+        S: Service<Request<B>, Response = Response<ResBody>>,
+    {
+        let provider = self.provider.name();
+        let source = self.source.label();
+        match credential {
+            Ok(credential) => {
+                tracing::debug!(target: "tower_gateway_auth::upstream", provider, source, fingerprint = %credential.fingerprint(), "upstream credential placed");
+                let (mut parts, body) = req.into_parts();
+                self.rewrite(&mut parts, &credential);
+                crate::future::ResponseFuture::inner(inner.call(Request::from_parts(parts, body)))
+            }
+            Err(rejection) => {
+                tracing::info!(target: "tower_gateway_auth::upstream", provider, source, reason = rejection.code(), "request refused: no upstream credential");
+                crate::future::ResponseFuture::rejected(self.reject(&req, &rejection))
+            }
+        }
+    }
+
+    fn reject<B>(&self, req: &Request<B>, rejection: &Rejection) -> Response<Bytes> {
+        self.error_format
+            .respond(rejection, &self.realm, req.headers())
+    }
+
+    /// Steps 2–4 of the data path: strip, apply the provider's extras, place.
+    fn rewrite(&self, parts: &mut Parts, credential: &Credential) {
+        for name in &self.strip_headers {
+            parts.headers.remove(name);
+        }
+        parts.uri = self.rewrite_query(&parts.uri, credential);
+        for rule in self.provider.header_rules() {
+            rule.apply(parts);
+        }
+        match self.provider.placement() {
+            Placement::Bearer => {
+                parts
+                    .headers
+                    .insert(AUTHORIZATION, credential.bearer().clone());
+            }
+            Placement::Header(name) => {
+                parts
+                    .headers
+                    .insert(name.clone(), credential.value().clone());
+            }
+            Placement::Query(_) => {}
+        }
+    }
+
+    /// The URI with the client's credentials taken out of the query and the provider's
+    /// parameters (and credential, for a query placement) put in. Untouched when there is
+    /// nothing to do.
+    fn rewrite_query(&self, uri: &Uri, credential: &Credential) -> Uri {
+        let original = uri.query();
+        let mut query = original.and_then(|q| query::without(q, &self.strip_query));
+        let params = self
+            .provider
+            .query_params()
+            .iter()
+            .map(|(name, value)| (&**name, value.as_bytes()));
+        let placed = match self.provider.placement() {
+            Placement::Query(name) => Some((&**name, credential.value().as_bytes())),
+            _ => None,
+        };
+        for (name, value) in params.chain(placed) {
+            let current = query.as_deref().or(original).unwrap_or("");
+            query = Some(query::with_param(current, name, value));
+        }
+        match query {
+            Some(query) => query::set_query(uri, &query),
+            None => uri.clone(),
+        }
+    }
+}
+
+/// What a request waiting on its credential still holds.
+struct Pending<S, C, B> {
+    inner: S,
+    request: Request<B>,
+    config: Arc<Config<C>>,
+}
+
+pin_project! {
+    /// The response future of [`UpstreamAuth`].
+    pub struct ResponseFuture<S, C, B>
+    where
+        S: Service<Request<B>>,
+        C: CredentialSource,
+    {
+        #[pin]
+        state: State<S, C, B>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S, C, B>
+    where
+        S: Service<Request<B>>,
+        C: CredentialSource,
+    {
+        Waiting {
+            credential: C::Future,
+            pending: Option<Pending<S, C, B>>,
+        },
+        Decided {
+            #[pin]
+            future: crate::future::ResponseFuture<S::Future>,
+        },
+    }
+}
+
+impl<S, C, B> ResponseFuture<S, C, B>
+where
+    S: Service<Request<B>>,
+    C: CredentialSource,
+{
+    fn decided(future: crate::future::ResponseFuture<S::Future>) -> Self {
+        ResponseFuture {
+            state: State::Decided { future },
+        }
+    }
+}
+
+impl<S, C, B, ResBody> Future for ResponseFuture<S, C, B>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+    C: CredentialSource,
+{
+    type Output = Result<Response<ResponseBody<ResBody>>, S::Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            let next = match self.as_mut().project().state.project() {
+                StateProj::Decided { future } => return future.poll(cx),
+                StateProj::Waiting {
+                    credential,
+                    pending,
+                } => {
+                    let credential = std::task::ready!(Pin::new(credential).poll(cx));
+                    let Pending {
+                        mut inner,
+                        request,
+                        config,
+                    } = pending.take().expect("polled after completion");
+                    config.forward(&mut inner, request, credential)
+                }
+            };
+            self.as_mut()
+                .project()
+                .state
+                .set(State::Decided { future: next });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rewritten(provider: Provider, uri: &str) -> Uri {
+        let layer = UpstreamAuthLayer::new(provider, Credential::new("up&key").unwrap())
+            .strip_query("api_key");
+        layer
+            .config
+            .rewrite_query(&uri.parse().unwrap(), &Credential::new("up&key").unwrap())
+    }
+
+    #[test]
+    fn query_rewrites() {
+        // Nothing to strip, nothing to add: the very same URI.
+        assert_eq!(
+            rewritten(Provider::openai(), "/v1/x?a=%2f&b"),
+            "/v1/x?a=%2f&b"
+        );
+        assert_eq!(rewritten(Provider::openai(), "/v1/x"), "/v1/x");
+        assert_eq!(
+            rewritten(Provider::openai(), "/v1/x?key=a&a=%2f&api_key=b&b"),
+            "/v1/x?a=%2f&b"
+        );
+        assert_eq!(rewritten(Provider::openai(), "/v1/x?key=a"), "/v1/x");
+        assert_eq!(
+            rewritten(Provider::gemini_query(), "/v1/x?key=a&alt=sse&key=b"),
+            "/v1/x?alt=sse&key=up%26key"
+        );
+        assert_eq!(
+            rewritten(Provider::gemini_query(), "/v1/x"),
+            "/v1/x?key=up%26key"
+        );
+        assert_eq!(
+            rewritten(
+                Provider::azure().api_version("2024-10-21"),
+                "/d/chat?api-version=2023-05-15&key=gw&x=1"
+            ),
+            "/d/chat?x=1&api-version=2024-10-21"
+        );
+        assert_eq!(
+            rewritten(
+                Provider::query("token").api_version("v1"),
+                "/p?token=client"
+            ),
+            "/p?api-version=v1&token=up%26key"
+        );
+    }
+}
