@@ -5,7 +5,7 @@ mod support;
 
 use http::{HeaderName, HeaderValue, StatusCode};
 use support::{
-    Forward, UPSTREAM_REQUEST_ID, client, get, pairs, send, spawn_service, spawn_upstream,
+    UPSTREAM_REQUEST_ID, client, forward_to, get, pairs, send, spawn_service, spawn_upstream,
     store_with,
 };
 use tower::ServiceBuilder;
@@ -26,7 +26,7 @@ async fn gateway(inject: HeaderInjectLayer) -> (std::net::SocketAddr, support::R
     let (provider, seen) = spawn_upstream().await;
     let stack = ServiceBuilder::new()
         .layer(inject)
-        .service(Forward::to(provider));
+        .service(forward_to(provider));
     (spawn_service(stack).await, seen)
 }
 
@@ -245,7 +245,7 @@ async fn the_whole_stack_in_order() {
                     HeaderValue::try_from(who.name()).ok()
                 })),
         )
-        .service(Forward::to(provider));
+        .service(forward_to(provider));
     let addr = spawn_service(stack).await;
     let http = client();
 

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use support::{
-    Forward, HttpClient, Recorder, client, get, read, send, spawn_axum, spawn_service,
+    HttpClient, Recorder, client, forward_to, get, read, send, spawn_axum, spawn_service,
     spawn_upstream,
 };
 use tokio::sync::Semaphore;
@@ -174,7 +174,7 @@ async fn a_hundred_requests_waiting_for_the_first_token_share_one_fetch() {
             Provider::openai(),
             source(fetcher, &clock()),
         ))
-        .service(Forward::to(provider));
+        .service(forward_to(provider));
 
     // `call` asks the source synchronously, so once these hundred calls have returned,
     // every one of them is waiting on the fetch, which the closed gate holds in flight.
@@ -211,7 +211,7 @@ async fn a_refresh_ahead_of_expiry_is_one_fetch_while_the_current_token_keeps_se
     let gateway = spawn_service(
         ServiceBuilder::new()
             .layer(UpstreamAuthLayer::new(Provider::openai(), tokens.clone()))
-            .service(Forward::to(provider)),
+            .service(forward_to(provider)),
     )
     .await;
     let http = client();
@@ -266,7 +266,7 @@ async fn a_token_endpoint_that_hangs_up_gives_503_backs_off_and_forwards_nothing
                 Provider::openai(),
                 source(fetcher, &clock),
             ))
-            .service(Forward::to(provider)),
+            .service(forward_to(provider)),
     )
     .await;
     let http = client();
@@ -315,7 +315,7 @@ async fn a_failing_endpoint_recovers_and_an_expired_token_is_never_sent() {
                 Provider::mistral(),
                 source(fetcher, &clock),
             ))
-            .service(Forward::to(provider)),
+            .service(forward_to(provider)),
     )
     .await;
     let http = client();

@@ -132,20 +132,7 @@ async fn plain_hyper_server() {
     let service = ServiceBuilder::new()
         .layer(InboundApiKeyLayer::from_shared(store()).sources([KeySource::query("key")]))
         .service(rec.service());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (stream, _) = listener.accept().await.unwrap();
-            let service = hyper_util::service::TowerToHyperService::new(service.clone());
-            tokio::spawn(async move {
-                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await
-                    .ok();
-            });
-        }
-    });
+    let addr = support::spawn_service(service).await;
     let http = client();
     let a = send(
         &http,

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body_util::Full;
 use support::{
-    Forward, Recorder, client, get, pairs, read, send, spawn_service, spawn_upstream, store_with,
+    Recorder, client, forward_to, get, pairs, read, send, spawn_service, spawn_upstream, store_with,
 };
 use tokio::task::JoinSet;
 use tower::{Service, ServiceBuilder, ServiceExt};
@@ -29,7 +29,7 @@ async fn gateway<C: CredentialSource>(
     let (provider, seen) = spawn_upstream().await;
     let stack = ServiceBuilder::new()
         .layer(upstream)
-        .service(Forward::to(provider));
+        .service(forward_to(provider));
     (spawn_service(stack).await, seen)
 }
 
@@ -264,7 +264,7 @@ async fn no_client_credential_reaches_the_upstream_whatever_the_preset() {
         let stack = ServiceBuilder::new()
             .layer(inbound.clone())
             .layer(UpstreamAuthLayer::new(provider, cred(UPSTREAM)).strip_inbound(&inbound))
-            .service(Forward::to(upstream_addr));
+            .service(forward_to(upstream_addr));
         let addr = spawn_service(stack).await;
 
         let answer = send(&http, get(addr, &path, &everywhere)).await;
@@ -468,7 +468,7 @@ async fn per_identity_picks_by_key_then_tenant_then_fallback_else_refuses() {
                 Provider::anthropic(),
                 mapping().fallback(cred("sk-shared")),
             ))
-            .service(Forward::to(provider)),
+            .service(forward_to(provider)),
     )
     .await;
     for (key, expected) in [
@@ -496,7 +496,7 @@ async fn per_identity_picks_by_key_then_tenant_then_fallback_else_refuses() {
                     .error_format(ErrorFormat::Anthropic)
                     .realm("llm-gateway"),
             )
-            .service(Forward::to(provider)),
+            .service(forward_to(provider)),
     )
     .await;
     let answer = send(&http, get(strict, "/v1/messages", &who("gw_alice"))).await;

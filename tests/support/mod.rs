@@ -225,70 +225,9 @@ pub async fn spawn_upstream() -> (SocketAddr, Recorder) {
     (spawn_axum(app).await, rec)
 }
 
-/// The proxy at the bottom of a gateway stack: sends each request, as the layers above
-/// left it, to `upstream` with a real HTTP client and hands back the answer (502 when the
-/// upstream cannot be reached).
-#[derive(Clone)]
-pub struct Forward {
-    upstream: SocketAddr,
-    client: HttpClient,
-}
-
-impl Forward {
-    pub fn to(upstream: SocketAddr) -> Self {
-        Forward {
-            upstream,
-            client: client(),
-        }
-    }
-}
-
-impl<B> tower::Service<Request<B>> for Forward
-where
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: std::fmt::Debug,
-{
-    type Response = Response<Full<Bytes>>;
-    type Error = Infallible;
-    type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Self::Response, Infallible>> + Send>,
-    >;
-
-    fn poll_ready(
-        &mut self,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Infallible>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Request<B>) -> Self::Future {
-        let client = self.client.clone();
-        let upstream = self.upstream;
-        Box::pin(async move {
-            let (mut parts, body) = req.into_parts();
-            let body = body.collect().await.expect("request body").to_bytes();
-            let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-            parts.uri = format!("http://{upstream}{path_and_query}")
-                .parse()
-                .unwrap();
-            parts.headers.remove(http::header::HOST);
-            let answer = match client
-                .request(Request::from_parts(parts, Full::new(body)))
-                .await
-            {
-                Ok(response) => read(response).await,
-                Err(_) => Answer {
-                    status: StatusCode::BAD_GATEWAY,
-                    headers: HeaderMap::new(),
-                    body: Bytes::new(),
-                },
-            };
-            let mut response = Response::new(Full::new(answer.body));
-            *response.status_mut() = answer.status;
-            *response.headers_mut() = answer.headers;
-            Ok(response)
-        })
-    }
+/// The proxy at the bottom of a gateway stack: the library's own, to `upstream`.
+pub fn forward_to(upstream: SocketAddr) -> tower_gateway_auth::proxy::Forward {
+    tower_gateway_auth::proxy::Forward::new(&format!("http://{upstream}")).unwrap()
 }
 
 /// Serves any tower service (a whole gateway stack) on 127.0.0.1:0 with hyper.
