@@ -1,7 +1,7 @@
 //! An axum app behind `InboundApiKeyLayer`, with one freshly generated key.
 //!
 //! ```text
-//! cargo run --example axum --features axum
+//! cargo run --example axum
 //! curl -H "x-api-key: <printed key>" http://127.0.0.1:3000/whoami
 //! ```
 

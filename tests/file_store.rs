@@ -4,43 +4,18 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::{Request, StatusCode};
-use support::{Recorder, read};
+use support::{Recorder, TempDir, read};
 use tower::{ServiceBuilder, ServiceExt};
 use tower_gateway_auth::{
-    ApiKey, FileStore, InboundApiKeyLayer, KeyAdmin, KeyHasher, KeyId, KeyManager, KeyStatus,
-    KeyStore, NewKey,
+    ApiKey, FileStore, InboundApiKeyLayer, KeyAdmin, KeyHasher, KeyManager, KeyStatus, KeyStore,
+    NewKey,
 };
-
-/// A fresh directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "tga-{tag}-{}-{}",
-            std::process::id(),
-            KeyId::random()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-
-    fn file(&self) -> PathBuf {
-        self.0.join("keys.json")
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 async fn status_of<K>(store: K, key: &ApiKey) -> StatusCode
 where

@@ -1,0 +1,358 @@
+//! The gateway's TOML configuration, checked field by field: a mistake stops start-up with
+//! a message that names the field.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue};
+use serde::Deserialize;
+use tower_gateway_auth::upstream::Provider;
+use tower_gateway_auth::{Credential, ErrorFormat, KeyFormat, KeyHasher, KeySource};
+
+/// The file as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// The file store written by the keygen example; without it, an in-memory store holds
+    /// one fresh key printed at start-up.
+    pub keys_file: Option<PathBuf>,
+    #[serde(default = "default_sources")]
+    pub sources: Vec<String>,
+    #[serde(default = "default_error_format")]
+    pub error_format: String,
+    /// Mounts the management API at /admin/keys, for keys with this scope.
+    pub admin_scope: Option<String>,
+    /// An environment variable holding a server-side pepper for key digests.
+    pub pepper_env: Option<String>,
+    /// The prefix of generated keys; a key with it and a bad checksum is rejected unread.
+    #[serde(default = "default_key_prefix")]
+    pub key_prefix: String,
+    /// How often the keys file is checked for changes by other processes.
+    #[serde(default = "default_reload_ms")]
+    pub reload_ms: u64,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_secs: u64,
+    #[serde(default = "default_timeout")]
+    pub timeout_secs: u64,
+    #[serde(default, rename = "route")]
+    pub routes: Vec<RouteConfig>,
+}
+
+/// One `[[route]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub prefix: String,
+    /// An http(s) URL, or `echo` for the built-in echo upstream.
+    pub upstream: String,
+    pub provider: String,
+    pub credential_env: Option<String>,
+    pub scope: Option<String>,
+    pub error_format: Option<String>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Azure OpenAI's `api-version` query parameter.
+    pub api_version: Option<String>,
+    pub connect_timeout_secs: Option<u64>,
+    pub timeout_secs: Option<u64>,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8080".into()
+}
+fn default_sources() -> Vec<String> {
+    vec!["header:x-api-key".into(), "bearer".into()]
+}
+fn default_error_format() -> String {
+    "openai".into()
+}
+fn default_key_prefix() -> String {
+    "gw".into()
+}
+fn default_reload_ms() -> u64 {
+    1000
+}
+fn default_connect_timeout() -> u64 {
+    10
+}
+fn default_timeout() -> u64 {
+    300
+}
+
+/// A configuration mistake, naming the field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn bad(field: impl Into<String>, message: impl fmt::Display) -> ConfigError {
+    ConfigError {
+        field: field.into(),
+        message: message.to_string(),
+    }
+}
+
+/// The configuration, checked and turned into the crate's types.
+pub struct Plan {
+    pub listen: SocketAddr,
+    pub keys_file: Option<PathBuf>,
+    pub sources: Vec<KeySource>,
+    pub error_format: ErrorFormat,
+    pub admin_scope: Option<String>,
+    pub hasher: KeyHasher,
+    pub key_format: KeyFormat,
+    pub reload: Duration,
+    pub routes: Vec<RoutePlan>,
+}
+
+/// Where an upstream is.
+pub enum Upstream {
+    Url(String),
+    Echo,
+}
+
+pub struct RoutePlan {
+    pub prefix: String,
+    pub upstream: Upstream,
+    pub provider: Provider,
+    pub credential: Credential,
+    pub scope: Option<String>,
+    pub error_format: ErrorFormat,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub connect_timeout: Duration,
+    pub timeout: Duration,
+}
+
+impl Config {
+    /// Parses TOML; syntax and type errors name the line and the key.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| {
+            let message = e.message().to_owned();
+            let at = e
+                .span()
+                .map(|span| {
+                    let line = text[..span.start].matches('\n').count() + 1;
+                    format!("line {line}")
+                })
+                .unwrap_or_else(|| "config".into());
+            bad(at, message)
+        })
+    }
+
+    /// What `cargo run --example gateway` does with no arguments: `/openai` and `/anthropic`
+    /// in front of the built-in echo upstream.
+    pub fn demo() -> Self {
+        let route = |prefix: &str, provider: &str| RouteConfig {
+            prefix: prefix.into(),
+            upstream: "echo".into(),
+            provider: provider.into(),
+            credential_env: None,
+            scope: None,
+            error_format: Some(provider.into()),
+            headers: BTreeMap::new(),
+            api_version: None,
+            connect_timeout_secs: None,
+            timeout_secs: None,
+        };
+        Config {
+            listen: default_listen(),
+            keys_file: None,
+            sources: default_sources(),
+            error_format: default_error_format(),
+            admin_scope: Some("admin".into()),
+            pepper_env: None,
+            key_prefix: default_key_prefix(),
+            reload_ms: default_reload_ms(),
+            connect_timeout_secs: default_connect_timeout(),
+            timeout_secs: default_timeout(),
+            routes: vec![route("/openai", "openai"), route("/anthropic", "anthropic")],
+        }
+    }
+
+    /// Checks every field; `env` reads environment variables (so tests need not touch the
+    /// process environment).
+    pub fn plan(self, env: &dyn Fn(&str) -> Option<String>) -> Result<Plan, ConfigError> {
+        let listen = self
+            .listen
+            .parse()
+            .map_err(|e| bad("listen", format!("`{}`: {e}", self.listen)))?;
+        if self.sources.is_empty() {
+            return Err(bad("sources", "name at least one key source"));
+        }
+        let sources = self
+            .sources
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                s.parse::<KeySource>()
+                    .map_err(|e| bad(format!("sources[{i}]"), e))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let error_format: ErrorFormat = self
+            .error_format
+            .parse()
+            .map_err(|e| bad("error_format", e))?;
+        let hasher = match &self.pepper_env {
+            None => KeyHasher::sha256(),
+            Some(var) => {
+                let pepper = env(var).ok_or_else(|| {
+                    bad(
+                        "pepper_env",
+                        format!("environment variable `{var}` is not set"),
+                    )
+                })?;
+                if pepper.len() < 16 {
+                    return Err(bad(
+                        "pepper_env",
+                        format!("`{var}` must hold at least 16 bytes"),
+                    ));
+                }
+                KeyHasher::with_pepper(pepper.as_bytes())
+            }
+        };
+        let key_format = KeyFormat::new(&self.key_prefix).map_err(|e| bad("key_prefix", e))?;
+        if self.routes.is_empty() {
+            return Err(bad("route", "add at least one [[route]]"));
+        }
+        let mut routes = Vec::new();
+        for (i, route) in self.routes.into_iter().enumerate() {
+            let plan = route.plan(
+                i,
+                &error_format,
+                self.connect_timeout_secs,
+                self.timeout_secs,
+                env,
+            )?;
+            if routes.iter().any(|r: &RoutePlan| r.prefix == plan.prefix) {
+                return Err(bad(
+                    format!("route[{i}].prefix"),
+                    format!("`{}` is used twice", plan.prefix),
+                ));
+            }
+            routes.push(plan);
+        }
+        if self.reload_ms == 0 {
+            return Err(bad("reload_ms", "must be at least 1"));
+        }
+        Ok(Plan {
+            listen,
+            keys_file: self.keys_file,
+            sources,
+            error_format,
+            admin_scope: self.admin_scope,
+            hasher,
+            key_format,
+            reload: Duration::from_millis(self.reload_ms),
+            routes,
+        })
+    }
+}
+
+/// Demo credentials for the echo upstream: not secrets, so that a newcomer sees them rewritten.
+const ECHO_CREDENTIAL: &str = "sk-echo-upstream-credential";
+
+impl RouteConfig {
+    fn plan(
+        self,
+        i: usize,
+        default_format: &ErrorFormat,
+        connect_timeout: u64,
+        timeout: u64,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<RoutePlan, ConfigError> {
+        let field = |name: &str| format!("route[{i}].{name}");
+        let prefix = self.prefix.trim_end_matches('/').to_owned();
+        if !prefix.starts_with('/')
+            || prefix.len() < 2
+            || prefix.contains(['{', '}', '*', '?', '#'])
+        {
+            return Err(bad(
+                field("prefix"),
+                format!("`{}` must look like /name (no wildcards)", self.prefix),
+            ));
+        }
+        if prefix == "/admin" {
+            return Err(bad(field("prefix"), "/admin is the management API's"));
+        }
+        let upstream = if self.upstream == "echo" {
+            Upstream::Echo
+        } else {
+            tower_gateway_auth::proxy::Forward::builder(&self.upstream)
+                .map_err(|e| bad(field("upstream"), e))?;
+            Upstream::Url(self.upstream)
+        };
+        let mut provider: Provider = self
+            .provider
+            .parse()
+            .map_err(|e| bad(field("provider"), e))?;
+        if let Some(version) = &self.api_version {
+            provider = provider.api_version(version);
+        }
+        let credential = match (&self.credential_env, &upstream) {
+            (Some(var), _) => {
+                let value = env(var).ok_or_else(|| {
+                    bad(
+                        field("credential_env"),
+                        format!("environment variable `{var}` is not set"),
+                    )
+                })?;
+                Credential::new(value.trim())
+                    .map_err(|e| bad(field("credential_env"), format!("`{var}`: {e}")))?
+            }
+            (None, Upstream::Echo) => {
+                Credential::new(ECHO_CREDENTIAL).expect("a valid demo credential")
+            }
+            (None, Upstream::Url(_)) => {
+                return Err(bad(field("credential_env"), "required for a real upstream"));
+            }
+        };
+        let error_format = match &self.error_format {
+            Some(f) => f.parse().map_err(|e| bad(field("error_format"), e))?,
+            None => default_format.clone(),
+        };
+        let headers = self
+            .headers
+            .iter()
+            .map(|(name, value)| {
+                let name = HeaderName::try_from(name.as_str())
+                    .map_err(|e| bad(field(&format!("headers.{name}")), e))?;
+                let value = HeaderValue::try_from(value.as_str())
+                    .map_err(|e| bad(field(&format!("headers.{name}")), e))?;
+                Ok((name, value))
+            })
+            .collect::<Result<Vec<_>, ConfigError>>()?;
+        let seconds = |v: Option<u64>, default: u64, name: &str| match v.unwrap_or(default) {
+            0 => Err(bad(field(name), "must be at least 1 second")),
+            s => Ok(Duration::from_secs(s)),
+        };
+        Ok(RoutePlan {
+            prefix,
+            upstream,
+            provider,
+            credential,
+            scope: self.scope,
+            error_format,
+            headers,
+            connect_timeout: seconds(
+                self.connect_timeout_secs,
+                connect_timeout,
+                "connect_timeout_secs",
+            )?,
+            timeout: seconds(self.timeout_secs, timeout, "timeout_secs")?,
+        })
+    }
+}

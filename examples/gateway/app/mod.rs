@@ -1,0 +1,177 @@
+//! The reference gateway, composed from the crate's layers:
+//!
+//! ```text
+//! client ─► InboundApiKeyLayer ─► RequireScopesLayer ─► UpstreamAuthLayer ─► HeaderInjectLayer ─► Forward ─► provider
+//! ```
+//!
+//! One such stack per `[[route]]`, so that every rejection speaks the route's dialect; the
+//! management API at `/admin` sits behind its own inbound layer on the same store.
+
+pub mod config;
+pub mod echo;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::response::IntoResponse;
+use http::StatusCode;
+use tower::ServiceBuilder;
+use tower_gateway_auth::proxy::Forward;
+use tower_gateway_auth::upstream::UpstreamAuthLayer;
+use tower_gateway_auth::{
+    ApiKey, ErrorFormat, FileStore, HeaderInjectLayer, InboundApiKeyLayer, KeyAdmin, KeyManager,
+    ManagementApi, MemoryStore, NewKey, RequestId, RequireScopesLayer,
+};
+
+use config::Upstream;
+pub use config::{Config, ConfigError, Plan};
+
+/// A gateway ready to serve.
+pub struct Gateway {
+    pub router: Router,
+    pub listen: SocketAddr,
+    /// The key made at start-up when no keys file is configured (shown once).
+    pub first_key: Option<ApiKey>,
+    /// The built-in echo upstream's address, when a route uses it.
+    pub echo: Option<SocketAddr>,
+    /// Background work (expired ephemeral keys purge) that ends with the gateway.
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Checks `config` and builds the gateway. Must run inside a tokio runtime.
+pub async fn build(
+    config: Config,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Gateway, ConfigError> {
+    let plan = config.plan(env)?;
+    match plan.keys_file.clone() {
+        Some(path) => {
+            let store = FileStore::builder(&path)
+                .hasher(plan.hasher.clone())
+                .reload_every(Some(plan.reload))
+                .open()
+                .map_err(|e| ConfigError {
+                    field: "keys_file".into(),
+                    message: e.to_string(),
+                })?;
+            compose(Arc::new(store), plan, None).await
+        }
+        None => {
+            let store = Arc::new(MemoryStore::with_hasher(plan.hasher.clone()));
+            let scopes = ["admin".to_owned()]
+                .into_iter()
+                .chain(plan.routes.iter().filter_map(|r| r.scope.clone()));
+            let first = KeyManager::new(store.clone())
+                .key_format(plan.key_format.clone())
+                .issue(NewKey::named("first-key").scopes(scopes))
+                .await
+                .map_err(|e| ConfigError {
+                    field: "keys".into(),
+                    message: e.to_string(),
+                })?;
+            compose(store, plan, Some(first.key)).await
+        }
+    }
+}
+
+async fn compose<S>(
+    store: Arc<S>,
+    plan: Plan,
+    first_key: Option<ApiKey>,
+) -> Result<Gateway, ConfigError>
+where
+    S: KeyAdmin,
+    S::Lookup: Unpin,
+{
+    let manager = KeyManager::new(store.clone()).key_format(plan.key_format.clone());
+    let inbound = |format: &ErrorFormat| {
+        InboundApiKeyLayer::from_shared(store.clone())
+            .sources(plan.sources.clone())
+            .key_formats([plan.key_format.clone()])
+            .error_format(format.clone())
+            .realm("gateway")
+    };
+
+    let mut echo = None;
+    let mut router = Router::new();
+    for route in plan.routes {
+        let url = match route.upstream {
+            Upstream::Url(url) => url,
+            Upstream::Echo => {
+                let addr = match echo {
+                    Some(addr) => addr,
+                    None => {
+                        let addr = echo::spawn().await.map_err(|e| ConfigError {
+                            field: "echo".into(),
+                            message: e.to_string(),
+                        })?;
+                        echo = Some(addr);
+                        addr
+                    }
+                };
+                format!("http://{addr}")
+            }
+        };
+        let forward = Forward::builder(&url)
+            .expect("checked by the config")
+            .connect_timeout(route.connect_timeout)
+            .response_timeout(route.timeout)
+            .error_format(route.error_format.clone())
+            .build();
+        let inbound = inbound(&route.error_format);
+        let upstream = UpstreamAuthLayer::new(route.provider, route.credential)
+            .strip_inbound(&inbound)
+            .error_format(route.error_format.clone());
+        let inject = route.headers.into_iter().fold(
+            HeaderInjectLayer::new().request_id(RequestId::new().echo(true)),
+            |layer, (name, value)| layer.overwrite(name, value),
+        );
+        let scopes = RequireScopesLayer::new(route.scope)
+            .error_format(route.error_format.clone())
+            .realm("gateway");
+        let stack = ServiceBuilder::new()
+            .layer(inbound)
+            .layer(scopes)
+            .layer(upstream)
+            .layer(inject)
+            .service(forward);
+        router = router.nest_service(&route.prefix, stack);
+    }
+
+    if let Some(scope) = plan.admin_scope {
+        let api = ManagementApi::new(manager.clone())
+            .admin_scope(scope)
+            .error_format(plan.error_format.clone())
+            .router()
+            .layer(inbound(&plan.error_format));
+        router = router.nest("/admin", api);
+    }
+    let not_found = plan.error_format.clone();
+    let router = router.fallback(move |uri: http::Uri| {
+        let format = not_found.clone();
+        async move {
+            let message = format!("No route for {}.", uri.path());
+            format
+                .error_response(StatusCode::NOT_FOUND, Some("not_found"), &message)
+                .map(axum::body::Body::from)
+                .into_response()
+        }
+    });
+    let tasks = vec![manager.spawn_purge(std::time::Duration::from_secs(60))];
+    Ok(Gateway {
+        router,
+        listen: plan.listen,
+        first_key,
+        echo,
+        tasks,
+    })
+}

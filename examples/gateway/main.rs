@@ -1,0 +1,81 @@
+//! The reference gateway: API keys in, provider credentials out.
+//!
+//! ```text
+//! cargo run --example gateway                       # demo: echo upstream, one fresh key
+//! cargo run --example gateway -- --config gateway.toml
+//! ```
+//!
+//! See `examples/gateway.toml` and the README's "Run the gateway" section.
+
+mod app;
+
+use std::process::ExitCode;
+
+const USAGE: &str = "usage: gateway [--config FILE]";
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt().with_target(false).init();
+    let mut args = std::env::args().skip(1);
+    let config = match (args.next().as_deref(), args.next(), args.next()) {
+        (None, _, _) => Ok(app::Config::demo()),
+        (Some("--config"), Some(path), None) => std::fs::read_to_string(&path)
+            .map_err(|e| format!("cannot read {path}: {e}"))
+            .and_then(|text| app::Config::from_toml(&text).map_err(|e| format!("{path}: {e}"))),
+        _ => Err(USAGE.to_owned()),
+    };
+    let env = |var: &str| std::env::var(var).ok();
+    let gateway = match config {
+        Ok(config) => app::build(config, &env)
+            .await
+            .map_err(|e| format!("configuration error: {e}")),
+        Err(e) => Err(e),
+    };
+    let gateway = match gateway {
+        Ok(gateway) => gateway,
+        Err(e) => {
+            eprintln!("gateway: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(gateway.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("gateway: cannot listen on {}: {e}", gateway.listen);
+            return ExitCode::FAILURE;
+        }
+    };
+    let base = format!("http://{}", gateway.listen);
+    println!("gateway listening on {base}");
+    if let Some(echo) = gateway.echo {
+        println!("built-in echo upstream on http://{echo}");
+    }
+    if let Some(key) = &gateway.first_key {
+        println!(
+            "\nyour API key (shown once, kept only in memory):\n\n    {}\n",
+            key.expose()
+        );
+        println!(
+            "try:\n    curl -s {base}/openai/v1/chat/completions -H 'Authorization: Bearer {}' -d '{{}}'",
+            key.expose()
+        );
+        println!(
+            "    curl -s {base}/anthropic/v1/messages -H 'x-api-key: {}' -d '{{}}'",
+            key.expose()
+        );
+        println!("    curl -s {base}/openai/v1/models                     # no key: 401\n");
+    }
+    let router = gateway.router.clone();
+    let served = axum::serve(listener, router)
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await;
+    match served {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gateway: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
