@@ -1,12 +1,15 @@
-//! The future of a layer that either answers at once or passes the request on.
+//! The futures of the layers: one that either answers at once or passes the request on,
+//! and one that first waits on an answer (a key lookup, an upstream credential).
 
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll, ready};
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker, ready};
 
 use bytes::Bytes;
-use http::Response;
+use http::{Request, Response};
 use pin_project_lite::pin_project;
+use tower_service::Service;
 
 use crate::body::{ResponseBody, full_response};
 
@@ -65,6 +68,138 @@ where
                     .take()
                     .expect("ResponseFuture polled after completion"),
             ))),
+        }
+    }
+}
+
+/// How a layer finishes a request once the answer it waited for (a key lookup, an upstream
+/// credential) has come: prepare the request for the inner service, or answer it.
+pub(crate) trait Resume<B> {
+    /// What was waited for.
+    type Answer;
+
+    /// `None` to call the inner service with `req`, or the layer's own response.
+    fn resume(&self, answer: Self::Answer, req: &mut Request<B>) -> Option<Response<Bytes>>;
+}
+
+/// Everything a request waiting on its answer holds; boxed so that the futures of the
+/// common, synchronous path stay small (they are moved at every layer).
+struct Parked<S, R, B> {
+    inner: S,
+    request: Request<B>,
+    resume: Arc<R>,
+}
+
+pin_project! {
+    /// The future of a layer that waits on an answer before calling the inner service.
+    pub(crate) struct Resumable<W, S, R, B>
+    where
+        S: Service<Request<B>>,
+    {
+        #[pin]
+        state: ResumableState<W, S, R, B>,
+    }
+}
+
+pin_project! {
+    #[project = ResumableProj]
+    enum ResumableState<W, S, R, B>
+    where
+        S: Service<Request<B>>,
+    {
+        Waiting {
+            wait: W,
+            parked: Option<Box<Parked<S, R, B>>>,
+        },
+        Decided {
+            #[pin]
+            future: ResponseFuture<S::Future>,
+        },
+    }
+}
+
+fn finish<S, R, B>(
+    resume: &R,
+    answer: R::Answer,
+    inner: &mut S,
+    mut req: Request<B>,
+) -> ResponseFuture<S::Future>
+where
+    S: Service<Request<B>>,
+    R: Resume<B>,
+{
+    match resume.resume(answer, &mut req) {
+        None => ResponseFuture::inner(inner.call(req)),
+        Some(response) => ResponseFuture::rejected(response),
+    }
+}
+
+impl<W, S, R, B> Resumable<W, S, R, B>
+where
+    W: Future + Unpin,
+    S: Service<Request<B>> + Clone,
+    R: Resume<B, Answer = W::Output>,
+{
+    /// Polls `wait` once. When it is ready (in-process stores, fixed credentials) the
+    /// request is finished right here and the inner service called in place: no clone, no
+    /// allocation. Otherwise the service that was polled ready is taken along (a clone is
+    /// left to be readied for the next request) and the request waits.
+    pub(crate) fn start(mut wait: W, inner: &mut S, req: Request<B>, resume: &Arc<R>) -> Self {
+        if let Poll::Ready(answer) =
+            Pin::new(&mut wait).poll(&mut Context::from_waker(Waker::noop()))
+        {
+            return Self::decided(finish(&**resume, answer, inner, req));
+        }
+        let clone = inner.clone();
+        let inner = std::mem::replace(inner, clone);
+        Resumable {
+            state: ResumableState::Waiting {
+                wait,
+                parked: Some(Box::new(Parked {
+                    inner,
+                    request: req,
+                    resume: resume.clone(),
+                })),
+            },
+        }
+    }
+}
+
+impl<W, S: Service<Request<B>>, R, B> Resumable<W, S, R, B> {
+    /// A future already decided: the inner service's, or a rejection.
+    pub(crate) fn decided(future: ResponseFuture<S::Future>) -> Self {
+        Resumable {
+            state: ResumableState::Decided { future },
+        }
+    }
+}
+
+impl<W, S, R, B, ResBody> Future for Resumable<W, S, R, B>
+where
+    W: Future + Unpin,
+    S: Service<Request<B>, Response = Response<ResBody>>,
+    R: Resume<B, Answer = W::Output>,
+{
+    type Output = Result<Response<ResponseBody<ResBody>>, S::Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            let next = match self.as_mut().project().state.project() {
+                ResumableProj::Decided { future } => return future.poll(cx),
+                ResumableProj::Waiting { wait, parked } => {
+                    let answer = ready!(Pin::new(wait).poll(cx));
+                    let Parked {
+                        mut inner,
+                        request,
+                        resume,
+                    } = *parked.take().expect("polled after completion");
+                    finish(&*resume, answer, &mut inner, request)
+                }
+            };
+            self.as_mut()
+                .project()
+                .state
+                .set(ResumableState::Decided { future: next });
         }
     }
 }

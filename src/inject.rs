@@ -18,7 +18,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use http::request::Parts;
 use http::{HeaderName, HeaderValue, Request, Response};
 use pin_project_lite::pin_project;
 use tower_layer::Layer;
@@ -37,7 +36,33 @@ pub const DEFAULT_ANTHROPIC_VERSION: &str = "2023-06-01";
 /// The header a [`RequestId`] uses unless told otherwise.
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-type MakeFn = dyn Fn(&Parts) -> Option<HeaderValue> + Send + Sync;
+type MakeFn = dyn Fn(&RequestHead<'_>) -> Option<HeaderValue> + Send + Sync;
+
+/// A request's head as a header maker sees it: everything but the body, borrowed.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct RequestHead<'a> {
+    /// The method.
+    pub method: &'a http::Method,
+    /// The URI.
+    pub uri: &'a http::Uri,
+    /// The headers, as the rules before this one left them.
+    pub headers: &'a http::HeaderMap,
+    /// The extensions, e.g. the caller's [`Identity`](crate::Identity).
+    pub extensions: &'a http::Extensions,
+}
+
+impl<'a> RequestHead<'a> {
+    /// The head of `req`.
+    pub fn of<B>(req: &'a Request<B>) -> Self {
+        RequestHead {
+            method: req.method(),
+            uri: req.uri(),
+            headers: req.headers(),
+            extensions: req.extensions(),
+        }
+    }
+}
 
 /// One thing to do to one request header.
 ///
@@ -122,7 +147,7 @@ impl HeaderRule {
     /// [`overwrite`](Self::overwrite) with a value made from each request.
     pub fn overwrite_with<F>(name: HeaderName, make: F) -> Self
     where
-        F: Fn(&Parts) -> Option<HeaderValue> + Send + Sync + 'static,
+        F: Fn(&RequestHead<'_>) -> Option<HeaderValue> + Send + Sync + 'static,
     {
         Self::set(name, Mode::Overwrite, Value::Made(Arc::new(make)))
     }
@@ -130,7 +155,7 @@ impl HeaderRule {
     /// [`append`](Self::append) with a value made from each request.
     pub fn append_with<F>(name: HeaderName, make: F) -> Self
     where
-        F: Fn(&Parts) -> Option<HeaderValue> + Send + Sync + 'static,
+        F: Fn(&RequestHead<'_>) -> Option<HeaderValue> + Send + Sync + 'static,
     {
         Self::set(name, Mode::Append, Value::Made(Arc::new(make)))
     }
@@ -139,7 +164,7 @@ impl HeaderRule {
     /// called only when the header is absent.
     pub fn if_absent_with<F>(name: HeaderName, make: F) -> Self
     where
-        F: Fn(&Parts) -> Option<HeaderValue> + Send + Sync + 'static,
+        F: Fn(&RequestHead<'_>) -> Option<HeaderValue> + Send + Sync + 'static,
     {
         Self::set(name, Mode::IfAbsent, Value::Made(Arc::new(make)))
     }
@@ -149,31 +174,32 @@ impl HeaderRule {
         &self.name
     }
 
-    /// Applies the rule to a request head.
-    pub(crate) fn apply(&self, parts: &mut Parts) {
+    /// Applies the rule to a request, in place (a request is never taken apart and rebuilt:
+    /// moving it costs time on every request).
+    pub(crate) fn apply<B>(&self, req: &mut Request<B>) {
         let (mode, value) = match &self.action {
             Action::Remove => {
-                parts.headers.remove(&self.name);
+                req.headers_mut().remove(&self.name);
                 return;
             }
             Action::Set { mode, value } => (*mode, value),
         };
-        if mode == Mode::IfAbsent && parts.headers.contains_key(&self.name) {
+        if mode == Mode::IfAbsent && req.headers().contains_key(&self.name) {
             return;
         }
         let value = match value {
             Value::Static(value) => value.clone(),
-            Value::Made(make) => match make(parts) {
+            Value::Made(make) => match make(&RequestHead::of(req)) {
                 Some(value) => value,
                 None => return,
             },
         };
         match mode {
             Mode::Overwrite | Mode::IfAbsent => {
-                parts.headers.insert(self.name.clone(), value);
+                req.headers_mut().insert(self.name.clone(), value);
             }
             Mode::Append => {
-                parts.headers.append(self.name.clone(), value);
+                req.headers_mut().append(self.name.clone(), value);
             }
         }
     }
@@ -296,18 +322,21 @@ impl RequestId {
     }
 
     /// Puts the id into the request headers and returns it.
-    fn assign(&self, headers: &mut http::HeaderMap) -> HeaderValue {
+    /// Sets the request's id (or keeps the client's); returns it when it is to be echoed.
+    fn assign(&self, headers: &mut http::HeaderMap) -> Option<HeaderValue> {
         if self.keep_client_id {
             let mut sent = headers.get_all(&self.header).iter();
             if let (Some(id), None) = (sent.next(), sent.next())
                 && is_acceptable_id(id)
             {
-                return id.clone();
+                return self.echo.then(|| id.clone());
             }
         }
         let id = new_request_id();
-        headers.insert(self.header.clone(), id.clone());
-        id
+        // Cloned only to echo it: a clone of a fresh header value allocates.
+        let echoed = self.echo.then(|| id.clone());
+        headers.insert(self.header.clone(), id);
+        echoed
     }
 }
 
@@ -322,10 +351,24 @@ fn is_acceptable_id(id: &HeaderValue) -> bool {
     !id.is_empty() && id.len() <= MAX_CLIENT_ID_LEN && id.iter().all(u8::is_ascii_graphic)
 }
 
-/// A random (version 4) UUID from the operating system's generator, lower-case hex.
+/// A random-looking (version 4) UUID, lower-case hex.
+///
+/// Asking the operating system for 16 random bytes is a system call per request (about as
+/// costly as the rest of the gateway's work), so ids are instead a keyed hash (SipHash, keyed
+/// from the OS once per process by `RandomState`) of a counter: unique, and unpredictable
+/// without the key.
 fn new_request_id() -> HeaderValue {
+    use std::hash::{BuildHasher, RandomState};
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    static KEY: OnceLock<RandomState> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let key = KEY.get_or_init(RandomState::new);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     let mut bytes = [0u8; 16];
-    getrandom::fill(&mut bytes).expect("the OS random number generator failed");
+    bytes[..8].copy_from_slice(&key.hash_one((n, 0u8)).to_le_bytes());
+    bytes[8..].copy_from_slice(&key.hash_one((n, 1u8)).to_le_bytes());
     bytes[6] = (bytes[6] & 0x0f) | 0x40;
     bytes[8] = (bytes[8] & 0x3f) | 0x80;
     const HEX: &[u8; 16] = b"0123456789abcdef";
@@ -507,17 +550,16 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        let (mut parts, body) = req.into_parts();
+    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
         let echo = self.config.request_id.as_ref().and_then(|ids| {
-            let id = ids.assign(&mut parts.headers);
-            ids.echo.then(|| (ids.header.clone(), id))
+            let id = ids.assign(req.headers_mut())?;
+            Some((ids.header.clone(), id))
         });
         for rule in &self.config.rules {
-            rule.apply(&mut parts);
+            rule.apply(&mut req);
         }
         ResponseFuture {
-            inner: self.inner.call(Request::from_parts(parts, body)),
+            inner: self.inner.call(req),
             echo,
         }
     }
@@ -553,17 +595,16 @@ where
 mod tests {
     use super::*;
 
-    fn parts(headers: &[(&str, &str)]) -> Parts {
+    fn parts(headers: &[(&str, &str)]) -> Request<()> {
         let mut req = Request::builder();
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
-        req.body(()).unwrap().into_parts().0
+        req.body(()).unwrap()
     }
 
-    fn values(parts: &Parts, name: &str) -> Vec<String> {
-        parts
-            .headers
+    fn values(req: &Request<()>, name: &str) -> Vec<String> {
+        req.headers()
             .get_all(name)
             .iter()
             .map(|v| v.to_str().unwrap().to_owned())
@@ -596,15 +637,13 @@ mod tests {
         let rule = HeaderRule::overwrite_with(HeaderName::from_static("x-path"), |req| {
             (req.uri.path() != "/skip").then(|| HeaderValue::try_from(req.uri.path()).unwrap())
         });
-        let mut p = Request::get("/v1/chat").body(()).unwrap().into_parts().0;
+        let mut p = Request::get("/v1/chat").body(()).unwrap();
         rule.apply(&mut p);
         assert_eq!(values(&p, "x-path"), ["/v1/chat"]);
         let mut p = Request::get("/skip")
             .header("x-path", "client")
             .body(())
-            .unwrap()
-            .into_parts()
-            .0;
+            .unwrap();
         rule.apply(&mut p);
         assert_eq!(values(&p, "x-path"), ["client"]);
 
@@ -649,25 +688,27 @@ mod tests {
         assert!(matches!(text.as_bytes()[19], b'8' | b'9' | b'a' | b'b'));
         assert_ne!(new_request_id(), id);
 
-        let keep = RequestId::new().keep_client_id(true);
+        let keep = RequestId::new().keep_client_id(true).echo(true);
         let mut p = parts(&[("x-request-id", "client-1")]);
-        assert_eq!(keep.assign(&mut p.headers), "client-1");
+        assert_eq!(keep.assign(p.headers_mut()).unwrap(), "client-1");
         for bad in [
             &[("x-request-id", "a b")][..],
             &[("x-request-id", "a"), ("x-request-id", "b")],
         ] {
             let mut p = parts(bad);
-            let id = keep.assign(&mut p.headers);
+            let id = keep.assign(p.headers_mut()).unwrap();
             assert_eq!(id.len(), 36);
             assert_eq!(values(&p, "x-request-id"), [id.to_str().unwrap()]);
         }
         let long = "x".repeat(MAX_CLIENT_ID_LEN + 1);
         let mut p = parts(&[("x-request-id", &long)]);
-        assert_eq!(keep.assign(&mut p.headers).len(), 36);
+        assert_eq!(keep.assign(p.headers_mut()).unwrap().len(), 36);
 
         let replace = RequestId::new();
         let mut p = parts(&[("x-request-id", "client-1")]);
-        assert_ne!(replace.assign(&mut p.headers), "client-1");
+        assert_eq!(replace.assign(p.headers_mut()), None, "not echoed");
+        assert_ne!(values(&p, "x-request-id"), ["client-1"]);
+        assert_eq!(values(&p, "x-request-id")[0].len(), 36);
     }
 
     #[test]

@@ -53,7 +53,13 @@ impl KeyDigest {
 
     /// Constant-time equality, for comparing a presented key's digest with a stored one.
     pub fn ct_eq(&self, other: &KeyDigest) -> bool {
-        self.0.ct_eq(&other.0).into()
+        // Four words rather than 32 bytes: subtle's per-element barrier is the cost here.
+        let words = |d: &[u8; 32]| -> [u64; 4] {
+            std::array::from_fn(|i| {
+                u64::from_le_bytes(d[i * 8..i * 8 + 8].try_into().expect("8 bytes"))
+            })
+        };
+        words(&self.0).ct_eq(&words(&other.0)).into()
     }
 
     /// A short, one-way tag of this digest that is safe to log (8 hex digits).
@@ -303,9 +309,9 @@ impl KeyFormat {
     const RANDOM_DIGITS: usize = 22;
     const CHECKSUM_DIGITS: usize = 6;
 
-    /// Keys starting with `prefix_`. The prefix is 1 to 16 ASCII letters, digits or `-`.
+    /// Keys starting with `prefix_`. The prefix is 1 to 10 ASCII letters, digits or `-`.
     pub fn new(prefix: &str) -> Result<Self, InvalidPrefix> {
-        let ok = (1..=16).contains(&prefix.len())
+        let ok = (1..=10).contains(&prefix.len())
             && prefix
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-');
@@ -364,7 +370,7 @@ impl KeyFormat {
     }
 }
 
-/// The error when a key prefix is not 1 to 16 ASCII letters, digits or `-`.
+/// The error when a key prefix is not 1 to 10 ASCII letters, digits or `-`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InvalidPrefix(String);
 
@@ -372,7 +378,7 @@ impl fmt::Display for InvalidPrefix {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "invalid key prefix `{}`: use 1 to 16 ASCII letters, digits or `-`",
+            "invalid key prefix `{}`: use 1 to 10 ASCII letters, digits or `-`",
             self.0
         )
     }
@@ -418,7 +424,24 @@ mod format_tests {
     fn prefixes_are_checked() {
         assert!(KeyFormat::new("").is_err());
         assert!(KeyFormat::new("a_b").is_err());
-        assert!(KeyFormat::new("x".repeat(17).as_str()).is_err());
+        assert!(KeyFormat::new("x".repeat(11).as_str()).is_err());
+        assert!(KeyFormat::new("x".repeat(10).as_str()).is_ok());
         assert!(KeyFormat::new("lbk").is_ok());
+    }
+}
+
+#[cfg(test)]
+mod ct_tests {
+    use super::*;
+
+    #[test]
+    fn ct_eq_tells_every_byte() {
+        let a = KeyHasher::sha256().digest(b"a");
+        assert!(a.ct_eq(&a));
+        for i in 0..32 {
+            let mut bytes = *a.as_bytes();
+            bytes[i] ^= 0x80;
+            assert!(!a.ct_eq(&KeyDigest::from_bytes(bytes)), "byte {i}");
+        }
     }
 }

@@ -61,7 +61,7 @@ pub use identity::Identity;
 #[cfg(feature = "axum")]
 pub use identity::MissingIdentity;
 pub use inbound::{InboundApiKeyLayer, KeySource, RequireScopesLayer};
-pub use inject::{HeaderInjectLayer, HeaderRule, RequestId};
+pub use inject::{HeaderInjectLayer, HeaderRule, RequestHead, RequestId};
 pub use key::{ApiKey, Checksum, Fingerprint, InvalidPrefix, KeyDigest, KeyFormat, KeyHasher};
 pub use lifecycle::{
     DEFAULT_EPHEMERAL_TTL, DEFAULT_MAX_EPHEMERAL_TTL, DEFAULT_TTL, IssuedKey, KeyManager, Lifetime,

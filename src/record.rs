@@ -2,6 +2,8 @@
 //! metadata, and the digest it is found by. Never the key.
 
 use std::collections::BTreeMap;
+
+use compact_str::CompactString;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -30,9 +32,15 @@ impl KeyId {
     const PREFIX: &'static str = "key_";
     const DIGITS: usize = 11;
 
-    /// A fresh random id from the operating system's generator.
+    /// A fresh random id from the operating system's generator (never `key_00000000000`,
+    /// which records use to mean "no parent").
     pub fn random() -> Self {
-        KeyId(getrandom::u64().expect("the OS random number generator failed"))
+        loop {
+            let n = getrandom::u64().expect("the OS random number generator failed");
+            if n != 0 {
+                return KeyId(n);
+            }
+        }
     }
 
     /// The id's number, e.g. to key a database row.
@@ -123,7 +131,12 @@ pub enum KeyStatus {
 /// assert!(Scopes::new(["chat"]).is_subset_of(&s));
 /// ```
 #[derive(Clone, PartialEq, Eq, Hash)]
-pub struct Scopes(Arc<[Box<str>]>);
+pub struct Scopes(Arc<ScopeList>);
+
+/// The sorted names behind a thin pointer: a record spends 8 bytes on its scopes, and
+/// records with the same scopes share one list (see `MemoryStore`).
+#[derive(PartialEq, Eq, Hash)]
+struct ScopeList(Box<[Box<str>]>);
 
 impl Scopes {
     /// The given scopes, sorted and without duplicates.
@@ -135,37 +148,45 @@ impl Scopes {
         let mut v: Vec<Box<str>> = scopes.into_iter().map(|s| s.into().into()).collect();
         v.sort_unstable();
         v.dedup();
-        Scopes(v.into())
+        Scopes(Arc::new(ScopeList(v.into())))
     }
 
     /// No scopes.
     pub fn empty() -> Self {
-        Scopes(Arc::from([]))
+        static EMPTY: std::sync::OnceLock<Scopes> = std::sync::OnceLock::new();
+        EMPTY
+            .get_or_init(|| Scopes(Arc::new(ScopeList(Box::new([])))))
+            .clone()
     }
 
     /// Whether `scope` is in the set.
     pub fn contains(&self, scope: &str) -> bool {
-        self.0.binary_search_by(|s| (**s).cmp(scope)).is_ok()
+        self.0.0.binary_search_by(|s| (**s).cmp(scope)).is_ok()
     }
 
     /// Whether every scope of `self` is in `other`.
     pub fn is_subset_of(&self, other: &Scopes) -> bool {
-        self.iter().all(|s| other.contains(s))
+        Arc::ptr_eq(&self.0, &other.0) || self.iter().all(|s| other.contains(s))
     }
 
     /// The scopes, in sorted order.
     pub fn iter(&self) -> impl ExactSizeIterator<Item = &str> + '_ {
-        self.0.iter().map(|s| &**s)
+        self.0.0.iter().map(|s| &**s)
     }
 
     /// How many scopes there are.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.0.0.len()
     }
 
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.0.0.is_empty()
+    }
+
+    /// Whether both share one list (so interning found them equal).
+    pub(crate) fn same_list(&self, other: &Scopes) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
     }
 }
 
@@ -227,28 +248,59 @@ pub enum KeyUnusable {
 /// assert!(record.usable_at(Timestamp::from_unix_secs(1_900_000_000)).is_ok());
 /// assert!(record.usable_at(Timestamp::from_unix_secs(2_000_000_000)).is_err());
 /// ```
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Records are laid out for a store of millions: about 120 bytes each, with no allocation of
+/// their own for names up to 24 bytes. Times are kept to the second up to the year 2106; a
+/// later expiry counts as never.
+#[derive(Clone, PartialEq, Eq)]
+#[repr(C)]
 pub struct KeyRecord {
-    id: KeyId,
-    #[serde(with = "digest_hex")]
+    // What every verification reads comes first, to share cache lines with the `Arc` count.
     digest: KeyDigest,
-    #[serde(default)]
-    name: Box<str>,
-    #[serde(default, skip_serializing_if = "str::is_empty")]
-    hint: Box<str>,
-    created_at: Timestamp,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    expires_at: Option<Timestamp>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    not_before: Option<Timestamp>,
-    #[serde(default)]
+    expires: u32,
+    not_before: u32,
     status: KeyStatus,
-    #[serde(default)]
+    created: u32,
+    id: KeyId,
     scopes: Scopes,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    name: CompactString,
+    hint: Hint,
     metadata: Option<Box<Metadata>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    parent: Option<KeyId>,
+    parent: u64,
+}
+
+/// `expires` when the key never expires.
+const NEVER: u32 = u32::MAX;
+
+/// Seconds since the epoch in 32 bits: up to 2106, later times clamp to `max`.
+fn pack(t: Timestamp, max: u32) -> u32 {
+    u32::try_from(t.as_unix_secs()).map_or(max, |s| s.min(max))
+}
+
+/// The display hint, inline: at most 15 bytes (prefixes are at most 10 characters).
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Hint {
+    len: u8,
+    bytes: [u8; 15],
+}
+
+impl Hint {
+    fn new(hint: &str) -> Self {
+        let mut end = hint.len().min(15);
+        while !hint.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut bytes = [0; 15];
+        bytes[..end].copy_from_slice(&hint.as_bytes()[..end]);
+        Hint {
+            len: end as u8,
+            bytes,
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).expect("cut at a char boundary")
+    }
 }
 
 impl KeyRecord {
@@ -256,47 +308,48 @@ impl KeyRecord {
     /// expiry or metadata.
     pub fn new(id: KeyId, digest: KeyDigest) -> Self {
         KeyRecord {
-            id,
             digest,
-            name: "".into(),
-            hint: "".into(),
-            created_at: Timestamp::now(),
-            expires_at: None,
-            not_before: None,
+            expires: NEVER,
+            not_before: 0,
             status: KeyStatus::Active,
+            created: pack(Timestamp::now(), NEVER - 1),
+            id,
             scopes: Scopes::empty(),
+            name: CompactString::default(),
+            hint: Hint::new(""),
             metadata: None,
-            parent: None,
+            parent: 0,
         }
     }
 
     /// Sets the human-readable name.
-    pub fn with_name(mut self, name: impl Into<String>) -> Self {
-        self.name = name.into().into();
+    pub fn with_name(mut self, name: impl AsRef<str>) -> Self {
+        self.name = CompactString::new(name);
         self
     }
 
-    /// Sets the display hint (the key's prefix and first characters, e.g. `gw_AbC4`).
-    pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
-        self.hint = hint.into().into();
+    /// Sets the display hint (the key's prefix and first characters, e.g. `gw_AbC4`); only
+    /// its first 15 bytes are kept.
+    pub fn with_hint(mut self, hint: impl AsRef<str>) -> Self {
+        self.hint = Hint::new(hint.as_ref());
         self
     }
 
     /// Sets the creation time.
     pub fn with_created_at(mut self, t: Timestamp) -> Self {
-        self.created_at = t;
+        self.created = pack(t, NEVER - 1);
         self
     }
 
     /// Sets the expiry: the key is rejected from this second on. `None` never expires.
     pub fn with_expires_at(mut self, t: Option<Timestamp>) -> Self {
-        self.expires_at = t;
+        self.expires = t.map_or(NEVER, |t| pack(t, NEVER));
         self
     }
 
     /// Sets the not-before time: the key is rejected before this second.
     pub fn with_not_before(mut self, t: Option<Timestamp>) -> Self {
-        self.not_before = t;
+        self.not_before = t.map_or(0, |t| pack(t, NEVER - 1));
         self
     }
 
@@ -330,8 +383,15 @@ impl KeyRecord {
 
     /// Records the key this one was minted from (ephemeral keys).
     pub fn with_parent(mut self, parent: Option<KeyId>) -> Self {
-        self.parent = parent;
+        self.parent = parent.map_or(0, KeyId::as_u64);
         self
+    }
+
+    /// Shares `scopes` when it holds the same names as this record's (interning).
+    pub(crate) fn share_scopes(&mut self, scopes: &Scopes) {
+        if self.scopes == *scopes && !self.scopes.same_list(scopes) {
+            self.scopes = scopes.clone();
+        }
     }
 
     /// The public id.
@@ -351,22 +411,22 @@ impl KeyRecord {
 
     /// The display hint, empty when none was recorded.
     pub fn hint(&self) -> &str {
-        &self.hint
+        self.hint.as_str()
     }
 
     /// When the key was created.
     pub fn created_at(&self) -> Timestamp {
-        self.created_at
+        Timestamp::from_unix_secs(self.created.into())
     }
 
     /// When the key stops working, if ever.
     pub fn expires_at(&self) -> Option<Timestamp> {
-        self.expires_at
+        (self.expires != NEVER).then(|| Timestamp::from_unix_secs(self.expires.into()))
     }
 
     /// When the key starts working, if not at once.
     pub fn not_before(&self) -> Option<Timestamp> {
-        self.not_before
+        (self.not_before != 0).then(|| Timestamp::from_unix_secs(self.not_before.into()))
     }
 
     /// The status.
@@ -386,7 +446,7 @@ impl KeyRecord {
 
     /// The key this one was minted from, for ephemeral keys.
     pub fn parent(&self) -> Option<KeyId> {
-        self.parent
+        (self.parent != 0).then_some(KeyId(self.parent))
     }
 
     /// Whether the key may be used at `now`, and if not, why.
@@ -396,10 +456,11 @@ impl KeyRecord {
             KeyStatus::Disabled => return Err(KeyUnusable::Disabled),
             KeyStatus::Active => {}
         }
-        if self.expires_at.is_some_and(|t| now >= t) {
+        let now = now.as_unix_secs();
+        if now >= u64::from(self.expires) && self.expires != NEVER {
             return Err(KeyUnusable::Expired);
         }
-        if self.not_before.is_some_and(|t| now < t) {
+        if now < u64::from(self.not_before) {
             return Err(KeyUnusable::NotYetValid);
         }
         Ok(())
@@ -411,22 +472,104 @@ impl fmt::Debug for KeyRecord {
         f.debug_struct("KeyRecord")
             .field("id", &self.id)
             .field("name", &self.name)
-            .field("hint", &self.hint)
-            .field("created_at", &self.created_at)
-            .field("expires_at", &self.expires_at)
-            .field("not_before", &self.not_before)
+            .field("hint", &self.hint())
+            .field("created_at", &self.created_at())
+            .field("expires_at", &self.expires_at())
+            .field("not_before", &self.not_before())
             .field("status", &self.status)
             .field("scopes", &self.scopes)
             .field("metadata", self.metadata())
-            .field("parent", &self.parent)
+            .field("parent", &self.parent())
             .finish_non_exhaustive()
+    }
+}
+
+/// The stored form of a record (the file store's JSON, Redis values): the same fields with
+/// plain types, so the compact layout above is free to change.
+#[derive(Serialize)]
+struct RecordOut<'a> {
+    id: KeyId,
+    #[serde(with = "digest_hex")]
+    digest: &'a KeyDigest,
+    name: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    hint: &'a str,
+    created_at: Timestamp,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires_at: Option<Timestamp>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    not_before: Option<Timestamp>,
+    status: KeyStatus,
+    scopes: &'a Scopes,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metadata: Option<&'a Metadata>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parent: Option<KeyId>,
+}
+
+#[derive(Deserialize)]
+struct RecordIn {
+    id: KeyId,
+    #[serde(deserialize_with = "digest_hex::deserialize")]
+    digest: KeyDigest,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    hint: String,
+    created_at: Timestamp,
+    #[serde(default)]
+    expires_at: Option<Timestamp>,
+    #[serde(default)]
+    not_before: Option<Timestamp>,
+    #[serde(default)]
+    status: KeyStatus,
+    #[serde(default)]
+    scopes: Scopes,
+    #[serde(default)]
+    metadata: Metadata,
+    #[serde(default)]
+    parent: Option<KeyId>,
+}
+
+impl Serialize for KeyRecord {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        RecordOut {
+            id: self.id,
+            digest: &self.digest,
+            name: &self.name,
+            hint: self.hint(),
+            created_at: self.created_at(),
+            expires_at: self.expires_at(),
+            not_before: self.not_before(),
+            status: self.status,
+            scopes: &self.scopes,
+            metadata: self.metadata.as_deref(),
+            parent: self.parent(),
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for KeyRecord {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let r = RecordIn::deserialize(d)?;
+        Ok(KeyRecord::new(r.id, r.digest)
+            .with_name(r.name)
+            .with_hint(r.hint)
+            .with_created_at(r.created_at)
+            .with_expires_at(r.expires_at)
+            .with_not_before(r.not_before)
+            .with_status(r.status)
+            .with_scope_set(r.scopes)
+            .with_metadata(r.metadata)
+            .with_parent(r.parent))
     }
 }
 
 mod digest_hex {
     use super::*;
 
-    pub(super) fn serialize<S: Serializer>(d: &KeyDigest, s: S) -> Result<S::Ok, S::Error> {
+    pub(super) fn serialize<S: Serializer>(d: &&KeyDigest, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&d.to_hex())
     }
 
@@ -479,6 +622,40 @@ mod tests {
         assert_eq!(r.usable_at(t(15)), Err(KeyUnusable::Disabled));
         let r = r.with_status(KeyStatus::Revoked);
         assert_eq!(r.usable_at(t(15)), Err(KeyUnusable::Revoked));
+    }
+
+    #[test]
+    fn the_compact_layout_keeps_every_value() {
+        assert!(
+            std::mem::size_of::<KeyRecord>() <= 120,
+            "{}",
+            std::mem::size_of::<KeyRecord>()
+        );
+        let t = Timestamp::from_unix_secs;
+        let r = record()
+            .with_created_at(t(1_700_000_000))
+            .with_expires_at(Some(t(1_800_000_000)))
+            .with_not_before(Some(t(1_700_000_100)))
+            .with_parent(Some(KeyId::from_u64(42)))
+            .with_hint("prefix1234_abcdefgh");
+        assert_eq!(r.created_at(), t(1_700_000_000));
+        assert_eq!(r.expires_at(), Some(t(1_800_000_000)));
+        assert_eq!(r.not_before(), Some(t(1_700_000_100)));
+        assert_eq!(r.parent(), Some(KeyId::from_u64(42)));
+        assert_eq!(r.hint(), "prefix1234_abcd", "hints keep 15 bytes");
+        assert_eq!(record().with_hint("gw_ä€").hint(), "gw_ä€");
+        assert_eq!(
+            record().with_hint("gw_abcdefghijk€").hint(),
+            "gw_abcdefghijk",
+            "cut at a char boundary"
+        );
+        // Beyond 2106 an expiry is as good as never; an earlier one is exact.
+        let far = record().with_expires_at(Some(t(u64::from(u32::MAX) + 10)));
+        assert_eq!(far.expires_at(), None);
+        assert_eq!(record().with_expires_at(None).expires_at(), None);
+        let json = serde_json::to_string(&r).unwrap();
+        let back: KeyRecord = serde_json::from_str(&json).unwrap();
+        assert!(back == r, "{json}");
     }
 
     #[test]

@@ -85,13 +85,53 @@ pub trait Clock: Send + Sync + 'static {
     fn now(&self) -> Timestamp;
 }
 
-/// The system's wall clock.
+/// The system's wall clock, read cheaply.
+///
+/// Reading the system clock costs tens of nanoseconds on some machines, a noticeable part of
+/// verifying a key. This clock instead reads a cached second that a background thread
+/// (started on first use, one per process) refreshes four times a second, so a time is at
+/// most a quarter of a second old: far finer than key lifetimes, which count in seconds.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SystemClock;
 
 impl Clock for SystemClock {
     fn now(&self) -> Timestamp {
-        Timestamp::now()
+        cached::now()
+    }
+}
+
+mod cached {
+    use std::sync::Once;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::time::Duration;
+
+    use super::Timestamp;
+
+    const REFRESH: Duration = Duration::from_millis(250);
+
+    static SECS: AtomicU64 = AtomicU64::new(0);
+    /// False when no refresher thread could be started: then every read asks the system.
+    static CACHED: AtomicBool = AtomicBool::new(false);
+    static START: Once = Once::new();
+
+    pub(super) fn now() -> Timestamp {
+        START.call_once(|| {
+            SECS.store(Timestamp::now().as_unix_secs(), Ordering::Relaxed);
+            let started = std::thread::Builder::new()
+                .name("tower-gateway-auth-clock".into())
+                .spawn(|| {
+                    loop {
+                        std::thread::sleep(REFRESH);
+                        SECS.store(Timestamp::now().as_unix_secs(), Ordering::Relaxed);
+                    }
+                });
+            CACHED.store(started.is_ok(), Ordering::Relaxed);
+        });
+        if CACHED.load(Ordering::Relaxed) {
+            Timestamp::from_unix_secs(SECS.load(Ordering::Relaxed))
+        } else {
+            Timestamp::now()
+        }
     }
 }
 
@@ -132,5 +172,22 @@ impl ManualClock {
 impl Clock for ManualClock {
     fn now(&self) -> Timestamp {
         Timestamp(self.secs.load(Ordering::SeqCst))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cached_clock_follows_the_system_clock() {
+        let before = Timestamp::now();
+        let cached = SystemClock.now();
+        let after = Timestamp::now();
+        // At most one refresh period (well under a second) behind.
+        assert!(
+            cached.as_unix_secs() + 1 >= before.as_unix_secs() && cached <= after,
+            "{cached:?} {before:?} {after:?}"
+        );
     }
 }

@@ -21,7 +21,7 @@ mod source;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker, ready};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -32,11 +32,12 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::body::ResponseBody;
+use crate::future::{Resumable, Resume};
 use crate::identity::Identity;
 use crate::key::{Checksum, KeyDigest, KeyFormat};
 use crate::record::{KeyUnusable, Scopes};
 use crate::rejection::{ErrorFormat, Realm, Rejection, RejectionKind};
-use crate::store::{KeyStore, LookupResult};
+use crate::store::{KeyStore, LookupResult, StoreError};
 use crate::time::{Clock, SystemClock};
 
 pub use scope::{RequireScopes, RequireScopesLayer};
@@ -391,44 +392,17 @@ where
             }
         };
         if config.hide_credentials {
-            let (mut parts, body) = req.into_parts();
-            source::hide(
-                &mut parts.headers,
-                &mut parts.uri,
-                &config.sources,
-                carriers,
-            );
-            req = Request::from_parts(parts, body);
+            source::hide(&mut req, &config.sources, carriers);
         }
 
-        let mut lookup = config.store.lookup(&digest);
-        // In-process stores answer at once: then the inner service is called right here,
-        // without cloning it or keeping any state in the future.
-        if let Poll::Ready(found) =
-            Pin::new(&mut lookup).poll(&mut Context::from_waker(Waker::noop()))
-        {
-            return match config.admit(found, &digest, &mut req) {
-                Ok(()) => ResponseFuture::inner(self.inner.call(req)),
-                Err(rejection) => {
-                    ResponseFuture::rejected(config.reject(&req, &rejection, Some(&digest)))
-                }
-            };
-        }
-        // The service that was polled ready is the one that must be called: take it, and
-        // leave a clone to be readied for the next request.
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
+        let lookup = TimedLookup {
+            lookup: config.store.lookup(&digest),
+            digest,
+            limit: config.store_timeout,
+            timer: None,
+        };
         ResponseFuture {
-            state: State::Lookup {
-                lookup,
-                timer: None,
-                pending: Some(Pending {
-                    inner,
-                    request: req,
-                    config: self.config.clone(),
-                    digest,
-                }),
-            },
+            inner: Resumable::start(lookup, &mut self.inner, req, &self.config),
         }
     }
 }
@@ -540,12 +514,46 @@ fn unavailable() -> Rejection {
     )
 }
 
-/// What a request waiting on its lookup still holds.
-struct Pending<S, K, B> {
-    inner: S,
-    request: Request<B>,
-    config: Arc<Config<K>>,
+impl<K: KeyStore, B> Resume<B> for Config<K> {
+    type Answer = (LookupResult, KeyDigest);
+
+    fn resume(
+        &self,
+        (found, digest): Self::Answer,
+        req: &mut Request<B>,
+    ) -> Option<Response<Bytes>> {
+        let rejection = self.admit(found, &digest, req).err()?;
+        Some(self.reject(req, &rejection, Some(&digest)))
+    }
+}
+
+/// A store lookup under the layer's timeout, carrying the digest it is for.
+struct TimedLookup<L> {
+    lookup: L,
     digest: KeyDigest,
+    limit: Option<Duration>,
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl<L: Future<Output = LookupResult> + Unpin> Future for TimedLookup<L> {
+    type Output = (LookupResult, KeyDigest);
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        if let Poll::Ready(found) = Pin::new(&mut this.lookup).poll(cx) {
+            return Poll::Ready((found, this.digest));
+        }
+        let Some(limit) = this.limit else {
+            return Poll::Pending;
+        };
+        // Only lookups that actually wait get a timer.
+        let timer = this
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        ready!(timer.as_mut().poll(cx));
+        tracing::warn!(target: "tower_gateway_auth::inbound", fingerprint = %this.digest.fingerprint(), timeout = ?limit, "key store timed out: request refused");
+        Poll::Ready((Err(StoreError::new("lookup timed out")), this.digest))
+    }
 }
 
 pin_project! {
@@ -556,26 +564,7 @@ pin_project! {
         K: KeyStore,
     {
         #[pin]
-        state: State<S, K, B>,
-    }
-}
-
-pin_project! {
-    #[project = StateProj]
-    enum State<S, K, B>
-    where
-        S: Service<Request<B>>,
-        K: KeyStore,
-    {
-        Lookup {
-            lookup: K::Lookup,
-            timer: Option<Pin<Box<Sleep>>>,
-            pending: Option<Pending<S, K, B>>,
-        },
-        Decided {
-            #[pin]
-            future: crate::future::ResponseFuture<S::Future>,
-        },
+        inner: Resumable<TimedLookup<K::Lookup>, S, Config<K>, B>,
     }
 }
 
@@ -586,17 +575,13 @@ where
 {
     fn inner(future: S::Future) -> Self {
         ResponseFuture {
-            state: State::Decided {
-                future: crate::future::ResponseFuture::inner(future),
-            },
+            inner: Resumable::decided(crate::future::ResponseFuture::inner(future)),
         }
     }
 
     fn rejected(response: Response<Bytes>) -> Self {
         ResponseFuture {
-            state: State::Decided {
-                future: crate::future::ResponseFuture::rejected(response),
-            },
+            inner: Resumable::decided(crate::future::ResponseFuture::rejected(response)),
         }
     }
 }
@@ -609,51 +594,7 @@ where
 {
     type Output = Result<Response<ResponseBody<ResBody>>, S::Error>;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        loop {
-            let next = match self.as_mut().project().state.project() {
-                StateProj::Decided { future } => return future.poll(cx),
-                StateProj::Lookup {
-                    lookup,
-                    timer,
-                    pending,
-                } => {
-                    let found = match Pin::new(lookup).poll(cx) {
-                        Poll::Ready(found) => found,
-                        Poll::Pending => {
-                            let limit = pending.as_ref().and_then(|p| p.config.store_timeout);
-                            let Some(limit) = limit else {
-                                return Poll::Pending;
-                            };
-                            // The timer is made only for lookups that actually wait.
-                            let timer =
-                                timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
-                            ready!(timer.as_mut().poll(cx));
-                            let p = pending.as_ref().expect("polled after completion");
-                            tracing::warn!(target: "tower_gateway_auth::inbound", fingerprint = %p.digest.fingerprint(), timeout = ?limit, "key store timed out: request refused");
-                            Err(crate::store::StoreError::new("lookup timed out"))
-                        }
-                    };
-                    let Pending {
-                        mut inner,
-                        mut request,
-                        config,
-                        digest,
-                    } = pending.take().expect("polled after completion");
-                    match config.admit(found, &digest, &mut request) {
-                        Ok(()) => crate::future::ResponseFuture::inner(inner.call(request)),
-                        Err(rejection) => crate::future::ResponseFuture::rejected(config.reject(
-                            &request,
-                            &rejection,
-                            Some(&digest),
-                        )),
-                    }
-                }
-            };
-            self.as_mut()
-                .project()
-                .state
-                .set(State::Decided { future: next });
-        }
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.project().inner.poll(cx)
     }
 }

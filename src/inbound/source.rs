@@ -263,7 +263,8 @@ fn ambiguous(first: &KeySource, second: &KeySource) -> Rejection {
 
 /// Removes the credentials named by `carriers` from the request, so the inner service never
 /// sees them. Other query parameters are kept byte for byte.
-pub(crate) fn hide(headers: &mut HeaderMap, uri: &mut Uri, sources: &[KeySource], carriers: u32) {
+pub(crate) fn hide<B>(req: &mut http::Request<B>, sources: &[KeySource], carriers: u32) {
+    let headers = req.headers_mut();
     let mut query_names: Vec<&str> = Vec::new();
     for (i, source) in sources.iter().enumerate() {
         if carriers & (1 << i) == 0 {
@@ -282,8 +283,12 @@ pub(crate) fn hide(headers: &mut HeaderMap, uri: &mut Uri, sources: &[KeySource]
     if query_names.is_empty() {
         return;
     }
-    if let Some(rest) = uri.query().and_then(|q| query::without(q, &query_names)) {
-        *uri = query::set_query(uri, &rest);
+    if let Some(rest) = req
+        .uri()
+        .query()
+        .and_then(|q| query::without(q, &query_names))
+    {
+        *req.uri_mut() = query::set_query(req.uri(), &rest);
     }
 }
 
@@ -385,12 +390,15 @@ mod tests {
 
     #[test]
     fn hide_removes_only_the_carriers() {
-        let mut headers = HeaderMap::new();
-        headers.insert("x-api-key", HeaderValue::from_static("a"));
-        headers.insert("authorization", HeaderValue::from_static("Bearer a"));
-        headers.insert("x-other", HeaderValue::from_static("1"));
-        let mut uri: Uri = "/p?z=%2F&key=a&y".parse().unwrap();
-        hide(&mut headers, &mut uri, &sources(), 0b101);
+        let mut req = http::Request::builder()
+            .uri("/p?z=%2F&key=a&y")
+            .header("x-api-key", "a")
+            .header("authorization", "Bearer a")
+            .header("x-other", "1")
+            .body(())
+            .unwrap();
+        hide(&mut req, &sources(), 0b101);
+        let (headers, uri) = (req.headers(), req.uri());
         assert!(headers.get("x-api-key").is_none());
         assert!(headers.get("authorization").is_some());
         assert_eq!(uri, "/p?z=%2F&y");

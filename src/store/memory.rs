@@ -1,12 +1,13 @@
 //! The in-process store: a sharded hash table from digest to record.
 
+use std::collections::HashSet;
 use std::future::{Ready, ready};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use hashbrown::HashTable;
 
 use crate::key::{KeyDigest, KeyHasher};
-use crate::record::{KeyId, KeyRecord};
+use crate::record::{KeyId, KeyRecord, Scopes};
 use crate::store::{KeyAdmin, KeyStore, LookupResult, StoreError, Write, WriteError};
 
 /// Shards keep writers from stalling every reader, and keep each rehash small.
@@ -30,6 +31,8 @@ type Shard = RwLock<HashTable<Arc<KeyRecord>>>;
 pub struct MemoryStore {
     shards: Box<[Shard]>,
     hasher: KeyHasher,
+    /// One shared list per distinct scope set: a million keys usually have a handful.
+    scope_sets: Mutex<HashSet<Scopes>>,
 }
 
 impl MemoryStore {
@@ -43,6 +46,7 @@ impl MemoryStore {
         MemoryStore {
             shards: (0..SHARDS).map(|_| RwLock::new(HashTable::new())).collect(),
             hasher,
+            scope_sets: Mutex::new(HashSet::new()),
         }
     }
 
@@ -50,8 +54,20 @@ impl MemoryStore {
         &self.shards[shard_index(digest)]
     }
 
+    /// Makes `record` share the store's copy of its scope list.
+    fn intern(&self, record: &mut KeyRecord) {
+        let mut sets = self.scope_sets.lock().unwrap_or_else(|e| e.into_inner());
+        match sets.get(record.scopes()) {
+            Some(shared) => record.share_scopes(shared),
+            None => {
+                sets.insert(record.scopes().clone());
+            }
+        }
+    }
+
     /// Adds `record`, replacing any record with the same digest. Returns the shared record.
-    pub fn insert(&self, record: KeyRecord) -> Arc<KeyRecord> {
+    pub fn insert(&self, mut record: KeyRecord) -> Arc<KeyRecord> {
+        self.intern(&mut record);
         let record = Arc::new(record);
         let mut table = self
             .shard(record.digest())
@@ -121,7 +137,10 @@ impl MemoryStore {
     pub fn replace_all(&self, records: impl IntoIterator<Item = Arc<KeyRecord>>) {
         let mut tables: Vec<HashTable<Arc<KeyRecord>>> =
             (0..SHARDS).map(|_| HashTable::new()).collect();
-        for record in records {
+        for mut record in records {
+            if let Some(unique) = Arc::get_mut(&mut record) {
+                self.intern(unique);
+            }
             put(&mut tables[shard_index(record.digest())], record);
         }
         for (shard, table) in self.shards.iter().zip(tables) {
@@ -182,7 +201,8 @@ impl MemoryStore {
         }
         for write in writes {
             match write {
-                Write::Insert(new) | Write::Replace { new, .. } => {
+                Write::Insert(mut new) | Write::Replace { mut new, .. } => {
+                    self.intern(&mut new);
                     put(&mut tables[shard_index(new.digest())], Arc::new(new));
                 }
                 Write::Remove(old) => {
@@ -257,5 +277,29 @@ impl KeyStore for MemoryStore {
 
     fn hasher(&self) -> &KeyHasher {
         &self.hasher
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_with_equal_scopes_share_one_list() {
+        let store = MemoryStore::new();
+        let hasher = KeyHasher::sha256();
+        let a = store
+            .insert(KeyRecord::new(KeyId::random(), hasher.digest(b"a")).with_scopes(["x", "y"]));
+        let b = store
+            .insert(KeyRecord::new(KeyId::random(), hasher.digest(b"b")).with_scopes(["y", "x"]));
+        let c =
+            store.insert(KeyRecord::new(KeyId::random(), hasher.digest(b"c")).with_scopes(["x"]));
+        assert!(a.scopes().same_list(b.scopes()));
+        assert!(!a.scopes().same_list(c.scopes()));
+        store.replace_all([Arc::new(
+            KeyRecord::new(KeyId::random(), hasher.digest(b"d")).with_scopes(["x"]),
+        )]);
+        let d = store.lookup_now(&hasher.digest(b"d")).unwrap();
+        assert!(d.scopes().same_list(c.scopes()));
     }
 }

@@ -30,17 +30,17 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::header::AUTHORIZATION;
-use http::request::Parts;
 use http::{HeaderName, Request, Response, Uri};
 use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::body::ResponseBody;
+use crate::future::{Resumable, Resume};
 use crate::identity::Identity;
 use crate::inbound::InboundApiKeyLayer;
 use crate::query;
@@ -311,84 +311,60 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        let mut credential = self
+        let credential = self
             .config
             .source
             .credential(req.extensions().get::<Identity>());
-        // Static keys and pools answer at once: then the inner service is called right
-        // here, without cloning it or keeping any state in the future.
-        if let Poll::Ready(credential) =
-            Pin::new(&mut credential).poll(&mut Context::from_waker(Waker::noop()))
-        {
-            return ResponseFuture::decided(self.config.forward(&mut self.inner, req, credential));
-        }
-        // The service that was polled ready is the one that must be called: take it, and
-        // leave a clone to be readied for the next request.
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
         ResponseFuture {
-            state: State::Waiting {
-                credential,
-                pending: Some(Pending {
-                    inner,
-                    request: req,
-                    config: self.config.clone(),
-                }),
-            },
+            inner: Resumable::start(credential, &mut self.inner, req, &self.config),
         }
     }
 }
 
-impl<C: CredentialSource> Config<C> {
-    /// Rewrites the request with `credential` and calls `inner`, or answers the rejection.
-    fn forward<S, B, ResBody>(
-        &self,
-        inner: &mut S,
-        req: Request<B>,
-        credential: Result<Credential, Rejection>,
-    ) -> crate::future::ResponseFuture<S::Future>
-    where
-        S: Service<Request<B>, Response = Response<ResBody>>,
-    {
+impl<C: CredentialSource, B> Resume<B> for Config<C> {
+    type Answer = Result<Credential, Rejection>;
+
+    /// Rewrites the request with the credential, or answers the rejection.
+    fn resume(&self, credential: Self::Answer, req: &mut Request<B>) -> Option<Response<Bytes>> {
         let provider = self.provider.name();
         let source = self.source.label();
         match credential {
             Ok(credential) => {
                 tracing::debug!(target: "tower_gateway_auth::upstream", provider, source, fingerprint = %credential.fingerprint(), "upstream credential placed");
-                let (mut parts, body) = req.into_parts();
-                self.rewrite(&mut parts, &credential);
-                crate::future::ResponseFuture::inner(inner.call(Request::from_parts(parts, body)))
+                self.rewrite(req, &credential);
+                None
             }
             Err(rejection) => {
                 tracing::info!(target: "tower_gateway_auth::upstream", provider, source, reason = rejection.code(), "request refused: no upstream credential");
-                crate::future::ResponseFuture::rejected(self.reject(&req, &rejection))
+                Some(
+                    self.error_format
+                        .respond(&rejection, &self.realm, req.headers()),
+                )
             }
         }
     }
+}
 
-    fn reject<B>(&self, req: &Request<B>, rejection: &Rejection) -> Response<Bytes> {
-        self.error_format
-            .respond(rejection, &self.realm, req.headers())
-    }
-
+impl<C: CredentialSource> Config<C> {
     /// Steps 2–4 of the data path: strip, apply the provider's extras, place.
-    fn rewrite(&self, parts: &mut Parts, credential: &Credential) {
+    fn rewrite<B>(&self, req: &mut Request<B>, credential: &Credential) {
+        let headers = req.headers_mut();
         for name in &self.strip_headers {
-            parts.headers.remove(name);
+            headers.remove(name);
         }
-        parts.uri = self.rewrite_query(&parts.uri, credential);
+        if let Some(uri) = self.rewrite_query(req.uri(), credential) {
+            *req.uri_mut() = uri;
+        }
         for rule in self.provider.header_rules() {
-            rule.apply(parts);
+            rule.apply(req);
         }
         match self.provider.placement() {
             Placement::Bearer => {
-                parts
-                    .headers
+                req.headers_mut()
                     .insert(AUTHORIZATION, credential.bearer().clone());
             }
             Placement::Header(name) => {
-                parts
-                    .headers
+                req.headers_mut()
                     .insert(name.clone(), credential.value().clone());
             }
             Placement::Query(_) => {}
@@ -396,9 +372,9 @@ impl<C: CredentialSource> Config<C> {
     }
 
     /// The URI with the client's credentials taken out of the query and the provider's
-    /// parameters (and credential, for a query placement) put in. Untouched when there is
-    /// nothing to do.
-    fn rewrite_query(&self, uri: &Uri, credential: &Credential) -> Uri {
+    /// parameters (and credential, for a query placement) put in; `None` when there is
+    /// nothing to change.
+    fn rewrite_query(&self, uri: &Uri, credential: &Credential) -> Option<Uri> {
         let original = uri.query();
         let mut query = original.and_then(|q| query::without(q, &self.strip_query));
         let params = self
@@ -414,18 +390,8 @@ impl<C: CredentialSource> Config<C> {
             let current = query.as_deref().or(original).unwrap_or("");
             query = Some(query::with_param(current, name, value));
         }
-        match query {
-            Some(query) => query::set_query(uri, &query),
-            None => uri.clone(),
-        }
+        query.map(|query| query::set_query(uri, &query))
     }
-}
-
-/// What a request waiting on its credential still holds.
-struct Pending<S, C, B> {
-    inner: S,
-    request: Request<B>,
-    config: Arc<Config<C>>,
 }
 
 pin_project! {
@@ -436,37 +402,7 @@ pin_project! {
         C: CredentialSource,
     {
         #[pin]
-        state: State<S, C, B>,
-    }
-}
-
-pin_project! {
-    #[project = StateProj]
-    enum State<S, C, B>
-    where
-        S: Service<Request<B>>,
-        C: CredentialSource,
-    {
-        Waiting {
-            credential: C::Future,
-            pending: Option<Pending<S, C, B>>,
-        },
-        Decided {
-            #[pin]
-            future: crate::future::ResponseFuture<S::Future>,
-        },
-    }
-}
-
-impl<S, C, B> ResponseFuture<S, C, B>
-where
-    S: Service<Request<B>>,
-    C: CredentialSource,
-{
-    fn decided(future: crate::future::ResponseFuture<S::Future>) -> Self {
-        ResponseFuture {
-            state: State::Decided { future },
-        }
+        inner: Resumable<C::Future, S, Config<C>, B>,
     }
 }
 
@@ -477,28 +413,8 @@ where
 {
     type Output = Result<Response<ResponseBody<ResBody>>, S::Error>;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        loop {
-            let next = match self.as_mut().project().state.project() {
-                StateProj::Decided { future } => return future.poll(cx),
-                StateProj::Waiting {
-                    credential,
-                    pending,
-                } => {
-                    let credential = std::task::ready!(Pin::new(credential).poll(cx));
-                    let Pending {
-                        mut inner,
-                        request,
-                        config,
-                    } = pending.take().expect("polled after completion");
-                    config.forward(&mut inner, request, credential)
-                }
-            };
-            self.as_mut()
-                .project()
-                .state
-                .set(State::Decided { future: next });
-        }
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.project().inner.poll(cx)
     }
 }
 
@@ -509,9 +425,11 @@ mod tests {
     fn rewritten(provider: Provider, uri: &str) -> Uri {
         let layer = UpstreamAuthLayer::new(provider, Credential::new("up&key").unwrap())
             .strip_query("api_key");
+        let uri: Uri = uri.parse().unwrap();
         layer
             .config
-            .rewrite_query(&uri.parse().unwrap(), &Credential::new("up&key").unwrap())
+            .rewrite_query(&uri, &Credential::new("up&key").unwrap())
+            .unwrap_or(uri)
     }
 
     #[test]
