@@ -1,0 +1,60 @@
+//! An axum hello-world, bare or behind the crate's whole layer stack, for load tests
+//! (`scripts/loadtest.sh`).
+//!
+//! ```text
+//! cargo run --release --example hello -- [--stack] [--listen 127.0.0.1:3100]
+//! ```
+//!
+//! With `--stack` the handler sits behind `InboundApiKeyLayer` (a memory store of 1,000
+//! keys), `UpstreamAuthLayer` (OpenAI preset) and `HeaderInjectLayer` (a request id); the
+//! first line on stdout is a valid key.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::routing::any;
+use tower::ServiceBuilder;
+use tower_gateway_auth::{
+    Credential, HeaderInjectLayer, InboundApiKeyLayer, KeyManager, MemoryStore, NewKey, Provider,
+    RequestId, UpstreamAuthLayer,
+};
+
+#[tokio::main]
+async fn main() {
+    let mut stack = false;
+    let mut listen = "127.0.0.1:3100".to_owned();
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--stack" => stack = true,
+            "--listen" => listen = args.next().expect("--listen needs an address"),
+            other => panic!("unknown argument {other}; usage: hello [--stack] [--listen ADDR]"),
+        }
+    }
+    let app = Router::new().route("/{*path}", any(|| async { "hello" }));
+    let app = if stack {
+        let store = Arc::new(MemoryStore::new());
+        let manager = KeyManager::new(store.clone());
+        let mut first = None;
+        for i in 0..1000 {
+            let issued = manager.issue(NewKey::named(format!("load-{i}"))).await.unwrap();
+            first.get_or_insert(issued.key);
+        }
+        println!("{}", first.unwrap().expose());
+        let inbound = InboundApiKeyLayer::from_shared(store);
+        let upstream = UpstreamAuthLayer::new(Provider::openai(), Credential::new("sk-upstream-load-test").unwrap())
+            .strip_inbound(&inbound);
+        app.layer(
+            ServiceBuilder::new()
+                .layer(inbound)
+                .layer(upstream)
+                .layer(HeaderInjectLayer::new().request_id(RequestId::new().echo(true))),
+        )
+    } else {
+        println!("-");
+        app
+    };
+    let listener = tokio::net::TcpListener::bind(&listen).await.unwrap();
+    eprintln!("hello ({}) on http://{listen}", if stack { "full stack" } else { "bare" });
+    axum::serve(listener, app).await.unwrap();
+}

@@ -1,0 +1,212 @@
+#!/usr/bin/env bash
+# Load test on loopback: the reference gateway against nginx doing the same job, and an axum
+# hello-world with and without the crate's whole layer stack.
+#
+#   scripts/loadtest.sh     # ROUNDS=3 DURATION=6 CONNECTIONS=50 THREADS=1 by default
+#
+# Every server under test gets one worker pinned to CPU 1; wrk and the upstream share CPU 0,
+# so the servers compete with nothing but themselves. Shared machines drift by several per
+# cent from one run to the next, so each pair compared (gateway and nginx, stack and bare)
+# is measured in alternating rounds and each figure is the median over the rounds. Figures
+# are req/s and p99 latency; the last two lines are the ratios the README reports.
+# Everything started is stopped on exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-6}
+CONNECTIONS=${CONNECTIONS:-50}
+THREADS=${THREADS:-1}
+KEYS=${KEYS:-100}
+
+install() {
+  local missing=()
+  command -v wrk >/dev/null || missing+=(wrk)
+  command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing ${missing[*]}" >&2
+    apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+}
+install
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+
+echo "building (release)..." >&2
+cargo build -q --release --example gateway --example keygen --example hello
+BIN=target/release/examples
+
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for conf in "$WORK"/nginx-*.conf; do
+    [ -f "$conf" ] && "$NGINX" -p "$WORK" -c "$conf" -s stop 2>/dev/null || true
+  done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() {
+  for _ in $(seq 1 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "nothing listens on port $1" >&2
+  exit 1
+}
+
+UPSTREAM_PORT=$(free_port)
+GATEWAY_PORT=$(free_port)
+NGINX_PORT=$(free_port)
+BARE_PORT=$(free_port)
+STACK_PORT=$(free_port)
+UPSTREAM_SECRET=sk-upstream-load-test
+
+start_nginx() { # name config-body
+  local conf="$WORK/nginx-$1.conf"
+  cat >"$conf" <<CONF
+worker_processes 1;
+error_log $WORK/nginx-$1.error.log;
+pid $WORK/nginx-$1.pid;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $WORK/$1-body;
+  proxy_temp_path $WORK/$1-proxy;
+  fastcgi_temp_path $WORK/$1-fastcgi;
+  uwsgi_temp_path $WORK/$1-uwsgi;
+  scgi_temp_path $WORK/$1-scgi;
+  $2
+}
+CONF
+  taskset -c "$3" "$NGINX" -p "$WORK" -c "$conf"
+}
+
+# The upstream: a provider stand-in answering a small JSON body, on CPU 0.
+start_nginx upstream "server {
+    listen 127.0.0.1:$UPSTREAM_PORT;
+    location / { default_type application/json; return 200 '{\"id\":\"chatcmpl-1\",\"choices\":[]}'; }
+  }" 0
+wait_port "$UPSTREAM_PORT"
+
+# Keys: issued with keygen into a key file the gateway reads; nginx gets the same keys.
+KEYS_FILE="$WORK/keys.json"
+KEY=""
+MAP=""
+for i in $(seq 1 "$KEYS"); do
+  k=$("$BIN/keygen" --keys-file "$KEYS_FILE" --name "load-$i" 2>/dev/null)
+  [ -z "$KEY" ] && KEY=$k
+  MAP="$MAP    \"Bearer $k\" 1;
+"
+done
+
+cat >"$WORK/gateway.toml" <<TOML
+listen = "127.0.0.1:$GATEWAY_PORT"
+keys_file = "$KEYS_FILE"
+sources = ["header:x-api-key", "bearer"]
+
+[[route]]
+prefix = "/v1"
+upstream = "http://127.0.0.1:$UPSTREAM_PORT/v1"
+provider = "openai"
+credential_env = "UPSTREAM_KEY"
+TOML
+UPSTREAM_KEY=$UPSTREAM_SECRET TOKIO_WORKER_THREADS=1 RUST_LOG=warn \
+  taskset -c 1 "$BIN/gateway" --config "$WORK/gateway.toml" >"$WORK/gateway.log" 2>&1 &
+PIDS+=($!)
+
+# nginx as the gateway: the same key check (a map of valid keys, 401 otherwise), the same
+# credential rewrite, a request id, and keepalive to the upstream.
+start_nginx gateway "map \$http_authorization \$key_ok {
+    default 0;
+$MAP  }
+  upstream provider { server 127.0.0.1:$UPSTREAM_PORT; keepalive 64; }
+  server {
+    listen 127.0.0.1:$NGINX_PORT;
+    location /v1/ {
+      if (\$key_ok = 0) { return 401 '{\"error\":{\"message\":\"Invalid API key.\"}}'; }
+      proxy_http_version 1.1;
+      proxy_set_header Connection \"\";
+      proxy_set_header Authorization \"Bearer $UPSTREAM_SECRET\";
+      proxy_set_header X-Api-Key \"\";
+      proxy_set_header Api-Key \"\";
+      proxy_set_header X-Goog-Api-Key \"\";
+      proxy_set_header X-Request-Id \$request_id;
+      add_header X-Request-Id \$request_id;
+      proxy_pass http://provider;
+    }
+  }" 1
+
+TOKIO_WORKER_THREADS=1 taskset -c 1 "$BIN/hello" --listen "127.0.0.1:$BARE_PORT" >/dev/null 2>&1 &
+PIDS+=($!)
+TOKIO_WORKER_THREADS=1 taskset -c 1 "$BIN/hello" --stack --listen "127.0.0.1:$STACK_PORT" >"$WORK/stack.key" 2>/dev/null &
+PIDS+=($!)
+for port in "$GATEWAY_PORT" "$NGINX_PORT" "$BARE_PORT" "$STACK_PORT"; do wait_port "$port"; done
+STACK_KEY=$(head -1 "$WORK/stack.key")
+
+# Sanity: every target answers 200 with the key and 401 without, so wrk measures real work.
+check() { # url key
+  local ok bad
+  ok=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $2" "$1")
+  bad=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer not-a-key" "$1")
+  if [ "$ok" != 200 ] || { [ "$2" != none ] && [ "$bad" != 401 ]; }; then
+    echo "sanity check failed for $1: $ok with the key, $bad without" >&2
+    cat "$WORK/gateway.log" >&2
+    exit 1
+  fi
+}
+check "http://127.0.0.1:$GATEWAY_PORT/v1/chat/completions" "$KEY"
+check "http://127.0.0.1:$NGINX_PORT/v1/chat/completions" "$KEY"
+check "http://127.0.0.1:$STACK_PORT/v1/chat/completions" "$STACK_KEY"
+check "http://127.0.0.1:$BARE_PORT/v1/chat/completions" none
+
+# One wrk run: prints "rps p99_ms".
+wrk_once() { # url key
+  local out
+  out=$(taskset -c 0 wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency -H "Authorization: Bearer $2" "$1")
+  if echo "$out" | grep -q "Non-2xx"; then
+    echo "non-2xx answers under load from $1:" >&2
+    echo "$out" >&2
+    exit 1
+  fi
+  echo "$out" | awk '/^Requests\/sec:/ {rps=$2}
+    $1 == "99%" {v=$2; if (v ~ /us$/) {sub(/us/,"",v); v/=1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v*=1000}; p99=v}
+    END {print rps, p99}'
+}
+
+median() { sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+
+# Measures two targets in alternating rounds; prints "rps_a p99_a rps_b p99_b" (medians).
+pair() { # name_a url_a key_a name_b url_b key_b
+  local ra=() pa=() rb=() pb=() r p
+  taskset -c 0 wrk -t"$THREADS" -c"$CONNECTIONS" -d1s -H "Authorization: Bearer $3" "$2" >/dev/null 2>&1
+  taskset -c 0 wrk -t"$THREADS" -c"$CONNECTIONS" -d1s -H "Authorization: Bearer $6" "$5" >/dev/null 2>&1
+  for _ in $(seq 1 "$ROUNDS"); do
+    read -r r p < <(wrk_once "$2" "$3"); ra+=("$r"); pa+=("$p")
+    read -r r p < <(wrk_once "$5" "$6"); rb+=("$r"); pb+=("$p")
+  done
+  local mra mpa mrb mpb
+  mra=$(printf '%s\n' "${ra[@]}" | median); mpa=$(printf '%s\n' "${pa[@]}" | median)
+  mrb=$(printf '%s\n' "${rb[@]}" | median); mpb=$(printf '%s\n' "${pb[@]}" | median)
+  printf '%-22s %10.0f req/s   p99 %7.2f ms   (rounds: %s)\n' "$1" "$mra" "$mpa" "${ra[*]}" >&2
+  printf '%-22s %10.0f req/s   p99 %7.2f ms   (rounds: %s)\n' "$4" "$mrb" "$mpb" "${rb[*]}" >&2
+  echo "$mra $mpa $mrb $mpb"
+}
+
+echo "wrk: $THREADS thread(s), $CONNECTIONS connections, $ROUNDS rounds of ${DURATION}s, on loopback" >&2
+read -r up_rps up_p99 < <(wrk_once "http://127.0.0.1:$UPSTREAM_PORT/v1/chat/completions" "$KEY")
+printf '%-22s %10.0f req/s   p99 %7.2f ms\n' "upstream (direct)" "$up_rps" "$up_p99" >&2
+read -r gw_rps gw_p99 ng_rps ng_p99 < <(pair \
+  "gateway" "http://127.0.0.1:$GATEWAY_PORT/v1/chat/completions" "$KEY" \
+  "nginx (same job)" "http://127.0.0.1:$NGINX_PORT/v1/chat/completions" "$KEY")
+read -r stack_rps stack_p99 bare_rps bare_p99 < <(pair \
+  "axum hello (stack)" "http://127.0.0.1:$STACK_PORT/v1/chat/completions" "$STACK_KEY" \
+  "axum hello (bare)" "http://127.0.0.1:$BARE_PORT/v1/chat/completions" none)
+
+awk -v gp="$gw_p99" -v np="$ng_p99" \
+  'BEGIN { printf "gateway p99 %.2f ms, nginx p99 %.2f ms (%s)\n", gp, np, (gp <= np ? "no worse" : "worse") }'
+awk -v s="$stack_p99" -v b="$bare_p99" 'BEGIN { printf "axum stack p99 %.2f ms, bare p99 %.2f ms\n", s, b }'
+awk -v g="$gw_rps" -v n="$ng_rps" 'BEGIN { printf "gateway/nginx req/s ratio: %.2f\n", g / n }'
+awk -v s="$stack_rps" -v b="$bare_rps" 'BEGIN { printf "axum stack/bare req/s ratio: %.2f\n", s / b }'
