@@ -37,13 +37,19 @@ async fn main() {
         let manager = KeyManager::new(store.clone());
         let mut first = None;
         for i in 0..1000 {
-            let issued = manager.issue(NewKey::named(format!("load-{i}"))).await.unwrap();
+            let issued = manager
+                .issue(NewKey::named(format!("load-{i}")))
+                .await
+                .unwrap();
             first.get_or_insert(issued.key);
         }
         println!("{}", first.unwrap().expose());
         let inbound = InboundApiKeyLayer::from_shared(store);
-        let upstream = UpstreamAuthLayer::new(Provider::openai(), Credential::new("sk-upstream-load-test").unwrap())
-            .strip_inbound(&inbound);
+        let upstream = UpstreamAuthLayer::new(
+            Provider::openai(),
+            Credential::new("sk-upstream-load-test").unwrap(),
+        )
+        .strip_inbound(&inbound);
         app.layer(
             ServiceBuilder::new()
                 .layer(inbound)
@@ -55,6 +61,9 @@ async fn main() {
         app
     };
     let listener = tokio::net::TcpListener::bind(&listen).await.unwrap();
-    eprintln!("hello ({}) on http://{listen}", if stack { "full stack" } else { "bare" });
+    eprintln!(
+        "hello ({}) on http://{listen}",
+        if stack { "full stack" } else { "bare" }
+    );
     axum::serve(listener, app).await.unwrap();
 }

@@ -5,6 +5,7 @@
 //!                                [--scope S]... [--prefix P]
 //! cargo run --example keygen -- --keys-file keys.json --list
 //! cargo run --example keygen -- --keys-file keys.json --revoke key_XXXXXXXXXXX
+//! cargo run --example keygen -- --redis-url redis://127.0.0.1:6379 --name alice   # shared store
 //! ```
 //!
 //! Issuing prints only the new key on stdout (details go to stderr), so
@@ -15,13 +16,17 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tower_gateway_auth::{FileStore, KeyFormat, KeyManager, KeyRecord, NewKey, Timestamp};
+use tower_gateway_auth::{
+    FileStore, KeyAdmin, KeyFormat, KeyHasher, KeyManager, KeyRecord, NewKey, RedisStore, Timestamp,
+};
 
-const USAGE: &str = "usage: keygen --keys-file FILE (--name NAME [--ttl-days N | --no-expiry] [--scope S]... [--prefix P] | --list | --revoke ID)";
+const USAGE: &str = "usage: keygen (--keys-file FILE | --redis-url URL [--redis-namespace NS]) (--name NAME [--ttl-days N | --no-expiry] [--scope S]... [--prefix P] | --list | --revoke ID)";
 
 #[derive(Default)]
 struct Args {
     keys_file: Option<String>,
+    redis_url: Option<String>,
+    redis_namespace: Option<String>,
     name: Option<String>,
     ttl_days: Option<u64>,
     no_expiry: bool,
@@ -37,6 +42,8 @@ fn parse(mut raw: impl Iterator<Item = String>) -> Result<Args, String> {
         let mut value = || raw.next().ok_or_else(|| format!("{flag} needs a value"));
         match flag.as_str() {
             "--keys-file" => args.keys_file = Some(value()?),
+            "--redis-url" => args.redis_url = Some(value()?),
+            "--redis-namespace" => args.redis_namespace = Some(value()?),
             "--name" => args.name = Some(value()?),
             "--ttl-days" => {
                 let v = value()?;
@@ -81,14 +88,29 @@ fn describe(r: &KeyRecord, now: Timestamp) -> String {
     )
 }
 
-async fn run(args: Args) -> Result<(), String> {
-    let path = args.keys_file.ok_or(USAGE)?;
-    let store = Arc::new(
-        FileStore::builder(&path)
-            .reload_every(None)
-            .open()
-            .map_err(|e| e.to_string())?,
-    );
+async fn run(mut args: Args) -> Result<(), String> {
+    match (args.keys_file.take(), args.redis_url.take()) {
+        (Some(path), None) => {
+            let store = FileStore::builder(&path)
+                .reload_every(None)
+                .open()
+                .map_err(|e| e.to_string())?;
+            manage(Arc::new(store), args, &path).await
+        }
+        (None, Some(url)) => {
+            let namespace = args.redis_namespace.clone().unwrap_or_else(|| "tga".into());
+            let store = RedisStore::connect_with(&url, &namespace, KeyHasher::sha256())
+                .await
+                .map_err(|e| e.to_string())?;
+            manage(Arc::new(store), args, "Redis").await
+        }
+        _ => Err(format!(
+            "give exactly one of --keys-file or --redis-url\n{USAGE}"
+        )),
+    }
+}
+
+async fn manage<S: KeyAdmin>(store: Arc<S>, args: Args, place: &str) -> Result<(), String> {
     let mut manager = KeyManager::new(store);
     if let Some(prefix) = &args.prefix {
         manager = manager.key_format(KeyFormat::new(prefix).map_err(|e| e.to_string())?);
@@ -114,7 +136,7 @@ async fn run(args: Args) -> Result<(), String> {
             }
             let issued = manager.issue(spec).await.map_err(|e| e.to_string())?;
             eprintln!("issued {}", describe(&issued.record, now));
-            eprintln!("the key below is shown once; {path} keeps only its digest");
+            eprintln!("the key below is shown once; {place} keeps only its digest");
             println!("{}", issued.key.expose());
         }
         _ => {

@@ -33,6 +33,8 @@
 //! # Features
 //! - `axum`: [`Identity`] as an extractor (and `Option<Identity>`), and [`ManagementApi`].
 //! - `proxy`: [`proxy::Forward`], a streaming forwarding proxy (hyper-util client, rustls).
+//! - `redis`: [`RedisStore`], keys shared by several replicas, with revocation fan-out to
+//!   their [`CachedStore`]s.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -69,9 +71,11 @@ pub use lifecycle::{
 };
 pub use record::{KeyId, KeyRecord, KeyStatus, KeyUnusable, Metadata, ParseKeyIdError, Scopes};
 pub use rejection::{ErrorFormat, Realm, Rejection, RejectionKind, UnknownErrorFormat, is_grpc};
+#[cfg(feature = "redis")]
+pub use store::RedisStore;
 pub use store::{
-    BoxLookup, FileStore, FileStoreBuilder, KeyAdmin, KeyStore, LookupResult, MemoryStore,
-    StoreError, Write, WriteError,
+    BoxLookup, CachedStore, FileStore, FileStoreBuilder, KeyAdmin, KeyStore, LookupResult,
+    MemoryStore, StoreError, Write, WriteError,
 };
 pub use time::{Clock, ManualClock, SystemClock, Timestamp};
 pub use upstream::{

@@ -95,6 +95,7 @@ pub trait Clock: Send + Sync + 'static {
 pub struct SystemClock;
 
 impl Clock for SystemClock {
+    #[inline]
     fn now(&self) -> Timestamp {
         cached::now()
     }
@@ -114,6 +115,7 @@ mod cached {
     static CACHED: AtomicBool = AtomicBool::new(false);
     static START: Once = Once::new();
 
+    #[inline]
     pub(super) fn now() -> Timestamp {
         START.call_once(|| {
             SECS.store(Timestamp::now().as_unix_secs(), Ordering::Relaxed);

@@ -530,3 +530,111 @@ fn the_shipped_example_config_is_valid() {
     let any = |_: &str| Some("sk-test-credential".to_owned());
     config.plan(&any).unwrap();
 }
+
+#[tokio::test]
+async fn with_redis_a_key_revoked_by_keygen_is_rejected_within_a_second() {
+    let Some((url, _server)) = support::redis::redis_url() else {
+        return;
+    };
+    let ns = support::redis::namespace();
+    let (upstream, seen) = spawn_upstream().await;
+    let text = config(std::path::Path::new("unused"), upstream).replace(
+        "keys_file = \"unused\"",
+        &format!("redis_url = \"{url}\"\nredis_namespace = \"{ns}\""),
+    );
+    // What keygen --redis-url does: a plain RedisStore and a KeyManager.
+    let keygen = Arc::new(
+        tower_gateway_auth::RedisStore::connect_with(
+            &url,
+            &ns,
+            tower_gateway_auth::KeyHasher::sha256(),
+        )
+        .await
+        .unwrap(),
+    );
+    let issued = KeyManager::new(keygen.clone())
+        .issue(NewKey::named("replicated").scopes(["openai"]))
+        .await
+        .unwrap();
+    let gw = start(&text).await;
+    let key = issued.key.expose();
+    let a = call(
+        gw.addr,
+        Method::GET,
+        "/openai/v1/models",
+        &[("x-api-key", key)],
+        "",
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(seen.count(), 1);
+
+    KeyManager::new(keygen)
+        .revoke(issued.record.id())
+        .await
+        .unwrap();
+    let revoked = Instant::now();
+    loop {
+        let a = call(
+            gw.addr,
+            Method::GET,
+            "/openai/v1/models",
+            &[("x-api-key", key)],
+            "",
+        )
+        .await;
+        if a.status == StatusCode::UNAUTHORIZED {
+            assert_eq!(a.json()["error"]["code"], "revoked_api_key");
+            break;
+        }
+        assert!(
+            revoked.elapsed() < Duration::from_secs(1),
+            "still accepted after a second"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Requests in the propagation window may have passed; none after the rejection.
+    let passed = seen.count();
+    let a = call(
+        gw.addr,
+        Method::GET,
+        "/openai/v1/models",
+        &[("x-api-key", key)],
+        "",
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(seen.count(), passed);
+}
+
+#[test]
+fn keys_file_and_redis_url_exclude_each_other() {
+    let text = config(
+        std::path::Path::new("/tmp/k.json"),
+        "127.0.0.1:9".parse().unwrap(),
+    )
+    .replace(
+        "reload_ms = 100",
+        "reload_ms = 100\nredis_url = \"redis://127.0.0.1:6379\"",
+    );
+    let err = app::Config::from_toml(&text)
+        .unwrap()
+        .plan(&env)
+        .err()
+        .unwrap();
+    assert_eq!(err.field, "redis_url");
+    let text = config(
+        std::path::Path::new("/tmp/k.json"),
+        "127.0.0.1:9".parse().unwrap(),
+    )
+    .replace(
+        "keys_file = \"/tmp/k.json\"",
+        "redis_url = \"http://127.0.0.1:6379\"",
+    );
+    let err = app::Config::from_toml(&text)
+        .unwrap()
+        .plan(&env)
+        .err()
+        .unwrap();
+    assert_eq!(err.field, "redis_url");
+}

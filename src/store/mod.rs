@@ -9,11 +9,17 @@ use std::sync::Arc;
 use crate::key::{KeyDigest, KeyHasher};
 use crate::record::KeyRecord;
 
+mod cached;
 mod file;
 mod memory;
+#[cfg(feature = "redis")]
+mod redis;
 
+pub use cached::{CachedLookup, CachedStore};
 pub use file::{FileStore, FileStoreBuilder};
 pub use memory::MemoryStore;
+#[cfg(feature = "redis")]
+pub use redis::{InvalidationListener, RedisStore, listen_for_invalidations};
 
 use crate::record::KeyId;
 

@@ -2,6 +2,8 @@
 //! servers and a real HTTP client.
 #![allow(dead_code)]
 
+pub mod redis;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

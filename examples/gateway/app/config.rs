@@ -18,9 +18,14 @@ use tower_gateway_auth::{Credential, ErrorFormat, KeyFormat, KeyHasher, KeySourc
 pub struct Config {
     #[serde(default = "default_listen")]
     pub listen: String,
-    /// The file store written by the keygen example; without it, an in-memory store holds
-    /// one fresh key printed at start-up.
+    /// The file store written by the keygen example; without it (or `redis_url`), an
+    /// in-memory store holds one fresh key printed at start-up.
     pub keys_file: Option<PathBuf>,
+    /// A Redis shared by several gateway replicas, in place of `keys_file`.
+    pub redis_url: Option<String>,
+    /// The key prefix in Redis (several gateways on one Redis).
+    #[serde(default = "default_redis_namespace")]
+    pub redis_namespace: String,
     #[serde(default = "default_sources")]
     pub sources: Vec<String>,
     #[serde(default = "default_error_format")]
@@ -71,6 +76,9 @@ fn default_sources() -> Vec<String> {
 fn default_error_format() -> String {
     "openai".into()
 }
+fn default_redis_namespace() -> String {
+    "tga".into()
+}
 fn default_key_prefix() -> String {
     "gw".into()
 }
@@ -109,7 +117,7 @@ fn bad(field: impl Into<String>, message: impl fmt::Display) -> ConfigError {
 /// The configuration, checked and turned into the crate's types.
 pub struct Plan {
     pub listen: SocketAddr,
-    pub keys_file: Option<PathBuf>,
+    pub keys: Keys,
     pub sources: Vec<KeySource>,
     pub error_format: ErrorFormat,
     pub admin_scope: Option<String>,
@@ -117,6 +125,17 @@ pub struct Plan {
     pub key_format: KeyFormat,
     pub reload: Duration,
     pub routes: Vec<RoutePlan>,
+}
+
+/// Where client keys live.
+pub enum Keys {
+    /// An in-memory store with one fresh key.
+    Memory,
+    File(PathBuf),
+    Redis {
+        url: String,
+        namespace: String,
+    },
 }
 
 /// Where an upstream is.
@@ -171,6 +190,8 @@ impl Config {
         Config {
             listen: default_listen(),
             keys_file: None,
+            redis_url: None,
+            redis_namespace: default_redis_namespace(),
             sources: default_sources(),
             error_format: default_error_format(),
             admin_scope: Some("admin".into()),
@@ -248,9 +269,28 @@ impl Config {
         if self.reload_ms == 0 {
             return Err(bad("reload_ms", "must be at least 1"));
         }
+        let keys = match (self.keys_file, self.redis_url) {
+            (Some(_), Some(_)) => {
+                return Err(bad("redis_url", "give keys_file or redis_url, not both"));
+            }
+            (Some(path), None) => Keys::File(path),
+            (None, Some(url)) => {
+                if !url.starts_with("redis://")
+                    && !url.starts_with("rediss://")
+                    && !url.starts_with("unix://")
+                {
+                    return Err(bad("redis_url", format!("`{url}` is not a redis:// URL")));
+                }
+                Keys::Redis {
+                    url,
+                    namespace: self.redis_namespace,
+                }
+            }
+            (None, None) => Keys::Memory,
+        };
         Ok(Plan {
             listen,
-            keys_file: self.keys_file,
+            keys,
             sources,
             error_format,
             admin_scope: self.admin_scope,

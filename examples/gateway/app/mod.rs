@@ -18,14 +18,15 @@ use axum::response::IntoResponse;
 use http::StatusCode;
 use tower::ServiceBuilder;
 use tower_gateway_auth::proxy::Forward;
+use tower_gateway_auth::store::listen_for_invalidations;
 use tower_gateway_auth::upstream::UpstreamAuthLayer;
 use tower_gateway_auth::{
-    ApiKey, ErrorFormat, FileStore, HeaderInjectLayer, InboundApiKeyLayer, KeyAdmin, KeyManager,
-    ManagementApi, MemoryStore, NewKey, RequestId, RequireScopesLayer,
+    ApiKey, CachedStore, ErrorFormat, FileStore, HeaderInjectLayer, InboundApiKeyLayer, KeyAdmin,
+    KeyManager, ManagementApi, MemoryStore, NewKey, RedisStore, RequestId, RequireScopesLayer,
 };
 
-use config::Upstream;
 pub use config::{Config, ConfigError, Plan};
+use config::{Keys, Upstream};
 
 /// A gateway ready to serve.
 pub struct Gateway {
@@ -53,19 +54,29 @@ pub async fn build(
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Gateway, ConfigError> {
     let plan = config.plan(env)?;
-    match plan.keys_file.clone() {
-        Some(path) => {
-            let store = FileStore::builder(&path)
+    let failed = |field: &str, e: &dyn std::fmt::Display| ConfigError {
+        field: field.into(),
+        message: e.to_string(),
+    };
+    match &plan.keys {
+        Keys::File(path) => {
+            let store = FileStore::builder(path)
                 .hasher(plan.hasher.clone())
                 .reload_every(Some(plan.reload))
                 .open()
-                .map_err(|e| ConfigError {
-                    field: "keys_file".into(),
-                    message: e.to_string(),
-                })?;
+                .map_err(|e| failed("keys_file", &e))?;
             compose(Arc::new(store), plan, None).await
         }
-        None => {
+        Keys::Redis { url, namespace } => {
+            let redis = RedisStore::connect_with(url, namespace, plan.hasher.clone())
+                .await
+                .map_err(|e| failed("redis_url", &e))?;
+            let store = CachedStore::new(redis);
+            // Serve only once revocations announced by other replicas reach this one.
+            listen_for_invalidations(&store).subscribed().await;
+            compose(Arc::new(store), plan, None).await
+        }
+        Keys::Memory => {
             let store = Arc::new(MemoryStore::with_hasher(plan.hasher.clone()));
             let scopes = ["admin".to_owned()]
                 .into_iter()
@@ -74,10 +85,7 @@ pub async fn build(
                 .key_format(plan.key_format.clone())
                 .issue(NewKey::named("first-key").scopes(scopes))
                 .await
-                .map_err(|e| ConfigError {
-                    field: "keys".into(),
-                    message: e.to_string(),
-                })?;
+                .map_err(|e| failed("keys", &e))?;
             compose(store, plan, Some(first.key)).await
         }
     }

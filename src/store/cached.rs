@@ -1,0 +1,453 @@
+//! A local cache in front of any store, for stores a network hop away.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hashbrown::HashTable;
+use tokio::sync::OnceCell;
+
+use crate::key::{KeyDigest, KeyHasher};
+use crate::record::{KeyId, KeyRecord};
+use crate::store::{BoxLookup, KeyAdmin, KeyStore, LookupResult, StoreError, Write, WriteError};
+use crate::time::{Clock, SystemClock};
+
+const SHARDS: usize = 16;
+
+/// A [`KeyStore`] that answers from a bounded local cache and asks the store behind it only
+/// when it must.
+///
+/// - A known key is kept for `ttl` (default 30 s), an unknown one for `negative_ttl`
+///   (default 5 s), so a flood of bad keys reaches the store a handful of times, not once a
+///   request.
+/// - Concurrent misses on one digest make one store call; the others wait for its answer.
+/// - When the store fails or takes longer than `store_timeout` (default 1 s), a record
+///   already held is served for up to `max_staleness` (default 5 min) after it was fetched;
+///   beyond that, and for keys not held, the lookup fails and the inbound layer answers 503.
+///   Unknown keys are never served stale.
+/// - [`invalidate`](Self::invalidate) drops an entry at once (the Redis store's revocation
+///   fan-out calls it on every replica); a lookup that was under way when an invalidation
+///   came does not put its possibly stale answer into the cache.
+/// - A hit is a probe of a sharded hash table under a read lock, like [`MemoryStore`]'s
+///   lookup, and costs about as much.
+///
+/// [`MemoryStore`]: crate::MemoryStore
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use tower_gateway_auth::{CachedStore, InboundApiKeyLayer, MemoryStore};
+///
+/// let store = CachedStore::new(MemoryStore::new())
+///     .ttl(Duration::from_secs(10))
+///     .negative_ttl(Duration::from_secs(2));
+/// let layer = InboundApiKeyLayer::new(store);
+/// # let _ = layer;
+/// ```
+pub struct CachedStore<K> {
+    shared: Arc<Shared<K>>,
+}
+
+impl<K> Clone for CachedStore<K> {
+    fn clone(&self) -> Self {
+        CachedStore {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+pub(crate) struct Shared<K> {
+    store: K,
+    known: Table<Arc<KeyRecord>>,
+    unknown: Table<Unknown>,
+    inflight: Mutex<HashMap<KeyDigest, Arc<OnceCell<Outcome>>>>,
+    /// Bumped by every invalidation; a lookup started before a bump does not fill the cache.
+    epoch: AtomicU64,
+    store_lookups: AtomicU64,
+    ttl: u64,
+    negative_ttl: u64,
+    max_staleness: u64,
+    store_timeout: Duration,
+    /// `None` reads the system clock directly (no virtual call on the hit path).
+    clock: Option<Arc<dyn Clock>>,
+}
+
+/// What one store call found, shareable among the requests that waited for it.
+type Outcome = Result<Option<Arc<KeyRecord>>, Arc<StoreError>>;
+
+/// A sharded, bounded table of values found by digest, with the time they were fetched.
+struct Table<V> {
+    shards: Box<[RwLock<HashTable<Entry<V>>>]>,
+    per_shard: usize,
+}
+
+struct Entry<V> {
+    value: V,
+    fetched: u64,
+}
+
+/// What a table holds: something that knows its digest. A record knows its own, so known
+/// entries are as small as `MemoryStore`'s and a probe reads the record's first cache line,
+/// as a `MemoryStore` probe does.
+trait Digested: Clone {
+    fn digest(&self) -> &KeyDigest;
+}
+
+impl Digested for Arc<KeyRecord> {
+    fn digest(&self) -> &KeyDigest {
+        KeyRecord::digest(self)
+    }
+}
+
+/// An unknown digest.
+#[derive(Clone)]
+struct Unknown(KeyDigest);
+
+impl Digested for Unknown {
+    fn digest(&self) -> &KeyDigest {
+        &self.0
+    }
+}
+
+impl<V: Digested> Table<V> {
+    fn new(capacity: usize) -> Self {
+        Table {
+            shards: (0..SHARDS).map(|_| RwLock::new(HashTable::new())).collect(),
+            per_shard: capacity.div_ceil(SHARDS).max(1),
+        }
+    }
+
+    fn shard(&self, digest: &KeyDigest) -> &RwLock<HashTable<Entry<V>>> {
+        &self.shards[usize::from(digest.as_bytes()[8]) % SHARDS]
+    }
+
+    #[inline]
+    fn get(&self, digest: &KeyDigest) -> Option<(V, u64)> {
+        let table = self.shard(digest).read().unwrap_or_else(|e| e.into_inner());
+        table
+            .find(digest.table_hash(), |e| e.value.digest() == digest)
+            .map(|e| (e.value.clone(), e.fetched))
+    }
+
+    /// Inserts, making room first when the shard is full: entries older than `keep` go, then,
+    /// if that was not enough, an eighth of the shard (any eighth: this bounds memory, it is
+    /// not an LRU).
+    fn put(&self, value: V, now: u64, keep: u64) {
+        let digest = *value.digest();
+        let mut table = self
+            .shard(&digest)
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        if table.len() >= self.per_shard {
+            table.retain(|e| now.saturating_sub(e.fetched) <= keep);
+        }
+        if table.len() >= self.per_shard {
+            let mut excess = table.len() - self.per_shard * 7 / 8;
+            table.retain(|_| {
+                let gone = excess > 0;
+                excess = excess.saturating_sub(1);
+                !gone
+            });
+        }
+        let entry = Entry {
+            value,
+            fetched: now,
+        };
+        match table.entry(
+            digest.table_hash(),
+            |e| *e.value.digest() == digest,
+            |e| e.value.digest().table_hash(),
+        ) {
+            hashbrown::hash_table::Entry::Occupied(mut e) => *e.get_mut() = entry,
+            hashbrown::hash_table::Entry::Vacant(e) => {
+                e.insert(entry);
+            }
+        }
+    }
+
+    fn remove(&self, digest: &KeyDigest) {
+        let mut table = self
+            .shard(digest)
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Ok(entry) = table.find_entry(digest.table_hash(), |e| e.value.digest() == digest) {
+            entry.remove();
+        }
+    }
+
+    fn clear(&self) {
+        for shard in self.shards.iter() {
+            shard.write().unwrap_or_else(|e| e.into_inner()).clear();
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.read().unwrap_or_else(|e| e.into_inner()).len())
+            .sum()
+    }
+}
+
+impl<K: KeyStore> CachedStore<K> {
+    /// `store` behind a cache of up to 100,000 known and 100,000 unknown digests.
+    pub fn new(store: K) -> Self {
+        CachedStore {
+            shared: Arc::new(Shared {
+                store,
+                known: Table::new(100_000),
+                unknown: Table::new(100_000),
+                inflight: Mutex::new(HashMap::new()),
+                epoch: AtomicU64::new(0),
+                store_lookups: AtomicU64::new(0),
+                ttl: 30,
+                negative_ttl: 5,
+                max_staleness: 300,
+                store_timeout: Duration::from_secs(1),
+                clock: None,
+            }),
+        }
+    }
+
+    fn options(&mut self) -> &mut Shared<K> {
+        Arc::get_mut(&mut self.shared)
+            .expect("configure a CachedStore before cloning it or listening for invalidations")
+    }
+
+    /// How long a known key is served without asking the store (whole seconds).
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.options().ttl = ttl.as_secs();
+        self
+    }
+
+    /// How long an unknown digest is answered "unknown" without asking the store.
+    pub fn negative_ttl(mut self, ttl: Duration) -> Self {
+        self.options().negative_ttl = ttl.as_secs();
+        self
+    }
+
+    /// How long after it was fetched a record may still be served while the store fails.
+    pub fn max_staleness(mut self, staleness: Duration) -> Self {
+        self.options().max_staleness = staleness.as_secs();
+        self
+    }
+
+    /// How long a store call may take before it counts as failed (default: 1 s), so that a
+    /// store in trouble costs requests little time before a held record is served.
+    pub fn store_timeout(mut self, timeout: Duration) -> Self {
+        self.options().store_timeout = timeout;
+        self
+    }
+
+    /// How many known and how many unknown digests are kept, at most.
+    pub fn capacity(mut self, known: usize, unknown: usize) -> Self {
+        let shared = self.options();
+        shared.known = Table::new(known);
+        shared.unknown = Table::new(unknown);
+        self
+    }
+
+    /// The clock ages are measured with.
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.options().clock = Some(Arc::new(clock));
+        self
+    }
+
+    /// A handle that does not keep the cache alive (for background listeners).
+    pub(crate) fn downgrade(&self) -> std::sync::Weak<Shared<K>> {
+        Arc::downgrade(&self.shared)
+    }
+
+    /// The cache behind a handle from [`downgrade`](Self::downgrade), if it lives.
+    pub(crate) fn from_handle(weak: &std::sync::Weak<Shared<K>>) -> Option<Self> {
+        weak.upgrade().map(|shared| CachedStore { shared })
+    }
+
+    /// The store behind the cache.
+    pub fn inner(&self) -> &K {
+        &self.shared.store
+    }
+
+    /// Forgets `digest`, known or unknown: the next lookup asks the store.
+    pub fn invalidate(&self, digest: &KeyDigest) {
+        self.shared.epoch.fetch_add(1, Ordering::SeqCst);
+        self.shared.known.remove(digest);
+        self.shared.unknown.remove(digest);
+    }
+
+    /// Forgets everything (e.g. after missing invalidations while disconnected).
+    pub fn invalidate_all(&self) {
+        self.shared.epoch.fetch_add(1, Ordering::SeqCst);
+        self.shared.known.clear();
+        self.shared.unknown.clear();
+    }
+
+    /// How many lookups reached the store so far.
+    pub fn store_lookups(&self) -> u64 {
+        self.shared.store_lookups.load(Ordering::Relaxed)
+    }
+
+    /// How many invalidations this cache has had (local writes and announcements).
+    pub fn invalidations(&self) -> u64 {
+        self.shared.epoch.load(Ordering::SeqCst)
+    }
+
+    /// How many known and unknown digests are cached.
+    pub fn cached(&self) -> (usize, usize) {
+        (self.shared.known.len(), self.shared.unknown.len())
+    }
+}
+
+impl<K> Shared<K> {
+    #[inline]
+    fn now(&self) -> u64 {
+        match &self.clock {
+            None => SystemClock.now().as_unix_secs(),
+            Some(clock) => clock.now().as_unix_secs(),
+        }
+    }
+}
+
+impl<K: KeyStore> Shared<K> {
+    /// Asks the store, once however many callers wait on the same digest.
+    async fn fetch(self: Arc<Self>, digest: KeyDigest, now: u64) -> LookupResult {
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        let flight = {
+            let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+            inflight.entry(digest).or_default().clone()
+        };
+        let outcome = flight
+            .get_or_init(|| async {
+                self.store_lookups.fetch_add(1, Ordering::Relaxed);
+                match tokio::time::timeout(self.store_timeout, self.store.lookup(&digest)).await {
+                    Ok(found) => found.map_err(Arc::new),
+                    Err(_) => Err(Arc::new(StoreError::new("key store lookup timed out"))),
+                }
+            })
+            .await
+            .clone();
+        {
+            let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+            if inflight
+                .get(&digest)
+                .is_some_and(|f| Arc::ptr_eq(f, &flight))
+            {
+                inflight.remove(&digest);
+            }
+        }
+        let fresh = self.epoch.load(Ordering::SeqCst) == epoch;
+        match outcome {
+            Ok(Some(record)) => {
+                if fresh {
+                    self.unknown.remove(&digest);
+                    self.known.put(record.clone(), now, self.max_staleness);
+                }
+                Ok(Some(record))
+            }
+            Ok(None) => {
+                if fresh {
+                    self.known.remove(&digest);
+                    self.unknown.put(Unknown(digest), now, self.negative_ttl);
+                }
+                Ok(None)
+            }
+            Err(error) => match self.known.get(&digest) {
+                Some((record, fetched)) if now.saturating_sub(fetched) <= self.max_staleness => {
+                    tracing::warn!(target: "tower_gateway_auth::store", key_id = %record.id(), %error, age_secs = now.saturating_sub(fetched), "key store failed: serving the cached record");
+                    Ok(Some(record))
+                }
+                _ => Err(StoreError::new(error.message().to_owned())),
+            },
+        }
+    }
+}
+
+/// The lookup future of a [`CachedStore`]: ready at once on a hit.
+pub struct CachedLookup(Lookup);
+
+enum Lookup {
+    /// Answered from the cache: the record, or `None` for a digest known to be unknown.
+    Cached(Option<Arc<KeyRecord>>),
+    /// Asking the store.
+    Fetching(BoxLookup),
+}
+
+impl Future for CachedLookup {
+    type Output = LookupResult;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<LookupResult> {
+        match &mut self.get_mut().0 {
+            Lookup::Cached(record) => Poll::Ready(Ok(record.take())),
+            Lookup::Fetching(future) => future.as_mut().poll(cx),
+        }
+    }
+}
+
+impl<K: KeyStore> KeyStore for CachedStore<K> {
+    type Lookup = CachedLookup;
+
+    #[inline]
+    fn lookup(&self, digest: &KeyDigest) -> CachedLookup {
+        let shared = &self.shared;
+        let now = shared.now();
+        if let Some((record, fetched)) = shared.known.get(digest)
+            && now.saturating_sub(fetched) < shared.ttl
+        {
+            return CachedLookup(Lookup::Cached(Some(record)));
+        }
+        if let Some((_, fetched)) = shared.unknown.get(digest)
+            && now.saturating_sub(fetched) < shared.negative_ttl
+        {
+            return CachedLookup(Lookup::Cached(None));
+        }
+        CachedLookup(Lookup::Fetching(Box::pin(
+            shared.clone().fetch(*digest, now),
+        )))
+    }
+
+    fn hasher(&self) -> &KeyHasher {
+        self.shared.store.hasher()
+    }
+}
+
+impl<K: KeyAdmin> KeyAdmin for CachedStore<K> {
+    async fn get(&self, id: KeyId) -> Result<Option<Arc<KeyRecord>>, StoreError> {
+        self.shared.store.get(id).await
+    }
+
+    async fn list(&self) -> Result<Vec<Arc<KeyRecord>>, StoreError> {
+        self.shared.store.list().await
+    }
+
+    /// Applies the writes to the store, then forgets every digest they touched here (other
+    /// replicas learn of it through the store's own fan-out, if it has one).
+    async fn apply(&self, writes: Vec<Write>) -> Result<(), WriteError> {
+        let touched: Vec<KeyDigest> = writes
+            .iter()
+            .map(|w| match w {
+                Write::Insert(r) | Write::Replace { new: r, .. } => *r.digest(),
+                Write::Remove(r) => *r.digest(),
+            })
+            .collect();
+        let result = self.shared.store.apply(writes).await;
+        for digest in &touched {
+            self.invalidate(digest);
+        }
+        result
+    }
+}
+
+impl<K> std::fmt::Debug for CachedStore<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CachedStore")
+            .field("ttl_secs", &self.shared.ttl)
+            .field("negative_ttl_secs", &self.shared.negative_ttl)
+            .field("max_staleness_secs", &self.shared.max_staleness)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,359 @@
+//! A store shared by several gateway replicas, in Redis (feature `redis`).
+
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_core::Stream;
+use redis::AsyncCommands;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use crate::key::{KeyDigest, KeyHasher};
+use crate::record::{KeyId, KeyRecord};
+use crate::store::{BoxLookup, CachedStore, KeyAdmin, KeyStore, StoreError, Write, WriteError};
+
+/// Checks every write against what is stored, then applies them all and announces each
+/// changed digest on the invalidation channel, in one atomic step. `ARGV`: namespace, write
+/// count, then six fields a write: kind, digest, id, expected JSON, new JSON, expiry.
+const APPLY: &str = r"
+local ns = ARGV[1]
+local n = tonumber(ARGV[2])
+local ops = {}
+for k = 1, n do
+  local i = 3 + (k - 1) * 6
+  local op = {kind = ARGV[i], digest = ARGV[i + 1], id = ARGV[i + 2], old = ARGV[i + 3],
+              new = ARGV[i + 4], expire = tonumber(ARGV[i + 5])}
+  local current = redis.call('GET', ns .. ':k:' .. op.digest)
+  if op.kind == 'insert' then
+    if current then return 0 end
+  elseif current ~= op.old then
+    return 0
+  end
+  ops[k] = op
+end
+for k = 1, n do
+  local op = ops[k]
+  local key, idkey = ns .. ':k:' .. op.digest, ns .. ':id:' .. op.id
+  if op.kind == 'remove' then
+    redis.call('DEL', key, idkey)
+    redis.call('SREM', ns .. ':ids', op.id)
+  else
+    redis.call('SET', key, op.new)
+    redis.call('SET', idkey, op.digest)
+    redis.call('SADD', ns .. ':ids', op.id)
+    if op.expire > 0 then
+      redis.call('EXPIREAT', key, op.expire)
+      redis.call('EXPIREAT', idkey, op.expire)
+    end
+  end
+  redis.call('PUBLISH', ns .. ':invalidate', op.digest)
+end
+return 1
+";
+
+/// A [`KeyStore`] in Redis, shared by every replica of a gateway.
+///
+/// - Records are stored as JSON under `<namespace>:k:<digest>`, with `<namespace>:id:<id>`
+///   pointing to the digest and `<namespace>:ids` listing ids: digests and public metadata
+///   only, never a key.
+/// - [`KeyAdmin::apply`] runs as one Lua script: the compare-and-swap checks and all the
+///   writes happen atomically, and every changed digest is published on
+///   `<namespace>:invalidate`. Ephemeral keys get a Redis TTL at their expiry.
+/// - The connection is a [`ConnectionManager`]: it reconnects after Redis restarts.
+/// - Put it behind a [`CachedStore`] (see [`RedisStore::cached`]) so that requests do not
+///   cost a round trip each; the cache listens to the invalidation channel, so a revocation
+///   reaches every replica at once.
+///
+/// Standalone Redis (or Sentinel); the script touches keys it does not declare, which
+/// Redis Cluster does not allow.
+#[derive(Clone)]
+pub struct RedisStore {
+    client: redis::Client,
+    connection: ConnectionManager,
+    namespace: Arc<str>,
+    hasher: KeyHasher,
+}
+
+impl RedisStore {
+    /// Connects to `url` (e.g. `redis://127.0.0.1:6379`), namespace `tga`, plain SHA-256.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::connect_with(url, "tga", KeyHasher::sha256()).await
+    }
+
+    /// Connects with a namespace of your own (several gateways on one Redis) and a hasher
+    /// (e.g. peppered).
+    pub async fn connect_with(
+        url: &str,
+        namespace: &str,
+        hasher: KeyHasher,
+    ) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url).map_err(|e| {
+            StoreError::with_source(format!("invalid Redis URL for namespace {namespace}"), e)
+        })?;
+        // While Redis is down a request should fail fast (the cache then serves what it
+        // holds, or 503), not wait through a long series of reconnection attempts.
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_millis(500)))
+            .set_response_timeout(Some(Duration::from_secs(1)))
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_millis(500));
+        let connection = ConnectionManager::new_with_config(client.clone(), config)
+            .await
+            .map_err(|e| StoreError::with_source("cannot connect to Redis", e))?;
+        Ok(RedisStore {
+            client,
+            connection,
+            namespace: namespace.into(),
+            hasher,
+        })
+    }
+
+    /// This store behind a [`CachedStore`] with default settings that drops entries as soon
+    /// as any replica announces a change (see [`listen_for_invalidations`]). For other cache
+    /// settings, build the `CachedStore` yourself, then start the listener.
+    ///
+    /// ```no_run
+    /// # async fn doc() -> Result<(), tower_gateway_auth::StoreError> {
+    /// use std::time::Duration;
+    /// use tower_gateway_auth::store::{CachedStore, RedisStore, listen_for_invalidations};
+    ///
+    /// let redis = RedisStore::connect("redis://127.0.0.1:6379").await?;
+    /// let cache = CachedStore::new(redis).ttl(Duration::from_secs(60));
+    /// let _listener = listen_for_invalidations(&cache);
+    /// # Ok(()) }
+    /// ```
+    pub fn cached(self) -> CachedStore<RedisStore> {
+        let cache = CachedStore::new(self);
+        listen_for_invalidations(&cache);
+        cache
+    }
+
+    /// The channel changes are announced on.
+    pub fn channel(&self) -> String {
+        format!("{}:invalidate", self.namespace)
+    }
+
+    fn record_key(&self, digest: &KeyDigest) -> String {
+        format!("{}:k:{}", self.namespace, digest.to_hex())
+    }
+
+    fn id_key(&self, id: KeyId) -> String {
+        format!("{}:id:{id}", self.namespace)
+    }
+
+    fn parse(json: &str) -> Result<Arc<KeyRecord>, StoreError> {
+        serde_json::from_str(json)
+            .map(Arc::new)
+            .map_err(|e| StoreError::with_source("a record in Redis is corrupt", e))
+    }
+}
+
+fn redis_error(e: redis::RedisError) -> StoreError {
+    StoreError::with_source("Redis failed", e)
+}
+
+/// Keeps `cache` in step with the announcements on the store's channel: the caches of every
+/// replica then drop a revoked or rotated key at once. The listener is a tokio task; it
+/// reconnects by itself, empties the cache after each (re)subscription (announcements may
+/// have been missed meanwhile), and ends when the cache is dropped.
+pub fn listen_for_invalidations(cache: &CachedStore<RedisStore>) -> InvalidationListener {
+    let (ready, subscribed) = tokio::sync::watch::channel(false);
+    let weak = cache.downgrade();
+    let client = cache.inner().client.clone();
+    let channel = cache.inner().channel();
+    let task = tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match client.get_async_pubsub().await {
+                Ok(mut pubsub) => match pubsub.subscribe(&channel).await {
+                    Ok(()) => {
+                        backoff = Duration::from_millis(100);
+                        let Some(cache) = CachedStore::from_handle(&weak) else {
+                            return;
+                        };
+                        // Announcements made while we were not listening are lost.
+                        cache.invalidate_all();
+                        drop(cache);
+                        ready.send_replace(true);
+                        let mut messages = pubsub.on_message();
+                        while let Some(message) =
+                            poll_fn(|cx| Pin::new(&mut messages).poll_next(cx)).await
+                        {
+                            let Some(cache) = CachedStore::from_handle(&weak) else {
+                                return;
+                            };
+                            match std::str::from_utf8(message.get_payload_bytes())
+                                .ok()
+                                .and_then(KeyDigest::from_hex)
+                            {
+                                Some(digest) => cache.invalidate(&digest),
+                                None => cache.invalidate_all(),
+                            }
+                        }
+                        tracing::warn!(target: "tower_gateway_auth::store", "lost the Redis invalidation channel; reconnecting");
+                    }
+                    Err(error) => {
+                        tracing::warn!(target: "tower_gateway_auth::store", %error, "cannot subscribe to Redis invalidations")
+                    }
+                },
+                Err(error) => {
+                    tracing::warn!(target: "tower_gateway_auth::store", %error, "cannot reach Redis for invalidations")
+                }
+            }
+            if weak.strong_count() == 0 {
+                return;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    });
+    InvalidationListener { task, subscribed }
+}
+
+/// The task [`listen_for_invalidations`] started. Dropping this handle leaves it running
+/// (it ends with the cache); [`abort`](Self::abort) stops it.
+#[derive(Debug)]
+pub struct InvalidationListener {
+    task: tokio::task::JoinHandle<()>,
+    subscribed: tokio::sync::watch::Receiver<bool>,
+}
+
+impl InvalidationListener {
+    /// Waits until the listener has subscribed once (announcements from then on reach the
+    /// cache), e.g. before a gateway starts serving.
+    pub async fn subscribed(&mut self) {
+        // An error means the task ended, which only happens with the cache gone.
+        let _ = self.subscribed.wait_for(|s| *s).await;
+    }
+
+    /// Stops listening.
+    pub fn abort(&self) {
+        self.task.abort();
+    }
+}
+
+impl KeyStore for RedisStore {
+    type Lookup = BoxLookup;
+
+    fn lookup(&self, digest: &KeyDigest) -> BoxLookup {
+        let mut connection = self.connection.clone();
+        let key = self.record_key(digest);
+        Box::pin(async move {
+            let json: Option<String> = connection.get(&key).await.map_err(redis_error)?;
+            json.as_deref().map(RedisStore::parse).transpose()
+        })
+    }
+
+    fn hasher(&self) -> &KeyHasher {
+        &self.hasher
+    }
+}
+
+impl KeyAdmin for RedisStore {
+    async fn get(&self, id: KeyId) -> Result<Option<Arc<KeyRecord>>, StoreError> {
+        let mut connection = self.connection.clone();
+        let digest: Option<String> = connection.get(self.id_key(id)).await.map_err(redis_error)?;
+        let Some(digest) = digest.as_deref().and_then(KeyDigest::from_hex) else {
+            return Ok(None);
+        };
+        let json: Option<String> = connection
+            .get(self.record_key(&digest))
+            .await
+            .map_err(redis_error)?;
+        json.as_deref().map(RedisStore::parse).transpose()
+    }
+
+    async fn list(&self) -> Result<Vec<Arc<KeyRecord>>, StoreError> {
+        let mut connection = self.connection.clone();
+        let ids: Vec<String> = connection
+            .smembers(format!("{}:ids", self.namespace))
+            .await
+            .map_err(redis_error)?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let id_keys: Vec<String> = ids
+            .iter()
+            .map(|id| format!("{}:id:{id}", self.namespace))
+            .collect();
+        let digests: Vec<Option<String>> = redis::cmd("MGET")
+            .arg(&id_keys)
+            .query_async(&mut connection)
+            .await
+            .map_err(redis_error)?;
+        let record_keys: Vec<String> = digests
+            .iter()
+            .flatten()
+            .filter_map(|d| KeyDigest::from_hex(d))
+            .map(|d| self.record_key(&d))
+            .collect();
+        if record_keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let records: Vec<Option<String>> = redis::cmd("MGET")
+            .arg(&record_keys)
+            .query_async(&mut connection)
+            .await
+            .map_err(redis_error)?;
+        // Ids whose records expired (ephemeral keys) are simply absent.
+        records
+            .iter()
+            .flatten()
+            .map(|json| RedisStore::parse(json))
+            .collect()
+    }
+
+    async fn apply(&self, writes: Vec<Write>) -> Result<(), WriteError> {
+        let json = |r: &KeyRecord| serde_json::to_string(r).expect("records serialize");
+        static SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
+        let mut invocation = SCRIPT
+            .get_or_init(|| redis::Script::new(APPLY))
+            .prepare_invoke();
+        invocation.arg(&*self.namespace).arg(writes.len());
+        for write in &writes {
+            let (kind, record, old) = match write {
+                Write::Insert(new) => ("insert", new, String::new()),
+                Write::Replace { old, new } => ("replace", new, json(old)),
+                Write::Remove(old) => ("remove", &**old, json(old)),
+            };
+            // Ephemeral keys vanish from Redis by themselves at their expiry.
+            let expire = match (record.parent(), record.expires_at()) {
+                (Some(_), Some(at)) => at.as_unix_secs(),
+                _ => 0,
+            };
+            let new = if kind == "remove" {
+                String::new()
+            } else {
+                json(record)
+            };
+            invocation
+                .arg(kind)
+                .arg(record.digest().to_hex())
+                .arg(record.id().to_string())
+                .arg(old)
+                .arg(new)
+                .arg(expire);
+        }
+        let mut connection = self.connection.clone();
+        let applied: i64 = invocation
+            .invoke_async(&mut connection)
+            .await
+            .map_err(|e| WriteError::Store(redis_error(e)))?;
+        if applied == 1 {
+            Ok(())
+        } else {
+            Err(WriteError::Conflict)
+        }
+    }
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("namespace", &self.namespace)
+            .field("hasher", &self.hasher)
+            .finish_non_exhaustive()
+    }
+}

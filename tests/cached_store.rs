@@ -1,0 +1,242 @@
+//! CachedStore in front of a store that can be slowed down, broken and counted: hits, the
+//! negative cache, single flight, serving stale records within a bound, invalidation.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use http::{Request, StatusCode};
+use support::{Recorder, read};
+use tokio::sync::Notify;
+use tower::{ServiceBuilder, ServiceExt};
+use tower_gateway_auth::{
+    BoxLookup, CachedStore, InboundApiKeyLayer, KeyDigest, KeyHasher, KeyId, KeyRecord, KeyStatus,
+    KeyStore, ManualClock, MemoryStore, StoreError, Timestamp,
+};
+
+/// A store behind a switch: counted, optionally failing, optionally held at a gate.
+#[derive(Clone, Default)]
+struct Backend {
+    keys: Arc<MemoryStore>,
+    calls: Arc<AtomicUsize>,
+    failing: Arc<AtomicBool>,
+    gate: Arc<std::sync::Mutex<Option<Arc<Notify>>>>,
+}
+
+impl KeyStore for Backend {
+    type Lookup = BoxLookup;
+
+    fn lookup(&self, digest: &KeyDigest) -> BoxLookup {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let me = self.clone();
+        let digest = *digest;
+        Box::pin(async move {
+            let gate = me.gate.lock().unwrap().clone();
+            if let Some(gate) = gate {
+                gate.notified().await;
+            }
+            if me.failing.load(Ordering::SeqCst) {
+                return Err(StoreError::new("backend down"));
+            }
+            Ok(me.keys.lookup_now(&digest))
+        })
+    }
+}
+
+impl Backend {
+    fn add(&self, key: &str) -> Arc<KeyRecord> {
+        self.keys.insert(KeyRecord::new(
+            KeyId::random(),
+            KeyHasher::sha256().digest(key.as_bytes()),
+        ))
+    }
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+const T0: u64 = 1_800_000_000;
+
+fn cache(backend: &Backend, clock: &ManualClock) -> CachedStore<Backend> {
+    CachedStore::new(backend.clone())
+        .ttl(Duration::from_secs(30))
+        .negative_ttl(Duration::from_secs(5))
+        .max_staleness(Duration::from_secs(300))
+        .clock(clock.clone())
+}
+
+async fn status(store: &CachedStore<Backend>, key: &str) -> StatusCode {
+    let svc = ServiceBuilder::new()
+        .layer(InboundApiKeyLayer::new(store.clone()).store_timeout(Some(Duration::from_secs(5))))
+        .service(Recorder::default().service());
+    let req = Request::builder()
+        .header("x-api-key", key)
+        .body(())
+        .unwrap();
+    read(svc.oneshot(req).await.unwrap()).await.status
+}
+
+#[tokio::test]
+async fn hits_are_served_from_memory_until_the_ttl() {
+    let backend = Backend::default();
+    backend.add("k-alice");
+    let clock = ManualClock::new(Timestamp::from_unix_secs(T0));
+    let store = cache(&backend, &clock);
+    for _ in 0..100 {
+        assert_eq!(status(&store, "k-alice").await, StatusCode::OK);
+    }
+    assert_eq!(backend.calls(), 1);
+    clock.advance(Duration::from_secs(29));
+    assert_eq!(status(&store, "k-alice").await, StatusCode::OK);
+    assert_eq!(backend.calls(), 1);
+    clock.advance(Duration::from_secs(1));
+    assert_eq!(status(&store, "k-alice").await, StatusCode::OK);
+    assert_eq!(backend.calls(), 2, "refreshed after the ttl");
+}
+
+#[tokio::test]
+async fn ten_thousand_requests_with_one_unknown_key_reach_the_store_a_handful_of_times() {
+    let backend = Backend::default();
+    let clock = ManualClock::new(Timestamp::from_unix_secs(T0));
+    let store = cache(&backend, &clock);
+    for i in 0..10_000 {
+        // Twenty seconds pass over the run: the 5-second negative entry expires four times.
+        if i % 500 == 499 {
+            clock.advance(Duration::from_secs(1));
+        }
+        assert_eq!(status(&store, "gw_unknown").await, StatusCode::UNAUTHORIZED);
+    }
+    let calls = backend.calls();
+    assert!((1..=5).contains(&calls), "{calls} store calls");
+    assert_eq!(store.store_lookups() as usize, calls);
+}
+
+#[tokio::test]
+async fn concurrent_misses_on_one_key_make_one_store_call() {
+    let backend = Backend::default();
+    backend.add("k-busy");
+    let gate = Arc::new(Notify::new());
+    *backend.gate.lock().unwrap() = Some(gate.clone());
+    let clock = ManualClock::new(Timestamp::from_unix_secs(T0));
+    let store = cache(&backend, &clock);
+    let waiting: Vec<_> = (0..100)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { status(&store, "k-busy").await })
+        })
+        .collect();
+    // Let every request reach the cache before the one store call answers.
+    while backend.calls() == 0 {
+        tokio::task::yield_now().await;
+    }
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+    }
+    gate.notify_waiters();
+    gate.notify_one();
+    for w in waiting {
+        assert_eq!(w.await.unwrap(), StatusCode::OK);
+    }
+    assert_eq!(backend.calls(), 1);
+}
+
+#[tokio::test]
+async fn a_failing_store_is_covered_within_the_staleness_bound_and_no_further() {
+    let backend = Backend::default();
+    backend.add("k-known");
+    let clock = ManualClock::new(Timestamp::from_unix_secs(T0));
+    let store = cache(&backend, &clock);
+    assert_eq!(status(&store, "k-known").await, StatusCode::OK);
+    backend.failing.store(true, Ordering::SeqCst);
+
+    clock.advance(Duration::from_secs(60));
+    assert_eq!(
+        status(&store, "k-known").await,
+        StatusCode::OK,
+        "stale but within 300 s"
+    );
+    assert_eq!(
+        status(&store, "k-never-seen").await,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    clock.advance(Duration::from_secs(241));
+    assert_eq!(
+        status(&store, "k-known").await,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "beyond the bound"
+    );
+
+    backend.failing.store(false, Ordering::SeqCst);
+    assert_eq!(
+        status(&store, "k-known").await,
+        StatusCode::OK,
+        "recovers with the store"
+    );
+    assert_eq!(
+        status(&store, "k-never-seen").await,
+        StatusCode::UNAUTHORIZED
+    );
+}
+
+#[tokio::test]
+async fn invalidation_takes_effect_at_once_and_beats_a_lookup_in_flight() {
+    let backend = Backend::default();
+    let record = backend.add("k-revoked-soon");
+    let clock = ManualClock::new(Timestamp::from_unix_secs(T0));
+    let store = cache(&backend, &clock);
+    assert_eq!(status(&store, "k-revoked-soon").await, StatusCode::OK);
+
+    backend
+        .keys
+        .insert((*record).clone().with_status(KeyStatus::Revoked));
+    assert_eq!(
+        status(&store, "k-revoked-soon").await,
+        StatusCode::OK,
+        "cached until told"
+    );
+    store.invalidate(record.digest());
+    assert_eq!(
+        status(&store, "k-revoked-soon").await,
+        StatusCode::UNAUTHORIZED
+    );
+
+    // A lookup under way when an invalidation arrives answers, but does not fill the cache.
+    let fresh = backend.add("k-racing");
+    let gate = Arc::new(Notify::new());
+    *backend.gate.lock().unwrap() = Some(gate.clone());
+    let pending = {
+        let store = store.clone();
+        tokio::spawn(async move { status(&store, "k-racing").await })
+    };
+    while backend.calls() < 3 {
+        tokio::task::yield_now().await;
+    }
+    store.invalidate(fresh.digest());
+    gate.notify_one();
+    assert_eq!(pending.await.unwrap(), StatusCode::OK);
+    *backend.gate.lock().unwrap() = None;
+    status(&store, "k-racing").await;
+    assert_eq!(backend.calls(), 4, "the racing answer was not cached");
+}
+
+#[tokio::test]
+async fn the_cache_stays_within_its_capacity() {
+    let backend = Backend::default();
+    let clock = ManualClock::new(Timestamp::from_unix_secs(T0));
+    let store = CachedStore::new(backend.clone())
+        .capacity(64, 32)
+        .clock(clock.clone());
+    for i in 0..1_000 {
+        backend.add(&format!("k-{i}"));
+        status(&store, &format!("k-{i}")).await;
+        status(&store, &format!("unknown-{i}")).await;
+    }
+    let (known, unknown) = store.cached();
+    assert!(
+        known <= 64 + 16 && unknown <= 32 + 16,
+        "{known} known, {unknown} unknown"
+    );
+    assert!(known > 0 && unknown > 0);
+}
