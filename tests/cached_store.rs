@@ -7,13 +7,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use http::{Request, StatusCode};
-use support::{Recorder, read};
+use http::StatusCode;
 use tokio::sync::Notify;
-use tower::{ServiceBuilder, ServiceExt};
 use tower_gateway_auth::{
-    BoxLookup, CachedStore, InboundApiKeyLayer, KeyDigest, KeyHasher, KeyId, KeyRecord, KeyStatus,
-    KeyStore, ManualClock, MemoryStore, StoreError, Timestamp,
+    BoxLookup, CachedStore, KeyDigest, KeyHasher, KeyId, KeyRecord, KeyStatus, KeyStore,
+    ManualClock, MemoryStore, StoreError, Timestamp,
 };
 
 /// A store behind a switch: counted, optionally failing, optionally held at a gate.
@@ -68,14 +66,7 @@ fn cache(backend: &Backend, clock: &ManualClock) -> CachedStore<Backend> {
 }
 
 async fn status(store: &CachedStore<Backend>, key: &str) -> StatusCode {
-    let svc = ServiceBuilder::new()
-        .layer(InboundApiKeyLayer::new(store.clone()).store_timeout(Some(Duration::from_secs(5))))
-        .service(Recorder::default().service());
-    let req = Request::builder()
-        .header("x-api-key", key)
-        .body(())
-        .unwrap();
-    read(svc.oneshot(req).await.unwrap()).await.status
+    support::key_status(store.clone(), key).await
 }
 
 #[tokio::test]

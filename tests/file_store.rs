@@ -9,12 +9,10 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::{Request, StatusCode};
-use support::{Recorder, TempDir, read};
-use tower::{ServiceBuilder, ServiceExt};
+use http::StatusCode;
+use support::TempDir;
 use tower_gateway_auth::{
-    ApiKey, FileStore, InboundApiKeyLayer, KeyAdmin, KeyHasher, KeyManager, KeyStatus, KeyStore,
-    NewKey,
+    ApiKey, FileStore, KeyAdmin, KeyHasher, KeyManager, KeyStatus, KeyStore, NewKey,
 };
 
 async fn status_of<K>(store: K, key: &ApiKey) -> StatusCode
@@ -22,14 +20,7 @@ where
     K: KeyStore,
     K::Lookup: Unpin,
 {
-    let svc = ServiceBuilder::new()
-        .layer(InboundApiKeyLayer::new(store))
-        .service(Recorder::default().service());
-    let req = Request::builder()
-        .header("x-api-key", key.expose())
-        .body(())
-        .unwrap();
-    read(svc.oneshot(req).await.unwrap()).await.status
+    support::key_status(store, key.expose()).await
 }
 
 fn open(path: &Path) -> Arc<FileStore> {

@@ -17,7 +17,7 @@ use axum::body::Body;
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
-use support::{Answer, TempDir, client, send, spawn_axum, spawn_upstream};
+use support::{Answer, ReceiverStream, TempDir, client, send, spawn_axum, spawn_upstream};
 use tokio::sync::{Notify, mpsc};
 use tower_gateway_auth::{ApiKey, FileStore, KeyManager, NewKey};
 
@@ -367,18 +367,6 @@ async fn server_sent_events_reach_the_client_before_the_upstream_finishes() {
     assert_eq!(rest, "data: [DONE]\n\n");
 }
 
-struct ReceiverStream(mpsc::Receiver<Result<Bytes, Infallible>>);
-
-impl futures_core::Stream for ReceiverStream {
-    type Item = Result<Bytes, Infallible>;
-    fn poll_next(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Self::Item>> {
-        self.get_mut().0.poll_recv(cx)
-    }
-}
-
 #[tokio::test]
 async fn an_unreachable_upstream_is_a_clear_502() {
     let dir = TempDir::new("gw-502");
@@ -609,32 +597,26 @@ async fn with_redis_a_key_revoked_by_keygen_is_rejected_within_a_second() {
 
 #[test]
 fn keys_file_and_redis_url_exclude_each_other() {
-    let text = config(
+    let good = config(
         std::path::Path::new("/tmp/k.json"),
         "127.0.0.1:9".parse().unwrap(),
-    )
-    .replace(
+    );
+    let field = |text: String| {
+        app::Config::from_toml(&text)
+            .unwrap()
+            .plan(&env)
+            .err()
+            .unwrap()
+            .field
+    };
+    let both = good.replace(
         "reload_ms = 100",
         "reload_ms = 100\nredis_url = \"redis://127.0.0.1:6379\"",
     );
-    let err = app::Config::from_toml(&text)
-        .unwrap()
-        .plan(&env)
-        .err()
-        .unwrap();
-    assert_eq!(err.field, "redis_url");
-    let text = config(
-        std::path::Path::new("/tmp/k.json"),
-        "127.0.0.1:9".parse().unwrap(),
-    )
-    .replace(
+    assert_eq!(field(both), "redis_url");
+    let not_redis = good.replace(
         "keys_file = \"/tmp/k.json\"",
         "redis_url = \"http://127.0.0.1:6379\"",
     );
-    let err = app::Config::from_toml(&text)
-        .unwrap()
-        .plan(&env)
-        .err()
-        .unwrap();
-    assert_eq!(err.field, "redis_url");
+    assert_eq!(field(not_redis), "redis_url");
 }

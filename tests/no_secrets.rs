@@ -3,8 +3,7 @@
 
 mod support;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use http::{HeaderName, HeaderValue, Request};
 use support::{Recorder, read};
@@ -15,25 +14,6 @@ use tower_gateway_auth::{
     MemoryStore, Metadata, PerIdentity, Provider, RefreshingToken, StoreError, Token, TokenFetcher,
     UpstreamAuthLayer,
 };
-
-#[derive(Clone, Default)]
-struct Buffer(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Buffer {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Buffer {
-    fn text(&self) -> String {
-        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
-    }
-}
 
 struct Failing;
 
@@ -46,14 +26,7 @@ impl KeyStore for Failing {
 
 #[tokio::test]
 async fn logs_and_debug_prints_name_keys_only_by_id_or_fingerprint() {
-    let logs = Buffer::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (logs, _guard) = support::capture_logs();
 
     let pepper = b"pepper-that-must-stay-secret";
     let store = Arc::new(MemoryStore::with_hasher(KeyHasher::with_pepper(pepper)));
@@ -162,14 +135,7 @@ async fn upstream_credentials_stay_out_of_logs_debug_and_answers() {
     const IDP_SECRET: &str = "idp-client-secret";
     const INJECTED: &str = "injected-header-secret";
 
-    let logs = Buffer::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (logs, _guard) = support::capture_logs();
 
     let store = Arc::new(MemoryStore::new());
     let mut acme = Metadata::new();

@@ -153,7 +153,7 @@ async fn server_sent_events_stream_event_by_event() {
                 .await
                 .unwrap();
             });
-            let stream = futures_stream(rx);
+            let stream = support::ReceiverStream(rx);
             Response::builder()
                 .header("content-type", "text/event-stream")
                 .body(Body::from_stream(stream))
@@ -178,21 +178,4 @@ async fn server_sent_events_stream_event_by_event() {
         }
     }
     assert_eq!(rest, b"data: {\"delta\":\"lo\"}\n\ndata: [DONE]\n\n");
-}
-
-/// An mpsc receiver as a `Stream`.
-fn futures_stream(
-    rx: mpsc::Receiver<Result<Bytes, Infallible>>,
-) -> impl futures_core::Stream<Item = Result<Bytes, Infallible>> + Send {
-    struct Rx(mpsc::Receiver<Result<Bytes, Infallible>>);
-    impl futures_core::Stream for Rx {
-        type Item = Result<Bytes, Infallible>;
-        fn poll_next(
-            self: std::pin::Pin<&mut Self>,
-            cx: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<Option<Self::Item>> {
-            self.get_mut().0.poll_recv(cx)
-        }
-    }
-    Rx(rx)
 }

@@ -11,15 +11,13 @@ mod support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::{Request, StatusCode};
+use http::StatusCode;
 use redis::AsyncCommands;
 use support::redis::{RedisServer, namespace, redis_url};
-use support::{Recorder, read};
-use tower::{ServiceBuilder, ServiceExt};
 use tower_gateway_auth::store::listen_for_invalidations;
 use tower_gateway_auth::{
-    CachedStore, InboundApiKeyLayer, KeyAdmin, KeyHasher, KeyManager, KeyStatus, KeyStore,
-    ManualClock, NewKey, RedisStore, Scopes, Timestamp, Write, WriteError,
+    CachedStore, KeyAdmin, KeyHasher, KeyManager, KeyStatus, KeyStore, ManualClock, NewKey,
+    RedisStore, Scopes, Timestamp, Write, WriteError,
 };
 
 async fn connect(url: &str, ns: &str) -> RedisStore {
@@ -42,14 +40,7 @@ where
     K: KeyStore + Clone,
     K::Lookup: Unpin,
 {
-    let svc = ServiceBuilder::new()
-        .layer(InboundApiKeyLayer::new(store.clone()).store_timeout(Some(Duration::from_secs(5))))
-        .service(Recorder::default().service());
-    let req = Request::builder()
-        .header("x-api-key", key)
-        .body(())
-        .unwrap();
-    read(svc.oneshot(req).await.unwrap()).await.status
+    support::key_status(store.clone(), key).await
 }
 
 #[tokio::test]

@@ -286,3 +286,65 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// The status a request with `key` in `x-api-key` gets from the inbound layer over `store`.
+pub async fn key_status<K>(store: K, key: &str) -> StatusCode
+where
+    K: tower_gateway_auth::KeyStore,
+    K::Lookup: Unpin,
+{
+    use tower::ServiceExt;
+    let svc = tower::ServiceBuilder::new()
+        .layer(tower_gateway_auth::InboundApiKeyLayer::new(store))
+        .service(Recorder::default().service());
+    let req = Request::builder()
+        .header("x-api-key", key)
+        .body(())
+        .unwrap();
+    read(svc.oneshot(req).await.unwrap()).await.status
+}
+
+/// An mpsc receiver as a body stream, so an upstream can send events when the test says.
+pub struct ReceiverStream(pub tokio::sync::mpsc::Receiver<Result<Bytes, Infallible>>);
+
+impl futures_core::Stream for ReceiverStream {
+    type Item = Result<Bytes, Infallible>;
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.get_mut().0.poll_recv(cx)
+    }
+}
+
+/// Everything `tracing` prints at any level while the returned guard lives (this thread).
+pub fn capture_logs() -> (LogBuffer, tracing::subscriber::DefaultGuard) {
+    let logs = LogBuffer::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    (logs, tracing::subscriber::set_default(subscriber))
+}
+
+/// Where [`capture_logs`] writes.
+#[derive(Clone, Default)]
+pub struct LogBuffer(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl LogBuffer {
+    pub fn text(&self) -> String {
+        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+    }
+}
