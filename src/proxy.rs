@@ -94,6 +94,7 @@ pub struct ForwardBuilder {
     connect_timeout: Option<Duration>,
     response_timeout: Option<Duration>,
     error_format: ErrorFormat,
+    extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
 }
 
 impl ForwardBuilder {
@@ -116,15 +117,40 @@ impl ForwardBuilder {
         self
     }
 
+    /// Also trusts `certificate` (DER), besides the Mozilla roots: for an upstream behind a
+    /// private CA.
+    pub fn add_root_certificate(
+        mut self,
+        certificate: impl Into<rustls::pki_types::CertificateDer<'static>>,
+    ) -> Self {
+        self.extra_roots.push(certificate.into());
+        self
+    }
+
     /// The proxy.
+    ///
+    /// # Panics
+    /// When a certificate given to [`add_root_certificate`](Self::add_root_certificate) is
+    /// not a valid trust anchor.
     pub fn build(self) -> Forward {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_connect_timeout(self.connect_timeout);
         http.set_nodelay(true);
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        for root in self.extra_roots {
+            roots.add(root).expect("a valid root certificate");
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("ring supports rustls' default protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
         let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
-            .expect("ring supports rustls' default protocol versions")
+            .with_tls_config(tls)
             .https_or_http()
             .enable_http1()
             .enable_http2()
@@ -166,6 +192,7 @@ impl Forward {
             connect_timeout: Some(Duration::from_secs(10)),
             response_timeout: Some(Duration::from_secs(300)),
             error_format: ErrorFormat::default(),
+            extra_roots: Vec::new(),
         })
     }
 

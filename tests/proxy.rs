@@ -179,3 +179,66 @@ async fn server_sent_events_stream_event_by_event() {
     }
     assert_eq!(rest, b"data: {\"delta\":\"lo\"}\n\ndata: [DONE]\n\n");
 }
+
+/// Serves the echo app over TLS with a fresh self-signed certificate for `localhost`;
+/// returns the port and the certificate.
+async fn tls_echo_upstream() -> (u16, rustls::pki_types::CertificateDer<'static>) {
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let cert = certified.cert.der().clone();
+    let key =
+        rustls::pki_types::PrivateKeyDer::try_from(certified.signing_key.serialize_der()).unwrap();
+    let mut config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![cert.clone()], key)
+    .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let app = Router::new().fallback(|req: AxumRequest| async move {
+        axum::Json(serde_json::json!({"path": req.uri().path(), "version": format!("{:?}", req.version())}))
+    });
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let (acceptor, app) = (acceptor.clone(), app.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper_util::service::TowerToHyperService::new(app);
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                .await;
+            });
+        }
+    });
+    (port, cert)
+}
+
+#[tokio::test]
+async fn https_upstreams_work_and_certificates_are_checked() {
+    let (port, cert) = tls_echo_upstream().await;
+    let upstream = format!("https://localhost:{port}/base");
+
+    let trusting = Forward::builder(&upstream)
+        .unwrap()
+        .add_root_certificate(cert)
+        .build();
+    let gw = gateway(trusting).await;
+    let a = send(&client(), get(gw, "/up/v1/models", &[])).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    assert_eq!(a.json()["path"], "/base/v1/models");
+    assert_eq!(a.json()["version"], "HTTP/2.0", "ALPN picked HTTP/2");
+
+    // The same upstream without its certificate among the trusted roots is refused.
+    let gw = gateway(Forward::new(&upstream).unwrap()).await;
+    let a = send(&client(), get(gw, "/up/v1/models", &[])).await;
+    assert_eq!(a.status, StatusCode::BAD_GATEWAY);
+}
