@@ -4,19 +4,17 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hashbrown::HashTable;
 use tokio::sync::OnceCell;
 
 use crate::key::{KeyDigest, KeyHasher};
 use crate::record::{KeyId, KeyRecord};
+use crate::store::table::{self, Keyed, Sharded};
 use crate::store::{BoxLookup, KeyAdmin, KeyStore, LookupResult, StoreError, Write, WriteError};
 use crate::time::{Clock, SystemClock};
-
-const SHARDS: usize = 16;
 
 /// A [`KeyStore`] that answers from a bounded local cache and asks the store behind it only
 /// when it must.
@@ -79,9 +77,9 @@ pub(crate) struct Shared<K> {
 /// What one store call found, shareable among the requests that waited for it.
 type Outcome = Result<Option<Arc<KeyRecord>>, Arc<StoreError>>;
 
-/// A sharded, bounded table of values found by digest, with the time they were fetched.
+/// A bounded table of values found by digest, with the time they were fetched.
 struct Table<V> {
-    shards: Box<[RwLock<HashTable<Entry<V>>>]>,
+    entries: Sharded<Entry<V>>,
     per_shard: usize,
 }
 
@@ -90,16 +88,9 @@ struct Entry<V> {
     fetched: u64,
 }
 
-/// What a table holds: something that knows its digest. A record knows its own, so known
-/// entries are as small as `MemoryStore`'s and a probe reads the record's first cache line,
-/// as a `MemoryStore` probe does.
-trait Digested: Clone {
-    fn digest(&self) -> &KeyDigest;
-}
-
-impl Digested for Arc<KeyRecord> {
+impl<V: Keyed> Keyed for Entry<V> {
     fn digest(&self) -> &KeyDigest {
-        KeyRecord::digest(self)
+        self.value.digest()
     }
 }
 
@@ -107,89 +98,62 @@ impl Digested for Arc<KeyRecord> {
 #[derive(Clone)]
 struct Unknown(KeyDigest);
 
-impl Digested for Unknown {
+impl Keyed for Unknown {
     fn digest(&self) -> &KeyDigest {
         &self.0
     }
 }
 
-impl<V: Digested> Table<V> {
+impl<V: Keyed + Clone> Table<V> {
     fn new(capacity: usize) -> Self {
         Table {
-            shards: (0..SHARDS).map(|_| RwLock::new(HashTable::new())).collect(),
-            per_shard: capacity.div_ceil(SHARDS).max(1),
+            entries: Sharded::new(),
+            per_shard: capacity.div_ceil(table::SHARDS).max(1),
         }
-    }
-
-    fn shard(&self, digest: &KeyDigest) -> &RwLock<HashTable<Entry<V>>> {
-        &self.shards[usize::from(digest.as_bytes()[8]) % SHARDS]
     }
 
     #[inline]
     fn get(&self, digest: &KeyDigest) -> Option<(V, u64)> {
-        let table = self.shard(digest).read().unwrap_or_else(|e| e.into_inner());
-        table
-            .find(digest.table_hash(), |e| e.value.digest() == digest)
-            .map(|e| (e.value.clone(), e.fetched))
+        table::find(&self.entries.read(digest), digest).map(|e| (e.value.clone(), e.fetched))
     }
 
     /// Inserts, making room first when the shard is full: entries older than `keep` go, then,
     /// if that was not enough, an eighth of the shard (any eighth: this bounds memory, it is
     /// not an LRU).
     fn put(&self, value: V, now: u64, keep: u64) {
-        let digest = *value.digest();
-        let mut table = self
-            .shard(&digest)
-            .write()
-            .unwrap_or_else(|e| e.into_inner());
-        if table.len() >= self.per_shard {
-            table.retain(|e| now.saturating_sub(e.fetched) <= keep);
+        let mut shard = self.entries.write(value.digest());
+        if shard.len() >= self.per_shard {
+            shard.retain(|e| now.saturating_sub(e.fetched) <= keep);
         }
-        if table.len() >= self.per_shard {
-            let mut excess = table.len() - self.per_shard * 7 / 8;
-            table.retain(|_| {
+        if shard.len() >= self.per_shard {
+            let mut excess = shard.len() - self.per_shard * 7 / 8;
+            shard.retain(|_| {
                 let gone = excess > 0;
                 excess = excess.saturating_sub(1);
                 !gone
             });
         }
-        let entry = Entry {
-            value,
-            fetched: now,
-        };
-        match table.entry(
-            digest.table_hash(),
-            |e| *e.value.digest() == digest,
-            |e| e.value.digest().table_hash(),
-        ) {
-            hashbrown::hash_table::Entry::Occupied(mut e) => *e.get_mut() = entry,
-            hashbrown::hash_table::Entry::Vacant(e) => {
-                e.insert(entry);
-            }
-        }
+        table::put(
+            &mut shard,
+            Entry {
+                value,
+                fetched: now,
+            },
+        );
     }
 
     fn remove(&self, digest: &KeyDigest) {
-        let mut table = self
-            .shard(digest)
-            .write()
-            .unwrap_or_else(|e| e.into_inner());
-        if let Ok(entry) = table.find_entry(digest.table_hash(), |e| e.value.digest() == digest) {
-            entry.remove();
-        }
+        table::take(&mut self.entries.write(digest), digest);
     }
 
     fn clear(&self) {
-        for shard in self.shards.iter() {
-            shard.write().unwrap_or_else(|e| e.into_inner()).clear();
+        for mut shard in self.entries.write_each() {
+            shard.clear();
         }
     }
 
     fn len(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| s.read().unwrap_or_else(|e| e.into_inner()).len())
-            .sum()
+        self.entries.len()
     }
 }
 

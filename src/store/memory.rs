@@ -2,18 +2,12 @@
 
 use std::collections::HashSet;
 use std::future::{Ready, ready};
-use std::sync::{Arc, Mutex, RwLock};
-
-use hashbrown::HashTable;
+use std::sync::{Arc, Mutex};
 
 use crate::key::{KeyDigest, KeyHasher};
 use crate::record::{KeyId, KeyRecord, Scopes};
+use crate::store::table::{self, Sharded, shard_index};
 use crate::store::{KeyAdmin, KeyStore, LookupResult, StoreError, Write, WriteError};
-
-/// Shards keep writers from stalling every reader, and keep each rehash small.
-const SHARDS: usize = 16;
-
-type Shard = RwLock<HashTable<Arc<KeyRecord>>>;
 
 /// An in-memory [`KeyStore`]: records found by digest in a sharded hash table.
 ///
@@ -29,7 +23,7 @@ type Shard = RwLock<HashTable<Arc<KeyRecord>>>;
 /// assert_eq!(store.len(), 1);
 /// ```
 pub struct MemoryStore {
-    shards: Box<[Shard]>,
+    records: Sharded<Arc<KeyRecord>>,
     hasher: KeyHasher,
     /// One shared list per distinct scope set: a million keys usually have a handful.
     scope_sets: Mutex<HashSet<Scopes>>,
@@ -44,14 +38,10 @@ impl MemoryStore {
     /// An empty store hashing keys with `hasher` (e.g. peppered).
     pub fn with_hasher(hasher: KeyHasher) -> Self {
         MemoryStore {
-            shards: (0..SHARDS).map(|_| RwLock::new(HashTable::new())).collect(),
+            records: Sharded::new(),
             hasher,
             scope_sets: Mutex::new(HashSet::new()),
         }
-    }
-
-    fn shard(&self, digest: &KeyDigest) -> &Shard {
-        &self.shards[shard_index(digest)]
     }
 
     /// Makes `record` share the store's copy of its scope list.
@@ -69,91 +59,54 @@ impl MemoryStore {
     pub fn insert(&self, mut record: KeyRecord) -> Arc<KeyRecord> {
         self.intern(&mut record);
         let record = Arc::new(record);
-        let mut table = self
-            .shard(record.digest())
-            .write()
-            .unwrap_or_else(|e| e.into_inner());
-        put(&mut table, record.clone());
+        table::put(&mut self.records.write(record.digest()), record.clone());
         record
     }
 
     /// The record with public id `id`. This scans the store: it is for management, not for
     /// the request path.
     pub fn by_id(&self, id: KeyId) -> Option<Arc<KeyRecord>> {
-        self.shards.iter().find_map(|shard| {
-            let table = shard.read().unwrap_or_else(|e| e.into_inner());
-            table.iter().find(|r| r.id() == id).cloned()
-        })
+        self.records
+            .read_each()
+            .find_map(|shard| shard.iter().find(|r| r.id() == id).cloned())
     }
 
     /// Removes the record with id `id`; returns it.
     pub fn remove(&self, id: KeyId) -> Option<Arc<KeyRecord>> {
-        let mut removed = None;
-        for shard in self.shards.iter() {
-            shard
-                .write()
-                .unwrap_or_else(|e| e.into_inner())
-                .retain(|r| {
-                    if r.id() == id && removed.is_none() {
-                        removed = Some(r.clone());
-                        false
-                    } else {
-                        true
-                    }
-                });
-            if removed.is_some() {
-                break;
-            }
-        }
-        removed
+        let found = self.by_id(id)?;
+        table::take(&mut self.records.write(found.digest()), found.digest())
     }
 
     /// Keeps only the records for which `keep` is true.
     pub fn retain(&self, mut keep: impl FnMut(&KeyRecord) -> bool) {
-        for shard in self.shards.iter() {
-            shard
-                .write()
-                .unwrap_or_else(|e| e.into_inner())
-                .retain(|r| keep(r));
+        for mut shard in self.records.write_each() {
+            shard.retain(|r| keep(r));
         }
     }
 
     /// Every record, in no particular order.
     pub fn records(&self) -> Vec<Arc<KeyRecord>> {
         let mut all = Vec::new();
-        for shard in self.shards.iter() {
-            all.extend(
-                shard
-                    .read()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .iter()
-                    .cloned(),
-            );
+        for shard in self.records.read_each() {
+            all.extend(shard.iter().cloned());
         }
         all
     }
 
     /// Replaces the whole content with `records` at once (used when reloading from a file).
     pub fn replace_all(&self, records: impl IntoIterator<Item = Arc<KeyRecord>>) {
-        let mut tables: Vec<HashTable<Arc<KeyRecord>>> =
-            (0..SHARDS).map(|_| HashTable::new()).collect();
-        for mut record in records {
-            if let Some(unique) = Arc::get_mut(&mut record) {
-                self.intern(unique);
-            }
-            put(&mut tables[shard_index(record.digest())], record);
-        }
-        for (shard, table) in self.shards.iter().zip(tables) {
-            *shard.write().unwrap_or_else(|e| e.into_inner()) = table;
-        }
+        self.records
+            .replace_all(records.into_iter().map(|mut record| {
+                if let Some(unique) = Arc::get_mut(&mut record) {
+                    self.intern(unique);
+                }
+                record
+            }));
     }
 
     /// How many records the store holds.
     pub fn len(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| s.read().unwrap_or_else(|e| e.into_inner()).len())
-            .sum()
+        self.records.len()
     }
 
     /// Whether the store is empty.
@@ -163,10 +116,7 @@ impl MemoryStore {
 
     /// The record for `digest`, synchronously.
     pub fn lookup_now(&self, digest: &KeyDigest) -> Option<Arc<KeyRecord>> {
-        let table = self.shard(digest).read().unwrap_or_else(|e| e.into_inner());
-        table
-            .find(digest.table_hash(), |r| r.digest() == digest)
-            .cloned()
+        table::find(&self.records.read(digest), digest).cloned()
     }
 }
 
@@ -174,17 +124,12 @@ impl MemoryStore {
     /// Applies `writes` atomically: every shard is locked (in order, so writers cannot
     /// deadlock), every write is checked, then all are applied.
     pub fn apply_now(&self, writes: Vec<Write>) -> Result<(), WriteError> {
-        let mut tables: Vec<_> = self
-            .shards
-            .iter()
-            .map(|s| s.write().unwrap_or_else(|e| e.into_inner()))
-            .collect();
-        let stored = |tables: &[std::sync::RwLockWriteGuard<'_, HashTable<Arc<KeyRecord>>>],
-                      digest: &KeyDigest| {
-            tables[shard_index(digest)]
-                .find(digest.table_hash(), |r| r.digest() == digest)
-                .cloned()
-        };
+        let mut tables = self.records.write_all();
+        let stored =
+            |tables: &[std::sync::RwLockWriteGuard<'_, table::Shard<Arc<KeyRecord>>>],
+             digest: &KeyDigest| {
+                table::find(&tables[shard_index(digest)], digest).cloned()
+            };
         for write in &writes {
             let holds = match write {
                 Write::Insert(new) => stored(&tables, new.digest()).is_none(),
@@ -203,15 +148,10 @@ impl MemoryStore {
             match write {
                 Write::Insert(mut new) | Write::Replace { mut new, .. } => {
                     self.intern(&mut new);
-                    put(&mut tables[shard_index(new.digest())], Arc::new(new));
+                    table::put(&mut tables[shard_index(new.digest())], Arc::new(new));
                 }
                 Write::Remove(old) => {
-                    let digest = old.digest();
-                    if let Ok(entry) = tables[shard_index(digest)]
-                        .find_entry(digest.table_hash(), |r| r.digest() == digest)
-                    {
-                        entry.remove();
-                    }
+                    table::take(&mut tables[shard_index(old.digest())], old.digest());
                 }
             }
         }
@@ -230,26 +170,6 @@ impl KeyAdmin for MemoryStore {
 
     async fn apply(&self, writes: Vec<Write>) -> Result<(), WriteError> {
         self.apply_now(writes)
-    }
-}
-
-fn shard_index(digest: &KeyDigest) -> usize {
-    // Byte 8 is past the bytes `table_hash` uses, so shard and bucket choice stay independent.
-    usize::from(digest.as_bytes()[8]) % SHARDS
-}
-
-/// Inserts `record`, replacing the one with the same digest.
-fn put(table: &mut HashTable<Arc<KeyRecord>>, record: Arc<KeyRecord>) {
-    let digest = *record.digest();
-    match table.entry(
-        digest.table_hash(),
-        |r| *r.digest() == digest,
-        |r| r.digest().table_hash(),
-    ) {
-        hashbrown::hash_table::Entry::Occupied(mut e) => *e.get_mut() = record,
-        hashbrown::hash_table::Entry::Vacant(e) => {
-            e.insert(record);
-        }
     }
 }
 

@@ -14,6 +14,7 @@ mod file;
 mod memory;
 #[cfg(feature = "redis")]
 mod redis;
+mod table;
 
 pub use cached::{CachedLookup, CachedStore};
 pub use file::{FileStore, FileStoreBuilder};
