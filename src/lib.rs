@@ -42,6 +42,7 @@
 #[cfg(feature = "axum")]
 mod admin_api;
 pub mod body;
+mod fault;
 pub mod future;
 mod identity;
 pub mod inbound;

@@ -1,19 +1,17 @@
 //! A local cache in front of any store, for stores a network hop away.
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::sync::OnceCell;
 
+use crate::future::ReadyOrBoxed;
 use crate::key::{KeyDigest, KeyHasher};
 use crate::record::{KeyId, KeyRecord};
 use crate::store::table::{self, Keyed, Sharded};
-use crate::store::{BoxLookup, KeyAdmin, KeyStore, LookupResult, StoreError, Write, WriteError};
+use crate::store::{KeyAdmin, KeyStore, LookupResult, StoreError, Write, WriteError};
 use crate::time::{Clock, SystemClock};
 
 /// A [`KeyStore`] that answers from a bounded local cache and asks the store behind it only
@@ -331,26 +329,7 @@ impl<K: KeyStore> Shared<K> {
 }
 
 /// The lookup future of a [`CachedStore`]: ready at once on a hit.
-pub struct CachedLookup(Lookup);
-
-enum Lookup {
-    /// Answered from the cache: the record, or `None` for a digest known to be unknown.
-    Cached(Option<Arc<KeyRecord>>),
-    /// Asking the store.
-    Fetching(BoxLookup),
-}
-
-impl Future for CachedLookup {
-    type Output = LookupResult;
-
-    #[inline]
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<LookupResult> {
-        match &mut self.get_mut().0 {
-            Lookup::Cached(record) => Poll::Ready(Ok(record.take())),
-            Lookup::Fetching(future) => future.as_mut().poll(cx),
-        }
-    }
-}
+pub type CachedLookup = ReadyOrBoxed<LookupResult>;
 
 impl<K: KeyStore> KeyStore for CachedStore<K> {
     type Lookup = CachedLookup;
@@ -362,16 +341,14 @@ impl<K: KeyStore> KeyStore for CachedStore<K> {
         if let Some((record, fetched)) = shared.known.get(digest)
             && now.saturating_sub(fetched) < shared.ttl
         {
-            return CachedLookup(Lookup::Cached(Some(record)));
+            return ReadyOrBoxed::ready(Ok(Some(record)));
         }
         if let Some((_, fetched)) = shared.unknown.get(digest)
             && now.saturating_sub(fetched) < shared.negative_ttl
         {
-            return CachedLookup(Lookup::Cached(None));
+            return ReadyOrBoxed::ready(Ok(None));
         }
-        CachedLookup(Lookup::Fetching(Box::pin(
-            shared.clone().fetch(*digest, now),
-        )))
+        ReadyOrBoxed::boxed(shared.clone().fetch(*digest, now))
     }
 
     fn hasher(&self) -> &KeyHasher {

@@ -6,6 +6,7 @@ use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
 
+use crate::fault::Fault;
 use crate::key::{KeyDigest, KeyHasher};
 use crate::record::KeyRecord;
 
@@ -174,18 +175,12 @@ pub type BoxLookup = std::pin::Pin<Box<dyn Future<Output = LookupResult> + Send 
 /// A store fault: the store could not answer (unreachable, timed out, corrupt).
 ///
 /// Its message must never contain a key or a digest; it may be logged.
-pub struct StoreError {
-    message: Cow<'static, str>,
-    source: Option<Box<dyn Error + Send + Sync + 'static>>,
-}
+pub struct StoreError(Box<Fault>);
 
 impl StoreError {
     /// A fault described by `message`.
     pub fn new(message: impl Into<Cow<'static, str>>) -> Self {
-        StoreError {
-            message: message.into(),
-            source: None,
-        }
+        StoreError(Fault::new(message, None))
     }
 
     /// A fault described by `message`, caused by `source`.
@@ -193,38 +188,29 @@ impl StoreError {
         message: impl Into<Cow<'static, str>>,
         source: impl Into<Box<dyn Error + Send + Sync + 'static>>,
     ) -> Self {
-        StoreError {
-            message: message.into(),
-            source: Some(source.into()),
-        }
+        StoreError(Fault::new(message, Some(source.into())))
     }
 
     /// The description.
     pub fn message(&self) -> &str {
-        &self.message
+        self.0.message()
     }
 }
 
 impl fmt::Debug for StoreError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("StoreError")
-            .field("message", &self.message)
-            .field("source", &self.source)
-            .finish()
+        self.0.debug("StoreError", f)
     }
 }
 
 impl fmt::Display for StoreError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.source {
-            Some(source) => write!(f, "{}: {source}", self.message),
-            None => f.write_str(&self.message),
-        }
+        fmt::Display::fmt(&self.0, f)
     }
 }
 
 impl Error for StoreError {
     fn source(&self) -> Option<&(dyn Error + 'static)> {
-        self.source.as_deref().map(|e| e as &(dyn Error + 'static))
+        self.0.source()
     }
 }

@@ -5,13 +5,13 @@ use std::borrow::Cow;
 use std::error::Error;
 use std::fmt;
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::sync::watch;
 
+use crate::fault::Fault;
+use crate::future::ReadyOrBoxed;
 use crate::identity::Identity;
 use crate::rejection::{Rejection, RejectionKind};
 use crate::time::{Clock, SystemClock, Timestamp};
@@ -152,18 +152,12 @@ where
 }
 
 /// Why a token could not be fetched. It is logged: its message must not hold a secret.
-pub struct FetchError {
-    message: Cow<'static, str>,
-    source: Option<Box<dyn Error + Send + Sync + 'static>>,
-}
+pub struct FetchError(Box<Fault>);
 
 impl FetchError {
     /// A failure described by `message`.
     pub fn new(message: impl Into<Cow<'static, str>>) -> Self {
-        FetchError {
-            message: message.into(),
-            source: None,
-        }
+        FetchError(Fault::new(message, None))
     }
 
     /// A failure described by `message`, caused by `source`.
@@ -171,15 +165,12 @@ impl FetchError {
         message: impl Into<Cow<'static, str>>,
         source: impl Into<Box<dyn Error + Send + Sync + 'static>>,
     ) -> Self {
-        FetchError {
-            message: message.into(),
-            source: Some(source.into()),
-        }
+        FetchError(Fault::new(message, Some(source.into())))
     }
 
     /// The description.
     pub fn message(&self) -> &str {
-        &self.message
+        self.0.message()
     }
 }
 
@@ -191,25 +182,19 @@ impl From<crate::upstream::CredentialError> for FetchError {
 
 impl fmt::Debug for FetchError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FetchError")
-            .field("message", &self.message)
-            .field("source", &self.source)
-            .finish()
+        self.0.debug("FetchError", f)
     }
 }
 
 impl fmt::Display for FetchError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.source {
-            Some(source) => write!(f, "{}: {source}", self.message),
-            None => f.write_str(&self.message),
-        }
+        fmt::Display::fmt(&self.0, f)
     }
 }
 
 impl Error for FetchError {
     fn source(&self) -> Option<&(dyn Error + 'static)> {
-        self.source.as_deref().map(|e| e as &(dyn Error + 'static))
+        self.0.source()
     }
 }
 
@@ -510,19 +495,17 @@ impl<F: TokenFetcher> CredentialSource for RefreshingToken<F> {
         let start = wants_fetch && !state.fetching && state.retry_at.is_none_or(|at| now >= at);
         state.fetching |= start;
         let answer = match usable {
-            Some((credential, _)) => RefreshFuture::ready(Ok(credential)),
-            None if !state.fetching => RefreshFuture::ready(Err(unavailable())),
+            Some((credential, _)) => ReadyOrBoxed::ready(Ok(credential)),
+            None if !state.fetching => ReadyOrBoxed::ready(Err(unavailable())),
             None => {
                 // Subscribed under the lock: the fetch cannot finish unseen in between.
                 let mut fetched = shared.fetched.subscribe();
                 let shared = shared.clone();
-                RefreshFuture {
-                    state: FutureState::Waiting(Box::pin(async move {
-                        // An error would mean the sender is gone: not while `shared` lives.
-                        let _ = fetched.changed().await;
-                        shared.current_credential()
-                    })),
-                }
+                ReadyOrBoxed::boxed(async move {
+                    // An error would mean the sender is gone: not while `shared` lives.
+                    let _ = fetched.changed().await;
+                    shared.current_credential()
+                })
             }
         };
         drop(state);
@@ -560,55 +543,14 @@ impl<F> fmt::Debug for RefreshingTokenBuilder<F> {
     }
 }
 
-type Waiting = Pin<Box<dyn Future<Output = Result<Credential, Rejection>> + Send>>;
-
-/// The future of [`RefreshingToken`]: ready at once while a valid token is cached, else
-/// waiting for the fetch in flight.
-pub struct RefreshFuture {
-    state: FutureState,
-}
-
-enum FutureState {
-    Ready(Option<Result<Credential, Rejection>>),
-    Waiting(Waiting),
-}
-
-impl RefreshFuture {
-    fn ready(result: Result<Credential, Rejection>) -> Self {
-        RefreshFuture {
-            state: FutureState::Ready(Some(result)),
-        }
-    }
-}
-
-impl Future for RefreshFuture {
-    type Output = Result<Credential, Rejection>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match &mut self.state {
-            FutureState::Ready(result) => Poll::Ready(
-                result
-                    .take()
-                    .expect("RefreshFuture polled after completion"),
-            ),
-            FutureState::Waiting(future) => future.as_mut().poll(cx),
-        }
-    }
-}
-
-impl fmt::Debug for RefreshFuture {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self.state {
-            FutureState::Ready(_) => "RefreshFuture::Ready",
-            FutureState::Waiting(_) => "RefreshFuture::Waiting",
-        })
-    }
-}
+/// The future of a [`RefreshingToken`]: ready at once unless a fetch must be waited for.
+pub type RefreshFuture = ReadyOrBoxed<Result<Credential, Rejection>>;
 
 #[cfg(test)]
 mod tests {
+    use std::pin::Pin;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::task::Waker;
+    use std::task::{Context, Poll, Waker};
 
     use super::*;
     use crate::time::ManualClock;
