@@ -69,15 +69,34 @@ struct Inner {
     error_format: ErrorFormat,
 }
 
-/// The error when an upstream is not an absolute `http://` or `https://` URL.
+/// The error when an upstream is not an absolute `http://` or `https://` URL, or carries a
+/// `user:password@`. Its text shows the URL with any such credentials left out.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InvalidUpstream(String);
+
+impl InvalidUpstream {
+    fn new(upstream: &str) -> Self {
+        // What sits between `//` and the last `@` before the path is a credential.
+        let shown = match upstream.split_once("//") {
+            Some((scheme, rest)) => {
+                let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+                match rest[..authority_end].rfind('@') {
+                    Some(at) => format!("{scheme}//<credentials>{}", &rest[at..]),
+                    None => upstream.to_owned(),
+                }
+            }
+            None => upstream.to_owned(),
+        };
+        InvalidUpstream(shown)
+    }
+}
 
 impl fmt::Display for InvalidUpstream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "invalid upstream `{}`: expected http://host[:port][/base] or https://…, with no query",
+            "invalid upstream `{}`: expected http://host[:port][/base] or https://…, with no \
+             query and no user:password@ (the upstream credential belongs to UpstreamAuthLayer)",
             self.0
         )
     }
@@ -175,14 +194,16 @@ impl Forward {
     /// Options for a proxy to `upstream`, e.g. `https://api.anthropic.com` or
     /// `http://127.0.0.1:9000/base`.
     pub fn builder(upstream: &str) -> Result<ForwardBuilder, InvalidUpstream> {
-        let bad = || InvalidUpstream(upstream.to_owned());
+        let bad = || InvalidUpstream::new(upstream);
         let uri: Uri = upstream.parse().map_err(|_| bad())?;
         let scheme = uri.scheme().cloned().ok_or_else(bad)?;
         if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
             return Err(bad());
         }
         let authority = uri.authority().cloned().ok_or_else(bad)?;
-        if uri.query().is_some() {
+        // Credentials in the URL would show in logs, `Debug` and the 502/504 bodies, which
+        // name the upstream's authority.
+        if uri.query().is_some() || authority.as_str().contains('@') {
             return Err(bad());
         }
         Ok(ForwardBuilder {
@@ -349,6 +370,13 @@ mod tests {
         for bad in ["api.openai.com", "ftp://x", "/relative", "http://h/?q=1"] {
             assert!(Forward::new(bad).is_err(), "{bad}");
         }
+        let err = Forward::new("https://user:s3cret@example.com/v1")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            !err.contains("s3cret") && err.contains("https://<credentials>@example.com/v1"),
+            "{err}"
+        );
     }
 
     #[test]

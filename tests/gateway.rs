@@ -596,6 +596,25 @@ async fn with_redis_a_key_revoked_by_keygen_is_rejected_within_a_second() {
 }
 
 #[test]
+fn an_upstream_url_with_credentials_is_refused_without_showing_them() {
+    let good = config(
+        std::path::Path::new("/tmp/k.json"),
+        "127.0.0.1:9".parse().unwrap(),
+    );
+    let text = good.replace(
+        "upstream = \"http://127.0.0.1:9\"",
+        "upstream = \"https://u:sk-in-url@api.example.com\"",
+    );
+    let err = app::Config::from_toml(&text)
+        .unwrap()
+        .plan(&env)
+        .err()
+        .unwrap();
+    assert_eq!(err.field, "route[0].upstream");
+    assert!(!err.to_string().contains("sk-in-url"), "{err}");
+}
+
+#[test]
 fn keys_file_and_redis_url_exclude_each_other() {
     let good = config(
         std::path::Path::new("/tmp/k.json"),

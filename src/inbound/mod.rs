@@ -362,35 +362,23 @@ where
             &config.sources,
             config.max_key_len,
         );
-        let (digest, carriers) = match found {
-            Ok(Some(presented)) if config.fails_checksum(&presented.key) => {
-                tracing::info!(target: "tower_gateway_auth::inbound", reason = "invalid_checksum", "API key rejected without lookup");
-                let rejection = Rejection::new(RejectionKind::InvalidKey, "Invalid API key.");
-                return ResponseFuture::rejected(config.error_format.respond(
-                    &rejection,
-                    &config.realm,
-                    req.headers(),
-                ));
-            }
-            Ok(Some(presented)) => (
-                config.store.hasher().digest(presented.key.as_bytes()),
-                presented.carriers,
-            ),
+        let presented = match found {
+            Ok(Some(presented)) => presented,
             Ok(None) if config.allow_anonymous => {
                 tracing::debug!(target: "tower_gateway_auth::inbound", "no API key: passed on anonymously");
                 return ResponseFuture::inner(self.inner.call(req));
             }
             Ok(None) => {
-                return ResponseFuture::rejected(config.reject(
-                    &req,
-                    &missing(&config.sources),
-                    None,
-                ));
+                return ResponseFuture::rejected(config.refuse(&req, &missing(&config.sources)));
             }
-            Err(rejection) => {
-                return ResponseFuture::rejected(config.reject(&req, &rejection, None));
-            }
+            Err(rejection) => return ResponseFuture::rejected(config.refuse(&req, &rejection)),
         };
+        if config.fails_checksum(&presented.key) {
+            let rejection = Rejection::new(RejectionKind::InvalidKey, "Invalid API key.");
+            return ResponseFuture::rejected(config.refuse(&req, &rejection));
+        }
+        let digest = config.store.hasher().digest(presented.key.as_bytes());
+        let carriers = presented.carriers;
         if config.hide_credentials {
             source::hide(&mut req, &config.sources, carriers);
         }
@@ -493,17 +481,16 @@ impl<K: KeyStore> Config<K> {
     }
 
     /// The response for `rejection`, in the configured dialect (or gRPC).
-    fn reject<B>(
-        &self,
-        req: &Request<B>,
-        rejection: &Rejection,
-        digest: Option<&KeyDigest>,
-    ) -> Response<Bytes> {
-        if digest.is_none() {
-            tracing::info!(target: "tower_gateway_auth::inbound", reason = rejection.code(), "request rejected");
-        }
+    fn reject<B>(&self, req: &Request<B>, rejection: &Rejection) -> Response<Bytes> {
         self.error_format
             .respond(rejection, &self.realm, req.headers())
+    }
+
+    /// [`reject`](Self::reject) for a request turned away before any lookup (no key, a
+    /// malformed one, a failed checksum): `admit` logs the others, naming the key.
+    fn refuse<B>(&self, req: &Request<B>, rejection: &Rejection) -> Response<Bytes> {
+        tracing::info!(target: "tower_gateway_auth::inbound", reason = rejection.code(), "request rejected before lookup");
+        self.reject(req, rejection)
     }
 }
 
@@ -523,7 +510,7 @@ impl<K: KeyStore, B> Resume<B> for Config<K> {
         req: &mut Request<B>,
     ) -> Option<Response<Bytes>> {
         let rejection = self.admit(found, &digest, req).err()?;
-        Some(self.reject(req, &rejection, Some(&digest)))
+        Some(self.reject(req, &rejection))
     }
 }
 

@@ -348,8 +348,14 @@ impl<C: CredentialSource, B> Resume<B> for Config<C> {
 impl<C: CredentialSource> Config<C> {
     /// Steps 2–4 of the data path: strip, apply the provider's extras, place.
     fn rewrite<B>(&self, req: &mut Request<B>, credential: &Credential) {
+        let placed = match self.provider.placement() {
+            Placement::Bearer => Some(&AUTHORIZATION),
+            Placement::Header(name) => Some(name),
+            Placement::Query(_) => None,
+        };
         let headers = req.headers_mut();
-        for name in &self.strip_headers {
+        // The header the credential goes into is overwritten below, every value of it.
+        for name in self.strip_headers.iter().filter(|&n| Some(n) != placed) {
             headers.remove(name);
         }
         if let Some(uri) = self.rewrite_query(req.uri(), credential) {
