@@ -321,7 +321,6 @@ impl RequestId {
         self
     }
 
-    /// Puts the id into the request headers and returns it.
     /// Sets the request's id (or keeps the client's); returns it when it is to be echoed.
     fn assign(&self, headers: &mut http::HeaderMap) -> Option<HeaderValue> {
         if self.keep_client_id {
@@ -371,7 +370,6 @@ fn new_request_id() -> HeaderValue {
     bytes[8..].copy_from_slice(&key.hash_one((n, 1u8)).to_le_bytes());
     bytes[6] = (bytes[6] & 0x0f) | 0x40;
     bytes[8] = (bytes[8] & 0x3f) | 0x80;
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut text = [0u8; 36];
     let mut at = 0;
     for (i, b) in bytes.iter().enumerate() {
@@ -379,8 +377,8 @@ fn new_request_id() -> HeaderValue {
             text[at] = b'-';
             at += 1;
         }
-        text[at] = HEX[usize::from(b >> 4)];
-        text[at + 1] = HEX[usize::from(b & 0xf)];
+        text[at] = crate::key::HEX[usize::from(b >> 4)];
+        text[at + 1] = crate::key::HEX[usize::from(b & 0xf)];
         at += 2;
     }
     HeaderValue::from_bytes(&text).expect("hex digits and dashes are a valid header value")

@@ -89,7 +89,8 @@ impl fmt::Debug for KeyDigest {
     }
 }
 
-const HEX: &[u8; 16] = b"0123456789abcdef";
+/// Lower-case hex digits.
+pub(crate) const HEX: &[u8; 16] = b"0123456789abcdef";
 
 fn hex_val(c: u8) -> Option<u8> {
     match c {
@@ -144,6 +145,9 @@ impl KeyHasher {
     }
 
     /// HMAC-SHA-256 of the key under `pepper`, a server-side secret kept apart from the store.
+    ///
+    /// Use at least 32 random bytes: a file store records a check value of the pepper (to
+    /// refuse a wrong one at start-up), so a guessable pepper could be found from the file.
     pub fn with_pepper(pepper: &[u8]) -> Self {
         let mac = Hmac::<Sha256>::new_from_slice(pepper).expect("HMAC accepts keys of any length");
         KeyHasher { pepper: Some(mac) }

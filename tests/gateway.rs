@@ -88,6 +88,11 @@ async fn issue(file: &std::path::Path, name: &str, scopes: &[&str]) -> (ApiKey, 
     (issued.key, issued.record.id().to_string())
 }
 
+/// A GET with `key` in `x-api-key`.
+async fn get_key(addr: SocketAddr, path: &str, key: &str) -> Answer {
+    call(addr, Method::GET, path, &[("x-api-key", key)], "").await
+}
+
 async fn call(
     addr: SocketAddr,
     method: Method,
@@ -202,14 +207,7 @@ async fn rejections_speak_each_routes_dialect_and_reach_nothing() {
     } else {
         'A'
     });
-    let a = call(
-        gw.addr,
-        Method::GET,
-        "/anthropic/v1/models",
-        &[("x-api-key", &typo)],
-        "",
-    )
-    .await;
+    let a = get_key(gw.addr, "/anthropic/v1/models", &typo).await;
     assert_eq!(a.status, StatusCode::UNAUTHORIZED);
     let a = call(
         gw.addr,
@@ -231,17 +229,8 @@ async fn a_key_revoked_through_the_management_api_or_keygen_is_rejected_without_
     let (admin, _) = issue(&dir.file(), "root", &["admin"]).await;
     let (first, first_id) = issue(&dir.file(), "first", &["openai"]).await;
     let gw = start(&config(&dir.file(), upstream)).await;
-    let use_key = |key: String| async move {
-        call(
-            gw.addr,
-            Method::GET,
-            "/openai/v1/models",
-            &[("x-api-key", &key)],
-            "",
-        )
-        .await
-        .status
-    };
+    let use_key =
+        |key: String| async move { get_key(gw.addr, "/openai/v1/models", &key).await.status };
     assert_eq!(use_key(first.expose().to_owned()).await, StatusCode::OK);
     let a = call(
         gw.addr,
@@ -546,14 +535,7 @@ async fn with_redis_a_key_revoked_by_keygen_is_rejected_within_a_second() {
         .unwrap();
     let gw = start(&text).await;
     let key = issued.key.expose();
-    let a = call(
-        gw.addr,
-        Method::GET,
-        "/openai/v1/models",
-        &[("x-api-key", key)],
-        "",
-    )
-    .await;
+    let a = get_key(gw.addr, "/openai/v1/models", key).await;
     assert_eq!(a.status, StatusCode::OK);
     assert_eq!(seen.count(), 1);
 
@@ -563,14 +545,7 @@ async fn with_redis_a_key_revoked_by_keygen_is_rejected_within_a_second() {
         .unwrap();
     let revoked = Instant::now();
     loop {
-        let a = call(
-            gw.addr,
-            Method::GET,
-            "/openai/v1/models",
-            &[("x-api-key", key)],
-            "",
-        )
-        .await;
+        let a = get_key(gw.addr, "/openai/v1/models", key).await;
         if a.status == StatusCode::UNAUTHORIZED {
             assert_eq!(a.json()["error"]["code"], "revoked_api_key");
             break;
@@ -583,14 +558,7 @@ async fn with_redis_a_key_revoked_by_keygen_is_rejected_within_a_second() {
     }
     // Requests in the propagation window may have passed; none after the rejection.
     let passed = seen.count();
-    let a = call(
-        gw.addr,
-        Method::GET,
-        "/openai/v1/models",
-        &[("x-api-key", key)],
-        "",
-    )
-    .await;
+    let a = get_key(gw.addr, "/openai/v1/models", key).await;
     assert_eq!(a.status, StatusCode::UNAUTHORIZED);
     assert_eq!(seen.count(), passed);
 }
