@@ -5,6 +5,7 @@ mod support;
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -241,4 +242,188 @@ async fn https_upstreams_work_and_certificates_are_checked() {
     let gw = gateway(Forward::new(&upstream).unwrap()).await;
     let a = send(&client(), get(gw, "/up/v1/models", &[])).await;
     assert_eq!(a.status, StatusCode::BAD_GATEWAY);
+}
+
+/// An upstream that counts the TCP connections it accepts, serving `app` on each.
+async fn counting_upstream(app: Router) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            count.fetch_add(1, Ordering::SeqCst);
+            let service = hyper_util::service::TowerToHyperService::new(app.clone());
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+            );
+        }
+    });
+    (addr, accepted)
+}
+
+/// A body of `chunks`, sent as separate frames (so chunked on the wire).
+fn streamed(chunks: &'static [&'static str]) -> Body {
+    let frames = chunks
+        .iter()
+        .map(|c| Ok::<_, Infallible>(Bytes::from_static(c.as_bytes())));
+    let (tx, rx) = mpsc::channel(chunks.len());
+    for frame in frames {
+        tx.try_send(frame).unwrap();
+    }
+    Body::from_stream(support::ReceiverStream(rx))
+}
+
+#[tokio::test]
+async fn http1_connections_are_reused_once_their_body_is_read() {
+    let app = Router::new()
+        .route("/sized", axum::routing::get(|| async { "sized body" }))
+        .route(
+            "/chunked",
+            axum::routing::get(|| async { streamed(&["chunked ", "body"]) }),
+        )
+        .route(
+            "/empty",
+            axum::routing::get(|| async { StatusCode::NO_CONTENT }),
+        );
+    let (upstream, accepted) = counting_upstream(app).await;
+    let gw = gateway(Forward::new(&format!("http://{upstream}")).unwrap()).await;
+    let client = client();
+    for round in 0..5 {
+        let sized = send(&client, get(gw, "/up/sized", &[])).await;
+        assert_eq!((sized.status, sized.text()), (StatusCode::OK, "sized body"));
+        let chunked = send(&client, get(gw, "/up/chunked", &[])).await;
+        assert_eq!(chunked.text(), "chunked body", "round {round}");
+        let empty = send(&client, get(gw, "/up/empty", &[])).await;
+        assert_eq!(empty.status, StatusCode::NO_CONTENT);
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "one connection for 15 exchanges"
+    );
+
+    // Concurrent requests each get a connection of their own, and they all go back.
+    let all: Vec<_> = (0..8)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move { send(&client, get(gw, "/up/sized", &[])).await })
+        })
+        .collect();
+    for answer in all {
+        assert_eq!(answer.await.unwrap().text(), "sized body");
+    }
+    let opened = accepted.load(Ordering::SeqCst);
+    assert!((1..=8).contains(&opened), "{opened} connections");
+    for _ in 0..8 {
+        assert_eq!(
+            send(&client, get(gw, "/up/sized", &[])).await.text(),
+            "sized body"
+        );
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        opened,
+        "pooled connections reused"
+    );
+}
+
+#[tokio::test]
+async fn a_body_dropped_half_read_does_not_leave_its_rest_to_the_next_request() {
+    let go_on = Arc::new(Notify::new());
+    let release = go_on.clone();
+    let app = Router::new()
+        .route("/sized", axum::routing::get(|| async { "sized body" }))
+        .route(
+            "/slow",
+            axum::routing::get(move || {
+                let go_on = go_on.clone();
+                async move {
+                    let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(2);
+                    tokio::spawn(async move {
+                        tx.send(Ok(Bytes::from_static(b"first part;")))
+                            .await
+                            .unwrap();
+                        go_on.notified().await;
+                        let _ = tx.send(Ok(Bytes::from_static(b"LEFTOVER"))).await;
+                    });
+                    Body::from_stream(support::ReceiverStream(rx))
+                }
+            }),
+        );
+    let (upstream, accepted) = counting_upstream(app).await;
+    let gw = gateway(Forward::new(&format!("http://{upstream}")).unwrap()).await;
+    let client = client();
+    let response = client.request(get(gw, "/up/slow", &[])).await.unwrap();
+    let mut body = response.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(first, "first part;");
+    drop(body);
+    release.notify_one();
+    for _ in 0..3 {
+        let next = send(&client, get(gw, "/up/sized", &[])).await;
+        assert_eq!((next.status, next.text()), (StatusCode::OK, "sized body"));
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2,
+        "the half-read connection was closed, the next one reused"
+    );
+}
+
+/// An upstream speaking raw HTTP/1.1 that answers one request per connection and then closes
+/// it, without saying so in a `Connection: close` header when `announce` is false.
+async fn one_shot_upstream(announce: bool) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let close = if announce {
+                    "connection: close\r\n"
+                } else {
+                    ""
+                };
+                let response = format!("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n{close}\r\nok");
+                let _ = stream.write_all(response.as_bytes()).await;
+                // Dropped: closed right after the answer.
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test]
+async fn upstreams_that_close_connections_cost_no_request() {
+    for announce in [true, false] {
+        let (upstream, accepted) = one_shot_upstream(announce).await;
+        let gw = gateway(Forward::new(&format!("http://{upstream}")).unwrap()).await;
+        let client = client();
+        for i in 0..5 {
+            let answer = send(&client, get(gw, "/up/x", &[])).await;
+            assert_eq!(
+                (answer.status, answer.text()),
+                (StatusCode::OK, "ok"),
+                "request {i}, connection: close announced: {announce}"
+            );
+            // The close of an unannounced one reaches the gateway while the connection idles.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 5);
+    }
 }

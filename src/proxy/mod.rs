@@ -1,6 +1,8 @@
 //! [`Forward`]: the last service of a gateway, sending each request on to an upstream over
 //! HTTP or HTTPS (rustls) and streaming both bodies (feature `proxy`).
 
+mod http1;
+
 use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
@@ -10,10 +12,10 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName};
-use http::uri::{Authority, Scheme};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri};
-use http_body::Body;
+use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Incoming;
@@ -40,6 +42,10 @@ type OutBody = UnsyncBoxBody<Bytes, BoxError>;
 /// - Hop-by-hop headers (`Connection` and the headers it names, `Keep-Alive`,
 ///   `Proxy-Connection`, `Proxy-Authorization`, `TE` other than `trailers`, `Trailer`,
 ///   `Transfer-Encoding`, `Upgrade`) are dropped both ways; `Host` becomes the upstream's.
+/// - `http://` upstreams are spoken to in HTTP/1.1 over pooled keep-alive connections, each
+///   driven by the request using it (no connection task, no hand-over per request);
+///   `https://` upstreams go through hyper-util's client, HTTP/2 when the upstream offers it
+///   over ALPN.
 /// - Upstream answers, errors included, come back as they are. An unreachable upstream gives
 ///   502 and one that does not answer within the response timeout 504, with a body in the
 ///   configured [`ErrorFormat`].
@@ -61,12 +67,19 @@ pub struct Forward {
 }
 
 struct Inner {
-    client: Client<HttpsConnector<HttpConnector>, OutBody>,
+    transport: Transport,
     scheme: Scheme,
     authority: Authority,
     base_path: String,
     response_timeout: Option<Duration>,
     error_format: ErrorFormat,
+}
+
+enum Transport {
+    /// `http://`: this crate's HTTP/1.1 pool, and the `Host` header to send.
+    Http1(Arc<http1::Pool>, HeaderValue),
+    /// `https://`: hyper-util's client with rustls.
+    Client(Box<Client<HttpsConnector<HttpConnector>, OutBody>>),
 }
 
 /// The error when an upstream is not an absolute `http://` or `https://` URL, or carries a
@@ -114,7 +127,11 @@ pub struct ForwardBuilder {
     response_timeout: Option<Duration>,
     error_format: ErrorFormat,
     extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+    max_idle: usize,
 }
+
+/// How long an idle upstream connection is kept open.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 impl ForwardBuilder {
     /// How long connecting (TCP and TLS) may take (default: 10 s).
@@ -136,6 +153,12 @@ impl ForwardBuilder {
         self
     }
 
+    /// How many idle keep-alive connections to the upstream are kept open (default: 256).
+    pub fn max_idle_connections(mut self, max: usize) -> Self {
+        self.max_idle = max;
+        self
+    }
+
     /// Also trusts `certificate` (DER), besides the Mozilla roots: for an upstream behind a
     /// private CA.
     pub fn add_root_certificate(
@@ -152,14 +175,37 @@ impl ForwardBuilder {
     /// When a certificate given to [`add_root_certificate`](Self::add_root_certificate) is
     /// not a valid trust anchor.
     pub fn build(self) -> Forward {
+        let transport = if self.scheme == Scheme::HTTP {
+            let port = self.authority.port_u16().unwrap_or(80);
+            let address = format!("{}:{port}", self.authority.host());
+            let host = HeaderValue::from_str(self.authority.as_str())
+                .expect("an authority is a valid header value");
+            let pool = http1::Pool::new(address, self.max_idle, IDLE_TIMEOUT, self.connect_timeout);
+            Transport::Http1(Arc::new(pool), host)
+        } else {
+            Transport::Client(Box::new(self.https_client()))
+        };
+        Forward {
+            inner: Arc::new(Inner {
+                transport,
+                scheme: self.scheme,
+                authority: self.authority,
+                base_path: self.base_path,
+                response_timeout: self.response_timeout,
+                error_format: self.error_format,
+            }),
+        }
+    }
+
+    fn https_client(&self) -> Client<HttpsConnector<HttpConnector>, OutBody> {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_connect_timeout(self.connect_timeout);
         http.set_nodelay(true);
         let mut roots = rustls::RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        for root in self.extra_roots {
-            roots.add(root).expect("a valid root certificate");
+        for root in &self.extra_roots {
+            roots.add(root.clone()).expect("a valid root certificate");
         }
         let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
@@ -170,23 +216,14 @@ impl ForwardBuilder {
         .with_no_client_auth();
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
-            .https_or_http()
+            .https_only()
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(https);
-        Forward {
-            inner: Arc::new(Inner {
-                client,
-                scheme: self.scheme,
-                authority: self.authority,
-                base_path: self.base_path,
-                response_timeout: self.response_timeout,
-                error_format: self.error_format,
-            }),
-        }
+        Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(IDLE_TIMEOUT)
+            .pool_max_idle_per_host(self.max_idle)
+            .build(https)
     }
 }
 
@@ -214,6 +251,7 @@ impl Forward {
             response_timeout: Some(Duration::from_secs(300)),
             error_format: ErrorFormat::default(),
             extra_roots: Vec::new(),
+            max_idle: 256,
         })
     }
 
@@ -222,21 +260,26 @@ impl Forward {
         Ok(Self::builder(upstream)?.build())
     }
 
-    /// The upstream URL this request goes to.
+    /// The URI this request goes upstream with: origin-form (`/base/path?query`) on a pooled
+    /// HTTP/1.1 connection, absolute for hyper-util's client.
     fn target(&self, uri: &Uri) -> Uri {
         let inner = &self.inner;
-        let path_and_query = uri.path_and_query().map_or("/", |pq| pq.as_str());
-        let path_and_query = if path_and_query.starts_with('/') {
-            format!("{}{path_and_query}", inner.base_path)
-        } else {
-            format!("{}/{path_and_query}", inner.base_path)
+        let path_and_query = match uri.path_and_query() {
+            Some(pq) if inner.base_path.is_empty() && pq.as_str().starts_with('/') => pq.clone(),
+            pq => {
+                let pq = pq.map_or("/", |pq| pq.as_str());
+                let slash = if pq.starts_with('/') { "" } else { "/" };
+                PathAndQuery::try_from(format!("{}{slash}{pq}", inner.base_path))
+                    .expect("a valid base path and a valid path make a valid path")
+            }
         };
-        Uri::builder()
-            .scheme(inner.scheme.clone())
-            .authority(inner.authority.clone())
-            .path_and_query(path_and_query)
-            .build()
-            .expect("parts of valid URIs make a valid URI")
+        let mut parts = http::uri::Parts::default();
+        if let Transport::Client(_) = inner.transport {
+            parts.scheme = Some(inner.scheme.clone());
+            parts.authority = Some(inner.authority.clone());
+        }
+        parts.path_and_query = Some(path_and_query);
+        Uri::from_parts(parts).expect("parts of valid URIs make a valid URI")
     }
 }
 
@@ -291,12 +334,12 @@ where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    type Response = Response<ResponseBody<Incoming>>;
+    type Response = Response<ResponseBody<UpstreamBody>>;
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        // The client pools connections and queues requests itself.
+        // The pools open connections as needed and the client queues requests itself.
         Poll::Ready(Ok(()))
     }
 
@@ -304,12 +347,35 @@ where
         let (mut parts, body) = req.into_parts();
         parts.uri = self.target(&parts.uri);
         drop_hop_by_hop(&mut parts.headers);
-        parts.headers.remove(header::HOST);
+        match &self.inner.transport {
+            Transport::Http1(_, host) => parts.headers.insert(header::HOST, host.clone()),
+            // The client sets it from the URI.
+            Transport::Client(_) => parts.headers.remove(header::HOST),
+        };
         let outgoing = Request::from_parts(parts, body.map_err(Into::into).boxed_unsync());
         let inner = self.inner.clone();
         Box::pin(async move {
             let started = Instant::now();
-            let sent = inner.client.request(outgoing);
+            let sent = async {
+                match &inner.transport {
+                    Transport::Http1(pool, _) => pool
+                        .send(outgoing)
+                        .await
+                        .map(|r| r.map(UpstreamBody::pooled))
+                        .map_err(|e| Failure {
+                            connect: matches!(e, http1::SendError::Connect(_)),
+                            error: e.to_string(),
+                        }),
+                    Transport::Client(client) => client
+                        .request(outgoing)
+                        .await
+                        .map(|r| r.map(UpstreamBody::client))
+                        .map_err(|e| Failure {
+                            connect: e.is_connect(),
+                            error: e.to_string(),
+                        }),
+                }
+            };
             let result = match inner.response_timeout {
                 Some(limit) => tokio::time::timeout(limit, sent).await.map_err(|_| limit),
                 None => Ok(sent.await),
@@ -320,8 +386,7 @@ where
                     tracing::debug!(target: "tower_gateway_auth::proxy", upstream = %inner.authority, status = response.status().as_u16(), elapsed = ?started.elapsed(), "forwarded");
                     return Ok(response.map(ResponseBody::inner));
                 }
-                Ok(Err(error)) => {
-                    let connect = error.is_connect();
+                Ok(Err(Failure { connect, error })) => {
                     tracing::warn!(target: "tower_gateway_auth::proxy", upstream = %inner.authority, %error, "upstream request failed");
                     let message = if connect {
                         format!("The upstream {} could not be reached.", inner.authority)
@@ -353,6 +418,65 @@ where
     }
 }
 
+/// Why an upstream exchange failed, as the 502 tells it.
+struct Failure {
+    connect: bool,
+    error: String,
+}
+
+/// The body of an upstream response, streamed as it arrives.
+pub struct UpstreamBody(UpstreamKind);
+
+enum UpstreamKind {
+    Pooled(http1::PooledBody),
+    Client(Incoming),
+}
+
+impl UpstreamBody {
+    fn pooled(body: http1::PooledBody) -> Self {
+        UpstreamBody(UpstreamKind::Pooled(body))
+    }
+
+    fn client(body: Incoming) -> Self {
+        UpstreamBody(UpstreamKind::Client(body))
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match &mut self.get_mut().0 {
+            UpstreamKind::Pooled(body) => Pin::new(body).poll_frame(cx),
+            UpstreamKind::Client(body) => Pin::new(body).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.0 {
+            UpstreamKind::Pooled(body) => body.is_end_stream(),
+            UpstreamKind::Client(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.0 {
+            UpstreamKind::Pooled(body) => body.size_hint(),
+            UpstreamKind::Client(body) => body.size_hint(),
+        }
+    }
+}
+
+impl fmt::Debug for UpstreamBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("UpstreamBody")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -361,7 +485,9 @@ mod tests {
     fn targets_join_base_and_keep_the_query() {
         let f = Forward::new("http://127.0.0.1:9/base/").unwrap();
         let uri: Uri = "/v1/chat?x=%2F&&y".parse().unwrap();
-        assert_eq!(f.target(&uri), "http://127.0.0.1:9/base/v1/chat?x=%2F&&y");
+        assert_eq!(f.target(&uri), "/base/v1/chat?x=%2F&&y");
+        let f = Forward::new("http://127.0.0.1:9").unwrap();
+        assert_eq!(f.target(&uri), "/v1/chat?x=%2F&&y");
         let f = Forward::new("https://api.openai.com").unwrap();
         assert_eq!(
             f.target(&"/v1/models".parse().unwrap()),
