@@ -332,7 +332,6 @@ impl RequestId {
             }
         }
         let id = new_request_id();
-        // Cloned only to echo it: a clone of a fresh header value allocates.
         let echoed = self.echo.then(|| id.clone());
         headers.insert(self.header.clone(), id);
         echoed
@@ -381,7 +380,27 @@ fn new_request_id() -> HeaderValue {
         text[at + 1] = crate::key::HEX[usize::from(b & 0xf)];
         at += 2;
     }
-    HeaderValue::from_bytes(&text).expect("hex digits and dashes are a valid header value")
+    HeaderValue::from_maybe_shared(carve(&text))
+        .expect("hex digits and dashes are a valid header value")
+}
+
+/// `bytes` copied into a slice of a per-thread buffer. A header value of its own would be an
+/// allocation per request, and another when echoed (its first clone); slices of a shared
+/// buffer cost a reference count each instead.
+fn carve(bytes: &[u8]) -> bytes::Bytes {
+    use std::cell::RefCell;
+
+    const SLAB: usize = 4096;
+    thread_local! {
+        static BUFFER: RefCell<bytes::BytesMut> = RefCell::new(bytes::BytesMut::new());
+    }
+    BUFFER.with_borrow_mut(|buffer| {
+        if buffer.capacity() < bytes.len() {
+            *buffer = bytes::BytesMut::with_capacity(SLAB.max(bytes.len()));
+        }
+        buffer.extend_from_slice(bytes);
+        buffer.split().freeze()
+    })
 }
 
 /// A layer that edits request headers on their way to the inner service.
@@ -685,6 +704,16 @@ mod tests {
         assert_eq!(text.as_bytes()[14], b'4');
         assert!(matches!(text.as_bytes()[19], b'8' | b'9' | b'a' | b'b'));
         assert_ne!(new_request_id(), id);
+        // Ids are slices of shared buffers: many of them, kept alive across several buffers,
+        // stay intact and distinct.
+        let many: Vec<HeaderValue> = (0..1000).map(|_| new_request_id()).collect();
+        let distinct: std::collections::HashSet<&[u8]> =
+            many.iter().map(HeaderValue::as_bytes).collect();
+        assert_eq!(distinct.len(), many.len());
+        assert!(
+            many.iter()
+                .all(|id| id.len() == 36 && id.as_bytes()[14] == b'4')
+        );
 
         let keep = RequestId::new().keep_client_id(true).echo(true);
         let mut p = parts(&[("x-request-id", "client-1")]);

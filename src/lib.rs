@@ -44,6 +44,7 @@ mod admin_api;
 pub mod body;
 mod fault;
 pub mod future;
+mod headers;
 mod identity;
 pub mod inbound;
 pub mod inject;

@@ -310,6 +310,14 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 
 /// Drops hop-by-hop headers, and those the `Connection` header names.
 fn drop_hop_by_hop(headers: &mut HeaderMap) {
+    // Usually there are none: one pass over the names says so (see `headers::remove_all`).
+    let te_is_trailers = headers
+        .get(header::TE)
+        .is_none_or(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    if te_is_trailers && !headers.contains_key(header::CONNECTION) {
+        crate::headers::remove_all(headers, &HOP_BY_HOP);
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -321,9 +329,6 @@ fn drop_hop_by_hop(headers: &mut HeaderMap) {
         headers.remove(name);
     }
     // `TE: trailers` is how gRPC says it wants trailers; any other TE is hop-by-hop.
-    let te_is_trailers = headers
-        .get(header::TE)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     if !te_is_trailers {
         headers.remove(header::TE);
     }
@@ -355,7 +360,10 @@ where
         let outgoing = Request::from_parts(parts, body.map_err(Into::into).boxed_unsync());
         let inner = self.inner.clone();
         Box::pin(async move {
-            let started = Instant::now();
+            // Reading the clock twice a request is measurable here: only when it is logged.
+            let started =
+                tracing::enabled!(target: "tower_gateway_auth::proxy", tracing::Level::DEBUG)
+                    .then(Instant::now);
             let sent = async {
                 match &inner.transport {
                     Transport::Http1(pool, _) => pool
@@ -383,7 +391,7 @@ where
             let response = match result {
                 Ok(Ok(mut response)) => {
                     drop_hop_by_hop(response.headers_mut());
-                    tracing::debug!(target: "tower_gateway_auth::proxy", upstream = %inner.authority, status = response.status().as_u16(), elapsed = ?started.elapsed(), "forwarded");
+                    tracing::debug!(target: "tower_gateway_auth::proxy", upstream = %inner.authority, status = response.status().as_u16(), elapsed = ?started.map(|s| s.elapsed()).unwrap_or_default(), "forwarded");
                     return Ok(response.map(ResponseBody::inner));
                 }
                 Ok(Err(Failure { connect, error })) => {

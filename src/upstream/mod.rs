@@ -355,9 +355,10 @@ impl<C: CredentialSource> Config<C> {
         };
         let headers = req.headers_mut();
         // The header the credential goes into is overwritten below, every value of it.
-        for name in self.strip_headers.iter().filter(|&n| Some(n) != placed) {
-            headers.remove(name);
-        }
+        crate::headers::remove_all(
+            headers,
+            self.strip_headers.iter().filter(|&n| Some(n) != placed),
+        );
         if let Some(uri) = self.rewrite_query(req.uri(), credential) {
             *req.uri_mut() = uri;
         }
