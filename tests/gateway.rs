@@ -61,6 +61,15 @@ error_format = "anthropic"
     )
 }
 
+/// Serves `gateway` on 127.0.0.1:0, as `main` does.
+async fn serve(gateway: &app::Gateway) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let service = tower::make::Shared::new(gateway.service.clone());
+    tokio::spawn(async move { axum::serve(listener, service).await.unwrap() });
+    addr
+}
+
 /// A running gateway on 127.0.0.1:0.
 struct Running {
     addr: SocketAddr,
@@ -71,7 +80,7 @@ async fn start(config: &str) -> Running {
     let gateway = app::build(app::Config::from_toml(config).unwrap(), &env)
         .await
         .unwrap();
-    let addr = spawn_axum(gateway.router.clone()).await;
+    let addr = serve(&gateway).await;
     Running {
         addr,
         _gateway: gateway,
@@ -220,6 +229,54 @@ async fn rejections_speak_each_routes_dialect_and_reach_nothing() {
     assert_eq!(a.status, StatusCode::NOT_FOUND);
     assert_eq!(a.json()["error"]["code"], "not_found");
     assert_eq!(seen.count(), 0);
+}
+
+#[tokio::test]
+async fn paths_go_to_the_longest_whole_segment_prefix_with_it_stripped() {
+    let dir = TempDir::new("gw-prefix");
+    let (short, short_seen) = spawn_upstream().await;
+    let (long, long_seen) = spawn_upstream().await;
+    let (key, _) = issue(&dir.file(), "carol", &[]).await;
+    let config = format!(
+        r#"
+listen = "127.0.0.1:0"
+keys_file = "{keys}"
+
+[[route]]
+prefix = "/v1"
+upstream = "http://{short}/base"
+provider = "openai"
+credential_env = "OPENAI_API_KEY"
+
+[[route]]
+prefix = "/v1/beta/"
+upstream = "http://{long}"
+provider = "openai"
+credential_env = "OPENAI_API_KEY"
+"#,
+        keys = dir.file().display()
+    );
+    let gw = start(&config).await;
+    let key = key.expose();
+    for (path, seen, expected) in [
+        ("/v1/chat?x=1", &short_seen, "/base/chat?x=1"),
+        ("/v1", &short_seen, "/base/"),
+        ("/v1?x=%2F", &short_seen, "/base/?x=%2F"),
+        ("/v1/betamax", &short_seen, "/base/betamax"),
+        ("/v1/beta/files", &long_seen, "/files"),
+        ("/v1/beta", &long_seen, "/"),
+    ] {
+        let a = get_key(gw.addr, path, key).await;
+        assert_eq!(a.status, StatusCode::OK, "{path}");
+        assert_eq!(seen.last().uri, expected, "{path}");
+    }
+    let before = (short_seen.count(), long_seen.count());
+    for path in ["/v1x/chat", "/", "/V1/chat", "/admin/keys"] {
+        let a = get_key(gw.addr, path, key).await;
+        assert_eq!(a.status, StatusCode::NOT_FOUND, "{path}");
+        assert_eq!(a.json()["error"]["code"], "not_found", "{path}");
+    }
+    assert_eq!((short_seen.count(), long_seen.count()), before);
 }
 
 #[tokio::test]
@@ -382,7 +439,7 @@ async fn the_demo_shows_the_rewrite_with_its_own_echo_upstream() {
     let gateway = app::build(app::Config::demo(), &|_| None).await.unwrap();
     let key = gateway.first_key.clone().expect("the demo prints one key");
     assert!(gateway.echo.is_some());
-    let addr = spawn_axum(gateway.router.clone()).await;
+    let addr = serve(&gateway).await;
     let a = call(
         addr,
         Method::POST,

@@ -65,8 +65,8 @@ async fn main() -> ExitCode {
         );
         println!("    curl -s {base}/openai/v1/models                     # no key: 401\n");
     }
-    let router = gateway.router.clone();
-    let served = axum::serve(listener, router)
+    let service = tower::make::Shared::new(gateway.service.clone());
+    let served = axum::serve(listener, service)
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;
         })

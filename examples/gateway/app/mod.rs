@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod echo;
+pub mod routes;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -28,9 +29,17 @@ use tower_gateway_auth::{
 pub use config::{Config, ConfigError, Plan};
 use config::{Keys, Upstream};
 
+/// The gateway as one service, whatever its key store.
+pub type GatewayService = tower::util::BoxCloneSyncService<
+    http::Request<axum::body::Body>,
+    http::Response<axum::body::Body>,
+    std::convert::Infallible,
+>;
+
 /// A gateway ready to serve.
 pub struct Gateway {
-    pub router: Router,
+    /// Serve with `axum::serve(listener, tower::make::Shared::new(service))`.
+    pub service: GatewayService,
     pub listen: SocketAddr,
     /// The key made at start-up when no keys file is configured (shown once).
     pub first_key: Option<ApiKey>,
@@ -110,7 +119,7 @@ where
     };
 
     let mut echo = None;
-    let mut router = Router::new();
+    let mut routes = Vec::new();
     for route in plan.routes {
         let url = match route.upstream {
             Upstream::Url(url) => url,
@@ -152,9 +161,10 @@ where
             .layer(upstream)
             .layer(inject)
             .service(forward);
-        router = router.nest_service(&route.prefix, stack);
+        routes.push((route.prefix, stack));
     }
 
+    let mut router = Router::new();
     if let Some(scope) = plan.admin_scope {
         let api = ManagementApi::new(manager.clone())
             .admin_scope(scope)
@@ -176,7 +186,7 @@ where
     });
     let tasks = vec![manager.spawn_purge(std::time::Duration::from_secs(60))];
     Ok(Gateway {
-        router,
+        service: GatewayService::new(routes::Routes::new(routes, router)),
         listen: plan.listen,
         first_key,
         echo,
