@@ -36,12 +36,14 @@ pin_project! {
 }
 
 impl<F> ResponseFuture<F> {
+    #[inline]
     pub(crate) fn inner(future: F) -> Self {
         ResponseFuture {
             kind: Kind::Inner { future },
         }
     }
 
+    #[inline]
     pub(crate) fn rejected(response: Response<Bytes>) -> Self {
         ResponseFuture {
             kind: Kind::Rejected {
@@ -118,6 +120,7 @@ pin_project! {
     }
 }
 
+#[inline]
 fn finish<S, R, B>(
     resume: &R,
     answer: R::Answer,
@@ -144,6 +147,7 @@ where
     /// request is finished right here and the inner service called in place: no clone, no
     /// allocation. Otherwise the service that was polled ready is taken along (a clone is
     /// left to be readied for the next request) and the request waits.
+    #[inline]
     pub(crate) fn start(mut wait: W, inner: &mut S, req: Request<B>, resume: &Arc<R>) -> Self {
         if let Poll::Ready(answer) =
             Pin::new(&mut wait).poll(&mut Context::from_waker(Waker::noop()))
@@ -167,6 +171,7 @@ where
 
 impl<W, S: Service<Request<B>>, R, B> Resumable<W, S, R, B> {
     /// A future already decided: the inner service's, or a rejection.
+    #[inline]
     pub(crate) fn decided(future: ResponseFuture<S::Future>) -> Self {
         Resumable {
             state: ResumableState::Decided { future },

@@ -176,6 +176,11 @@ impl HeaderRule {
 
     /// Applies the rule to a request, in place (a request is never taken apart and rebuilt:
     /// moving it costs time on every request).
+    /// Whether applying this may add a header.
+    fn adds(&self) -> bool {
+        matches!(self.action, Action::Set { .. })
+    }
+
     pub(crate) fn apply<B>(&self, req: &mut Request<B>) {
         let (mode, value) = match &self.action {
             Action::Remove => {
@@ -369,16 +374,24 @@ fn new_request_id() -> HeaderValue {
     bytes[8..].copy_from_slice(&key.hash_one((n, 1u8)).to_le_bytes());
     bytes[6] = (bytes[6] & 0x0f) | 0x40;
     bytes[8] = (bytes[8] & 0x3f) | 0x80;
-    let mut text = [0u8; 36];
-    let mut at = 0;
-    for (i, b) in bytes.iter().enumerate() {
-        if matches!(i, 4 | 6 | 8 | 10) {
-            text[at] = b'-';
-            at += 1;
+    // Where each of the 32 hex digits goes in `8-4-4-4-12`.
+    const DIGIT_AT: [usize; 32] = {
+        let mut at = [0; 32];
+        let mut i = 0;
+        while i < 32 {
+            at[i] = i
+                + (i >= 8) as usize
+                + (i >= 12) as usize
+                + (i >= 16) as usize
+                + (i >= 20) as usize;
+            i += 1;
         }
-        text[at] = crate::key::HEX[usize::from(b >> 4)];
-        text[at + 1] = crate::key::HEX[usize::from(b & 0xf)];
-        at += 2;
+        at
+    };
+    let mut text = *b"00000000-0000-0000-0000-000000000000";
+    for (i, b) in bytes.iter().enumerate() {
+        text[DIGIT_AT[2 * i]] = crate::key::HEX[usize::from(b >> 4)];
+        text[DIGIT_AT[2 * i + 1]] = crate::key::HEX[usize::from(b & 0xf)];
     }
     HeaderValue::from_maybe_shared(carve(&text))
         .expect("hex digits and dashes are a valid header value")
@@ -568,6 +581,11 @@ where
     }
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        // Room for every header this may add, made at once: a map grown one insert at a time
+        // may reallocate and rehash twice.
+        let adds = self.config.request_id.is_some() as usize
+            + self.config.rules.iter().filter(|r| r.adds()).count();
+        req.headers_mut().reserve(adds);
         let echo = self.config.request_id.as_ref().and_then(|ids| {
             let id = ids.assign(req.headers_mut())?;
             Some((ids.header.clone(), id))

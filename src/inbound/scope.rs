@@ -2,6 +2,7 @@
 //!
 //! [`InboundApiKeyLayer`]: super::InboundApiKeyLayer
 
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{Request, Response};
@@ -31,6 +32,12 @@ use crate::rejection::{ErrorFormat, Realm, Rejection, RejectionKind};
 /// ```
 #[derive(Debug, Clone)]
 pub struct RequireScopesLayer {
+    // Shared: the service is cloned per request by routers and hyper.
+    config: Arc<Config>,
+}
+
+#[derive(Debug, Clone)]
+struct Config {
     scopes: Scopes,
     error_format: ErrorFormat,
     realm: Realm,
@@ -44,21 +51,23 @@ impl RequireScopesLayer {
         S: Into<String>,
     {
         RequireScopesLayer {
-            scopes: Scopes::new(scopes),
-            error_format: ErrorFormat::default(),
-            realm: Realm::default(),
+            config: Arc::new(Config {
+                scopes: Scopes::new(scopes),
+                error_format: ErrorFormat::default(),
+                realm: Realm::default(),
+            }),
         }
     }
 
     /// The dialect of rejection bodies (default: OpenAI).
     pub fn error_format(mut self, format: ErrorFormat) -> Self {
-        self.error_format = format;
+        Arc::make_mut(&mut self.config).error_format = format;
         self
     }
 
     /// The realm in `WWW-Authenticate` (default: `api`).
     pub fn realm(mut self, realm: &str) -> Self {
-        self.realm = Realm::new(realm);
+        Arc::make_mut(&mut self.config).realm = Realm::new(realm);
         self
     }
 }
@@ -112,12 +121,12 @@ where
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let rejection = match req.extensions().get::<Identity>() {
-            Some(who) if self.layer.scopes.is_subset_of(who.scopes()) => {
+            Some(who) if self.layer.config.scopes.is_subset_of(who.scopes()) => {
                 return ResponseFuture::inner(self.inner.call(req));
             }
             Some(who) => {
                 tracing::info!(target: "tower_gateway_auth::inbound", key_id = %who.id(), reason = "insufficient_scope", "API key rejected");
-                Rejection::insufficient_scope(self.layer.scopes.iter())
+                Rejection::insufficient_scope(self.layer.config.scopes.iter())
             }
             None => {
                 tracing::info!(target: "tower_gateway_auth::inbound", reason = "missing_api_key", "request rejected");
@@ -127,10 +136,11 @@ where
                 )
             }
         };
-        let response =
-            self.layer
-                .error_format
-                .respond(&rejection, &self.layer.realm, req.headers());
+        let response = self.layer.config.error_format.respond(
+            &rejection,
+            &self.layer.config.realm,
+            req.headers(),
+        );
         ResponseFuture::rejected(response)
     }
 }

@@ -28,7 +28,12 @@ use crate::rejection::Rejection;
 /// ```
 #[derive(Clone)]
 pub struct Credential {
-    secret: HeaderValue,
+    // Shared: sources hand out a clone per request.
+    inner: Arc<Secret>,
+}
+
+struct Secret {
+    value: HeaderValue,
     bearer: HeaderValue,
     fingerprint: Fingerprint,
 }
@@ -60,9 +65,11 @@ impl Credential {
             value
         };
         Ok(Credential {
-            secret: sensitive(bytes),
-            bearer: sensitive(&[b"Bearer ", bytes].concat()),
-            fingerprint: KeyHasher::sha256().digest(bytes).fingerprint(),
+            inner: Arc::new(Secret {
+                value: sensitive(bytes),
+                bearer: sensitive(&[b"Bearer ", bytes].concat()),
+                fingerprint: KeyHasher::sha256().digest(bytes).fingerprint(),
+            }),
         })
     }
 
@@ -88,24 +95,24 @@ impl Credential {
 
     /// The secret as a header value (sensitive), for a header or query placement.
     pub fn value(&self) -> &HeaderValue {
-        &self.secret
+        &self.inner.value
     }
 
     /// `Bearer <secret>` (sensitive), for `Authorization`.
     pub fn bearer(&self) -> &HeaderValue {
-        &self.bearer
+        &self.inner.bearer
     }
 
     /// A short one-way tag of the secret, safe to log: it tells credentials apart (which key
     /// of a pool served a request) without revealing them.
     pub fn fingerprint(&self) -> Fingerprint {
-        self.fingerprint
+        self.inner.fingerprint
     }
 }
 
 impl fmt::Debug for Credential {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Credential({}, <redacted>)", self.fingerprint)
+        write!(f, "Credential({}, <redacted>)", self.inner.fingerprint)
     }
 }
 

@@ -46,7 +46,7 @@ impl<S> Clone for Routes<S> {
 impl<S> Routes<S> {
     /// `routes` are (prefix, stack) pairs, prefixes as `/name` without a trailing slash.
     pub fn new(mut routes: Vec<(String, S)>, other: Router) -> Self {
-        routes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        routes.sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
         Routes {
             table: Arc::new(Table { routes, other }),
         }
