@@ -32,38 +32,42 @@ async fn main() {
         }
     }
     let app = Router::new().route("/{*path}", any(|| async { "hello" }));
-    let app = if stack {
-        let store = Arc::new(MemoryStore::new());
-        let manager = KeyManager::new(store.clone());
-        let mut first = None;
-        for i in 0..1000 {
-            let issued = manager
-                .issue(NewKey::named(format!("load-{i}")))
-                .await
-                .unwrap();
-            first.get_or_insert(issued.key);
-        }
-        println!("{}", first.unwrap().expose());
-        let inbound = InboundApiKeyLayer::from_shared(store);
-        let upstream = UpstreamAuthLayer::new(
-            Provider::openai(),
-            Credential::new("sk-upstream-load-test").unwrap(),
-        )
-        .strip_inbound(&inbound);
-        app.layer(
-            ServiceBuilder::new()
-                .layer(inbound)
-                .layer(upstream)
-                .layer(HeaderInjectLayer::new().request_id(RequestId::new().echo(true))),
-        )
-    } else {
-        println!("-");
-        app
-    };
     let listener = tokio::net::TcpListener::bind(&listen).await.unwrap();
-    eprintln!(
-        "hello ({}) on http://{listen}",
-        if stack { "full stack" } else { "bare" }
-    );
-    axum::serve(listener, app).await.unwrap();
+    if !stack {
+        println!("-");
+        eprintln!("hello (bare) on http://{listen}");
+        axum::serve(listener, app).await.unwrap();
+        return;
+    }
+
+    let store = Arc::new(MemoryStore::new());
+    let manager = KeyManager::new(store.clone());
+    let mut first = None;
+    for i in 0..1000 {
+        let issued = manager
+            .issue(NewKey::named(format!("load-{i}")))
+            .await
+            .unwrap();
+        first.get_or_insert(issued.key);
+    }
+    println!("{}", first.unwrap().expose());
+    let inbound = InboundApiKeyLayer::from_shared(store);
+    let upstream = UpstreamAuthLayer::new(
+        Provider::openai(),
+        Credential::new("sk-upstream-load-test").unwrap(),
+    )
+    .strip_inbound(&inbound);
+    // Around the whole router, not inside it with `Router::layer`: every request is
+    // authenticated before routing (an unknown path is a 401, not a 404 that tells the route
+    // table), and the stack is cloned once per request rather than boxed per route.
+    let app = ServiceBuilder::new()
+        .map_response(|r: http::Response<_>| r.map(axum::body::Body::new))
+        .layer(inbound)
+        .layer(upstream)
+        .layer(HeaderInjectLayer::new().request_id(RequestId::new().echo(true)))
+        .service(app);
+    eprintln!("hello (full stack) on http://{listen}");
+    axum::serve(listener, tower::make::Shared::new(app))
+        .await
+        .unwrap();
 }

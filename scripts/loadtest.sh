@@ -8,7 +8,8 @@
 # so the servers compete with nothing but themselves. Shared machines drift by several per
 # cent from one run to the next, so each pair compared (gateway and nginx, stack and bare)
 # is measured in alternating rounds and each figure is the median over the rounds. Figures
-# are req/s and p99 latency; the last two lines are the ratios the README reports.
+# are req/s, p99 latency and the server's CPU time per request (user and system, from
+# /proc: where the time goes); the last two lines are the ratios the README reports.
 # Everything started is stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -90,6 +91,9 @@ start_nginx upstream "server {
     location / { default_type application/json; return 200 '{\"id\":\"chatcmpl-1\",\"choices\":[]}'; }
   }" 0
 wait_port "$UPSTREAM_PORT"
+# nginx's worker, the process that serves (the master only forks it).
+nginx_worker() { pgrep -P "$(cat "$WORK/nginx-$1.pid")" | head -1; }
+UPSTREAM_PID=$(nginx_worker upstream)
 
 # Keys: issued with keygen into a key file the gateway reads; nginx gets the same keys.
 KEYS_FILE="$WORK/keys.json"
@@ -115,7 +119,8 @@ credential_env = "UPSTREAM_KEY"
 TOML
 UPSTREAM_KEY=$UPSTREAM_SECRET TOKIO_WORKER_THREADS=1 RUST_LOG=warn \
   taskset -c 1 "$BIN/gateway" --config "$WORK/gateway.toml" >"$WORK/gateway.log" 2>&1 &
-PIDS+=($!)
+GATEWAY_PID=$!
+PIDS+=("$GATEWAY_PID")
 
 # nginx as the gateway: the same key check (a map of valid keys, 401 otherwise), the same
 # credential rewrite, a request id, and keepalive to the upstream.
@@ -140,11 +145,14 @@ $MAP  }
   }" 1
 
 TOKIO_WORKER_THREADS=1 taskset -c 1 "$BIN/hello" --listen "127.0.0.1:$BARE_PORT" >/dev/null 2>&1 &
-PIDS+=($!)
+BARE_PID=$!
+PIDS+=("$BARE_PID")
 TOKIO_WORKER_THREADS=1 taskset -c 1 "$BIN/hello" --stack --listen "127.0.0.1:$STACK_PORT" >"$WORK/stack.key" 2>/dev/null &
-PIDS+=($!)
+STACK_PID=$!
+PIDS+=("$STACK_PID")
 for port in "$GATEWAY_PORT" "$NGINX_PORT" "$BARE_PORT" "$STACK_PORT"; do wait_port "$port"; done
 STACK_KEY=$(head -1 "$WORK/stack.key")
+NGINX_PID=$(nginx_worker gateway)
 
 # Sanity: every target answers 200 with the key and 401 without, so wrk measures real work.
 check() { # url key
@@ -162,48 +170,63 @@ check "http://127.0.0.1:$NGINX_PORT/v1/chat/completions" "$KEY"
 check "http://127.0.0.1:$STACK_PORT/v1/chat/completions" "$STACK_KEY"
 check "http://127.0.0.1:$BARE_PORT/v1/chat/completions" none
 
-# One wrk run: prints "rps p99_ms".
-wrk_once() { # url key
-  local out
+# CPU time (user and system, in clock ticks) a process has used so far.
+cpu_ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
+TICK_US=$((1000000 / $(getconf CLK_TCK)))
+
+# One wrk run: prints "rps p99_ms user_us sys_us", the last two per request, of the server.
+wrk_once() { # url key server-pid
+  local out u0 s0 u1 s1
+  read -r u0 s0 < <(cpu_ticks "$3")
   out=$(taskset -c 0 wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency -H "Authorization: Bearer $2" "$1")
+  read -r u1 s1 < <(cpu_ticks "$3")
   if echo "$out" | grep -q "Non-2xx"; then
     echo "non-2xx answers under load from $1:" >&2
     echo "$out" >&2
     exit 1
   fi
-  echo "$out" | awk '/^Requests\/sec:/ {rps=$2}
+  echo "$out" | awk -v du=$((u1 - u0)) -v ds=$((s1 - s0)) -v tick="$TICK_US" \
+    '/requests in/ {n=$1}
+    /^Requests\/sec:/ {rps=$2}
     $1 == "99%" {v=$2; if (v ~ /us$/) {sub(/us/,"",v); v/=1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v*=1000}; p99=v}
-    END {print rps, p99}'
+    END {print rps, p99, du * tick / n, ds * tick / n}'
 }
 
 median() { sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 
 # Measures two targets in alternating rounds; prints "rps_a p99_a rps_b p99_b" (medians).
-pair() { # name_a url_a key_a name_b url_b key_b
-  local ra=() pa=() rb=() pb=() r p
+pair() { # name_a url_a key_a pid_a name_b url_b key_b pid_b
+  local ra=() pa=() ua=() sa=() rb=() pb=() ub=() sb=() r p u s
   taskset -c 0 wrk -t"$THREADS" -c"$CONNECTIONS" -d1s -H "Authorization: Bearer $3" "$2" >/dev/null 2>&1
-  taskset -c 0 wrk -t"$THREADS" -c"$CONNECTIONS" -d1s -H "Authorization: Bearer $6" "$5" >/dev/null 2>&1
+  taskset -c 0 wrk -t"$THREADS" -c"$CONNECTIONS" -d1s -H "Authorization: Bearer $7" "$6" >/dev/null 2>&1
   for _ in $(seq 1 "$ROUNDS"); do
-    read -r r p < <(wrk_once "$2" "$3"); ra+=("$r"); pa+=("$p")
-    read -r r p < <(wrk_once "$5" "$6"); rb+=("$r"); pb+=("$p")
+    read -r r p u s < <(wrk_once "$2" "$3" "$4"); ra+=("$r"); pa+=("$p"); ua+=("$u"); sa+=("$s")
+    read -r r p u s < <(wrk_once "$6" "$7" "$8"); rb+=("$r"); pb+=("$p"); ub+=("$u"); sb+=("$s")
   done
-  local mra mpa mrb mpb
-  mra=$(printf '%s\n' "${ra[@]}" | median); mpa=$(printf '%s\n' "${pa[@]}" | median)
-  mrb=$(printf '%s\n' "${rb[@]}" | median); mpb=$(printf '%s\n' "${pb[@]}" | median)
-  printf '%-22s %10.0f req/s   p99 %7.2f ms   (rounds: %s)\n' "$1" "$mra" "$mpa" "${ra[*]}" >&2
-  printf '%-22s %10.0f req/s   p99 %7.2f ms   (rounds: %s)\n' "$4" "$mrb" "$mpb" "${rb[*]}" >&2
-  echo "$mra $mpa $mrb $mpb"
+  local m=()
+  for list in ra pa ua sa rb pb ub sb; do
+    local -n values=$list
+    m+=("$(printf '%s\n' "${values[@]}" | median)")
+  done
+  report "$1" "${m[0]}" "${m[1]}" "${m[2]}" "${m[3]}" "${ra[*]}"
+  report "$5" "${m[4]}" "${m[5]}" "${m[6]}" "${m[7]}" "${rb[*]}"
+  echo "${m[0]} ${m[1]} ${m[4]} ${m[5]}"
+}
+
+report() { # name rps p99 user_us sys_us rounds
+  printf '%-20s %8.0f req/s  p99 %5.2f ms  cpu/req %5.2f us (user %4.2f, sys %5.2f)  rounds: %s\n' \
+    "$1" "$2" "$3" "$(awk -v u="$4" -v s="$5" 'BEGIN {print u + s}')" "$4" "$5" "$6" >&2
 }
 
 echo "wrk: $THREADS thread(s), $CONNECTIONS connections, $ROUNDS rounds of ${DURATION}s, on loopback" >&2
-read -r up_rps up_p99 < <(wrk_once "http://127.0.0.1:$UPSTREAM_PORT/v1/chat/completions" "$KEY")
-printf '%-22s %10.0f req/s   p99 %7.2f ms\n' "upstream (direct)" "$up_rps" "$up_p99" >&2
+read -r up_rps up_p99 up_user up_sys < <(wrk_once "http://127.0.0.1:$UPSTREAM_PORT/v1/chat/completions" "$KEY" "$UPSTREAM_PID")
+report "upstream (direct)" "$up_rps" "$up_p99" "$up_user" "$up_sys" "-"
 read -r gw_rps gw_p99 ng_rps ng_p99 < <(pair \
-  "gateway" "http://127.0.0.1:$GATEWAY_PORT/v1/chat/completions" "$KEY" \
-  "nginx (same job)" "http://127.0.0.1:$NGINX_PORT/v1/chat/completions" "$KEY")
+  "gateway" "http://127.0.0.1:$GATEWAY_PORT/v1/chat/completions" "$KEY" "$GATEWAY_PID" \
+  "nginx (same job)" "http://127.0.0.1:$NGINX_PORT/v1/chat/completions" "$KEY" "$NGINX_PID")
 read -r stack_rps stack_p99 bare_rps bare_p99 < <(pair \
-  "axum hello (stack)" "http://127.0.0.1:$STACK_PORT/v1/chat/completions" "$STACK_KEY" \
-  "axum hello (bare)" "http://127.0.0.1:$BARE_PORT/v1/chat/completions" none)
+  "axum hello (stack)" "http://127.0.0.1:$STACK_PORT/v1/chat/completions" "$STACK_KEY" "$STACK_PID" \
+  "axum hello (bare)" "http://127.0.0.1:$BARE_PORT/v1/chat/completions" none "$BARE_PID")
 
 awk -v gp="$gw_p99" -v np="$ng_p99" \
   'BEGIN { printf "gateway p99 %.2f ms, nginx p99 %.2f ms (%s)\n", gp, np, (gp <= np ? "no worse" : "worse") }'
