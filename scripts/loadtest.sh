@@ -4,7 +4,8 @@
 #
 #   scripts/loadtest.sh     # ROUNDS=3 DURATION=6 CONNECTIONS=50 THREADS=1 by default
 #
-# Every server under test gets one worker pinned to CPU 1; wrk and the upstream share CPU 0,
+# Every server under test gets one worker pinned to CPU 1 (the gateway `workers = 1`, nginx
+# `worker_processes 1`, the axum hellos one tokio worker); wrk and the upstream share CPU 0,
 # so the servers compete with nothing but themselves. Shared machines drift by several per
 # cent from one run to the next, so each pair compared (gateway and nginx, stack and bare)
 # is measured in alternating rounds and each figure is the median over the rounds. Figures
@@ -110,6 +111,7 @@ cat >"$WORK/gateway.toml" <<TOML
 listen = "127.0.0.1:$GATEWAY_PORT"
 keys_file = "$KEYS_FILE"
 sources = ["header:x-api-key", "bearer"]
+workers = 1
 
 [[route]]
 prefix = "/v1"
@@ -117,7 +119,7 @@ upstream = "http://127.0.0.1:$UPSTREAM_PORT/v1"
 provider = "openai"
 credential_env = "UPSTREAM_KEY"
 TOML
-UPSTREAM_KEY=$UPSTREAM_SECRET TOKIO_WORKER_THREADS=1 RUST_LOG=warn \
+UPSTREAM_KEY=$UPSTREAM_SECRET RUST_LOG=warn \
   taskset -c 1 "$BIN/gateway" --config "$WORK/gateway.toml" >"$WORK/gateway.log" 2>&1 &
 GATEWAY_PID=$!
 PIDS+=("$GATEWAY_PID")

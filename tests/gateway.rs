@@ -538,6 +538,27 @@ fn configuration_mistakes_name_the_field() {
     let err = app::Config::from_toml(&good.replace("reload_ms = 100", "reload_ms = \"fast\""))
         .unwrap_err();
     assert!(err.to_string().contains("line 7"), "{err}");
+
+    let workers = |n: &str| {
+        app::Config::from_toml(&good.replace(
+            "reload_ms = 100",
+            &format!("reload_ms = 100\nworkers = {n}"),
+        ))
+        .unwrap()
+        .runtime()
+    };
+    for bad in ["0", "1025"] {
+        assert_eq!(workers(bad).expect_err(bad).field, "workers");
+    }
+    use tokio::runtime::RuntimeFlavor;
+    assert_eq!(
+        workers("1").unwrap().handle().runtime_flavor(),
+        RuntimeFlavor::CurrentThread
+    );
+    assert_eq!(
+        workers("2").unwrap().handle().runtime_flavor(),
+        RuntimeFlavor::MultiThread
+    );
 }
 
 #[tokio::test]

@@ -13,8 +13,7 @@ use std::process::ExitCode;
 
 const USAGE: &str = "usage: gateway [--config FILE]";
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     tracing_subscriber::fmt().with_target(false).init();
     let mut args = std::env::args().skip(1);
     let config = match (args.next().as_deref(), args.next(), args.next()) {
@@ -24,17 +23,27 @@ async fn main() -> ExitCode {
             .and_then(|text| app::Config::from_toml(&text).map_err(|e| format!("{path}: {e}"))),
         _ => Err(USAGE.to_owned()),
     };
-    let env = |var: &str| std::env::var(var).ok();
-    let gateway = match config {
-        Ok(config) => app::build(config, &env)
-            .await
-            .map_err(|e| format!("configuration error: {e}")),
-        Err(e) => Err(e),
-    };
-    let gateway = match gateway {
-        Ok(gateway) => gateway,
+    let started = config.and_then(|config| {
+        let runtime = config
+            .runtime()
+            .map_err(|e| format!("configuration error: {e}"))?;
+        Ok((runtime, config))
+    });
+    match started {
+        Ok((runtime, config)) => runtime.block_on(serve(config)),
         Err(e) => {
             eprintln!("gateway: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: app::Config) -> ExitCode {
+    let env = |var: &str| std::env::var(var).ok();
+    let gateway = match app::build(config, &env).await {
+        Ok(gateway) => gateway,
+        Err(e) => {
+            eprintln!("gateway: configuration error: {e}");
             return ExitCode::FAILURE;
         }
     };

@@ -44,6 +44,9 @@ pub struct Config {
     pub connect_timeout_secs: u64,
     #[serde(default = "default_timeout")]
     pub timeout_secs: u64,
+    /// Worker threads. `1` runs the whole gateway on one thread (tokio's current-thread
+    /// runtime, like nginx's `worker_processes 1`); unset, one per CPU.
+    pub workers: Option<usize>,
     #[serde(default, rename = "route")]
     pub routes: Vec<RouteConfig>,
 }
@@ -200,8 +203,29 @@ impl Config {
             reload_ms: default_reload_ms(),
             connect_timeout_secs: default_connect_timeout(),
             timeout_secs: default_timeout(),
+            workers: None,
             routes: vec![route("/openai", "openai"), route("/anthropic", "anthropic")],
         }
+    }
+
+    /// The runtime the gateway runs on, as `workers` asks.
+    pub fn runtime(&self) -> Result<tokio::runtime::Runtime, ConfigError> {
+        let mut builder = match self.workers {
+            Some(0) | Some(1025..) => {
+                return Err(bad("workers", "must be between 1 and 1024"));
+            }
+            Some(1) => tokio::runtime::Builder::new_current_thread(),
+            Some(n) => {
+                let mut builder = tokio::runtime::Builder::new_multi_thread();
+                builder.worker_threads(n);
+                builder
+            }
+            None => tokio::runtime::Builder::new_multi_thread(),
+        };
+        builder
+            .enable_all()
+            .build()
+            .map_err(|e| bad("workers", format!("cannot start the runtime: {e}")))
     }
 
     /// Checks every field; `env` reads environment variables (so tests need not touch the
