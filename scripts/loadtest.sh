@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# Load test on loopback: the reference gateway against nginx doing the same job, and an axum
-# hello-world with and without the crate's whole layer stack.
+# Load test on loopback: the reference gateway against nginx doing the same job (and against
+# the gateway's proxy alone, with no authentication: what forwarding itself costs), and an
+# axum hello-world with and without the crate's whole layer stack.
 #
 #   scripts/loadtest.sh     # ROUNDS=3 DURATION=6 CONNECTIONS=50 THREADS=1 by default
 #
 # Every server under test gets one worker pinned to CPU 1 (the gateway `workers = 1`, nginx
-# `worker_processes 1`, the axum hellos one tokio worker); wrk and the upstream share CPU 0,
-# so the servers compete with nothing but themselves. Shared machines drift by several per
-# cent from one run to the next, so each pair compared (gateway and nginx, stack and bare)
-# is measured in alternating rounds and each figure is the median over the rounds. Figures
+# `worker_processes 1`, the hello example a current-thread runtime); wrk and the upstream
+# share CPU 0, so the servers compete with nothing but themselves. Shared machines drift by
+# several per cent from one run to the next, so the targets compared with each other are
+# measured in alternating rounds and each figure is the median over the rounds. Figures
 # are req/s, p99 latency and the server's CPU time per request (user and system, from
 # /proc: where the time goes); the last two lines are the ratios the README reports.
 # Everything started is stopped on exit.
@@ -64,6 +65,7 @@ GATEWAY_PORT=$(free_port)
 NGINX_PORT=$(free_port)
 BARE_PORT=$(free_port)
 STACK_PORT=$(free_port)
+FORWARD_PORT=$(free_port)
 UPSTREAM_SECRET=sk-upstream-load-test
 
 start_nginx() { # name config-body
@@ -146,13 +148,16 @@ $MAP  }
     }
   }" 1
 
-TOKIO_WORKER_THREADS=1 taskset -c 1 "$BIN/hello" --listen "127.0.0.1:$BARE_PORT" >/dev/null 2>&1 &
+taskset -c 1 "$BIN/hello" --forward "http://127.0.0.1:$UPSTREAM_PORT" --listen "127.0.0.1:$FORWARD_PORT" >/dev/null 2>&1 &
+FORWARD_PID=$!
+PIDS+=("$FORWARD_PID")
+taskset -c 1 "$BIN/hello" --listen "127.0.0.1:$BARE_PORT" >/dev/null 2>&1 &
 BARE_PID=$!
 PIDS+=("$BARE_PID")
-TOKIO_WORKER_THREADS=1 taskset -c 1 "$BIN/hello" --stack --listen "127.0.0.1:$STACK_PORT" >"$WORK/stack.key" 2>/dev/null &
+taskset -c 1 "$BIN/hello" --stack --listen "127.0.0.1:$STACK_PORT" >"$WORK/stack.key" 2>/dev/null &
 STACK_PID=$!
 PIDS+=("$STACK_PID")
-for port in "$GATEWAY_PORT" "$NGINX_PORT" "$BARE_PORT" "$STACK_PORT"; do wait_port "$port"; done
+for port in "$GATEWAY_PORT" "$NGINX_PORT" "$BARE_PORT" "$STACK_PORT" "$FORWARD_PORT"; do wait_port "$port"; done
 STACK_KEY=$(head -1 "$WORK/stack.key")
 NGINX_PID=$(nginx_worker gateway)
 
@@ -171,6 +176,7 @@ check "http://127.0.0.1:$GATEWAY_PORT/v1/chat/completions" "$KEY"
 check "http://127.0.0.1:$NGINX_PORT/v1/chat/completions" "$KEY"
 check "http://127.0.0.1:$STACK_PORT/v1/chat/completions" "$STACK_KEY"
 check "http://127.0.0.1:$BARE_PORT/v1/chat/completions" none
+check "http://127.0.0.1:$FORWARD_PORT/v1/chat/completions" none
 
 # CPU time (user and system, in clock ticks) a process has used so far.
 cpu_ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
@@ -196,23 +202,30 @@ wrk_once() { # url key server-pid
 
 median() { sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 
-# Measures two targets in alternating rounds; prints "rps_a p99_a rps_b p99_b" (medians).
-pair() { # name_a url_a key_a pid_a name_b url_b key_b pid_b
-  local ra=() pa=() ua=() sa=() rb=() pb=() ub=() sb=() r p u s
-  taskset -c 0 wrk -t"$THREADS" -c"$CONNECTIONS" -d1s -H "Authorization: Bearer $3" "$2" >/dev/null 2>&1
-  taskset -c 0 wrk -t"$THREADS" -c"$CONNECTIONS" -d1s -H "Authorization: Bearer $7" "$6" >/dev/null 2>&1
-  for _ in $(seq 1 "$ROUNDS"); do
-    read -r r p u s < <(wrk_once "$2" "$3" "$4"); ra+=("$r"); pa+=("$p"); ua+=("$u"); sa+=("$s")
-    read -r r p u s < <(wrk_once "$6" "$7" "$8"); rb+=("$r"); pb+=("$p"); ub+=("$u"); sb+=("$s")
+# Measures targets in alternating rounds (each round runs every target once); reports each
+# and prints "rps p99" medians for all, in order.
+compare() { # (name url key pid)...
+  local n=$(($# / 4)) args=("$@") i round r p u s
+  local -a rps p99 user sys
+  for ((i = 0; i < n; i++)); do
+    taskset -c 0 wrk -t"$THREADS" -c"$CONNECTIONS" -d1s -H "Authorization: Bearer ${args[4 * i + 2]}" "${args[4 * i + 1]}" >/dev/null 2>&1
   done
-  local m=()
-  for list in ra pa ua sa rb pb ub sb; do
-    local -n values=$list
-    m+=("$(printf '%s\n' "${values[@]}" | median)")
+  for round in $(seq 1 "$ROUNDS"); do
+    for ((i = 0; i < n; i++)); do
+      read -r r p u s < <(wrk_once "${args[4 * i + 1]}" "${args[4 * i + 2]}" "${args[4 * i + 3]}")
+      rps[i]="${rps[i]:-} $r"; p99[i]="${p99[i]:-} $p"; user[i]="${user[i]:-} $u"; sys[i]="${sys[i]:-} $s"
+    done
   done
-  report "$1" "${m[0]}" "${m[1]}" "${m[2]}" "${m[3]}" "${ra[*]}"
-  report "$5" "${m[4]}" "${m[5]}" "${m[6]}" "${m[7]}" "${rb[*]}"
-  echo "${m[0]} ${m[1]} ${m[4]} ${m[5]}"
+  local out=()
+  for ((i = 0; i < n; i++)); do
+    local m=()
+    for list in "${rps[i]}" "${p99[i]}" "${user[i]}" "${sys[i]}"; do
+      m+=("$(printf '%s\n' $list | median)")
+    done
+    report "${args[4 * i]}" "${m[0]}" "${m[1]}" "${m[2]}" "${m[3]}" "${rps[i]# }"
+    out+=("${m[0]}" "${m[1]}")
+  done
+  echo "${out[*]}"
 }
 
 report() { # name rps p99 user_us sys_us rounds
@@ -223,10 +236,11 @@ report() { # name rps p99 user_us sys_us rounds
 echo "wrk: $THREADS thread(s), $CONNECTIONS connections, $ROUNDS rounds of ${DURATION}s, on loopback" >&2
 read -r up_rps up_p99 up_user up_sys < <(wrk_once "http://127.0.0.1:$UPSTREAM_PORT/v1/chat/completions" "$KEY" "$UPSTREAM_PID")
 report "upstream (direct)" "$up_rps" "$up_p99" "$up_user" "$up_sys" "-"
-read -r gw_rps gw_p99 ng_rps ng_p99 < <(pair \
+read -r gw_rps gw_p99 ng_rps ng_p99 _ _ < <(compare \
   "gateway" "http://127.0.0.1:$GATEWAY_PORT/v1/chat/completions" "$KEY" "$GATEWAY_PID" \
-  "nginx (same job)" "http://127.0.0.1:$NGINX_PORT/v1/chat/completions" "$KEY" "$NGINX_PID")
-read -r stack_rps stack_p99 bare_rps bare_p99 < <(pair \
+  "nginx (same job)" "http://127.0.0.1:$NGINX_PORT/v1/chat/completions" "$KEY" "$NGINX_PID" \
+  "Forward alone, no auth" "http://127.0.0.1:$FORWARD_PORT/v1/chat/completions" "$KEY" "$FORWARD_PID")
+read -r stack_rps stack_p99 bare_rps bare_p99 < <(compare \
   "axum hello (stack)" "http://127.0.0.1:$STACK_PORT/v1/chat/completions" "$STACK_KEY" "$STACK_PID" \
   "axum hello (bare)" "http://127.0.0.1:$BARE_PORT/v1/chat/completions" none "$BARE_PID")
 
