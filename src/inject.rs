@@ -337,8 +337,13 @@ impl RequestId {
             }
         }
         let id = new_request_id();
-        let echoed = self.echo.then(|| id.clone());
-        headers.insert(self.header.clone(), id);
+        // Two values rather than a clone: a clone of a fresh value makes it shared (one more
+        // allocation, and reference counting on every clone and drop after that).
+        let value = || {
+            HeaderValue::from_bytes(&id).expect("hex digits and dashes are a valid header value")
+        };
+        let echoed = self.echo.then(value);
+        headers.insert(self.header.clone(), value());
         echoed
     }
 }
@@ -360,7 +365,7 @@ fn is_acceptable_id(id: &HeaderValue) -> bool {
 /// costly as the rest of the gateway's work), so ids are instead a keyed hash (SipHash, keyed
 /// from the OS once per process by `RandomState`) of a counter: unique, and unpredictable
 /// without the key.
-fn new_request_id() -> HeaderValue {
+fn new_request_id() -> [u8; 36] {
     use std::hash::{BuildHasher, RandomState};
     use std::sync::OnceLock;
     use std::sync::atomic::{AtomicU64, Ordering};
@@ -393,27 +398,7 @@ fn new_request_id() -> HeaderValue {
         text[DIGIT_AT[2 * i]] = crate::key::HEX[usize::from(b >> 4)];
         text[DIGIT_AT[2 * i + 1]] = crate::key::HEX[usize::from(b & 0xf)];
     }
-    HeaderValue::from_maybe_shared(carve(&text))
-        .expect("hex digits and dashes are a valid header value")
-}
-
-/// `bytes` copied into a slice of a per-thread buffer. A header value of its own would be an
-/// allocation per request, and another when echoed (its first clone); slices of a shared
-/// buffer cost a reference count each instead.
-fn carve(bytes: &[u8]) -> bytes::Bytes {
-    use std::cell::RefCell;
-
-    const SLAB: usize = 4096;
-    thread_local! {
-        static BUFFER: RefCell<bytes::BytesMut> = RefCell::new(bytes::BytesMut::new());
-    }
-    BUFFER.with_borrow_mut(|buffer| {
-        if buffer.capacity() < bytes.len() {
-            *buffer = bytes::BytesMut::with_capacity(SLAB.max(bytes.len()));
-        }
-        buffer.extend_from_slice(bytes);
-        buffer.split().freeze()
-    })
+    text
 }
 
 /// A layer that edits request headers on their way to the inner service.
@@ -717,21 +702,15 @@ mod tests {
     #[test]
     fn request_ids_are_uuid_v4_and_client_ids_are_checked() {
         let id = new_request_id();
-        let text = id.to_str().unwrap();
+        let text = std::str::from_utf8(&id).unwrap();
         assert_eq!(text.len(), 36);
         assert_eq!(text.as_bytes()[14], b'4');
         assert!(matches!(text.as_bytes()[19], b'8' | b'9' | b'a' | b'b'));
-        assert_ne!(new_request_id(), id);
-        // Ids are slices of shared buffers: many of them, kept alive across several buffers,
-        // stay intact and distinct.
-        let many: Vec<HeaderValue> = (0..1000).map(|_| new_request_id()).collect();
-        let distinct: std::collections::HashSet<&[u8]> =
-            many.iter().map(HeaderValue::as_bytes).collect();
-        assert_eq!(distinct.len(), many.len());
-        assert!(
-            many.iter()
-                .all(|id| id.len() == 36 && id.as_bytes()[14] == b'4')
-        );
+        assert!(text.split('-').map(str::len).eq([8, 4, 4, 4, 12]));
+        assert!(text.bytes().all(|b| b == b'-' || b.is_ascii_hexdigit()));
+        let many: std::collections::HashSet<[u8; 36]> =
+            (0..1000).map(|_| new_request_id()).collect();
+        assert_eq!(many.len(), 1000, "ids repeat");
 
         let keep = RequestId::new().keep_client_id(true).echo(true);
         let mut p = parts(&[("x-request-id", "client-1")]);

@@ -220,11 +220,13 @@ impl<K: KeyStore> CachedStore<K> {
     }
 
     /// A handle that does not keep the cache alive (for background listeners).
+    #[cfg(feature = "redis")]
     pub(crate) fn downgrade(&self) -> std::sync::Weak<Shared<K>> {
         Arc::downgrade(&self.shared)
     }
 
     /// The cache behind a handle from [`downgrade`](Self::downgrade), if it lives.
+    #[cfg(feature = "redis")]
     pub(crate) fn from_handle(weak: &std::sync::Weak<Shared<K>>) -> Option<Self> {
         weak.upgrade().map(|shared| CachedStore { shared })
     }
