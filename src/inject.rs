@@ -176,6 +176,11 @@ impl HeaderRule {
 
     /// Applies the rule to a request, in place (a request is never taken apart and rebuilt:
     /// moving it costs time on every request).
+    /// The header this rule removes, when that is all it does.
+    pub(crate) fn removed(&self) -> Option<&HeaderName> {
+        matches!(self.action, Action::Remove).then_some(&self.name)
+    }
+
     /// Whether applying this may add a header.
     fn adds(&self) -> bool {
         matches!(self.action, Action::Set { .. })

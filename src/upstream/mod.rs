@@ -355,14 +355,21 @@ impl<C: CredentialSource> Config<C> {
         };
         let headers = req.headers_mut();
         // The header the credential goes into is overwritten below, every value of it.
+        // The provider's leading removals (OpenAI's organization and project headers) go in
+        // the same pass as the strip list: removing commutes with removing.
+        let rules = self.provider.header_rules();
+        let leading_removals = rules.iter().take_while(|r| r.removed().is_some()).count();
         crate::headers::remove_all(
             headers,
-            self.strip_headers.iter().filter(|&n| Some(n) != placed),
+            self.strip_headers
+                .iter()
+                .filter(|&n| Some(n) != placed)
+                .chain(rules[..leading_removals].iter().filter_map(|r| r.removed())),
         );
         if let Some(uri) = self.rewrite_query(req.uri(), credential) {
             *req.uri_mut() = uri;
         }
-        for rule in self.provider.header_rules() {
+        for rule in &rules[leading_removals..] {
             rule.apply(req);
         }
         match self.provider.placement() {
