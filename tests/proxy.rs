@@ -140,24 +140,15 @@ async fn server_sent_events_stream_event_by_event() {
     let go_on = Arc::new(Notify::new());
     let release = go_on.clone();
     let app = Router::new().fallback(move || {
-        let go_on = go_on.clone();
+        let body = gated_body(
+            b"data: {\"delta\":\"Hel\"}\n\n",
+            b"data: {\"delta\":\"lo\"}\n\ndata: [DONE]\n\n",
+            go_on.clone(),
+        );
         async move {
-            let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(4);
-            tokio::spawn(async move {
-                tx.send(Ok(Bytes::from_static(b"data: {\"delta\":\"Hel\"}\n\n")))
-                    .await
-                    .unwrap();
-                go_on.notified().await;
-                tx.send(Ok(Bytes::from_static(
-                    b"data: {\"delta\":\"lo\"}\n\ndata: [DONE]\n\n",
-                )))
-                .await
-                .unwrap();
-            });
-            let stream = support::ReceiverStream(rx);
             Response::builder()
                 .header("content-type", "text/event-stream")
-                .body(Body::from_stream(stream))
+                .body(body)
                 .unwrap()
         }
     });
@@ -264,6 +255,18 @@ async fn counting_upstream(app: Router) -> (std::net::SocketAddr, Arc<AtomicUsiz
     (addr, accepted)
 }
 
+/// A streamed body: `first`, then `rest` once `go_on` is notified.
+fn gated_body(first: &'static [u8], rest: &'static [u8], go_on: Arc<Notify>) -> Body {
+    let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(2);
+    tokio::spawn(async move {
+        tx.send(Ok(Bytes::from_static(first))).await.unwrap();
+        go_on.notified().await;
+        // The reader may be gone by now (a body dropped half-read).
+        let _ = tx.send(Ok(Bytes::from_static(rest))).await;
+    });
+    Body::from_stream(support::ReceiverStream(rx))
+}
+
 /// A body of `chunks`, sent as separate frames (so chunked on the wire).
 fn streamed(chunks: &'static [&'static str]) -> Body {
     let frames = chunks
@@ -339,18 +342,8 @@ async fn a_body_dropped_half_read_does_not_leave_its_rest_to_the_next_request() 
         .route(
             "/slow",
             axum::routing::get(move || {
-                let go_on = go_on.clone();
-                async move {
-                    let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(2);
-                    tokio::spawn(async move {
-                        tx.send(Ok(Bytes::from_static(b"first part;")))
-                            .await
-                            .unwrap();
-                        go_on.notified().await;
-                        let _ = tx.send(Ok(Bytes::from_static(b"LEFTOVER"))).await;
-                    });
-                    Body::from_stream(support::ReceiverStream(rx))
-                }
+                let body = gated_body(b"first part;", b"LEFTOVER", go_on.clone());
+                async move { body }
             }),
         );
     let (upstream, accepted) = counting_upstream(app).await;

@@ -94,7 +94,7 @@ impl Pool {
     pub(super) async fn send(
         self: &Arc<Self>,
         mut request: Request<OutBody>,
-    ) -> Result<Response<PooledBody>, SendError> {
+    ) -> Result<Response<UpstreamBody>, SendError> {
         loop {
             let (mut lease, reused) = match self.checkout() {
                 Some(lease) => (lease, true),
@@ -114,10 +114,9 @@ impl Pool {
             .await;
             match answer {
                 Ok(response) => {
-                    return Ok(response.map(|body| PooledBody {
+                    return Ok(response.map(|body| UpstreamBody {
                         body,
-                        lease,
-                        pool: Arc::clone(self),
+                        lease: lease.map(|lease| (lease, Arc::clone(self))),
                     }));
                 }
                 // A pooled connection the upstream closed just as the request went out: the
@@ -180,16 +179,24 @@ impl Pool {
     }
 }
 
-/// An upstream response body on a pooled connection: reading it drives the connection, and
-/// reading it to the end hands the connection back to the pool.
-pub(crate) struct PooledBody {
+/// The body of an upstream response, streamed as it arrives.
+///
+/// On a pooled HTTP/1.1 connection, reading the body drives the connection, and reading it to
+/// the end hands the connection back to the pool.
+pub struct UpstreamBody {
     body: Incoming,
     /// Boxed once per connection: a connection's state is large, and bodies are moved.
-    lease: Option<Box<Lease>>,
-    pool: Arc<Pool>,
+    lease: Option<(Box<Lease>, Arc<Pool>)>,
 }
 
-impl Body for PooledBody {
+impl UpstreamBody {
+    /// A body on a connection this module does not manage (hyper-util's client).
+    pub(super) fn plain(body: Incoming) -> Self {
+        UpstreamBody { body, lease: None }
+    }
+}
+
+impl Body for UpstreamBody {
     type Data = Bytes;
     type Error = hyper::Error;
 
@@ -198,14 +205,14 @@ impl Body for PooledBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
-        if this.lease.as_mut().is_some_and(|l| l.poll_conn(cx)) {
+        if this.lease.as_mut().is_some_and(|(l, _)| l.poll_conn(cx)) {
             this.lease = None;
         }
         let frame = Pin::new(&mut this.body).poll_frame(cx);
         match &frame {
             Poll::Ready(None) => {
-                if let Some(lease) = this.lease.take() {
-                    this.pool.checkin(lease);
+                if let Some((lease, pool)) = this.lease.take() {
+                    pool.checkin(lease);
                 }
             }
             Poll::Ready(Some(Err(_))) => this.lease = None,
@@ -223,14 +230,22 @@ impl Body for PooledBody {
     }
 }
 
-impl Drop for PooledBody {
+impl Drop for UpstreamBody {
     fn drop(&mut self) {
         // A server stops polling a body that reports its end (its `Content-Length` all read)
         // and drops it: that is a complete exchange too.
-        if let Some(lease) = self.lease.take()
+        if let Some((lease, pool)) = self.lease.take()
             && self.body.is_end_stream()
         {
-            self.pool.checkin(lease);
+            pool.checkin(lease);
         }
+    }
+}
+
+impl std::fmt::Debug for UpstreamBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamBody")
+            .field("pooled", &self.lease.is_some())
+            .finish_non_exhaustive()
     }
 }

@@ -3,6 +3,8 @@
 
 mod http1;
 
+pub use http1::UpstreamBody;
+
 use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
@@ -15,10 +17,9 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri};
-use http_body::{Body, Frame, SizeHint};
+use http_body::Body;
 use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
-use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -366,18 +367,14 @@ where
                     .then(Instant::now);
             let sent = async {
                 match &inner.transport {
-                    Transport::Http1(pool, _) => pool
-                        .send(outgoing)
-                        .await
-                        .map(|r| r.map(UpstreamBody::pooled))
-                        .map_err(|e| Failure {
-                            connect: matches!(e, http1::SendError::Connect(_)),
-                            error: e.to_string(),
-                        }),
+                    Transport::Http1(pool, _) => pool.send(outgoing).await.map_err(|e| Failure {
+                        connect: matches!(e, http1::SendError::Connect(_)),
+                        error: e.to_string(),
+                    }),
                     Transport::Client(client) => client
                         .request(outgoing)
                         .await
-                        .map(|r| r.map(UpstreamBody::client))
+                        .map(|r| r.map(UpstreamBody::plain))
                         .map_err(|e| Failure {
                             connect: e.is_connect(),
                             error: e.to_string(),
@@ -430,59 +427,6 @@ where
 struct Failure {
     connect: bool,
     error: String,
-}
-
-/// The body of an upstream response, streamed as it arrives.
-pub struct UpstreamBody(UpstreamKind);
-
-enum UpstreamKind {
-    Pooled(http1::PooledBody),
-    Client(Incoming),
-}
-
-impl UpstreamBody {
-    fn pooled(body: http1::PooledBody) -> Self {
-        UpstreamBody(UpstreamKind::Pooled(body))
-    }
-
-    fn client(body: Incoming) -> Self {
-        UpstreamBody(UpstreamKind::Client(body))
-    }
-}
-
-impl Body for UpstreamBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match &mut self.get_mut().0 {
-            UpstreamKind::Pooled(body) => Pin::new(body).poll_frame(cx),
-            UpstreamKind::Client(body) => Pin::new(body).poll_frame(cx),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match &self.0 {
-            UpstreamKind::Pooled(body) => body.is_end_stream(),
-            UpstreamKind::Client(body) => body.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match &self.0 {
-            UpstreamKind::Pooled(body) => body.size_hint(),
-            UpstreamKind::Client(body) => body.size_hint(),
-        }
-    }
-}
-
-impl fmt::Debug for UpstreamBody {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("UpstreamBody")
-    }
 }
 
 #[cfg(test)]
