@@ -235,8 +235,13 @@ async fn https_upstreams_work_and_certificates_are_checked() {
     assert_eq!(a.status, StatusCode::BAD_GATEWAY);
 }
 
-/// An upstream that counts the TCP connections it accepts, serving `app` on each.
-async fn counting_upstream(app: Router) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+/// Accepts connections on 127.0.0.1:0, counting them, and serves each with `serve` on a task
+/// of its own.
+async fn counting_listener<F, Fut>(serve: F) -> (std::net::SocketAddr, Arc<AtomicUsize>)
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let accepted = Arc::new(AtomicUsize::new(0));
@@ -245,14 +250,23 @@ async fn counting_upstream(app: Router) -> (std::net::SocketAddr, Arc<AtomicUsiz
         loop {
             let (stream, _) = listener.accept().await.unwrap();
             count.fetch_add(1, Ordering::SeqCst);
-            let service = hyper_util::service::TowerToHyperService::new(app.clone());
-            tokio::spawn(
-                hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
-            );
+            tokio::spawn(serve(stream));
         }
     });
     (addr, accepted)
+}
+
+/// An upstream that counts the TCP connections it accepts, serving `app` on each.
+async fn counting_upstream(app: Router) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    counting_listener(move |stream| {
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        async move {
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        }
+    })
+    .await
 }
 
 /// A streamed body: `first`, then `rest` once `go_on` is notified.
@@ -370,35 +384,25 @@ async fn a_body_dropped_half_read_does_not_leave_its_rest_to_the_next_request() 
 /// it, without saying so in a `Connection: close` header when `announce` is false.
 async fn one_shot_upstream(announce: bool) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
-    tokio::spawn(async move {
-        loop {
-            let (mut stream, _) = listener.accept().await.unwrap();
-            count.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let close = if announce {
-                    "connection: close\r\n"
-                } else {
-                    ""
-                };
-                let response = format!("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n{close}\r\nok");
-                let _ = stream.write_all(response.as_bytes()).await;
-                // Dropped: closed right after the answer.
-            });
+    counting_listener(move |mut stream| async move {
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
         }
-    });
-    (addr, accepted)
+        let close = if announce {
+            "connection: close\r\n"
+        } else {
+            ""
+        };
+        let response = format!("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n{close}\r\nok");
+        let _ = stream.write_all(response.as_bytes()).await;
+        // Dropped: closed right after the answer.
+    })
+    .await
 }
 
 #[tokio::test]
