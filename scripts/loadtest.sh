@@ -229,7 +229,7 @@ compare() { # (name url key pid)...
 }
 
 report() { # name rps p99 user_us sys_us rounds
-  printf '%-20s %8.0f req/s  p99 %5.2f ms  cpu/req %5.2f us (user %4.2f, sys %5.2f)  rounds: %s\n' \
+  printf '%-22s %8.0f req/s  p99 %5.2f ms  cpu/req %5.2f us (user %4.2f, sys %5.2f)  rounds: %s\n' \
     "$1" "$2" "$3" "$(awk -v u="$4" -v s="$5" 'BEGIN {print u + s}')" "$4" "$5" "$6" >&2
 }
 
