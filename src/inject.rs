@@ -174,18 +174,13 @@ impl HeaderRule {
         &self.name
     }
 
-    /// Applies the rule to a request, in place (a request is never taken apart and rebuilt:
-    /// moving it costs time on every request).
     /// The header this rule removes, when that is all it does.
     pub(crate) fn removed(&self) -> Option<&HeaderName> {
         matches!(self.action, Action::Remove).then_some(&self.name)
     }
 
-    /// Whether applying this may add a header.
-    fn adds(&self) -> bool {
-        matches!(self.action, Action::Set { .. })
-    }
-
+    /// Applies the rule to a request, in place (a request is never taken apart and rebuilt:
+    /// moving it costs time on every request).
     pub(crate) fn apply<B>(&self, req: &mut Request<B>) {
         let (mode, value) = match &self.action {
             Action::Remove => {
@@ -571,11 +566,6 @@ where
     }
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
-        // Room for every header this may add, made at once: a map grown one insert at a time
-        // may reallocate and rehash twice.
-        let adds = self.config.request_id.is_some() as usize
-            + self.config.rules.iter().filter(|r| r.adds()).count();
-        req.headers_mut().reserve(adds);
         let echo = self.config.request_id.as_ref().and_then(|ids| {
             let id = ids.assign(req.headers_mut())?;
             Some((ids.header.clone(), id))
