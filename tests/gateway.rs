@@ -61,15 +61,6 @@ error_format = "anthropic"
     )
 }
 
-/// Serves `gateway` on 127.0.0.1:0, as `main` does.
-async fn serve(gateway: &app::Gateway) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let service = tower::make::Shared::new(gateway.service.clone());
-    tokio::spawn(async move { axum::serve(listener, service).await.unwrap() });
-    addr
-}
-
 /// A running gateway on 127.0.0.1:0.
 struct Running {
     addr: SocketAddr,
@@ -80,7 +71,7 @@ async fn start(config: &str) -> Running {
     let gateway = app::build(app::Config::from_toml(config).unwrap(), &env)
         .await
         .unwrap();
-    let addr = serve(&gateway).await;
+    let addr = spawn_axum(gateway.service.clone()).await;
     Running {
         addr,
         _gateway: gateway,
@@ -439,7 +430,7 @@ async fn the_demo_shows_the_rewrite_with_its_own_echo_upstream() {
     let gateway = app::build(app::Config::demo(), &|_| None).await.unwrap();
     let key = gateway.first_key.clone().expect("the demo prints one key");
     assert!(gateway.echo.is_some());
-    let addr = serve(&gateway).await;
+    let addr = spawn_axum(gateway.service.clone()).await;
     let a = call(
         addr,
         Method::POST,

@@ -156,6 +156,20 @@ fn source(fetcher: ClientCredentials, clock: &ManualClock) -> RefreshingToken<Cl
         .build()
 }
 
+/// A gateway putting `tokens`' credential on requests for `provider`, in front of `upstream`.
+async fn token_gateway<F: TokenFetcher>(
+    provider: Provider,
+    tokens: RefreshingToken<F>,
+    upstream: std::net::SocketAddr,
+) -> std::net::SocketAddr {
+    spawn_service(
+        ServiceBuilder::new()
+            .layer(UpstreamAuthLayer::new(provider, tokens))
+            .service(forward_to(upstream)),
+    )
+    .await
+}
+
 fn authorizations(seen: &Recorder) -> Vec<String> {
     seen.all()
         .iter()
@@ -208,12 +222,7 @@ async fn a_refresh_ahead_of_expiry_is_one_fetch_while_the_current_token_keeps_se
     let clock = clock();
     let tokens = source(fetcher, &clock);
     let (provider, seen) = spawn_upstream().await;
-    let gateway = spawn_service(
-        ServiceBuilder::new()
-            .layer(UpstreamAuthLayer::new(Provider::openai(), tokens.clone()))
-            .service(forward_to(provider)),
-    )
-    .await;
+    let gateway = token_gateway(Provider::openai(), tokens.clone(), provider).await;
     let http = client();
 
     // Start-up: fetch the first token before serving.
@@ -260,15 +269,7 @@ async fn a_token_endpoint_that_hangs_up_gives_503_backs_off_and_forwards_nothing
     let attempts = fetcher.attempts.clone();
     let clock = clock();
     let (provider, seen) = spawn_upstream().await;
-    let gateway = spawn_service(
-        ServiceBuilder::new()
-            .layer(UpstreamAuthLayer::new(
-                Provider::openai(),
-                source(fetcher, &clock),
-            ))
-            .service(forward_to(provider)),
-    )
-    .await;
+    let gateway = token_gateway(Provider::openai(), source(fetcher, &clock), provider).await;
     let http = client();
 
     let refused = |answer: &support::Answer| {
@@ -309,15 +310,7 @@ async fn a_failing_endpoint_recovers_and_an_expired_token_is_never_sent() {
     let attempts = fetcher.attempts.clone();
     let clock = clock();
     let (provider, seen) = spawn_upstream().await;
-    let gateway = spawn_service(
-        ServiceBuilder::new()
-            .layer(UpstreamAuthLayer::new(
-                Provider::mistral(),
-                source(fetcher, &clock),
-            ))
-            .service(forward_to(provider)),
-    )
-    .await;
+    let gateway = token_gateway(Provider::mistral(), source(fetcher, &clock), provider).await;
     let http = client();
     let status = |path: &'static str| {
         let http = http.clone();

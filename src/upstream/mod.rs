@@ -110,6 +110,10 @@ struct Config<C> {
     strip_query: Vec<Arc<str>>,
     error_format: ErrorFormat,
     realm: Realm,
+    /// Derived from the two above by `derive_removals`: what every request loses in one pass.
+    removed: Vec<HeaderName>,
+    /// The provider's rules left to apply one by one after that pass.
+    rules_from: usize,
 }
 
 impl<C> Clone for Config<C> {
@@ -121,7 +125,31 @@ impl<C> Clone for Config<C> {
             strip_query: self.strip_query.clone(),
             error_format: self.error_format.clone(),
             realm: self.realm.clone(),
+            removed: self.removed.clone(),
+            rules_from: self.rules_from,
         }
+    }
+}
+
+impl<C> Config<C> {
+    /// The strip list less the header the credential is written into (overwritten anyway),
+    /// and the provider's leading removals (OpenAI's organization and project headers):
+    /// removing commutes with removing, so all go in one pass.
+    fn derive_removals(&mut self) {
+        let placed = match self.provider.placement() {
+            Placement::Bearer => Some(&AUTHORIZATION),
+            Placement::Header(name) => Some(name),
+            Placement::Query(_) => None,
+        };
+        let rules = self.provider.header_rules();
+        self.rules_from = rules.iter().take_while(|r| r.removed().is_some()).count();
+        self.removed = self
+            .strip_headers
+            .iter()
+            .filter(|&n| Some(n) != placed)
+            .chain(rules[..self.rules_from].iter().filter_map(|r| r.removed()))
+            .cloned()
+            .collect();
     }
 }
 
@@ -134,15 +162,19 @@ impl<C: CredentialSource> UpstreamAuthLayer<C> {
     /// A layer using a source shared with other parts of the program (e.g. one token
     /// source for several routes).
     pub fn from_shared(provider: Provider, source: Arc<C>) -> Self {
+        let mut config = Config {
+            provider,
+            source,
+            strip_headers: DEFAULT_STRIPPED_HEADERS.to_vec(),
+            strip_query: DEFAULT_STRIPPED_QUERY.iter().map(|&n| n.into()).collect(),
+            error_format: ErrorFormat::default(),
+            realm: Realm::default(),
+            removed: Vec::new(),
+            rules_from: 0,
+        };
+        config.derive_removals();
         UpstreamAuthLayer {
-            config: Arc::new(Config {
-                provider,
-                source,
-                strip_headers: DEFAULT_STRIPPED_HEADERS.to_vec(),
-                strip_query: DEFAULT_STRIPPED_QUERY.iter().map(|&n| n.into()).collect(),
-                error_format: ErrorFormat::default(),
-                realm: Realm::default(),
-            }),
+            config: Arc::new(config),
         }
     }
 
@@ -172,6 +204,7 @@ impl<C: CredentialSource> UpstreamAuthLayer<C> {
         let config = self.config_mut();
         if !config.strip_headers.contains(&name) {
             config.strip_headers.push(name);
+            config.derive_removals();
         }
         self
     }
@@ -348,28 +381,11 @@ impl<C: CredentialSource, B> Resume<B> for Config<C> {
 impl<C: CredentialSource> Config<C> {
     /// Steps 2–4 of the data path: strip, apply the provider's extras, place.
     fn rewrite<B>(&self, req: &mut Request<B>, credential: &Credential) {
-        let placed = match self.provider.placement() {
-            Placement::Bearer => Some(&AUTHORIZATION),
-            Placement::Header(name) => Some(name),
-            Placement::Query(_) => None,
-        };
-        let headers = req.headers_mut();
-        // The header the credential goes into is overwritten below, every value of it.
-        // The provider's leading removals (OpenAI's organization and project headers) go in
-        // the same pass as the strip list: removing commutes with removing.
-        let rules = self.provider.header_rules();
-        let leading_removals = rules.iter().take_while(|r| r.removed().is_some()).count();
-        crate::headers::remove_all(
-            headers,
-            self.strip_headers
-                .iter()
-                .filter(|&n| Some(n) != placed)
-                .chain(rules[..leading_removals].iter().filter_map(|r| r.removed())),
-        );
+        crate::headers::remove_all(req.headers_mut(), &self.removed);
         if let Some(uri) = self.rewrite_query(req.uri(), credential) {
             *req.uri_mut() = uri;
         }
-        for rule in &rules[leading_removals..] {
+        for rule in &self.provider.header_rules()[self.rules_from..] {
             rule.apply(req);
         }
         match self.provider.placement() {

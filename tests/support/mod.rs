@@ -96,10 +96,22 @@ pub fn store_with(keys: &[(&str, &str, &[&str])]) -> Arc<MemoryStore> {
     Arc::new(store)
 }
 
-/// Serves `app` on 127.0.0.1:0; returns the bound address.
-pub async fn spawn_axum(app: axum::Router) -> SocketAddr {
+/// Serves `app` (a `Router`, or any service axum can serve) on 127.0.0.1:0; returns the bound
+/// address.
+pub async fn spawn_axum<S>(app: S) -> SocketAddr
+where
+    S: tower::Service<
+            axum::extract::Request,
+            Response = axum::response::Response,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let app = tower::make::Shared::new(app);
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     addr
 }
