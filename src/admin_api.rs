@@ -33,7 +33,12 @@ use crate::time::{Clock, SystemClock, Timestamp};
 /// | `DELETE /keys/{id}` | admin | removes the record |
 /// | `POST /ephemeral` | any key | mints a short-lived key with a subset of the caller's scopes |
 ///
-/// "admin" means a key with the admin scope (default `admin`). The router must sit behind an
+/// "admin" means a key with the admin scope (default `admin`) that is not ephemeral: an
+/// ephemeral key never manages keys, whatever scopes it holds (403), never mints another
+/// key (403), and is never given the admin scope (asking for it is a 403; with no scopes
+/// asked, a child gets its parent's scopes less the admin scope). A key has at most
+/// [`KeyManager::max_live_ephemeral`] live ephemeral keys; past that `/ephemeral` answers
+/// 429 `too_many_ephemeral_keys` with `Retry-After`. The router must sit behind an
 /// [`InboundApiKeyLayer`](crate::InboundApiKeyLayer) on the same store; without one every
 /// route answers 401, never 200.
 ///
@@ -93,6 +98,7 @@ impl<A: KeyAdmin> ManagementApi<A> {
             manager: self.manager,
             format: self.error_format.clone(),
             clock: self.clock,
+            admin_scope: self.admin_scope.clone(),
         });
         let admin = Router::new()
             .route("/keys", post(create::<A>).get(list::<A>))
@@ -102,7 +108,9 @@ impl<A: KeyAdmin> ManagementApi<A> {
             .route("/keys/{id}/enable", post(enable::<A>))
             .route("/keys/{id}/rotate", post(rotate::<A>))
             .route_layer(
-                RequireScopesLayer::new([self.admin_scope]).error_format(self.error_format.clone()),
+                RequireScopesLayer::new([self.admin_scope])
+                    .refuse_ephemeral(true)
+                    .error_format(self.error_format.clone()),
             );
         Router::new()
             .route("/ephemeral", post(ephemeral::<A>))
@@ -115,6 +123,7 @@ struct ApiState<A> {
     manager: KeyManager<A>,
     format: ErrorFormat,
     clock: Arc<dyn Clock>,
+    admin_scope: String,
 }
 
 type Shared<A> = State<Arc<ApiState<A>>>;
@@ -182,11 +191,20 @@ struct ApiError {
     message: String,
 }
 
+/// What a client told to come back later waits: an ephemeral key's default lifetime, by
+/// which the oldest of a parent's default-lived children has expired.
+const RETRY_AFTER_SECS: u64 = crate::lifecycle::DEFAULT_EPHEMERAL_TTL.as_secs();
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let response = self
+        let mut response = self
             .format
             .error_response(self.status, Some(self.code), &self.message);
+        if self.status == StatusCode::TOO_MANY_REQUESTS {
+            response
+                .headers_mut()
+                .insert(http::header::RETRY_AFTER, http::HeaderValue::from(RETRY_AFTER_SECS));
+        }
         response.map(axum::body::Body::from).into_response()
     }
 }
@@ -216,6 +234,21 @@ impl<A> ApiState<A> {
             ManageError::Invalid(why) => {
                 self.error(StatusCode::BAD_REQUEST, "invalid_request", why)
             }
+            ManageError::Forbidden(why) => self.error(StatusCode::FORBIDDEN, "forbidden", why),
+            ManageError::Unusable(_, why) => {
+                let code = match why {
+                    KeyUnusable::Revoked => "revoked_api_key",
+                    KeyUnusable::Disabled => "disabled_api_key",
+                    KeyUnusable::Expired => "expired_api_key",
+                    KeyUnusable::NotYetValid => "api_key_not_yet_valid",
+                };
+                self.error(StatusCode::UNAUTHORIZED, code, e.to_string())
+            }
+            ManageError::TooManyEphemeral { .. } => self.error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_ephemeral_keys",
+                e.to_string(),
+            ),
             ManageError::Conflict => self.error(StatusCode::CONFLICT, "conflict", e.to_string()),
             ManageError::Store(error) => {
                 tracing::warn!(target: "tower_gateway_auth::admin", %error, "key store failed");
@@ -398,8 +431,25 @@ async fn ephemeral<A: KeyAdmin>(State(s): Shared<A>, who: Option<Identity>, body
             "This endpoint requires an API key.",
         ));
     };
+    if who.parent().is_some() {
+        return Err(s.error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "An ephemeral key cannot mint another key.",
+        ));
+    }
     let body: EphemeralBody = s.parse(&body)?;
-    let scopes = body.scopes.map(Scopes::new);
+    if body.scopes.iter().flatten().any(|scope| *scope == s.admin_scope) {
+        return Err(s.error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("An ephemeral key cannot have the {} scope: ephemeral keys never manage keys.", s.admin_scope),
+        ));
+    }
+    let scopes = Some(match body.scopes {
+        Some(asked) => Scopes::new(asked),
+        None => Scopes::new(who.scopes().iter().filter(|scope| *scope != s.admin_scope)),
+    });
     let ttl = body.ttl_seconds.map(Duration::from_secs);
     let issued = s
         .manager

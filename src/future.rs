@@ -74,14 +74,29 @@ where
     }
 }
 
-/// How a layer finishes a request once the answer it waited for (a key lookup, an upstream
-/// credential) has come: prepare the request for the inner service, or answer it.
-pub(crate) trait Resume<B> {
-    /// What was waited for.
-    type Answer;
+/// What a layer does once an answer it waited for has come.
+pub(crate) enum Next<W> {
+    /// Call the inner service with the (prepared) request.
+    Call,
+    /// Answer the request itself.
+    Respond(Response<Bytes>),
+    /// Wait on one more answer first (the inbound layer checks a key's parent this way).
+    Wait(W),
+}
 
-    /// `None` to call the inner service with `req`, or the layer's own response.
-    fn resume(&self, answer: Self::Answer, req: &mut Request<B>) -> Option<Response<Bytes>>;
+/// How a layer finishes a request once the answer it waited for (a key lookup, an upstream
+/// credential) has come: prepare the request for the inner service, answer it, or wait on
+/// a further answer.
+pub(crate) trait Resume<B> {
+    /// What is waited for.
+    type Wait: Future + Unpin;
+
+    /// What to do with `answer`.
+    fn resume(
+        &self,
+        answer: <Self::Wait as Future>::Output,
+        req: &mut Request<B>,
+    ) -> Next<Self::Wait>;
 }
 
 /// Everything a request waiting on its answer holds; boxed so that the futures of the
@@ -120,39 +135,28 @@ pin_project! {
     }
 }
 
-#[inline]
-fn finish<S, R, B>(
-    resume: &R,
-    answer: R::Answer,
-    inner: &mut S,
-    mut req: Request<B>,
-) -> ResponseFuture<S::Future>
-where
-    S: Service<Request<B>>,
-    R: Resume<B>,
-{
-    match resume.resume(answer, &mut req) {
-        None => ResponseFuture::inner(inner.call(req)),
-        Some(response) => ResponseFuture::rejected(response),
-    }
-}
-
 impl<W, S, R, B> Resumable<W, S, R, B>
 where
     W: Future + Unpin,
     S: Service<Request<B>> + Clone,
-    R: Resume<B, Answer = W::Output>,
+    R: Resume<B, Wait = W>,
 {
-    /// Polls `wait` once. When it is ready (in-process stores, fixed credentials) the
-    /// request is finished right here and the inner service called in place: no clone, no
-    /// allocation. Otherwise the service that was polled ready is taken along (a clone is
-    /// left to be readied for the next request) and the request waits.
+    /// Polls `wait` (and whatever it leads to) once. When the answers are ready (in-process
+    /// stores, fixed credentials) the request is finished right here and the inner service
+    /// called in place: no clone, no allocation. Otherwise the service that was polled ready
+    /// is taken along (a clone is left to be readied for the next request) and the request
+    /// waits.
     #[inline]
-    pub(crate) fn start(mut wait: W, inner: &mut S, req: Request<B>, resume: &Arc<R>) -> Self {
-        if let Poll::Ready(answer) =
-            Pin::new(&mut wait).poll(&mut Context::from_waker(Waker::noop()))
-        {
-            return Self::decided(finish(&**resume, answer, inner, req));
+    pub(crate) fn start(mut wait: W, inner: &mut S, mut req: Request<B>, resume: &Arc<R>) -> Self {
+        let mut cx = Context::from_waker(Waker::noop());
+        while let Poll::Ready(answer) = Pin::new(&mut wait).poll(&mut cx) {
+            match resume.resume(answer, &mut req) {
+                Next::Call => return Self::decided(ResponseFuture::inner(inner.call(req))),
+                Next::Respond(response) => {
+                    return Self::decided(ResponseFuture::rejected(response));
+                }
+                Next::Wait(next) => wait = next,
+            }
         }
         let clone = inner.clone();
         let inner = std::mem::replace(inner, clone);
@@ -183,7 +187,7 @@ impl<W, S, R, B, ResBody> Future for Resumable<W, S, R, B>
 where
     W: Future + Unpin,
     S: Service<Request<B>, Response = Response<ResBody>>,
-    R: Resume<B, Answer = W::Output>,
+    R: Resume<B, Wait = W>,
 {
     type Output = Result<Response<ResponseBody<ResBody>>, S::Error>;
 
@@ -192,13 +196,21 @@ where
             let next = match self.as_mut().project().state.project() {
                 ResumableProj::Decided { future } => return future.poll(cx),
                 ResumableProj::Waiting { wait, parked } => {
-                    let answer = ready!(Pin::new(wait).poll(cx));
-                    let Parked {
-                        mut inner,
-                        request,
-                        resume,
-                    } = *parked.take().expect("polled after completion");
-                    finish(&*resume, answer, &mut inner, request)
+                    let answer = ready!(Pin::new(&mut *wait).poll(cx));
+                    let held = parked.as_mut().expect("polled after completion");
+                    match held.resume.resume(answer, &mut held.request) {
+                        Next::Wait(next) => {
+                            *wait = next;
+                            continue;
+                        }
+                        Next::Respond(response) => ResponseFuture::rejected(response),
+                        Next::Call => {
+                            let Parked {
+                                mut inner, request, ..
+                            } = *parked.take().expect("polled after completion");
+                            ResponseFuture::inner(inner.call(request))
+                        }
+                    }
                 }
             };
             self.as_mut()

@@ -66,6 +66,12 @@ impl Identity {
     pub fn parent(&self) -> Option<KeyId> {
         self.0.parent()
     }
+
+    /// The first key of the line this key continues, through rotations and minting (see
+    /// [`KeyRecord::origin`]); its own id for a key that continues none.
+    pub fn origin(&self) -> KeyId {
+        self.0.origin()
+    }
 }
 
 impl fmt::Debug for Identity {

@@ -158,6 +158,22 @@ impl KeyHasher {
         self.pepper.is_some()
     }
 
+    /// The hasher's name as stores record it: `sha256` or `hmac-sha256`.
+    pub(crate) fn name(&self) -> &'static str {
+        if self.is_peppered() {
+            "hmac-sha256"
+        } else {
+            "sha256"
+        }
+    }
+
+    /// What a store records to tell, on opening, whether its digests were made under this
+    /// pepper: the digest of a fixed text (it reveals nothing of the pepper). `None` unpeppered.
+    pub(crate) fn pepper_check(&self) -> Option<String> {
+        self.is_peppered()
+            .then(|| self.digest(b"tower-gateway-auth pepper check").to_hex())
+    }
+
     /// The digest of `key`.
     pub fn digest(&self, key: &[u8]) -> KeyDigest {
         match &self.pepper {

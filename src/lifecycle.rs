@@ -3,12 +3,13 @@
 //! and clean expired ephemeral keys up.
 
 use std::fmt;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::identity::Identity;
 use crate::key::{ApiKey, KeyFormat};
-use crate::record::{KeyId, KeyRecord, KeyStatus, Metadata, Scopes};
+use crate::record::{KeyId, KeyRecord, KeyStatus, KeyUnusable, Metadata, Scopes};
 use crate::store::{KeyAdmin, StoreError, Write, WriteError};
 use crate::time::{Clock, SystemClock, Timestamp};
 
@@ -20,6 +21,9 @@ pub const DEFAULT_EPHEMERAL_TTL: Duration = Duration::from_secs(60);
 
 /// The longest an ephemeral key may live by default: one hour.
 pub const DEFAULT_MAX_EPHEMERAL_TTL: Duration = Duration::from_secs(60 * 60);
+
+/// How many live ephemeral keys one key may have at a time unless configured otherwise.
+pub const DEFAULT_MAX_LIVE_EPHEMERAL: usize = 100;
 
 /// How many times a write that lost a race is retried before giving up.
 const RETRIES: usize = 8;
@@ -130,6 +134,16 @@ pub enum ManageError {
     NotFound(KeyId),
     /// The request makes no sense (e.g. ephemeral scopes beyond the parent's).
     Invalid(String),
+    /// The key asking may not do this (an ephemeral key minting or rotating).
+    Forbidden(String),
+    /// The key asking (or being acted on) is not usable now: revoked, disabled, expired,
+    /// not yet valid, or gone since it was verified.
+    Unusable(KeyId, KeyUnusable),
+    /// The parent has this many live ephemeral keys already.
+    TooManyEphemeral {
+        /// The limit ([`KeyManager::max_live_ephemeral`]).
+        limit: usize,
+    },
     /// The key kept changing under us; try again.
     Conflict,
     /// The store failed.
@@ -140,7 +154,20 @@ impl fmt::Display for ManageError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ManageError::NotFound(id) => write!(f, "no key has id {id}"),
-            ManageError::Invalid(why) => f.write_str(why),
+            ManageError::Invalid(why) | ManageError::Forbidden(why) => f.write_str(why),
+            ManageError::Unusable(id, why) => {
+                let why = match why {
+                    KeyUnusable::Revoked => "revoked",
+                    KeyUnusable::Disabled => "disabled",
+                    KeyUnusable::Expired => "expired",
+                    KeyUnusable::NotYetValid => "not valid yet",
+                };
+                write!(f, "key {id} is {why}")
+            }
+            ManageError::TooManyEphemeral { limit } => write!(
+                f,
+                "this key has {limit} live ephemeral keys already, the most it may have; revoke one or wait until one expires"
+            ),
             ManageError::Conflict => f.write_str("the key changed concurrently; try again"),
             ManageError::Store(e) => write!(f, "key store failed: {e}"),
         }
@@ -184,6 +211,14 @@ pub struct KeyManager<A> {
     clock: Arc<dyn Clock>,
     default_ttl: Option<Duration>,
     max_ephemeral_ttl: Duration,
+    max_live_ephemeral: usize,
+}
+
+/// One round of a compare-and-swap change: done without writing, or these writes, after
+/// which the change answers `T`.
+enum Attempt<T> {
+    Done(T),
+    Write(Vec<Write>, T),
 }
 
 impl<A> Clone for KeyManager<A> {
@@ -194,6 +229,7 @@ impl<A> Clone for KeyManager<A> {
             clock: self.clock.clone(),
             default_ttl: self.default_ttl,
             max_ephemeral_ttl: self.max_ephemeral_ttl,
+            max_live_ephemeral: self.max_live_ephemeral,
         }
     }
 }
@@ -216,6 +252,7 @@ impl<A: KeyAdmin> KeyManager<A> {
             clock: Arc::new(SystemClock),
             default_ttl: Some(DEFAULT_TTL),
             max_ephemeral_ttl: DEFAULT_MAX_EPHEMERAL_TTL,
+            max_live_ephemeral: DEFAULT_MAX_LIVE_EPHEMERAL,
         }
     }
 
@@ -240,6 +277,15 @@ impl<A: KeyAdmin> KeyManager<A> {
     /// The longest lifetime an ephemeral key may ask for.
     pub fn max_ephemeral_ttl(mut self, ttl: Duration) -> Self {
         self.max_ephemeral_ttl = ttl;
+        self
+    }
+
+    /// How many live (neither revoked nor expired) ephemeral keys one key may have at a
+    /// time (default: 100). Past it, minting fails with
+    /// [`ManageError::TooManyEphemeral`] (429 in the management API), so that a key cannot
+    /// flood the store.
+    pub fn max_live_ephemeral(mut self, max: usize) -> Self {
+        self.max_live_ephemeral = max;
         self
     }
 
@@ -305,7 +351,7 @@ impl<A: KeyAdmin> KeyManager<A> {
         let stored = Arc::new(record.clone());
         match self.store.apply(vec![Write::Insert(record)]).await {
             Ok(()) => Ok(stored),
-            Err(WriteError::Conflict) => {
+            Err(WriteError::Conflict | WriteError::TooManyChildren { .. }) => {
                 Err(ManageError::Invalid("this key exists already".into()))
             }
             Err(WriteError::Store(e)) => Err(e.into()),
@@ -324,64 +370,58 @@ impl<A: KeyAdmin> KeyManager<A> {
         Ok(all)
     }
 
-    /// Revokes the key for good, and every ephemeral key minted from it.
+    /// Revokes the key for good, and every ephemeral key minted from it. (A key minted
+    /// while this runs is refused anyway: the inbound layer checks every key's parent.)
     pub async fn revoke(&self, id: KeyId) -> Result<Arc<KeyRecord>, ManageError> {
-        for _ in 0..RETRIES {
-            let all = self.store.list().await?;
-            let target = all
-                .iter()
-                .find(|r| r.id() == id)
-                .ok_or(ManageError::NotFound(id))?;
-            let writes: Vec<Write> = all
-                .iter()
-                .filter(|r| r.id() == id || r.parent() == Some(id))
-                .filter(|r| r.status() != KeyStatus::Revoked)
-                .map(|r| Write::Replace {
-                    old: r.clone(),
-                    new: (**r).clone().with_status(KeyStatus::Revoked),
+        let revoked = self
+            .retry(async || {
+                let all = self.store.list().await?;
+                let target = all
+                    .iter()
+                    .find(|r| r.id() == id)
+                    .ok_or(ManageError::NotFound(id))?;
+                let revoked = Arc::new((**target).clone().with_status(KeyStatus::Revoked));
+                let writes: Vec<Write> = all
+                    .iter()
+                    .filter(|r| r.id() == id || r.parent() == Some(id))
+                    .filter(|r| r.status() != KeyStatus::Revoked)
+                    .map(|r| Write::Replace {
+                        old: r.clone(),
+                        new: (**r).clone().with_status(KeyStatus::Revoked),
+                    })
+                    .collect();
+                Ok(if writes.is_empty() {
+                    Attempt::Done(revoked)
+                } else {
+                    Attempt::Write(writes, revoked)
                 })
-                .collect();
-            let revoked = Arc::new((**target).clone().with_status(KeyStatus::Revoked));
-            if writes.is_empty() {
-                return Ok(revoked);
-            }
-            match self.store.apply(writes).await {
-                Ok(()) => {
-                    tracing::info!(target: "tower_gateway_auth::lifecycle", key_id = %id, "key revoked");
-                    return Ok(revoked);
-                }
-                Err(WriteError::Conflict) => continue,
-                Err(WriteError::Store(e)) => return Err(e.into()),
-            }
-        }
-        Err(ManageError::Conflict)
+            })
+            .await?;
+        tracing::info!(target: "tower_gateway_auth::lifecycle", key_id = %id, "key revoked");
+        Ok(revoked)
     }
 
     /// Removes the key's record, and those of the ephemeral keys minted from it. Prefer
     /// [`revoke`](Self::revoke), which keeps the record for the audit trail.
     pub async fn delete(&self, id: KeyId) -> Result<Arc<KeyRecord>, ManageError> {
-        for _ in 0..RETRIES {
-            let all = self.store.list().await?;
-            let target = all
-                .iter()
-                .find(|r| r.id() == id)
-                .cloned()
-                .ok_or(ManageError::NotFound(id))?;
-            let writes = all
-                .into_iter()
-                .filter(|r| r.id() == id || r.parent() == Some(id))
-                .map(Write::Remove)
-                .collect();
-            match self.store.apply(writes).await {
-                Ok(()) => {
-                    tracing::info!(target: "tower_gateway_auth::lifecycle", key_id = %id, "key deleted");
-                    return Ok(target);
-                }
-                Err(WriteError::Conflict) => continue,
-                Err(WriteError::Store(e)) => return Err(e.into()),
-            }
-        }
-        Err(ManageError::Conflict)
+        let deleted = self
+            .retry(async || {
+                let all = self.store.list().await?;
+                let target = all
+                    .iter()
+                    .find(|r| r.id() == id)
+                    .cloned()
+                    .ok_or(ManageError::NotFound(id))?;
+                let writes = all
+                    .into_iter()
+                    .filter(|r| r.id() == id || r.parent() == Some(id))
+                    .map(Write::Remove)
+                    .collect();
+                Ok(Attempt::Write(writes, target))
+            })
+            .await?;
+        tracing::info!(target: "tower_gateway_auth::lifecycle", key_id = %id, "key deleted");
+        Ok(deleted)
     }
 
     /// Disables (`false`) or re-enables (`true`) a key. A revoked key stays revoked.
@@ -404,79 +444,76 @@ impl<A: KeyAdmin> KeyManager<A> {
         .await
     }
 
-    /// Issues a successor to key `id` with the same name, scopes, metadata and lifetime
-    /// length, and keeps the old key working for `grace` more (never longer than it would
-    /// have anyway). After that the old key is rejected as expired.
+    /// Issues a successor to key `id` with the same name, scopes, metadata, status and
+    /// lifetime length, and keeps the old key working for `grace` more (never longer than
+    /// it would have anyway). After that the old key is rejected as expired. A disabled
+    /// key's successor is disabled too; revoked and ephemeral keys cannot be rotated. The
+    /// successor continues the old key's line ([`KeyRecord::origin`]).
     pub async fn rotate(&self, id: KeyId, grace: Duration) -> Result<IssuedKey, ManageError> {
-        for _ in 0..RETRIES {
-            let old = self.get(id).await?;
-            if old.status() == KeyStatus::Revoked || old.parent().is_some() {
-                return Err(ManageError::Invalid(format!(
-                    "key {id} cannot be rotated: it is revoked or ephemeral"
-                )));
-            }
-            let now = self.clock.now();
-            let lifetime = match old.expires_at() {
-                None => Lifetime::Never,
-                Some(end) => Lifetime::For(Duration::from_secs(
-                    end.as_unix_secs()
-                        .saturating_sub(old.created_at().as_unix_secs()),
-                )),
-            };
-            let spec = NewKey {
-                name: old.name().to_owned(),
-                scopes: old.scopes().clone(),
-                lifetime,
-                not_before: None,
-                metadata: old.metadata().clone(),
-            };
-            let (key, successor) = self.generate(spec, now);
-            let grace_end = now + grace;
-            let old_end = old.expires_at().map_or(grace_end, |t| t.min(grace_end));
-            let retired = (*old).clone().with_expires_at(Some(old_end));
-            let successor_shared = Arc::new(successor.clone());
-            let writes = vec![
-                Write::Replace { old, new: retired },
-                Write::Insert(successor),
-            ];
-            match self.store.apply(writes).await {
-                Ok(()) => {
-                    tracing::info!(target: "tower_gateway_auth::lifecycle", key_id = %id, successor = %successor_shared.id(), grace_secs = grace.as_secs(), "key rotated");
-                    return Ok(IssuedKey {
-                        key,
-                        record: successor_shared,
-                    });
+        let issued = self
+            .retry(async || {
+                let old = self.get(id).await?;
+                if old.parent().is_some() {
+                    return Err(ManageError::Forbidden(format!(
+                        "key {id} is ephemeral: ephemeral keys cannot be rotated"
+                    )));
                 }
-                Err(WriteError::Conflict) => continue,
-                Err(WriteError::Store(e)) => return Err(e.into()),
-            }
-        }
-        Err(ManageError::Conflict)
+                if old.status() == KeyStatus::Revoked {
+                    return Err(ManageError::Invalid(format!(
+                        "key {id} cannot be rotated: it is revoked"
+                    )));
+                }
+                let now = self.clock.now();
+                let lifetime = match old.expires_at() {
+                    None => Lifetime::Never,
+                    Some(end) => Lifetime::For(Duration::from_secs(
+                        end.as_unix_secs()
+                            .saturating_sub(old.created_at().as_unix_secs()),
+                    )),
+                };
+                let spec = NewKey {
+                    name: old.name().to_owned(),
+                    scopes: old.scopes().clone(),
+                    lifetime,
+                    not_before: None,
+                    metadata: old.metadata().clone(),
+                };
+                let (key, successor) = self.generate(spec, now);
+                let successor = successor
+                    .with_status(old.status())
+                    .with_origin(old.origin());
+                let grace_end = now + grace;
+                let old_end = old.expires_at().map_or(grace_end, |t| t.min(grace_end));
+                let retired = (*old).clone().with_expires_at(Some(old_end));
+                let record = Arc::new(successor.clone());
+                let writes = vec![
+                    Write::Replace { old, new: retired },
+                    Write::Insert(successor),
+                ];
+                Ok(Attempt::Write(writes, IssuedKey { key, record }))
+            })
+            .await?;
+        tracing::info!(target: "tower_gateway_auth::lifecycle", key_id = %id, successor = %issued.record.id(), grace_secs = grace.as_secs(), "key rotated");
+        Ok(issued)
     }
 
     /// Mints a short-lived key for `parent` (an authenticated caller): `scopes` must be a
     /// subset of the parent's (all of them when `None`), it lives `ttl` (default 60 s, at
     /// most the configured maximum and never beyond the parent's expiry), and it carries the
-    /// parent's metadata. Ephemeral keys cannot mint further keys.
+    /// parent's metadata.
+    ///
+    /// The parent is read again here, not trusted from `parent`: a key revoked, disabled or
+    /// expired since it was verified mints nothing ([`ManageError::Unusable`]), and the
+    /// store checks, in the same atomic write as the insert, that the parent is still what
+    /// was read and has fewer than [`max_live_ephemeral`](Self::max_live_ephemeral) live
+    /// ephemeral keys. Ephemeral keys cannot mint ([`ManageError::Forbidden`]).
     pub async fn mint_ephemeral(
         &self,
         parent: &Identity,
         scopes: Option<Scopes>,
         ttl: Option<Duration>,
     ) -> Result<IssuedKey, ManageError> {
-        if parent.parent().is_some() {
-            return Err(ManageError::Invalid(
-                "an ephemeral key cannot mint another key".into(),
-            ));
-        }
-        let scopes = scopes.unwrap_or_else(|| parent.scopes().clone());
-        if !scopes.is_subset_of(parent.scopes()) {
-            let extra: Vec<&str> = scopes.iter().filter(|s| !parent.has_scope(s)).collect();
-            return Err(ManageError::Invalid(format!(
-                "an ephemeral key cannot have scopes its parent lacks: {}",
-                extra.join(" ")
-            )));
-        }
+        let parent_id = parent.id();
         let ttl = ttl.unwrap_or(DEFAULT_EPHEMERAL_TTL);
         if ttl.is_zero() || ttl > self.max_ephemeral_ttl {
             return Err(ManageError::Invalid(format!(
@@ -484,47 +521,82 @@ impl<A: KeyAdmin> KeyManager<A> {
                 self.max_ephemeral_ttl.as_secs()
             )));
         }
-        let now = self.clock.now();
-        let end = parent.expires_at().map_or(now + ttl, |t| t.min(now + ttl));
-        let spec = NewKey {
-            name: format!("ephemeral:{}", parent.name()),
-            scopes,
-            lifetime: Lifetime::Until(end),
-            not_before: None,
-            metadata: parent.metadata().clone(),
-        };
-        let (key, record) = self.generate(spec, now);
-        let record = self.insert(record.with_parent(Some(parent.id()))).await?;
-        tracing::info!(target: "tower_gateway_auth::lifecycle", key_id = %record.id(), parent = %parent.id(), "ephemeral key minted");
-        Ok(IssuedKey { key, record })
+        let issued = self
+            .retry(async || {
+                let now = self.clock.now();
+                let current = self
+                    .store
+                    .get(parent_id)
+                    .await?
+                    .ok_or(ManageError::Unusable(parent_id, KeyUnusable::Revoked))?;
+                if current.parent().is_some() {
+                    return Err(ManageError::Forbidden(
+                        "an ephemeral key cannot mint another key".into(),
+                    ));
+                }
+                current
+                    .usable_at(now)
+                    .map_err(|why| ManageError::Unusable(parent_id, why))?;
+                let scopes = scopes.clone().unwrap_or_else(|| current.scopes().clone());
+                if !scopes.is_subset_of(current.scopes()) {
+                    let extra: Vec<&str> = scopes
+                        .iter()
+                        .filter(|s| !current.scopes().contains(s))
+                        .collect();
+                    return Err(ManageError::Invalid(format!(
+                        "an ephemeral key cannot have scopes its parent lacks: {}",
+                        extra.join(" ")
+                    )));
+                }
+                let end = current.expires_at().map_or(now + ttl, |t| t.min(now + ttl));
+                let spec = NewKey {
+                    name: format!("ephemeral:{}", current.name()),
+                    scopes,
+                    lifetime: Lifetime::Until(end),
+                    not_before: None,
+                    metadata: current.metadata().clone(),
+                };
+                let (key, child) = self.generate(spec, now);
+                let child = child.with_parent(&current);
+                let record = Arc::new(child.clone());
+                let mint = Write::Mint {
+                    child,
+                    parent: current,
+                    max_live: self.max_live_ephemeral,
+                    now,
+                };
+                Ok(Attempt::Write(vec![mint], IssuedKey { key, record }))
+            })
+            .await?;
+        tracing::info!(target: "tower_gateway_auth::lifecycle", key_id = %issued.record.id(), parent = %parent_id, "ephemeral key minted");
+        Ok(issued)
     }
 
     /// Removes ephemeral keys whose expiry has passed; returns how many.
     pub async fn purge_expired(&self) -> Result<usize, ManageError> {
         let now = self.clock.now();
-        for _ in 0..RETRIES {
-            let writes: Vec<Write> = self
-                .store
-                .list()
-                .await?
-                .into_iter()
-                .filter(|r| r.parent().is_some() && r.expires_at().is_some_and(|t| t <= now))
-                .map(Write::Remove)
-                .collect();
-            let n = writes.len();
-            if n == 0 {
-                return Ok(0);
-            }
-            match self.store.apply(writes).await {
-                Ok(()) => {
-                    tracing::debug!(target: "tower_gateway_auth::lifecycle", removed = n, "expired ephemeral keys purged");
-                    return Ok(n);
-                }
-                Err(WriteError::Conflict) => continue,
-                Err(WriteError::Store(e)) => return Err(e.into()),
-            }
+        let n = self
+            .retry(async || {
+                let writes: Vec<Write> = self
+                    .store
+                    .list()
+                    .await?
+                    .into_iter()
+                    .filter(|r| r.parent().is_some() && r.expires_at().is_some_and(|t| t <= now))
+                    .map(Write::Remove)
+                    .collect();
+                let n = writes.len();
+                Ok(if n == 0 {
+                    Attempt::Done(0)
+                } else {
+                    Attempt::Write(writes, n)
+                })
+            })
+            .await?;
+        if n > 0 {
+            tracing::debug!(target: "tower_gateway_auth::lifecycle", removed = n, "expired ephemeral keys purged");
         }
-        Err(ManageError::Conflict)
+        Ok(n)
     }
 
     /// Purges expired ephemeral keys every `every`, on the current tokio runtime, until the
@@ -552,13 +624,33 @@ impl<A: KeyAdmin> KeyManager<A> {
         id: KeyId,
         change: impl Fn(&KeyRecord) -> Result<KeyRecord, ManageError>,
     ) -> Result<Arc<KeyRecord>, ManageError> {
-        for _ in 0..RETRIES {
+        let change = &change;
+        self.retry(move || async move {
             let old = self.get(id).await?;
             let new = change(&old)?;
             let shared = Arc::new(new.clone());
-            match self.store.apply(vec![Write::Replace { old, new }]).await {
-                Ok(()) => return Ok(shared),
+            Ok(Attempt::Write(vec![Write::Replace { old, new }], shared))
+        })
+        .await
+    }
+
+    /// Reads, decides and writes until a write lands on what was read: the one
+    /// compare-and-swap loop every change goes through.
+    async fn retry<T, F>(&self, mut attempt: impl FnMut() -> F) -> Result<T, ManageError>
+    where
+        F: Future<Output = Result<Attempt<T>, ManageError>>,
+    {
+        for _ in 0..RETRIES {
+            let (writes, answer) = match attempt().await? {
+                Attempt::Done(answer) => return Ok(answer),
+                Attempt::Write(writes, answer) => (writes, answer),
+            };
+            match self.store.apply(writes).await {
+                Ok(()) => return Ok(answer),
                 Err(WriteError::Conflict) => continue,
+                Err(WriteError::TooManyChildren { max_live }) => {
+                    return Err(ManageError::TooManyEphemeral { limit: max_live });
+                }
                 Err(WriteError::Store(e)) => return Err(e.into()),
             }
         }

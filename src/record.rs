@@ -32,8 +32,7 @@ impl KeyId {
     const PREFIX: &'static str = "key_";
     const DIGITS: usize = 11;
 
-    /// A fresh random id from the operating system's generator (never `key_00000000000`,
-    /// which records use to mean "no parent").
+    /// A fresh random id from the operating system's generator (never `key_00000000000`).
     pub fn random() -> Self {
         loop {
             let n = getrandom::u64().expect("the OS random number generator failed");
@@ -188,6 +187,11 @@ impl Scopes {
     pub(crate) fn same_list(&self, other: &Scopes) -> bool {
         Arc::ptr_eq(&self.0, &other.0)
     }
+
+    /// Whether anything but this handle holds the list.
+    pub(crate) fn is_shared(&self) -> bool {
+        Arc::strong_count(&self.0) > 1
+    }
 }
 
 impl Default for Scopes {
@@ -266,7 +270,20 @@ pub struct KeyRecord {
     name: CompactString,
     hint: Hint,
     metadata: Option<Box<Metadata>>,
-    parent: u64,
+    /// Where the key comes from, for the few keys that come from another: ephemeral keys
+    /// and rotated successors. Boxed, so that other keys pay one pointer for it.
+    lineage: Option<Box<Lineage>>,
+}
+
+/// A key's ancestry.
+#[derive(Clone, PartialEq, Eq)]
+struct Lineage {
+    /// The key this one was minted from (ephemeral keys): its id, and its digest, by which
+    /// the inbound layer looks the parent up on every request. `None` as the digest is a
+    /// record written before digests were kept: such a child is never usable.
+    parent: Option<(KeyId, Option<KeyDigest>)>,
+    /// The first key of the line this one continues (through rotations and minting).
+    origin: Option<KeyId>,
 }
 
 /// `expires` when the key never expires.
@@ -318,7 +335,7 @@ impl KeyRecord {
             name: CompactString::default(),
             hint: Hint::new(""),
             metadata: None,
-            parent: 0,
+            lineage: None,
         }
     }
 
@@ -381,10 +398,28 @@ impl KeyRecord {
         self
     }
 
-    /// Records the key this one was minted from (ephemeral keys).
-    pub fn with_parent(mut self, parent: Option<KeyId>) -> Self {
-        self.parent = parent.map_or(0, KeyId::as_u64);
+    /// Records the key this one was minted from (ephemeral keys): the inbound layer then
+    /// accepts this key only while `parent` (looked up by its digest) is usable too. The
+    /// key continues the parent's line ([`origin`](Self::origin)).
+    pub fn with_parent(mut self, parent: &KeyRecord) -> Self {
+        let lineage = self.lineage_mut();
+        lineage.parent = Some((parent.id(), Some(*parent.digest())));
+        lineage.origin = Some(parent.origin());
         self
+    }
+
+    /// Records that this key continues the line of key `origin` (a rotated successor
+    /// continues its predecessor's [`origin`](Self::origin)).
+    pub fn with_origin(mut self, origin: KeyId) -> Self {
+        self.lineage_mut().origin = (origin != self.id).then_some(origin);
+        if self.lineage.as_deref() == Some(&Lineage::NONE) {
+            self.lineage = None;
+        }
+        self
+    }
+
+    fn lineage_mut(&mut self) -> &mut Lineage {
+        self.lineage.get_or_insert_with(|| Box::new(Lineage::NONE))
     }
 
     /// Shares `scopes` when it holds the same names as this record's (interning).
@@ -446,7 +481,29 @@ impl KeyRecord {
 
     /// The key this one was minted from, for ephemeral keys.
     pub fn parent(&self) -> Option<KeyId> {
-        (self.parent != 0).then_some(KeyId(self.parent))
+        self.lineage.as_ref()?.parent.map(|(id, _)| id)
+    }
+
+    /// The digest of the key this one was minted from: `Some(None)` for a child whose
+    /// record predates parent digests (never usable), `None` for a key with no parent.
+    pub(crate) fn parent_digest(&self) -> Option<Option<&KeyDigest>> {
+        let (_, digest) = self.lineage.as_ref()?.parent.as_ref()?;
+        Some(digest.as_ref())
+    }
+
+    /// The first key of the line this key continues: its parent's origin for an ephemeral
+    /// key, its predecessor's for a rotated successor, its own id otherwise. Per-caller
+    /// choices (such as [`PerIdentity`](crate::PerIdentity)'s bring-your-own-key) made for
+    /// a key follow it through rotations and to the keys it mints.
+    pub fn origin(&self) -> KeyId {
+        self.lineage.as_ref().and_then(|l| l.origin).unwrap_or(self.id)
+    }
+
+    /// Whether the key still takes up one of its parent's ephemeral slots at `now`: it is
+    /// neither revoked nor expired (a disabled key may be enabled again, so it counts).
+    pub(crate) fn is_live_at(&self, now: Timestamp) -> bool {
+        self.status != KeyStatus::Revoked
+            && (self.expires == NEVER || now.as_unix_secs() < u64::from(self.expires))
     }
 
     /// Whether the key may be used at `now`, and if not, why.
@@ -480,6 +537,7 @@ impl fmt::Debug for KeyRecord {
             .field("scopes", &self.scopes)
             .field("metadata", self.metadata())
             .field("parent", &self.parent())
+            .field("origin", &self.origin())
             .finish_non_exhaustive()
     }
 }
@@ -505,6 +563,10 @@ struct RecordOut<'a> {
     metadata: Option<&'a Metadata>,
     #[serde(skip_serializing_if = "Option::is_none")]
     parent: Option<KeyId>,
+    #[serde(skip_serializing_if = "Option::is_none", with = "opt_digest_hex")]
+    parent_digest: Option<&'a KeyDigest>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    origin: Option<KeyId>,
 }
 
 #[derive(Deserialize)]
@@ -529,6 +591,10 @@ struct RecordIn {
     metadata: Metadata,
     #[serde(default)]
     parent: Option<KeyId>,
+    #[serde(default, deserialize_with = "opt_digest_hex::deserialize")]
+    parent_digest: Option<KeyDigest>,
+    #[serde(default)]
+    origin: Option<KeyId>,
 }
 
 impl Serialize for KeyRecord {
@@ -545,6 +611,8 @@ impl Serialize for KeyRecord {
             scopes: &self.scopes,
             metadata: self.metadata.as_deref(),
             parent: self.parent(),
+            parent_digest: self.parent_digest().flatten(),
+            origin: self.lineage.as_ref().and_then(|l| l.origin),
         }
         .serialize(s)
     }
@@ -562,7 +630,42 @@ impl<'de> Deserialize<'de> for KeyRecord {
             .with_status(r.status)
             .with_scope_set(r.scopes)
             .with_metadata(r.metadata)
-            .with_parent(r.parent))
+            .with_lineage(r.parent.map(|id| (id, r.parent_digest)), r.origin))
+    }
+}
+
+impl KeyRecord {
+    fn with_lineage(mut self, parent: Option<(KeyId, Option<KeyDigest>)>, origin: Option<KeyId>) -> Self {
+        let lineage = Lineage { parent, origin: origin.filter(|o| *o != self.id) };
+        self.lineage = (lineage != Lineage::NONE).then(|| Box::new(lineage));
+        self
+    }
+}
+
+impl Lineage {
+    const NONE: Lineage = Lineage {
+        parent: None,
+        origin: None,
+    };
+}
+
+mod opt_digest_hex {
+    use super::*;
+
+    pub(super) fn serialize<S: Serializer>(d: &Option<&KeyDigest>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_some(&d.to_hex()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<KeyDigest>, D::Error> {
+        Option::<std::borrow::Cow<'de, str>>::deserialize(d)?
+            .map(|s| {
+                KeyDigest::from_hex(&s)
+                    .ok_or_else(|| serde::de::Error::custom("digest must be 64 hex digits"))
+            })
+            .transpose()
     }
 }
 
@@ -636,12 +739,14 @@ mod tests {
             .with_created_at(t(1_700_000_000))
             .with_expires_at(Some(t(1_800_000_000)))
             .with_not_before(Some(t(1_700_000_100)))
-            .with_parent(Some(KeyId::from_u64(42)))
+            .with_parent(&KeyRecord::new(KeyId::from_u64(42), KeyHasher::sha256().digest(b"p")))
             .with_hint("prefix1234_abcdefgh");
         assert_eq!(r.created_at(), t(1_700_000_000));
         assert_eq!(r.expires_at(), Some(t(1_800_000_000)));
         assert_eq!(r.not_before(), Some(t(1_700_000_100)));
         assert_eq!(r.parent(), Some(KeyId::from_u64(42)));
+        assert_eq!(r.origin(), KeyId::from_u64(42));
+        assert_eq!(r.parent_digest(), Some(Some(&KeyHasher::sha256().digest(b"p"))));
         assert_eq!(r.hint(), "prefix1234_abcd", "hints keep 15 bytes");
         assert_eq!(record().with_hint("gw_ä€").hint(), "gw_ä€");
         assert_eq!(

@@ -193,7 +193,8 @@ async fn invalidation_takes_effect_at_once_and_beats_a_lookup_in_flight() {
         StatusCode::UNAUTHORIZED
     );
 
-    // A lookup under way when an invalidation arrives answers, but does not fill the cache.
+    // A lookup under way when an invalidation arrives neither serves nor caches what it
+    // read before: it asks the store again, and caches that.
     let fresh = backend.add("k-racing");
     let gate = Arc::new(Notify::new());
     *backend.gate.lock().unwrap() = Some(gate.clone());
@@ -205,11 +206,12 @@ async fn invalidation_takes_effect_at_once_and_beats_a_lookup_in_flight() {
         tokio::task::yield_now().await;
     }
     store.invalidate(fresh.digest());
+    *backend.gate.lock().unwrap() = None;
     gate.notify_one();
     assert_eq!(pending.await.unwrap(), StatusCode::OK);
-    *backend.gate.lock().unwrap() = None;
+    assert_eq!(backend.calls(), 4, "the answer read before the invalidation was asked again");
     status(&store, "k-racing").await;
-    assert_eq!(backend.calls(), 4, "the racing answer was not cached");
+    assert_eq!(backend.calls(), 4, "the answer read after it was cached");
 }
 
 #[tokio::test]
@@ -230,4 +232,89 @@ async fn the_cache_stays_within_its_capacity() {
         "{known} known, {unknown} unknown"
     );
     assert!(known > 0 && unknown > 0);
+}
+
+/// A store whose answers are read when the call starts and handed back when the test says:
+/// what a slow network store does.
+#[derive(Clone, Default)]
+struct Snapshotting {
+    keys: Arc<MemoryStore>,
+    release: Arc<Notify>,
+    calls: Arc<AtomicUsize>,
+}
+
+impl KeyStore for Snapshotting {
+    type Lookup = BoxLookup;
+
+    fn lookup(&self, digest: &KeyDigest) -> BoxLookup {
+        let n = self.calls.fetch_add(1, Ordering::SeqCst);
+        let answer = self.keys.lookup_now(digest);
+        let release = self.release.clone();
+        Box::pin(async move {
+            // Only the first call is held back; later ones answer at once.
+            if n == 0 {
+                release.notified().await;
+            }
+            Ok(answer)
+        })
+    }
+}
+
+/// Reproduces the race of issue 11: a lookup that starts after an invalidation must not join
+/// a fetch that started before it, and that fetch's answer must not be cached.
+async fn no_answer_from_before_an_invalidation(revoke: bool) {
+    let backend = Snapshotting::default();
+    let digest = KeyHasher::sha256().digest(b"k-race");
+    let record = KeyRecord::new(KeyId::random(), digest);
+    if revoke {
+        backend.keys.insert(record.clone());
+    }
+    let clock = ManualClock::new(Timestamp::from_unix_secs(T0));
+    let store = CachedStore::new(backend.clone()).clock(clock.clone());
+    // A lookup starts and reads the old state; its answer is held back.
+    let early = tokio::spawn({
+        let store = store.clone();
+        async move { store.lookup(&digest).await.unwrap() }
+    });
+    while backend.calls.load(Ordering::SeqCst) == 0 {
+        tokio::task::yield_now().await;
+    }
+    // The key changes (revoked, or newly issued) and the cache is told.
+    if revoke {
+        backend.keys.insert(record.clone().with_status(KeyStatus::Revoked));
+    } else {
+        backend.keys.insert(record.clone());
+    }
+    store.invalidate(&digest);
+    // A lookup that starts now must see the new state...
+    let late = tokio::spawn({
+        let store = store.clone();
+        async move { store.lookup(&digest).await.unwrap() }
+    });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    backend.release.notify_one();
+    let late = late.await.unwrap();
+    let _ = early.await.unwrap();
+    let expect = |found: Option<Arc<KeyRecord>>, when: &str| {
+        if revoke {
+            assert_eq!(found.map(|r| r.status()), Some(KeyStatus::Revoked), "{when}");
+        } else {
+            assert!(found.is_some(), "{when}: a new key cached as unknown");
+        }
+    };
+    expect(late, "the lookup that started after invalidate");
+    // ... and so must every later one, from the cache.
+    for _ in 0..3 {
+        expect(store.lookup(&digest).await.unwrap(), "a later lookup");
+    }
+}
+
+#[tokio::test]
+async fn a_revocation_is_never_undone_by_a_fetch_that_started_before_it() {
+    no_answer_from_before_an_invalidation(true).await;
+}
+
+#[tokio::test]
+async fn a_new_key_is_never_cached_as_unknown_by_a_fetch_that_started_before_it() {
+    no_answer_from_before_an_invalidation(false).await;
 }

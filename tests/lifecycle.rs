@@ -234,7 +234,7 @@ async fn ephemeral_keys_narrow_scopes_expire_and_are_purged() {
     );
     assert!(matches!(
         f.manager.mint_ephemeral(&eph_who, None, None).await,
-        Err(ManageError::Invalid(_))
+        Err(ManageError::Forbidden(_))
     ));
     assert!(matches!(
         f.manager
@@ -432,4 +432,169 @@ async fn a_stale_write_is_a_conflict_not_a_lost_update() {
         f.store.by_id(stale.id()).unwrap().status(),
         KeyStatus::Disabled
     );
+}
+
+// ---- Attacks on the key lifecycle (issue 11) ----------------------------------------------
+
+/// A parent key, an identity for it as the inbound layer made it, and a live ephemeral child.
+async fn parent_and_child(f: &Fixture, scopes: &[&str]) -> (tower_gateway_auth::IssuedKey, Identity, tower_gateway_auth::IssuedKey) {
+    let parent = f
+        .manager
+        .issue(NewKey::named("parent").scopes(scopes.iter().copied()))
+        .await
+        .unwrap();
+    let who = f.try_key(&parent.key).await.1.unwrap();
+    let child = f
+        .manager
+        .mint_ephemeral(&who, None, Some(Duration::from_secs(600)))
+        .await
+        .unwrap();
+    assert_eq!(f.try_key(&child.key).await.0, StatusCode::OK);
+    (parent, who, child)
+}
+
+/// Changes a stored record behind the manager's back, as a write that cascades nowhere.
+async fn overwrite(f: &Fixture, id: tower_gateway_auth::KeyId, change: impl Fn(tower_gateway_auth::KeyRecord) -> tower_gateway_auth::KeyRecord) {
+    let old = f.store.by_id(id).unwrap();
+    let new = change((*old).clone());
+    f.store
+        .apply(vec![tower_gateway_auth::Write::Replace { old, new }])
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_parent_revoked_after_it_was_verified_cannot_mint() {
+    let f = fixture();
+    let parent = f.manager.issue(NewKey::named("p")).await.unwrap();
+    // The identity was captured when the headers arrived; the key is revoked before the body.
+    let who = f.try_key(&parent.key).await.1.unwrap();
+    f.manager.revoke(parent.record.id()).await.unwrap();
+    let minted = f.manager.mint_ephemeral(&who, None, None).await;
+    assert!(minted.is_err(), "a revoked parent minted {minted:?}");
+    assert_eq!(f.store.len(), 1, "nothing was stored");
+    // Disabled and expired parents cannot mint either.
+    let parent = f.manager.issue(NewKey::named("q").expires_in(Duration::from_secs(10))).await.unwrap();
+    let who = f.try_key(&parent.key).await.1.unwrap();
+    f.manager.set_enabled(parent.record.id(), false).await.unwrap();
+    assert!(f.manager.mint_ephemeral(&who, None, None).await.is_err());
+    f.manager.set_enabled(parent.record.id(), true).await.unwrap();
+    f.clock.set(t(T0 + 10));
+    assert!(f.manager.mint_ephemeral(&who, None, None).await.is_err());
+}
+
+#[tokio::test]
+async fn a_child_the_revocation_missed_is_refused_because_its_parent_is() {
+    let f = fixture();
+    let (parent, _, child) = parent_and_child(&f, &["chat"]).await;
+    // As if the child had been minted between revoke's listing and its write: only the
+    // parent's record says revoked.
+    overwrite(&f, parent.record.id(), |r| r.with_status(KeyStatus::Revoked)).await;
+    assert_eq!(
+        f.store.by_id(child.record.id()).unwrap().status(),
+        KeyStatus::Active
+    );
+    let (status, _, code) = f.try_key(&child.key).await;
+    assert_eq!((status, code.as_str()), (StatusCode::UNAUTHORIZED, "revoked_api_key"));
+}
+
+#[tokio::test]
+async fn ephemeral_keys_die_with_a_disabled_rotated_expired_or_deleted_parent() {
+    // Disabled: the child stops, and works again when the parent is enabled again.
+    let f = fixture();
+    let (parent, _, child) = parent_and_child(&f, &[]).await;
+    f.manager.set_enabled(parent.record.id(), false).await.unwrap();
+    assert_eq!(f.try_key(&child.key).await.2, "disabled_api_key");
+    f.manager.set_enabled(parent.record.id(), true).await.unwrap();
+    assert_eq!(f.try_key(&child.key).await.0, StatusCode::OK);
+
+    // Rotated with no grace: the old key is expired at once, and so is its child.
+    let f = fixture();
+    let (parent, _, child) = parent_and_child(&f, &[]).await;
+    f.manager.rotate(parent.record.id(), Duration::ZERO).await.unwrap();
+    assert_eq!(f.try_key(&child.key).await.2, "expired_api_key");
+
+    // Expired: the parent's expiry moved before the child's.
+    let f = fixture();
+    let (parent, _, child) = parent_and_child(&f, &[]).await;
+    overwrite(&f, parent.record.id(), |r| r.with_expires_at(Some(t(T0 + 5)))).await;
+    assert_eq!(f.try_key(&child.key).await.0, StatusCode::OK);
+    f.clock.set(t(T0 + 5));
+    assert_eq!(f.try_key(&child.key).await.2, "expired_api_key");
+
+    // Not yet valid: a parent moved into the future takes its child along.
+    let f = fixture();
+    let (parent, _, child) = parent_and_child(&f, &[]).await;
+    overwrite(&f, parent.record.id(), |r| r.with_not_before(Some(t(T0 + 100)))).await;
+    assert_eq!(f.try_key(&child.key).await.0, StatusCode::UNAUTHORIZED);
+
+    // Deleted: through the manager (which cascades) and behind its back (which does not).
+    let f = fixture();
+    let (parent, _, child) = parent_and_child(&f, &[]).await;
+    f.manager.delete(parent.record.id()).await.unwrap();
+    assert_eq!(f.try_key(&child.key).await.0, StatusCode::UNAUTHORIZED);
+    let f = fixture();
+    let (parent, _, child) = parent_and_child(&f, &[]).await;
+    f.store.remove(parent.record.id()).unwrap();
+    assert_eq!(f.try_key(&child.key).await.0, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn rotating_a_disabled_key_gives_a_disabled_successor() {
+    let f = fixture();
+    let issued = f.manager.issue(NewKey::named("off")).await.unwrap();
+    f.manager.set_enabled(issued.record.id(), false).await.unwrap();
+    let next = f.manager.rotate(issued.record.id(), Duration::from_secs(60)).await.unwrap();
+    assert_eq!(next.record.status(), KeyStatus::Disabled);
+    assert_eq!(f.try_key(&next.key).await.2, "disabled_api_key");
+    f.manager.set_enabled(next.record.id(), true).await.unwrap();
+    assert_eq!(f.try_key(&next.key).await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn bring_your_own_key_follows_ephemeral_children_and_rotated_successors() {
+    use tower_gateway_auth::{Credential, CredentialSource, PerIdentity};
+    let f = fixture();
+    let (parent, _, child) = parent_and_child(&f, &[]).await;
+    let source = PerIdentity::new()
+        .for_key(parent.record.id(), Credential::new("sk-their-own").unwrap())
+        .fallback(Credential::new("sk-shared").unwrap());
+    let resolve = |who: Identity| {
+        let source = &source;
+        async move {
+            let credential = source.credential(Some(&who)).await.unwrap();
+            format!("{credential:?}")
+        }
+    };
+    let own = resolve(f.try_key(&parent.key).await.1.unwrap()).await;
+    let shared = resolve(Identity::new(Arc::new(
+        tower_gateway_auth::KeyRecord::new(tower_gateway_auth::KeyId::random(), KeyHasher::sha256().digest(b"x")),
+    )))
+    .await;
+    assert_ne!(own, shared);
+    assert_eq!(resolve(f.try_key(&child.key).await.1.unwrap()).await, own, "ephemeral child");
+    let next = f.manager.rotate(parent.record.id(), Duration::from_secs(60)).await.unwrap();
+    assert_eq!(resolve(f.try_key(&next.key).await.1.unwrap()).await, own, "rotated successor");
+    let who_next = f.try_key(&next.key).await.1.unwrap();
+    let grandchild = f.manager.mint_ephemeral(&who_next, None, None).await.unwrap();
+    assert_eq!(resolve(f.try_key(&grandchild.key).await.1.unwrap()).await, own, "the successor's child");
+    let after = f.manager.rotate(next.record.id(), Duration::from_secs(60)).await.unwrap();
+    assert_eq!(resolve(f.try_key(&after.key).await.1.unwrap()).await, own, "rotated twice");
+}
+
+#[tokio::test]
+async fn live_ephemeral_keys_per_parent_are_capped() {
+    let f = fixture();
+    let parent = f.manager.issue(NewKey::named("flood")).await.unwrap();
+    let who = f.try_key(&parent.key).await.1.unwrap();
+    let mut minted = 0;
+    for _ in 0..150 {
+        if f.manager.mint_ephemeral(&who, None, Some(Duration::from_secs(60))).await.is_ok() {
+            minted += 1;
+        }
+    }
+    assert_eq!(minted, 100, "the default cap");
+    // Expired and revoked children leave room again.
+    f.clock.set(t(T0 + 60));
+    assert!(f.manager.mint_ephemeral(&who, None, None).await.is_ok());
 }

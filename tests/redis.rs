@@ -209,7 +209,12 @@ async fn only_digests_and_metadata_reach_redis_and_ephemeral_keys_expire_there()
         let value: String = match con.get(k).await {
             Ok(v) => v,
             Err(_) => {
-                let members: Vec<String> = con.smembers(k).await.unwrap();
+                let kind: String = redis::cmd("TYPE").arg(k).query_async(&mut con).await.unwrap();
+                let members: Vec<String> = match kind.as_str() {
+                    "set" => con.smembers(k).await.unwrap(),
+                    "zset" => con.zrange(k, 0, -1).await.unwrap(),
+                    other => panic!("{k} holds a {other}"),
+                };
                 members.join(",")
             }
         };

@@ -11,8 +11,12 @@
 //! 4. hash it with the store's [`KeyHasher`](crate::KeyHasher) and remove it from the
 //!    request;
 //! 5. look the digest up; a store fault or timeout fails closed (503);
-//! 6. compare digests in constant time, check status, validity window and scopes (401/403);
-//! 7. put the [`Identity`] into the extensions (and the identity header, if configured) and
+//! 6. compare digests in constant time, check status and validity window (401);
+//! 7. for a key minted from another (ephemeral keys), look each ancestor up by the digest
+//!    its record names and check that it is usable now as well (401): a key whose parent
+//!    is revoked, disabled, expired, not yet valid or gone is not usable, whatever the
+//!    cascading writes did or missed; then the scopes (403);
+//! 8. put the [`Identity`] into the extensions (and the identity header, if configured) and
 //!    call the inner service.
 
 mod scope;
@@ -32,10 +36,10 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::body::ResponseBody;
-use crate::future::{Resumable, Resume};
+use crate::future::{Next, Resumable, Resume};
 use crate::identity::Identity;
 use crate::key::{Checksum, KeyDigest, KeyFormat};
-use crate::record::{KeyUnusable, Scopes};
+use crate::record::{KeyRecord, KeyUnusable, Scopes};
 use crate::rejection::{ErrorFormat, Realm, Rejection, RejectionKind};
 use crate::store::{KeyStore, LookupResult, StoreError};
 use crate::time::{Clock, SystemClock};
@@ -383,12 +387,7 @@ where
             source::hide(&mut req, &config.sources, carriers);
         }
 
-        let lookup = TimedLookup {
-            lookup: config.store.lookup(&digest),
-            digest,
-            limit: config.store_timeout,
-            timer: None,
-        };
+        let lookup = config.lookup(digest, None);
         ResponseFuture {
             inner: Resumable::start(lookup, &mut self.inner, req, &self.config),
         }
@@ -424,14 +423,48 @@ impl<K> Config<K> {
     }
 }
 
+/// How many generations of parents a key may have. Ephemeral keys cannot mint, so one is
+/// all the crate makes; records edited by hand get a bound, not a loop.
+const MAX_ANCESTORS: u8 = 4;
+
 impl<K: KeyStore> Config<K> {
-    /// Judges a lookup's result; on success the identity is put into the request.
-    fn admit<B>(
-        &self,
-        found: LookupResult,
-        digest: &KeyDigest,
-        req: &mut Request<B>,
-    ) -> Result<(), Rejection> {
+    fn lookup(&self, digest: KeyDigest, lineage: Option<Lineage>) -> TimedLookup<K::Lookup> {
+        TimedLookup {
+            lookup: self.store.lookup(&digest),
+            digest,
+            limit: self.store_timeout,
+            timer: None,
+            lineage,
+        }
+    }
+
+    /// Judges a lookup's result: the presented key's record, or one of its ancestors'.
+    /// Once the key and all its ancestors are judged usable, the identity is put into the
+    /// request.
+    fn admit<B>(&self, answer: Checked, req: &mut Request<B>) -> Result<Next<TimedLookup<K::Lookup>>, Rejection> {
+        let Checked { found, digest, lineage } = answer;
+        let (key, record, depth) = match lineage {
+            None => {
+                let record = self.judge_key(found, &digest)?;
+                (record.clone(), record, 0)
+            }
+            Some(Lineage { key, child, depth }) => {
+                let ancestor = self.judge_ancestor(found, &digest, &key, &child)?;
+                (key, ancestor, depth)
+            }
+        };
+        match record.parent_digest().map(|d| d.copied()) {
+            None => self.accept(key, req),
+            Some(_) if depth >= MAX_ANCESTORS => {
+                tracing::warn!(target: "tower_gateway_auth::inbound", key_id = %key.id(), "API key rejected: too many generations of parent keys");
+                Err(unusable(KeyUnusable::Revoked, true))
+            }
+            Some(parent) => self.parent_of(key, record, parent, depth + 1),
+        }
+    }
+
+    /// The presented key's record, if it matches and is usable now.
+    fn judge_key(&self, found: LookupResult, digest: &KeyDigest) -> Result<Arc<KeyRecord>, Rejection> {
         let record = match found {
             Ok(Some(record)) if record.digest().ct_eq(digest) => record,
             Ok(_) => {
@@ -446,28 +479,61 @@ impl<K: KeyStore> Config<K> {
                 return Err(unavailable());
             }
         };
-        let unusable = record
-            .usable_at(self.clock.now())
-            .err()
-            .map(|why| match why {
-                KeyUnusable::Revoked => {
-                    (RejectionKind::RevokedKey, "This API key has been revoked.")
+        if let Err(why) = record.usable_at(self.clock.now()) {
+            let rejection = unusable(why, false);
+            tracing::info!(target: "tower_gateway_auth::inbound", key_id = %record.id(), reason = rejection.code(), "API key rejected");
+            return Err(rejection);
+        }
+        Ok(record)
+    }
+
+    /// The parent of `child` (an ancestor of the presented `key`), if it is the record the
+    /// child names and is usable now.
+    fn judge_ancestor(
+        &self,
+        found: LookupResult,
+        digest: &KeyDigest,
+        key: &KeyRecord,
+        child: &KeyRecord,
+    ) -> Result<Arc<KeyRecord>, Rejection> {
+        let why = match found {
+            Ok(Some(parent)) if parent.digest() == digest && Some(parent.id()) == child.parent() => {
+                match parent.usable_at(self.clock.now()) {
+                    Ok(()) => return Ok(parent),
+                    Err(why) => why,
                 }
-                KeyUnusable::Disabled => (RejectionKind::DisabledKey, "This API key is disabled."),
-                KeyUnusable::Expired => (RejectionKind::ExpiredKey, "This API key has expired."),
-                KeyUnusable::NotYetValid => (
-                    RejectionKind::KeyNotYetValid,
-                    "This API key is not valid yet.",
-                ),
-            });
-        let rejection = match unusable {
-            Some((kind, message)) => Some(Rejection::new(kind, message)),
-            None if !self.required_scopes.is_subset_of(record.scopes()) => {
-                Some(Rejection::insufficient_scope(self.required_scopes.iter()))
             }
-            None => None,
+            // Gone (deleted, or a different record under that digest): as good as revoked.
+            Ok(_) => KeyUnusable::Revoked,
+            Err(error) => {
+                tracing::warn!(target: "tower_gateway_auth::inbound", key_id = %key.id(), parent = ?child.parent(), %error, "key store failed looking up a parent key: request refused");
+                return Err(unavailable());
+            }
         };
-        if let Some(rejection) = rejection {
+        let rejection = unusable(why, true);
+        tracing::info!(target: "tower_gateway_auth::inbound", key_id = %key.id(), parent = ?child.parent(), reason = rejection.code(), "API key rejected: its parent key is not usable");
+        Err(rejection)
+    }
+
+    /// Waits on the lookup of `child`'s parent next.
+    fn parent_of(
+        &self,
+        key: Arc<KeyRecord>,
+        child: Arc<KeyRecord>,
+        parent: Option<KeyDigest>,
+        depth: u8,
+    ) -> Result<Next<TimedLookup<K::Lookup>>, Rejection> {
+        let Some(parent) = parent else {
+            tracing::info!(target: "tower_gateway_auth::inbound", key_id = %key.id(), "API key rejected: its record does not say which key it was minted from");
+            return Err(unusable(KeyUnusable::Revoked, true));
+        };
+        Ok(Next::Wait(self.lookup(parent, Some(Lineage { key, child, depth }))))
+    }
+
+    /// Checks the scopes of a usable key and hands its identity on.
+    fn accept<B>(&self, record: Arc<KeyRecord>, req: &mut Request<B>) -> Result<Next<TimedLookup<K::Lookup>>, Rejection> {
+        if !self.required_scopes.is_subset_of(record.scopes()) {
+            let rejection = Rejection::insufficient_scope(self.required_scopes.iter());
             tracing::info!(target: "tower_gateway_auth::inbound", key_id = %record.id(), reason = rejection.code(), "API key rejected");
             return Err(rejection);
         }
@@ -477,7 +543,7 @@ impl<K: KeyStore> Config<K> {
             req.headers_mut().insert(name.clone(), id);
         }
         req.extensions_mut().insert(Identity::new(record));
-        Ok(())
+        Ok(Next::Call)
     }
 
     /// The response for `rejection`, in the configured dialect (or gRPC).
@@ -494,6 +560,33 @@ impl<K: KeyStore> Config<K> {
     }
 }
 
+/// The rejection of a key that may not be used now, or whose parent (`inherited`) may not.
+fn unusable(why: KeyUnusable, inherited: bool) -> Rejection {
+    let (kind, own, from_parent) = match why {
+        KeyUnusable::Revoked => (
+            RejectionKind::RevokedKey,
+            "This API key has been revoked.",
+            "This API key is no longer valid: the key it was minted from has been revoked or deleted.",
+        ),
+        KeyUnusable::Disabled => (
+            RejectionKind::DisabledKey,
+            "This API key is disabled.",
+            "This API key is disabled: the key it was minted from is disabled.",
+        ),
+        KeyUnusable::Expired => (
+            RejectionKind::ExpiredKey,
+            "This API key has expired.",
+            "This API key has expired: the key it was minted from has expired.",
+        ),
+        KeyUnusable::NotYetValid => (
+            RejectionKind::KeyNotYetValid,
+            "This API key is not valid yet.",
+            "This API key is not valid yet: the key it was minted from is not valid yet.",
+        ),
+    };
+    Rejection::new(kind, if inherited { from_parent } else { own })
+}
+
 fn unavailable() -> Rejection {
     Rejection::new(
         RejectionKind::StoreUnavailable,
@@ -501,17 +594,33 @@ fn unavailable() -> Rejection {
     )
 }
 
-impl<K: KeyStore, B> Resume<B> for Config<K> {
-    type Answer = (LookupResult, KeyDigest);
+impl<K: KeyStore, B> Resume<B> for Config<K>
+where
+    K::Lookup: Unpin,
+{
+    type Wait = TimedLookup<K::Lookup>;
 
-    fn resume(
-        &self,
-        (found, digest): Self::Answer,
-        req: &mut Request<B>,
-    ) -> Option<Response<Bytes>> {
-        let rejection = self.admit(found, &digest, req).err()?;
-        Some(self.reject(req, &rejection))
+    fn resume(&self, answer: Checked, req: &mut Request<B>) -> Next<Self::Wait> {
+        match self.admit(answer, req) {
+            Ok(next) => next,
+            Err(rejection) => Next::Respond(self.reject(req, &rejection)),
+        }
     }
+}
+
+/// While a key's ancestors are checked: the presented key's record, the record whose
+/// parent is being looked up, and how many generations up that is.
+struct Lineage {
+    key: Arc<KeyRecord>,
+    child: Arc<KeyRecord>,
+    depth: u8,
+}
+
+/// What a [`TimedLookup`] found, for which digest, and for whom.
+struct Checked {
+    found: LookupResult,
+    digest: KeyDigest,
+    lineage: Option<Lineage>,
 }
 
 /// A store lookup under the layer's timeout, carrying the digest it is for.
@@ -520,15 +629,17 @@ struct TimedLookup<L> {
     digest: KeyDigest,
     limit: Option<Duration>,
     timer: Option<Pin<Box<Sleep>>>,
+    /// Set when this is the lookup of a key's parent.
+    lineage: Option<Lineage>,
 }
 
 impl<L: Future<Output = LookupResult> + Unpin> Future for TimedLookup<L> {
-    type Output = (LookupResult, KeyDigest);
+    type Output = Checked;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
         if let Poll::Ready(found) = Pin::new(&mut this.lookup).poll(cx) {
-            return Poll::Ready((found, this.digest));
+            return Poll::Ready(this.checked(found));
         }
         let Some(limit) = this.limit else {
             return Poll::Pending;
@@ -539,7 +650,17 @@ impl<L: Future<Output = LookupResult> + Unpin> Future for TimedLookup<L> {
             .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
         ready!(timer.as_mut().poll(cx));
         tracing::warn!(target: "tower_gateway_auth::inbound", fingerprint = %this.digest.fingerprint(), timeout = ?limit, "key store timed out: request refused");
-        Poll::Ready((Err(StoreError::new("lookup timed out")), this.digest))
+        Poll::Ready(this.checked(Err(StoreError::new("lookup timed out"))))
+    }
+}
+
+impl<L> TimedLookup<L> {
+    fn checked(&mut self, found: LookupResult) -> Checked {
+        Checked {
+            found,
+            digest: self.digest,
+            lineage: self.lineage.take(),
+        }
     }
 }
 

@@ -39,6 +39,7 @@ pub struct RequireScopesLayer {
 #[derive(Debug, Clone)]
 struct Config {
     scopes: Scopes,
+    refuse_ephemeral: bool,
     error_format: ErrorFormat,
     realm: Realm,
 }
@@ -53,10 +54,18 @@ impl RequireScopesLayer {
         RequireScopesLayer {
             config: Arc::new(Config {
                 scopes: Scopes::new(scopes),
+                refuse_ephemeral: false,
                 error_format: ErrorFormat::default(),
                 realm: Realm::default(),
             }),
         }
+    }
+
+    /// Refuses ephemeral keys (those minted from another key) here with 403, whatever
+    /// scopes they hold (default: no). The management API uses this for its admin routes.
+    pub fn refuse_ephemeral(mut self, refuse: bool) -> Self {
+        Arc::make_mut(&mut self.config).refuse_ephemeral = refuse;
+        self
     }
 
     /// The dialect of rejection bodies (default: OpenAI).
@@ -120,8 +129,16 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        let config = &self.layer.config;
         let rejection = match req.extensions().get::<Identity>() {
-            Some(who) if self.layer.config.scopes.is_subset_of(who.scopes()) => {
+            Some(who) if config.refuse_ephemeral && who.parent().is_some() => {
+                tracing::info!(target: "tower_gateway_auth::inbound", key_id = %who.id(), reason = "ephemeral_key", "API key rejected");
+                Rejection::new(
+                    RejectionKind::InsufficientScope,
+                    "Ephemeral keys cannot use this endpoint.",
+                )
+            }
+            Some(who) if config.scopes.is_subset_of(who.scopes()) => {
                 return ResponseFuture::inner(self.inner.call(req));
             }
             Some(who) => {

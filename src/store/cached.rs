@@ -1,7 +1,7 @@
 //! A local cache in front of any store, for stores a network hop away.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,8 +26,11 @@ use crate::time::{Clock, SystemClock};
 ///   beyond that, and for keys not held, the lookup fails and the inbound layer answers 503.
 ///   Unknown keys are never served stale.
 /// - [`invalidate`](Self::invalidate) drops an entry at once (the Redis store's revocation
-///   fan-out calls it on every replica); a lookup that was under way when an invalidation
-///   came does not put its possibly stale answer into the cache.
+///   fan-out calls it on every replica). After it returns, no answer fetched before it is
+///   served or cached: a store call under way for that digest is marked stale, later
+///   lookups do not join it, and its answer goes neither into the cache nor to the callers
+///   waiting on it, who ask the store again (a digest invalidated again and again during
+///   every one of several attempts fails closed with a store error).
 /// - A hit is a probe of a sharded hash table under a read lock, like [`MemoryStore`]'s
 ///   lookup, and costs about as much.
 ///
@@ -60,8 +63,8 @@ pub(crate) struct Shared<K> {
     store: K,
     known: Table<Arc<KeyRecord>>,
     unknown: Table<Unknown>,
-    inflight: Mutex<HashMap<KeyDigest, Arc<OnceCell<Outcome>>>>,
-    /// Bumped by every invalidation; a lookup started before a bump does not fill the cache.
+    inflight: Mutex<HashMap<KeyDigest, Arc<Flight>>>,
+    /// How many invalidations there have been.
     epoch: AtomicU64,
     store_lookups: AtomicU64,
     ttl: u64,
@@ -74,6 +77,18 @@ pub(crate) struct Shared<K> {
 
 /// What one store call found, shareable among the requests that waited for it.
 type Outcome = Result<Option<Arc<KeyRecord>>, Arc<StoreError>>;
+
+/// One store call that concurrent lookups of a digest share.
+#[derive(Default)]
+struct Flight {
+    outcome: OnceCell<Outcome>,
+    /// Set by an invalidation of the digest while the call may still be under way: its
+    /// answer may predate the change.
+    stale: AtomicBool,
+}
+
+/// How many store calls one lookup makes while its digest keeps being invalidated.
+const ATTEMPTS: usize = 4;
 
 /// A bounded table of values found by digest, with the time they were fetched.
 struct Table<V> {
@@ -115,22 +130,32 @@ impl<V: Keyed + Clone> Table<V> {
         table::find(&self.entries.read(digest), digest).map(|e| (e.value.clone(), e.fetched))
     }
 
-    /// Inserts, making room first when the shard is full: entries older than `keep` go, then,
-    /// if that was not enough, an eighth of the shard (any eighth: this bounds memory, it is
-    /// not an LRU).
-    fn put(&self, value: V, now: u64, keep: u64) {
-        let mut shard = self.entries.write(value.digest());
-        if shard.len() >= self.per_shard {
+    /// Makes room in a full shard before an insert: entries older than `keep` go, then, if
+    /// that was not enough, an eighth of the shard (any eighth: this bounds memory, it is not
+    /// an LRU).
+    fn make_room(shard: &mut table::Shard<Entry<V>>, per_shard: usize, now: u64, keep: u64) {
+        if shard.len() >= per_shard {
             shard.retain(|e| now.saturating_sub(e.fetched) <= keep);
         }
-        if shard.len() >= self.per_shard {
-            let mut excess = shard.len() - self.per_shard * 7 / 8;
+        if shard.len() >= per_shard {
+            let mut excess = shard.len() - per_shard * 7 / 8;
             shard.retain(|_| {
                 let gone = excess > 0;
                 excess = excess.saturating_sub(1);
                 !gone
             });
         }
+    }
+
+    /// [`put`](Self::put), unless `stale` says otherwise under the shard's lock: an
+    /// invalidation sets its flag before it takes that lock to remove, so an answer is either
+    /// put before the removal (and removed) or not put at all.
+    fn put_unless(&self, value: V, now: u64, keep: u64, stale: &AtomicBool) {
+        let mut shard = self.entries.write(value.digest());
+        if stale.load(Ordering::SeqCst) {
+            return;
+        }
+        Self::make_room(&mut shard, self.per_shard, now, keep);
         table::put(
             &mut shard,
             Entry {
@@ -239,6 +264,10 @@ impl<K: KeyStore> CachedStore<K> {
     /// Forgets `digest`, known or unknown: the next lookup asks the store.
     pub fn invalidate(&self, digest: &KeyDigest) {
         self.shared.epoch.fetch_add(1, Ordering::SeqCst);
+        // The flight first, then the tables: see `Table::put_unless`.
+        if let Some(flight) = self.shared.flights().remove(digest) {
+            flight.stale.store(true, Ordering::SeqCst);
+        }
         self.shared.known.remove(digest);
         self.shared.unknown.remove(digest);
     }
@@ -246,6 +275,9 @@ impl<K: KeyStore> CachedStore<K> {
     /// Forgets everything (e.g. after missing invalidations while disconnected).
     pub fn invalidate_all(&self) {
         self.shared.epoch.fetch_add(1, Ordering::SeqCst);
+        for (_, flight) in self.shared.flights().drain() {
+            flight.stale.store(true, Ordering::SeqCst);
+        }
         self.shared.known.clear();
         self.shared.unknown.clear();
     }
@@ -276,57 +308,63 @@ impl<K> Shared<K> {
     }
 }
 
+impl<K> Shared<K> {
+    fn flights(&self) -> std::sync::MutexGuard<'_, HashMap<KeyDigest, Arc<Flight>>> {
+        self.inflight.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 impl<K: KeyStore> Shared<K> {
-    /// Asks the store, once however many callers wait on the same digest.
+    /// Asks the store, once however many callers wait on the same digest, and again when an
+    /// invalidation of the digest made the answer stale on its way.
     async fn fetch(self: Arc<Self>, digest: KeyDigest, now: u64) -> LookupResult {
-        let epoch = self.epoch.load(Ordering::SeqCst);
-        let flight = {
-            let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
-            inflight.entry(digest).or_default().clone()
-        };
-        let outcome = flight
-            .get_or_init(|| async {
-                self.store_lookups.fetch_add(1, Ordering::Relaxed);
-                match tokio::time::timeout(self.store_timeout, self.store.lookup(&digest)).await {
-                    Ok(found) => found.map_err(Arc::new),
-                    Err(_) => Err(Arc::new(StoreError::new("key store lookup timed out"))),
-                }
-            })
-            .await
-            .clone();
-        {
-            let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
-            if inflight
-                .get(&digest)
-                .is_some_and(|f| Arc::ptr_eq(f, &flight))
+        for _ in 0..ATTEMPTS {
+            let flight = self.flights().entry(digest).or_default().clone();
+            let outcome = flight
+                .outcome
+                .get_or_init(|| async {
+                    self.store_lookups.fetch_add(1, Ordering::Relaxed);
+                    match tokio::time::timeout(self.store_timeout, self.store.lookup(&digest)).await {
+                        Ok(found) => found.map_err(Arc::new),
+                        Err(_) => Err(Arc::new(StoreError::new("key store lookup timed out"))),
+                    }
+                })
+                .await
+                .clone();
             {
-                inflight.remove(&digest);
+                let mut flights = self.flights();
+                if flights.get(&digest).is_some_and(|f| Arc::ptr_eq(f, &flight)) {
+                    flights.remove(&digest);
+                }
             }
-        }
-        let fresh = self.epoch.load(Ordering::SeqCst) == epoch;
-        match outcome {
-            Ok(Some(record)) => {
-                if fresh {
+            if flight.stale.load(Ordering::SeqCst) {
+                continue;
+            }
+            return match outcome {
+                Ok(Some(record)) => {
                     self.unknown.remove(&digest);
-                    self.known.put(record.clone(), now, self.max_staleness);
-                }
-                Ok(Some(record))
-            }
-            Ok(None) => {
-                if fresh {
-                    self.known.remove(&digest);
-                    self.unknown.put(Unknown(digest), now, self.negative_ttl);
-                }
-                Ok(None)
-            }
-            Err(error) => match self.known.get(&digest) {
-                Some((record, fetched)) if now.saturating_sub(fetched) <= self.max_staleness => {
-                    tracing::warn!(target: "tower_gateway_auth::store", key_id = %record.id(), %error, age_secs = now.saturating_sub(fetched), "key store failed: serving the cached record");
+                    self.known
+                        .put_unless(record.clone(), now, self.max_staleness, &flight.stale);
                     Ok(Some(record))
                 }
-                _ => Err(StoreError::new(error.message().to_owned())),
-            },
+                Ok(None) => {
+                    self.known.remove(&digest);
+                    self.unknown
+                        .put_unless(Unknown(digest), now, self.negative_ttl, &flight.stale);
+                    Ok(None)
+                }
+                Err(error) => match self.known.get(&digest) {
+                    Some((record, fetched)) if now.saturating_sub(fetched) <= self.max_staleness => {
+                        tracing::warn!(target: "tower_gateway_auth::store", key_id = %record.id(), %error, age_secs = now.saturating_sub(fetched), "key store failed: serving the cached record");
+                        Ok(Some(record))
+                    }
+                    _ => Err(StoreError::new(error.message().to_owned())),
+                },
+            };
         }
+        Err(StoreError::new(
+            "the key kept changing while it was looked up",
+        ))
     }
 }
 
@@ -370,13 +408,7 @@ impl<K: KeyAdmin> KeyAdmin for CachedStore<K> {
     /// Applies the writes to the store, then forgets every digest they touched here (other
     /// replicas learn of it through the store's own fan-out, if it has one).
     async fn apply(&self, writes: Vec<Write>) -> Result<(), WriteError> {
-        let touched: Vec<KeyDigest> = writes
-            .iter()
-            .map(|w| match w {
-                Write::Insert(r) | Write::Replace { new: r, .. } => *r.digest(),
-                Write::Remove(r) => *r.digest(),
-            })
-            .collect();
+        let touched: Vec<KeyDigest> = writes.iter().map(|w| *w.record().digest()).collect();
         let result = self.shared.store.apply(writes).await;
         for digest in &touched {
             self.invalidate(digest);

@@ -219,19 +219,10 @@ fn describe(
     StoreError::with_source(format!("key file {}: {what}", path.display()), error)
 }
 
-const PEPPER_CHECK: &[u8] = b"tower-gateway-auth pepper check";
 
 impl Shared {
     fn hasher(&self) -> &KeyHasher {
         self.index.hasher()
-    }
-
-    fn hasher_name(&self) -> &'static str {
-        if self.hasher().is_peppered() {
-            "hmac-sha256"
-        } else {
-            "sha256"
-        }
     }
 
     fn lock(&self) -> Result<File, StoreError> {
@@ -268,11 +259,7 @@ impl Shared {
                 path.display()
             )));
         }
-        let check = self
-            .hasher()
-            .is_peppered()
-            .then(|| self.hasher().digest(PEPPER_CHECK).to_hex());
-        if parsed.hasher != self.hasher_name() || parsed.pepper_check != check {
+        if parsed.hasher != self.hasher().name() || parsed.pepper_check != self.hasher().pepper_check() {
             return Err(StoreError::new(format!(
                 "key file {}: its keys were hashed with another hasher or pepper ({})",
                 path.display(),
@@ -297,11 +284,8 @@ impl Shared {
         let body = KeyFileRef {
             format: FORMAT,
             version: VERSION,
-            hasher: self.hasher_name(),
-            pepper_check: self
-                .hasher()
-                .is_peppered()
-                .then(|| self.hasher().digest(PEPPER_CHECK).to_hex()),
+            hasher: self.hasher().name(),
+            pepper_check: self.hasher().pepper_check(),
             keys: records,
         };
         let temp = sibling(path, &format!(".tmp-{}", std::process::id()));
@@ -396,7 +380,9 @@ async fn blocking<T: Send + 'static>(
 fn store_error(e: WriteError) -> StoreError {
     match e {
         WriteError::Store(e) => e,
-        WriteError::Conflict => StoreError::new("unexpected write conflict while reading"),
+        WriteError::Conflict | WriteError::TooManyChildren { .. } => {
+            StoreError::new("unexpected write conflict while reading")
+        }
     }
 }
 

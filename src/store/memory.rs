@@ -1,11 +1,12 @@
 //! The in-process store: a sharded hash table from digest to record.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::{Ready, ready};
 use std::sync::{Arc, Mutex};
 
 use crate::key::{KeyDigest, KeyHasher};
 use crate::record::{KeyId, KeyRecord, Scopes};
+use crate::time::Timestamp;
 use crate::store::table::{self, Sharded, shard_index};
 use crate::store::{KeyAdmin, KeyStore, LookupResult, StoreError, Write, WriteError};
 
@@ -26,8 +27,21 @@ pub struct MemoryStore {
     records: Sharded<Arc<KeyRecord>>,
     hasher: KeyHasher,
     /// One shared list per distinct scope set: a million keys usually have a handful.
-    scope_sets: Mutex<HashSet<Scopes>>,
+    scope_sets: Mutex<Interned>,
+    /// The digests of the keys minted from each parent, so that a mint counts its parent's
+    /// live children without scanning the store. Locked after the tables, never before.
+    children: Mutex<HashMap<KeyId, Vec<KeyDigest>>>,
 }
+
+/// The interned scope sets, and the size past which sets no record uses any more are
+/// dropped: keys created and deleted with ever new scopes cannot grow it without bound.
+struct Interned {
+    sets: HashSet<Scopes>,
+    prune_at: usize,
+}
+
+/// The interned sets are pruned no earlier than at this many.
+const MIN_PRUNE_AT: usize = 64;
 
 impl MemoryStore {
     /// An empty store hashing keys with plain SHA-256.
@@ -40,26 +54,72 @@ impl MemoryStore {
         MemoryStore {
             records: Sharded::new(),
             hasher,
-            scope_sets: Mutex::new(HashSet::new()),
+            scope_sets: Mutex::new(Interned {
+                sets: HashSet::new(),
+                prune_at: MIN_PRUNE_AT,
+            }),
+            children: Mutex::new(HashMap::new()),
         }
     }
 
     /// Makes `record` share the store's copy of its scope list.
     fn intern(&self, record: &mut KeyRecord) {
-        let mut sets = self.scope_sets.lock().unwrap_or_else(|e| e.into_inner());
-        match sets.get(record.scopes()) {
+        let mut interned = self.scope_sets.lock().unwrap_or_else(|e| e.into_inner());
+        match interned.sets.get(record.scopes()) {
             Some(shared) => record.share_scopes(shared),
             None => {
-                sets.insert(record.scopes().clone());
+                interned.sets.insert(record.scopes().clone());
+                if interned.sets.len() > interned.prune_at {
+                    // Sets held only here belong to no record any more.
+                    interned.sets.retain(|s| s.is_shared() || s == record.scopes());
+                    interned.prune_at = (interned.sets.len() * 2).max(MIN_PRUNE_AT);
+                }
             }
         }
+    }
+
+    /// How many distinct scope sets are interned (for tests of the bound).
+    #[cfg(test)]
+    fn interned(&self) -> usize {
+        self.scope_sets.lock().unwrap().sets.len()
+    }
+
+    /// Notes that `record` is stored (`true`) or gone (`false`) in the children index.
+    fn index(&self, record: &KeyRecord, stored: bool) {
+        let Some(parent) = record.parent() else { return };
+        let mut children = self.children.lock().unwrap_or_else(|e| e.into_inner());
+        let list = children.entry(parent).or_default();
+        list.retain(|d| d != record.digest());
+        if stored {
+            list.push(*record.digest());
+        } else if list.is_empty() {
+            children.remove(&parent);
+        }
+    }
+
+    /// Rebuilds the children index from every record (after bulk changes).
+    fn reindex(&self) {
+        let mut fresh: HashMap<KeyId, Vec<KeyDigest>> = HashMap::new();
+        for shard in self.records.read_each() {
+            for r in shard.iter() {
+                if let Some(parent) = r.parent() {
+                    fresh.entry(parent).or_default().push(*r.digest());
+                }
+            }
+        }
+        *self.children.lock().unwrap_or_else(|e| e.into_inner()) = fresh;
     }
 
     /// Adds `record`, replacing any record with the same digest. Returns the shared record.
     pub fn insert(&self, mut record: KeyRecord) -> Arc<KeyRecord> {
         self.intern(&mut record);
         let record = Arc::new(record);
-        table::put(&mut self.records.write(record.digest()), record.clone());
+        let mut shard = self.records.write(record.digest());
+        if let Some(old) = table::find(&shard, record.digest()) {
+            self.index(&old.clone(), false);
+        }
+        table::put(&mut shard, record.clone());
+        self.index(&record, true);
         record
     }
 
@@ -74,7 +134,9 @@ impl MemoryStore {
     /// Removes the record with id `id`; returns it.
     pub fn remove(&self, id: KeyId) -> Option<Arc<KeyRecord>> {
         let found = self.by_id(id)?;
-        table::take(&mut self.records.write(found.digest()), found.digest())
+        let taken = table::take(&mut self.records.write(found.digest()), found.digest())?;
+        self.index(&taken, false);
+        Some(taken)
     }
 
     /// Keeps only the records for which `keep` is true.
@@ -82,6 +144,7 @@ impl MemoryStore {
         for mut shard in self.records.write_each() {
             shard.retain(|r| keep(r));
         }
+        self.reindex();
     }
 
     /// Every record, in no particular order.
@@ -102,6 +165,7 @@ impl MemoryStore {
                 }
                 record
             }));
+        self.reindex();
     }
 
     /// How many records the store holds.
@@ -130,15 +194,34 @@ impl MemoryStore {
              digest: &KeyDigest| {
                 table::find(&tables[shard_index(digest)], digest).cloned()
             };
+        let unchanged = |tables: &[_], old: &Arc<KeyRecord>| {
+            stored(tables, old.digest()).is_some_and(|s| *s == **old)
+        };
         for write in &writes {
             let holds = match write {
                 Write::Insert(new) => stored(&tables, new.digest()).is_none(),
                 Write::Replace { old, new } => {
-                    new.id() == old.id()
-                        && new.digest() == old.digest()
-                        && stored(&tables, old.digest()).is_some_and(|s| *s == **old)
+                    new.id() == old.id() && new.digest() == old.digest() && unchanged(&tables, old)
                 }
-                Write::Remove(old) => stored(&tables, old.digest()).is_some_and(|s| *s == **old),
+                Write::Remove(old) => unchanged(&tables, old),
+                Write::Mint {
+                    child,
+                    parent,
+                    max_live,
+                    now,
+                } => {
+                    if stored(&tables, child.digest()).is_none() && unchanged(&tables, parent) {
+                        let live = self.live_children(&tables, parent.id(), *now);
+                        if live >= *max_live {
+                            return Err(WriteError::TooManyChildren {
+                                max_live: *max_live,
+                            });
+                        }
+                        true
+                    } else {
+                        false
+                    }
+                }
             };
             if !holds {
                 return Err(WriteError::Conflict);
@@ -146,16 +229,38 @@ impl MemoryStore {
         }
         for write in writes {
             match write {
-                Write::Insert(mut new) | Write::Replace { mut new, .. } => {
+                Write::Insert(mut new)
+                | Write::Replace { mut new, .. }
+                | Write::Mint { child: mut new, .. } => {
                     self.intern(&mut new);
-                    table::put(&mut tables[shard_index(new.digest())], Arc::new(new));
+                    let new = Arc::new(new);
+                    table::put(&mut tables[shard_index(new.digest())], new.clone());
+                    self.index(&new, true);
                 }
                 Write::Remove(old) => {
                     table::take(&mut tables[shard_index(old.digest())], old.digest());
+                    self.index(&old, false);
                 }
             }
         }
         Ok(())
+    }
+
+    /// How many children of `parent` are live at `now`, from the index.
+    fn live_children(
+        &self,
+        tables: &[std::sync::RwLockWriteGuard<'_, table::Shard<Arc<KeyRecord>>>],
+        parent: KeyId,
+        now: Timestamp,
+    ) -> usize {
+        let children = self.children.lock().unwrap_or_else(|e| e.into_inner());
+        children.get(&parent).map_or(0, |digests| {
+            digests
+                .iter()
+                .filter_map(|d| table::find(&tables[shard_index(d)], d))
+                .filter(|r| r.is_live_at(now))
+                .count()
+        })
     }
 }
 
@@ -221,5 +326,23 @@ mod tests {
         )]);
         let d = store.lookup_now(&hasher.digest(b"d")).unwrap();
         assert!(d.scopes().same_list(c.scopes()));
+    }
+
+    #[test]
+    fn interned_scope_sets_of_records_gone_do_not_pile_up() {
+        let store = MemoryStore::new();
+        let hasher = KeyHasher::sha256();
+        let keep = store.insert(KeyRecord::new(KeyId::random(), hasher.digest(b"keep")).with_scopes(["kept"]));
+        for i in 0..10_000 {
+            let r = store.insert(
+                KeyRecord::new(KeyId::random(), hasher.digest(format!("k{i}").as_bytes()))
+                    .with_scopes([format!("scope-{i}")]),
+            );
+            store.remove(r.id()).unwrap();
+        }
+        assert!(store.interned() <= 2 * MIN_PRUNE_AT, "{} sets interned", store.interned());
+        // The sets still in use are still shared.
+        let again = store.insert(KeyRecord::new(KeyId::random(), hasher.digest(b"again")).with_scopes(["kept"]));
+        assert!(again.scopes().same_list(keep.scopes()));
     }
 }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use crate::fault::Fault;
 use crate::key::{KeyDigest, KeyHasher};
 use crate::record::KeyRecord;
+use crate::time::Timestamp;
 
 mod cached;
 mod file;
@@ -99,6 +100,30 @@ pub enum Write {
     },
     /// Removes the record, if it is still what is stored.
     Remove(Arc<KeyRecord>),
+    /// Adds `child`, a key minted from `parent` ([`KeyRecord::with_parent`]), if `parent` is
+    /// still exactly what is stored and has fewer than `max_live` live children at `now`
+    /// (children neither revoked nor expired). Checking the parent in the same atomic step
+    /// as the insert is what keeps a revocation from being outrun by a mint.
+    Mint {
+        /// The new key.
+        child: KeyRecord,
+        /// The parent as it was read and judged usable.
+        parent: Arc<KeyRecord>,
+        /// The most live children the parent may have, this one included.
+        max_live: usize,
+        /// The time `max_live` counts at.
+        now: Timestamp,
+    },
+}
+
+impl Write {
+    /// The record the write creates, changes or removes.
+    pub fn record(&self) -> &KeyRecord {
+        match self {
+            Write::Insert(r) | Write::Replace { new: r, .. } | Write::Mint { child: r, .. } => r,
+            Write::Remove(r) => r,
+        }
+    }
 }
 
 /// Why [`KeyAdmin::apply`] changed nothing.
@@ -108,6 +133,11 @@ pub enum WriteError {
     /// A record changed since it was read, or an inserted digest exists already: read again
     /// and retry.
     Conflict,
+    /// A [`Write::Mint`]'s parent has `max_live` live children already.
+    TooManyChildren {
+        /// The limit.
+        max_live: usize,
+    },
     /// The store failed.
     Store(StoreError),
 }
@@ -116,6 +146,9 @@ impl fmt::Display for WriteError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             WriteError::Conflict => f.write_str("the key changed concurrently"),
+            WriteError::TooManyChildren { max_live } => {
+                write!(f, "the key has {max_live} live ephemeral keys already")
+            }
             WriteError::Store(e) => fmt::Display::fmt(e, f),
         }
     }
@@ -124,7 +157,7 @@ impl fmt::Display for WriteError {
 impl Error for WriteError {
     fn source(&self) -> Option<&(dyn Error + 'static)> {
         match self {
-            WriteError::Conflict => None,
+            WriteError::Conflict | WriteError::TooManyChildren { .. } => None,
             WriteError::Store(e) => Some(e),
         }
     }

@@ -15,20 +15,37 @@ use crate::store::{BoxLookup, CachedStore, KeyAdmin, KeyStore, StoreError, Write
 
 /// Checks every write against what is stored, then applies them all and announces each
 /// changed digest on the invalidation channel, in one atomic step. `ARGV`: namespace, write
-/// count, then six fields a write: kind, digest, id, expected JSON, new JSON, expiry.
+/// count, then eleven fields a write: kind, digest, id, expected JSON (of the parent, for a
+/// mint), new JSON, expiry, parent id, parent digest, live-children limit, now, and the
+/// record's score in its parent's set of live children (empty: not live).
+///
+/// A parent's live children are a sorted set scored by expiry, so a mint drops the expired
+/// ones (from the id set too) and counts the rest in O(log n): exact, and no expired
+/// ephemeral id stays behind in the index.
 const APPLY: &str = r"
 local ns = ARGV[1]
 local n = tonumber(ARGV[2])
 local ops = {}
 for k = 1, n do
-  local i = 3 + (k - 1) * 6
+  local i = 3 + (k - 1) * 11
   local op = {kind = ARGV[i], digest = ARGV[i + 1], id = ARGV[i + 2], old = ARGV[i + 3],
-              new = ARGV[i + 4], expire = tonumber(ARGV[i + 5])}
+              new = ARGV[i + 4], expire = tonumber(ARGV[i + 5]), parent = ARGV[i + 6],
+              pdigest = ARGV[i + 7], limit = tonumber(ARGV[i + 8]), now = tonumber(ARGV[i + 9]),
+              score = ARGV[i + 10]}
   local current = redis.call('GET', ns .. ':k:' .. op.digest)
-  if op.kind == 'insert' then
+  if op.kind == 'insert' or op.kind == 'mint' then
     if current then return 0 end
   elseif current ~= op.old then
     return 0
+  end
+  if op.kind == 'mint' then
+    if redis.call('GET', ns .. ':k:' .. op.pdigest) ~= op.old then return 0 end
+    local kids = ns .. ':children:' .. op.parent
+    for _, gone in ipairs(redis.call('ZRANGEBYSCORE', kids, '-inf', op.now)) do
+      redis.call('ZREM', kids, gone)
+      redis.call('SREM', ns .. ':ids', gone)
+    end
+    if redis.call('ZCARD', kids) >= op.limit then return 2 end
   end
   ops[k] = op
 end
@@ -45,6 +62,16 @@ for k = 1, n do
     if op.expire > 0 then
       redis.call('EXPIREAT', key, op.expire)
       redis.call('EXPIREAT', idkey, op.expire)
+    end
+  end
+  if op.parent ~= '' then
+    local kids = ns .. ':children:' .. op.parent
+    if op.kind ~= 'remove' and op.score ~= '' then
+      redis.call('ZADD', kids, op.score, op.id)
+      local last = redis.call('ZRANGE', kids, -1, -1, 'WITHSCORES')
+      if last[2] and last[2] ~= 'inf' then redis.call('EXPIREAT', kids, last[2]) end
+    else
+      redis.call('ZREM', kids, op.id)
     end
   end
   redis.call('PUBLISH', ns .. ':invalidate', op.digest)
@@ -64,6 +91,12 @@ return 1
 /// - Put it behind a [`CachedStore`] (see [`RedisStore::cached`]) so that requests do not
 ///   cost a round trip each; the cache listens to the invalidation channel, so a revocation
 ///   reaches every replica at once.
+///
+/// - `<namespace>:hasher` records how digests are made (`sha256`, or `hmac-sha256` and a
+///   check value of the pepper): connecting with another hasher or pepper fails with an
+///   error naming the namespace, instead of every key silently failing to verify.
+/// - A record that cannot be read (corrupt JSON) is skipped by [`KeyAdmin::list`] with a
+///   warning naming its id, so one bad value cannot stop revocations and purges.
 ///
 /// Standalone Redis (or Sentinel); the script touches keys it does not declare, which
 /// Redis Cluster does not allow.
@@ -99,9 +132,10 @@ impl RedisStore {
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_millis(500));
-        let connection = ConnectionManager::new_with_config(client.clone(), config)
+        let mut connection = ConnectionManager::new_with_config(client.clone(), config)
             .await
             .map_err(|e| StoreError::with_source("cannot connect to Redis", e))?;
+        check_hasher(&mut connection, namespace, &hasher).await?;
         Ok(RedisStore {
             client,
             connection,
@@ -147,6 +181,29 @@ impl RedisStore {
         serde_json::from_str(json)
             .map(Arc::new)
             .map_err(|e| StoreError::with_source("a record in Redis is corrupt", e))
+    }
+}
+
+/// Records the namespace's hasher on first use, and refuses a hasher or pepper other than
+/// the one recorded.
+async fn check_hasher(
+    connection: &mut ConnectionManager,
+    namespace: &str,
+    hasher: &KeyHasher,
+) -> Result<(), StoreError> {
+    let label = match hasher.pepper_check() {
+        Some(check) => format!("{} {check}", hasher.name()),
+        None => hasher.name().to_owned(),
+    };
+    let key = format!("{namespace}:hasher");
+    let _: bool = connection.set_nx(&key, &label).await.map_err(redis_error)?;
+    let recorded: Option<String> = connection.get(&key).await.map_err(redis_error)?;
+    match recorded {
+        Some(recorded) if recorded != label => Err(StoreError::new(format!(
+            "Redis namespace {namespace}: its keys were hashed with another hasher or pepper ({}); start with the pepper the keys were issued under",
+            recorded.split(' ').next().unwrap_or_default()
+        ))),
+        _ => Ok(()),
     }
 }
 
@@ -283,12 +340,26 @@ impl KeyAdmin for RedisStore {
             .query_async(&mut connection)
             .await
             .map_err(redis_error)?;
-        let record_keys: Vec<String> = digests
+        // Ids whose records expired (ephemeral keys) have no digest any more: they leave
+        // the index now.
+        let (live, dead): (Vec<_>, Vec<_>) = ids
             .iter()
-            .flatten()
-            .filter_map(|d| KeyDigest::from_hex(d))
-            .map(|d| self.record_key(&d))
-            .collect();
+            .zip(&digests)
+            .partition(|(_, digest)| digest.is_some());
+        if !dead.is_empty() {
+            let dead: Vec<&String> = dead.into_iter().map(|(id, _)| id).collect();
+            let _: i64 = connection
+                .srem(format!("{}:ids", self.namespace), dead)
+                .await
+                .map_err(redis_error)?;
+        }
+        let (ids, record_keys): (Vec<&String>, Vec<String>) = live
+            .into_iter()
+            .filter_map(|(id, digest)| {
+                let digest = KeyDigest::from_hex(digest.as_deref()?)?;
+                Some((id, self.record_key(&digest)))
+            })
+            .unzip();
         if record_keys.is_empty() {
             return Ok(Vec::new());
         }
@@ -297,12 +368,18 @@ impl KeyAdmin for RedisStore {
             .query_async(&mut connection)
             .await
             .map_err(redis_error)?;
-        // Ids whose records expired (ephemeral keys) are simply absent.
-        records
-            .iter()
-            .flatten()
-            .map(|json| RedisStore::parse(json))
-            .collect()
+        let mut all = Vec::with_capacity(records.len());
+        for (id, json) in ids.into_iter().zip(records) {
+            let Some(json) = json else { continue };
+            match RedisStore::parse(&json) {
+                Ok(record) => all.push(record),
+                // One unreadable value must not stop revoking and purging every other key.
+                Err(error) => {
+                    tracing::warn!(target: "tower_gateway_auth::store", key_id = %id, %error, "skipping a key record in Redis that cannot be read")
+                }
+            }
+        }
+        Ok(all)
     }
 
     async fn apply(&self, writes: Vec<Write>) -> Result<(), WriteError> {
@@ -313,10 +390,17 @@ impl KeyAdmin for RedisStore {
             .prepare_invoke();
         invocation.arg(&*self.namespace).arg(writes.len());
         for write in &writes {
-            let (kind, record, old) = match write {
-                Write::Insert(new) => ("insert", new, String::new()),
-                Write::Replace { old, new } => ("replace", new, json(old)),
-                Write::Remove(old) => ("remove", &**old, json(old)),
+            let record = write.record();
+            let (kind, old, limit, now) = match write {
+                Write::Insert(_) => ("insert", String::new(), 0, 0),
+                Write::Replace { old, .. } => ("replace", json(old), 0, 0),
+                Write::Remove(old) => ("remove", json(old), 0, 0),
+                Write::Mint {
+                    parent,
+                    max_live,
+                    now,
+                    ..
+                } => ("mint", json(parent), *max_live, now.as_unix_secs()),
             };
             // Ephemeral keys vanish from Redis by themselves at their expiry.
             let expire = match (record.parent(), record.expires_at()) {
@@ -328,23 +412,50 @@ impl KeyAdmin for RedisStore {
             } else {
                 json(record)
             };
+            let (parent, parent_digest) = match write {
+                Write::Mint { parent, .. } => (parent.id().to_string(), parent.digest().to_hex()),
+                _ => (
+                    record.parent().map(|p| p.to_string()).unwrap_or_default(),
+                    String::new(),
+                ),
+            };
+            let score = if record.status() == crate::record::KeyStatus::Revoked {
+                String::new()
+            } else {
+                record
+                    .expires_at()
+                    .map_or("+inf".to_owned(), |t| t.as_unix_secs().to_string())
+            };
             invocation
                 .arg(kind)
                 .arg(record.digest().to_hex())
                 .arg(record.id().to_string())
                 .arg(old)
                 .arg(new)
-                .arg(expire);
+                .arg(expire)
+                .arg(parent)
+                .arg(parent_digest)
+                .arg(limit)
+                .arg(now)
+                .arg(score);
         }
         let mut connection = self.connection.clone();
         let applied: i64 = invocation
             .invoke_async(&mut connection)
             .await
             .map_err(|e| WriteError::Store(redis_error(e)))?;
-        if applied == 1 {
-            Ok(())
-        } else {
-            Err(WriteError::Conflict)
+        match applied {
+            1 => Ok(()),
+            2 => Err(WriteError::TooManyChildren {
+                max_live: writes
+                    .iter()
+                    .find_map(|w| match w {
+                        Write::Mint { max_live, .. } => Some(*max_live),
+                        _ => None,
+                    })
+                    .unwrap_or_default(),
+            }),
+            _ => Err(WriteError::Conflict),
         }
     }
 }

@@ -32,7 +32,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
 use http::header::AUTHORIZATION;
 use http::{HeaderName, Request, Response, Uri};
 use pin_project_lite::pin_project;
@@ -40,7 +39,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::body::ResponseBody;
-use crate::future::{Resumable, Resume};
+use crate::future::{Next, Resumable, Resume};
 use crate::identity::Identity;
 use crate::inbound::InboundApiKeyLayer;
 use crate::query;
@@ -355,21 +354,21 @@ where
 }
 
 impl<C: CredentialSource, B> Resume<B> for Config<C> {
-    type Answer = Result<Credential, Rejection>;
+    type Wait = C::Future;
 
     /// Rewrites the request with the credential, or answers the rejection.
-    fn resume(&self, credential: Self::Answer, req: &mut Request<B>) -> Option<Response<Bytes>> {
+    fn resume(&self, credential: Result<Credential, Rejection>, req: &mut Request<B>) -> Next<C::Future> {
         let provider = self.provider.name();
         let source = self.source.label();
         match credential {
             Ok(credential) => {
                 tracing::debug!(target: "tower_gateway_auth::upstream", provider, source, fingerprint = %credential.fingerprint(), "upstream credential placed");
                 self.rewrite(req, &credential);
-                None
+                Next::Call
             }
             Err(rejection) => {
                 tracing::info!(target: "tower_gateway_auth::upstream", provider, source, reason = rejection.code(), "request refused: no upstream credential");
-                Some(
+                Next::Respond(
                     self.error_format
                         .respond(&rejection, &self.realm, req.headers()),
                 )

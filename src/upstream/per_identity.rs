@@ -16,7 +16,9 @@ use crate::upstream::credential::{Credential, CredentialSource};
 ///
 /// Tried in order:
 /// 1. the caller's key id ([`for_key`](Self::for_key)): bring-your-own-key, where a client's
-///    gateway key maps to that client's own provider key;
+///    gateway key maps to that client's own provider key. An entry for a key also serves
+///    the ephemeral keys minted from it and its rotated successors (tried in this order:
+///    the key's own id, its parent's, its [`origin`](crate::KeyRecord::origin));
 /// 2. a metadata field of the key, e.g. `tenant` ([`by_metadata`](Self::by_metadata),
 ///    [`for_value`](Self::for_value));
 /// 3. the [`fallback`](Self::fallback).
@@ -86,8 +88,11 @@ impl<C: CredentialSource> PerIdentity<C> {
         let Some(who) = identity else {
             return self.fallback.as_ref();
         };
-        self.by_key
-            .get(&who.id())
+        let own_line = [Some(who.id()), who.parent(), Some(who.origin())];
+        own_line
+            .into_iter()
+            .flatten()
+            .find_map(|id| self.by_key.get(&id))
             .or_else(|| {
                 let field = self.field.as_deref()?;
                 self.by_value.get(who.metadata().get(field)?)
