@@ -6,7 +6,12 @@
 //! cargo run --example keygen -- --keys-file keys.json --list
 //! cargo run --example keygen -- --keys-file keys.json --revoke key_XXXXXXXXXXX
 //! cargo run --example keygen -- --redis-url redis://127.0.0.1:6379 --name alice   # shared store
+//! cargo run --example keygen -- --keys-file keys.json --pepper-env GATEWAY_KEY_PEPPER --name bob
 //! ```
+//!
+//! With `pepper_env` in the gateway's config, give keygen the same `--pepper-env`: keys are
+//! then digested under the same pepper. A store written under another pepper (or none) is
+//! refused with an error saying so, on a key file and on Redis alike.
 //!
 //! Issuing prints only the new key on stdout (details go to stderr), so
 //! `KEY=$(cargo run -q --example keygen -- ...)` works. The key is shown once: the file keeps
@@ -17,16 +22,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tower_gateway_auth::{
-    FileStore, KeyAdmin, KeyFormat, KeyHasher, KeyManager, KeyRecord, NewKey, RedisStore, Timestamp,
+    ApiKey, FileStore, KeyAdmin, KeyFormat, KeyHasher, KeyManager, KeyRecord, NewKey, RedisStore,
+    Timestamp,
 };
 
-const USAGE: &str = "usage: keygen (--keys-file FILE | --redis-url URL [--redis-namespace NS]) (--name NAME [--ttl-days N | --no-expiry] [--scope S]... [--prefix P] | --list | --revoke ID)";
+const USAGE: &str = "usage: keygen (--keys-file FILE | --redis-url URL [--redis-namespace NS]) [--pepper-env VAR] (--name NAME [--ttl-days N | --no-expiry] [--scope S]... [--prefix P] | --list | --revoke ID)";
 
 #[derive(Default)]
-struct Args {
+pub struct Args {
     keys_file: Option<String>,
     redis_url: Option<String>,
     redis_namespace: Option<String>,
+    pepper_env: Option<String>,
     name: Option<String>,
     ttl_days: Option<u64>,
     no_expiry: bool,
@@ -36,7 +43,7 @@ struct Args {
     revoke: Option<String>,
 }
 
-fn parse(mut raw: impl Iterator<Item = String>) -> Result<Args, String> {
+pub fn parse(mut raw: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut args = Args::default();
     while let Some(flag) = raw.next() {
         let mut value = || raw.next().ok_or_else(|| format!("{flag} needs a value"));
@@ -44,6 +51,7 @@ fn parse(mut raw: impl Iterator<Item = String>) -> Result<Args, String> {
             "--keys-file" => args.keys_file = Some(value()?),
             "--redis-url" => args.redis_url = Some(value()?),
             "--redis-namespace" => args.redis_namespace = Some(value()?),
+            "--pepper-env" => args.pepper_env = Some(value()?),
             "--name" => args.name = Some(value()?),
             "--ttl-days" => {
                 let v = value()?;
@@ -88,10 +96,32 @@ fn describe(r: &KeyRecord, now: Timestamp) -> String {
     )
 }
 
-async fn run(mut args: Args) -> Result<(), String> {
+/// The hasher the gateway uses with `pepper_env = VAR` (same rule: at least 16 bytes).
+fn hasher(
+    pepper_env: Option<&str>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<KeyHasher, String> {
+    let Some(var) = pepper_env else {
+        return Ok(KeyHasher::sha256());
+    };
+    let pepper =
+        env(var).ok_or_else(|| format!("--pepper-env: environment variable `{var}` is not set"))?;
+    if pepper.len() < 16 {
+        return Err(format!("--pepper-env: `{var}` must hold at least 16 bytes"));
+    }
+    Ok(KeyHasher::with_pepper(pepper.as_bytes()))
+}
+
+/// Does what `args` say; returns the key issued, if one was (`main` prints it).
+pub async fn run(
+    mut args: Args,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<ApiKey>, String> {
+    let hasher = hasher(args.pepper_env.as_deref(), env)?;
     match (args.keys_file.take(), args.redis_url.take()) {
         (Some(path), None) => {
             let store = FileStore::builder(&path)
+                .hasher(hasher)
                 .reload_every(None)
                 .open()
                 .map_err(|e| e.to_string())?;
@@ -99,7 +129,7 @@ async fn run(mut args: Args) -> Result<(), String> {
         }
         (None, Some(url)) => {
             let namespace = args.redis_namespace.clone().unwrap_or_else(|| "tga".into());
-            let store = RedisStore::connect_with(&url, &namespace, KeyHasher::sha256())
+            let store = RedisStore::connect_with(&url, &namespace, hasher)
                 .await
                 .map_err(|e| e.to_string())?;
             manage(Arc::new(store), args, "Redis").await
@@ -110,7 +140,11 @@ async fn run(mut args: Args) -> Result<(), String> {
     }
 }
 
-async fn manage<S: KeyAdmin>(store: Arc<S>, args: Args, place: &str) -> Result<(), String> {
+async fn manage<S: KeyAdmin>(
+    store: Arc<S>,
+    args: Args,
+    place: &str,
+) -> Result<Option<ApiKey>, String> {
     let mut manager = KeyManager::new(store);
     if let Some(prefix) = &args.prefix {
         manager = manager.key_format(KeyFormat::new(prefix).map_err(|e| e.to_string())?);
@@ -137,7 +171,7 @@ async fn manage<S: KeyAdmin>(store: Arc<S>, args: Args, place: &str) -> Result<(
             let issued = manager.issue(spec).await.map_err(|e| e.to_string())?;
             eprintln!("issued {}", describe(&issued.record, now));
             eprintln!("the key below is shown once; {place} keeps only its digest");
-            println!("{}", issued.key.expose());
+            return Ok(Some(issued.key));
         }
         _ => {
             return Err(format!(
@@ -145,17 +179,23 @@ async fn manage<S: KeyAdmin>(store: Arc<S>, args: Args, place: &str) -> Result<(
             ));
         }
     }
-    Ok(())
+    Ok(None)
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
+    let env = |var: &str| std::env::var(var).ok();
     let result = match parse(std::env::args().skip(1)) {
-        Ok(args) => run(args).await,
+        Ok(args) => run(args, &env).await,
         Err(e) => Err(e),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(issued) => {
+            if let Some(key) = issued {
+                println!("{}", key.expose());
+            }
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("keygen: {e}");
             ExitCode::FAILURE

@@ -201,9 +201,10 @@ impl IntoResponse for ApiError {
             .format
             .error_response(self.status, Some(self.code), &self.message);
         if self.status == StatusCode::TOO_MANY_REQUESTS {
-            response
-                .headers_mut()
-                .insert(http::header::RETRY_AFTER, http::HeaderValue::from(RETRY_AFTER_SECS));
+            response.headers_mut().insert(
+                http::header::RETRY_AFTER,
+                http::HeaderValue::from(RETRY_AFTER_SECS),
+            );
         }
         response.map(axum::body::Body::from).into_response()
     }
@@ -439,11 +440,19 @@ async fn ephemeral<A: KeyAdmin>(State(s): Shared<A>, who: Option<Identity>, body
         ));
     }
     let body: EphemeralBody = s.parse(&body)?;
-    if body.scopes.iter().flatten().any(|scope| *scope == s.admin_scope) {
+    if body
+        .scopes
+        .iter()
+        .flatten()
+        .any(|scope| *scope == s.admin_scope)
+    {
         return Err(s.error(
             StatusCode::FORBIDDEN,
             "forbidden",
-            format!("An ephemeral key cannot have the {} scope: ephemeral keys never manage keys.", s.admin_scope),
+            format!(
+                "An ephemeral key cannot have the {} scope: ephemeral keys never manage keys.",
+                s.admin_scope
+            ),
         ));
     }
     let scopes = Some(match body.scopes {

@@ -496,7 +496,10 @@ impl KeyRecord {
     /// choices (such as [`PerIdentity`](crate::PerIdentity)'s bring-your-own-key) made for
     /// a key follow it through rotations and to the keys it mints.
     pub fn origin(&self) -> KeyId {
-        self.lineage.as_ref().and_then(|l| l.origin).unwrap_or(self.id)
+        self.lineage
+            .as_ref()
+            .and_then(|l| l.origin)
+            .unwrap_or(self.id)
     }
 
     /// Whether the key still takes up one of its parent's ephemeral slots at `now`: it is
@@ -635,8 +638,15 @@ impl<'de> Deserialize<'de> for KeyRecord {
 }
 
 impl KeyRecord {
-    fn with_lineage(mut self, parent: Option<(KeyId, Option<KeyDigest>)>, origin: Option<KeyId>) -> Self {
-        let lineage = Lineage { parent, origin: origin.filter(|o| *o != self.id) };
+    fn with_lineage(
+        mut self,
+        parent: Option<(KeyId, Option<KeyDigest>)>,
+        origin: Option<KeyId>,
+    ) -> Self {
+        let lineage = Lineage {
+            parent,
+            origin: origin.filter(|o| *o != self.id),
+        };
         self.lineage = (lineage != Lineage::NONE).then(|| Box::new(lineage));
         self
     }
@@ -652,14 +662,19 @@ impl Lineage {
 mod opt_digest_hex {
     use super::*;
 
-    pub(super) fn serialize<S: Serializer>(d: &Option<&KeyDigest>, s: S) -> Result<S::Ok, S::Error> {
+    pub(super) fn serialize<S: Serializer>(
+        d: &Option<&KeyDigest>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
         match d {
             Some(d) => s.serialize_some(&d.to_hex()),
             None => s.serialize_none(),
         }
     }
 
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<KeyDigest>, D::Error> {
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<KeyDigest>, D::Error> {
         Option::<std::borrow::Cow<'de, str>>::deserialize(d)?
             .map(|s| {
                 KeyDigest::from_hex(&s)
@@ -739,14 +754,20 @@ mod tests {
             .with_created_at(t(1_700_000_000))
             .with_expires_at(Some(t(1_800_000_000)))
             .with_not_before(Some(t(1_700_000_100)))
-            .with_parent(&KeyRecord::new(KeyId::from_u64(42), KeyHasher::sha256().digest(b"p")))
+            .with_parent(&KeyRecord::new(
+                KeyId::from_u64(42),
+                KeyHasher::sha256().digest(b"p"),
+            ))
             .with_hint("prefix1234_abcdefgh");
         assert_eq!(r.created_at(), t(1_700_000_000));
         assert_eq!(r.expires_at(), Some(t(1_800_000_000)));
         assert_eq!(r.not_before(), Some(t(1_700_000_100)));
         assert_eq!(r.parent(), Some(KeyId::from_u64(42)));
         assert_eq!(r.origin(), KeyId::from_u64(42));
-        assert_eq!(r.parent_digest(), Some(Some(&KeyHasher::sha256().digest(b"p"))));
+        assert_eq!(
+            r.parent_digest(),
+            Some(Some(&KeyHasher::sha256().digest(b"p")))
+        );
         assert_eq!(r.hint(), "prefix1234_abcd", "hints keep 15 bytes");
         assert_eq!(record().with_hint("gw_ä€").hint(), "gw_ä€");
         assert_eq!(

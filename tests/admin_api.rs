@@ -426,7 +426,12 @@ async fn an_ephemeral_key_never_manages_keys() {
     let (api, admin) = start(ErrorFormat::OpenAi).await;
     // With no scopes asked, the child of an admin key must not carry the admin scope's power.
     let minted = api
-        .call(Method::POST, "/admin/ephemeral", Some(&admin), Some(json!({"ttl_seconds": 600})))
+        .call(
+            Method::POST,
+            "/admin/ephemeral",
+            Some(&admin),
+            Some(json!({"ttl_seconds": 600})),
+        )
         .await;
     assert_eq!(minted.status, StatusCode::CREATED);
     let child = minted.json()["key"].as_str().unwrap().to_owned();
@@ -437,28 +442,62 @@ async fn an_ephemeral_key_never_manages_keys() {
         .as_str()
         .unwrap()
         .to_owned();
-    let before = api.call(Method::GET, "/admin/keys", Some(&admin), None).await.json()["keys"]
+    let before = api
+        .call(Method::GET, "/admin/keys", Some(&admin), None)
+        .await
+        .json()["keys"]
         .as_array()
         .unwrap()
         .len();
     for (method, path, body) in [
-        (Method::POST, "/admin/keys".to_owned(), json!({"name": "forever", "scopes": ["admin"], "never_expires": true})),
+        (
+            Method::POST,
+            "/admin/keys".to_owned(),
+            json!({"name": "forever", "scopes": ["admin"], "never_expires": true}),
+        ),
         (Method::GET, "/admin/keys".to_owned(), json!({})),
-        (Method::POST, format!("/admin/keys/{root_id}/rotate"), json!({"grace_seconds": 0})),
-        (Method::POST, format!("/admin/keys/{root_id}/revoke"), json!({})),
+        (
+            Method::POST,
+            format!("/admin/keys/{root_id}/rotate"),
+            json!({"grace_seconds": 0}),
+        ),
+        (
+            Method::POST,
+            format!("/admin/keys/{root_id}/revoke"),
+            json!({}),
+        ),
         (Method::POST, "/admin/ephemeral".to_owned(), json!({})),
     ] {
-        let answer = api.call(method.clone(), &path, Some(&child), Some(body)).await;
-        assert_eq!(answer.status, StatusCode::FORBIDDEN, "{method} {path}: {}", answer.text());
+        let answer = api
+            .call(method.clone(), &path, Some(&child), Some(body))
+            .await;
+        assert_eq!(
+            answer.status,
+            StatusCode::FORBIDDEN,
+            "{method} {path}: {}",
+            answer.text()
+        );
         assert!(!answer.text().contains("\"key\":"), "{}", answer.text());
     }
     // Asking for the admin scope explicitly is refused too.
     let explicit = api
-        .call(Method::POST, "/admin/ephemeral", Some(&admin), Some(json!({"scopes": ["admin"]})))
+        .call(
+            Method::POST,
+            "/admin/ephemeral",
+            Some(&admin),
+            Some(json!({"scopes": ["admin"]})),
+        )
         .await;
-    assert_eq!(explicit.status, StatusCode::FORBIDDEN, "{}", explicit.text());
+    assert_eq!(
+        explicit.status,
+        StatusCode::FORBIDDEN,
+        "{}",
+        explicit.text()
+    );
     // Nothing changed: the root key still works and no key was added.
-    let after = api.call(Method::GET, "/admin/keys", Some(&admin), None).await;
+    let after = api
+        .call(Method::GET, "/admin/keys", Some(&admin), None)
+        .await;
     assert_eq!(after.status, StatusCode::OK);
     assert_eq!(after.json()["keys"].as_array().unwrap().len(), before);
 }
@@ -468,10 +507,18 @@ async fn a_key_revoked_while_its_mint_request_body_is_in_flight_mints_nothing() 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (addr, api, admin) = start_raw().await;
     let app = api
-        .call(Method::POST, "/admin/keys", Some(&admin), Some(json!({"name": "app"})))
+        .call(
+            Method::POST,
+            "/admin/keys",
+            Some(&admin),
+            Some(json!({"name": "app"})),
+        )
         .await
         .json();
-    let (app_key, app_id) = (app["key"].as_str().unwrap().to_owned(), app["id"].as_str().unwrap().to_owned());
+    let (app_key, app_id) = (
+        app["key"].as_str().unwrap().to_owned(),
+        app["id"].as_str().unwrap().to_owned(),
+    );
     let body = r#"{"ttl_seconds": 3600}"#;
     let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
     let head = format!(
@@ -482,7 +529,12 @@ async fn a_key_revoked_while_its_mint_request_body_is_in_flight_mints_nothing() 
     slow.write_all(&body.as_bytes()[..1]).await.unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     let revoked = api
-        .call(Method::POST, &format!("/admin/keys/{app_id}/revoke"), Some(&admin), None)
+        .call(
+            Method::POST,
+            &format!("/admin/keys/{app_id}/revoke"),
+            Some(&admin),
+            None,
+        )
         .await;
     assert_eq!(revoked.status, StatusCode::OK);
     slow.write_all(&body.as_bytes()[1..]).await.unwrap();
@@ -492,7 +544,10 @@ async fn a_key_revoked_while_its_mint_request_body_is_in_flight_mints_nothing() 
     assert!(!answer.starts_with("HTTP/1.1 201"), "{answer}");
     assert!(!answer.contains("\"key\":"), "{answer}");
     // Whatever the answer, no live key descends from the revoked one.
-    let keys = api.call(Method::GET, "/admin/keys", Some(&admin), None).await.json();
+    let keys = api
+        .call(Method::GET, "/admin/keys", Some(&admin), None)
+        .await
+        .json();
     for k in keys["keys"].as_array().unwrap() {
         if k["parent"] == json!(app_id) {
             assert_ne!(k["state"], "usable", "{k}");
@@ -504,18 +559,32 @@ async fn a_key_revoked_while_its_mint_request_body_is_in_flight_mints_nothing() 
 async fn past_the_cap_minting_answers_429_in_the_dialect() {
     let (api, admin) = start(ErrorFormat::OpenAi).await;
     let app_key = api
-        .call(Method::POST, "/admin/keys", Some(&admin), Some(json!({"name": "app"})))
+        .call(
+            Method::POST,
+            "/admin/keys",
+            Some(&admin),
+            Some(json!({"name": "app"})),
+        )
         .await
         .json()["key"]
         .as_str()
         .unwrap()
         .to_owned();
     for i in 0..100 {
-        let ok = api.call(Method::POST, "/admin/ephemeral", Some(&app_key), None).await;
+        let ok = api
+            .call(Method::POST, "/admin/ephemeral", Some(&app_key), None)
+            .await;
         assert_eq!(ok.status, StatusCode::CREATED, "mint {i}");
     }
-    let refused = api.call(Method::POST, "/admin/ephemeral", Some(&app_key), None).await;
-    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS, "{}", refused.text());
+    let refused = api
+        .call(Method::POST, "/admin/ephemeral", Some(&app_key), None)
+        .await;
+    assert_eq!(
+        refused.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "{}",
+        refused.text()
+    );
     assert!(refused.headers.get("retry-after").is_some());
     let body = refused.json();
     assert_eq!(body["error"]["code"], "too_many_ephemeral_keys", "{body}");

@@ -209,7 +209,11 @@ async fn invalidation_takes_effect_at_once_and_beats_a_lookup_in_flight() {
     *backend.gate.lock().unwrap() = None;
     gate.notify_one();
     assert_eq!(pending.await.unwrap(), StatusCode::OK);
-    assert_eq!(backend.calls(), 4, "the answer read before the invalidation was asked again");
+    assert_eq!(
+        backend.calls(),
+        4,
+        "the answer read before the invalidation was asked again"
+    );
     status(&store, "k-racing").await;
     assert_eq!(backend.calls(), 4, "the answer read after it was cached");
 }
@@ -281,7 +285,9 @@ async fn no_answer_from_before_an_invalidation(revoke: bool) {
     }
     // The key changes (revoked, or newly issued) and the cache is told.
     if revoke {
-        backend.keys.insert(record.clone().with_status(KeyStatus::Revoked));
+        backend
+            .keys
+            .insert(record.clone().with_status(KeyStatus::Revoked));
     } else {
         backend.keys.insert(record.clone());
     }
@@ -297,7 +303,11 @@ async fn no_answer_from_before_an_invalidation(revoke: bool) {
     let _ = early.await.unwrap();
     let expect = |found: Option<Arc<KeyRecord>>, when: &str| {
         if revoke {
-            assert_eq!(found.map(|r| r.status()), Some(KeyStatus::Revoked), "{when}");
+            assert_eq!(
+                found.map(|r| r.status()),
+                Some(KeyStatus::Revoked),
+                "{when}"
+            );
         } else {
             assert!(found.is_some(), "{when}: a new key cached as unknown");
         }

@@ -437,7 +437,14 @@ async fn a_stale_write_is_a_conflict_not_a_lost_update() {
 // ---- Attacks on the key lifecycle (issue 11) ----------------------------------------------
 
 /// A parent key, an identity for it as the inbound layer made it, and a live ephemeral child.
-async fn parent_and_child(f: &Fixture, scopes: &[&str]) -> (tower_gateway_auth::IssuedKey, Identity, tower_gateway_auth::IssuedKey) {
+async fn parent_and_child(
+    f: &Fixture,
+    scopes: &[&str],
+) -> (
+    tower_gateway_auth::IssuedKey,
+    Identity,
+    tower_gateway_auth::IssuedKey,
+) {
     let parent = f
         .manager
         .issue(NewKey::named("parent").scopes(scopes.iter().copied()))
@@ -454,7 +461,11 @@ async fn parent_and_child(f: &Fixture, scopes: &[&str]) -> (tower_gateway_auth::
 }
 
 /// Changes a stored record behind the manager's back, as a write that cascades nowhere.
-async fn overwrite(f: &Fixture, id: tower_gateway_auth::KeyId, change: impl Fn(tower_gateway_auth::KeyRecord) -> tower_gateway_auth::KeyRecord) {
+async fn overwrite(
+    f: &Fixture,
+    id: tower_gateway_auth::KeyId,
+    change: impl Fn(tower_gateway_auth::KeyRecord) -> tower_gateway_auth::KeyRecord,
+) {
     let old = f.store.by_id(id).unwrap();
     let new = change((*old).clone());
     f.store
@@ -474,11 +485,21 @@ async fn a_parent_revoked_after_it_was_verified_cannot_mint() {
     assert!(minted.is_err(), "a revoked parent minted {minted:?}");
     assert_eq!(f.store.len(), 1, "nothing was stored");
     // Disabled and expired parents cannot mint either.
-    let parent = f.manager.issue(NewKey::named("q").expires_in(Duration::from_secs(10))).await.unwrap();
+    let parent = f
+        .manager
+        .issue(NewKey::named("q").expires_in(Duration::from_secs(10)))
+        .await
+        .unwrap();
     let who = f.try_key(&parent.key).await.1.unwrap();
-    f.manager.set_enabled(parent.record.id(), false).await.unwrap();
+    f.manager
+        .set_enabled(parent.record.id(), false)
+        .await
+        .unwrap();
     assert!(f.manager.mint_ephemeral(&who, None, None).await.is_err());
-    f.manager.set_enabled(parent.record.id(), true).await.unwrap();
+    f.manager
+        .set_enabled(parent.record.id(), true)
+        .await
+        .unwrap();
     f.clock.set(t(T0 + 10));
     assert!(f.manager.mint_ephemeral(&who, None, None).await.is_err());
 }
@@ -489,13 +510,19 @@ async fn a_child_the_revocation_missed_is_refused_because_its_parent_is() {
     let (parent, _, child) = parent_and_child(&f, &["chat"]).await;
     // As if the child had been minted between revoke's listing and its write: only the
     // parent's record says revoked.
-    overwrite(&f, parent.record.id(), |r| r.with_status(KeyStatus::Revoked)).await;
+    overwrite(&f, parent.record.id(), |r| {
+        r.with_status(KeyStatus::Revoked)
+    })
+    .await;
     assert_eq!(
         f.store.by_id(child.record.id()).unwrap().status(),
         KeyStatus::Active
     );
     let (status, _, code) = f.try_key(&child.key).await;
-    assert_eq!((status, code.as_str()), (StatusCode::UNAUTHORIZED, "revoked_api_key"));
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::UNAUTHORIZED, "revoked_api_key")
+    );
 }
 
 #[tokio::test]
@@ -503,21 +530,33 @@ async fn ephemeral_keys_die_with_a_disabled_rotated_expired_or_deleted_parent() 
     // Disabled: the child stops, and works again when the parent is enabled again.
     let f = fixture();
     let (parent, _, child) = parent_and_child(&f, &[]).await;
-    f.manager.set_enabled(parent.record.id(), false).await.unwrap();
+    f.manager
+        .set_enabled(parent.record.id(), false)
+        .await
+        .unwrap();
     assert_eq!(f.try_key(&child.key).await.2, "disabled_api_key");
-    f.manager.set_enabled(parent.record.id(), true).await.unwrap();
+    f.manager
+        .set_enabled(parent.record.id(), true)
+        .await
+        .unwrap();
     assert_eq!(f.try_key(&child.key).await.0, StatusCode::OK);
 
     // Rotated with no grace: the old key is expired at once, and so is its child.
     let f = fixture();
     let (parent, _, child) = parent_and_child(&f, &[]).await;
-    f.manager.rotate(parent.record.id(), Duration::ZERO).await.unwrap();
+    f.manager
+        .rotate(parent.record.id(), Duration::ZERO)
+        .await
+        .unwrap();
     assert_eq!(f.try_key(&child.key).await.2, "expired_api_key");
 
     // Expired: the parent's expiry moved before the child's.
     let f = fixture();
     let (parent, _, child) = parent_and_child(&f, &[]).await;
-    overwrite(&f, parent.record.id(), |r| r.with_expires_at(Some(t(T0 + 5)))).await;
+    overwrite(&f, parent.record.id(), |r| {
+        r.with_expires_at(Some(t(T0 + 5)))
+    })
+    .await;
     assert_eq!(f.try_key(&child.key).await.0, StatusCode::OK);
     f.clock.set(t(T0 + 5));
     assert_eq!(f.try_key(&child.key).await.2, "expired_api_key");
@@ -525,7 +564,10 @@ async fn ephemeral_keys_die_with_a_disabled_rotated_expired_or_deleted_parent() 
     // Not yet valid: a parent moved into the future takes its child along.
     let f = fixture();
     let (parent, _, child) = parent_and_child(&f, &[]).await;
-    overwrite(&f, parent.record.id(), |r| r.with_not_before(Some(t(T0 + 100)))).await;
+    overwrite(&f, parent.record.id(), |r| {
+        r.with_not_before(Some(t(T0 + 100)))
+    })
+    .await;
     assert_eq!(f.try_key(&child.key).await.0, StatusCode::UNAUTHORIZED);
 
     // Deleted: through the manager (which cascades) and behind its back (which does not).
@@ -543,8 +585,15 @@ async fn ephemeral_keys_die_with_a_disabled_rotated_expired_or_deleted_parent() 
 async fn rotating_a_disabled_key_gives_a_disabled_successor() {
     let f = fixture();
     let issued = f.manager.issue(NewKey::named("off")).await.unwrap();
-    f.manager.set_enabled(issued.record.id(), false).await.unwrap();
-    let next = f.manager.rotate(issued.record.id(), Duration::from_secs(60)).await.unwrap();
+    f.manager
+        .set_enabled(issued.record.id(), false)
+        .await
+        .unwrap();
+    let next = f
+        .manager
+        .rotate(issued.record.id(), Duration::from_secs(60))
+        .await
+        .unwrap();
     assert_eq!(next.record.status(), KeyStatus::Disabled);
     assert_eq!(f.try_key(&next.key).await.2, "disabled_api_key");
     f.manager.set_enabled(next.record.id(), true).await.unwrap();
@@ -567,19 +616,48 @@ async fn bring_your_own_key_follows_ephemeral_children_and_rotated_successors() 
         }
     };
     let own = resolve(f.try_key(&parent.key).await.1.unwrap()).await;
-    let shared = resolve(Identity::new(Arc::new(
-        tower_gateway_auth::KeyRecord::new(tower_gateway_auth::KeyId::random(), KeyHasher::sha256().digest(b"x")),
-    )))
+    let shared = resolve(Identity::new(Arc::new(tower_gateway_auth::KeyRecord::new(
+        tower_gateway_auth::KeyId::random(),
+        KeyHasher::sha256().digest(b"x"),
+    ))))
     .await;
     assert_ne!(own, shared);
-    assert_eq!(resolve(f.try_key(&child.key).await.1.unwrap()).await, own, "ephemeral child");
-    let next = f.manager.rotate(parent.record.id(), Duration::from_secs(60)).await.unwrap();
-    assert_eq!(resolve(f.try_key(&next.key).await.1.unwrap()).await, own, "rotated successor");
+    assert_eq!(
+        resolve(f.try_key(&child.key).await.1.unwrap()).await,
+        own,
+        "ephemeral child"
+    );
+    let next = f
+        .manager
+        .rotate(parent.record.id(), Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(
+        resolve(f.try_key(&next.key).await.1.unwrap()).await,
+        own,
+        "rotated successor"
+    );
     let who_next = f.try_key(&next.key).await.1.unwrap();
-    let grandchild = f.manager.mint_ephemeral(&who_next, None, None).await.unwrap();
-    assert_eq!(resolve(f.try_key(&grandchild.key).await.1.unwrap()).await, own, "the successor's child");
-    let after = f.manager.rotate(next.record.id(), Duration::from_secs(60)).await.unwrap();
-    assert_eq!(resolve(f.try_key(&after.key).await.1.unwrap()).await, own, "rotated twice");
+    let grandchild = f
+        .manager
+        .mint_ephemeral(&who_next, None, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        resolve(f.try_key(&grandchild.key).await.1.unwrap()).await,
+        own,
+        "the successor's child"
+    );
+    let after = f
+        .manager
+        .rotate(next.record.id(), Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(
+        resolve(f.try_key(&after.key).await.1.unwrap()).await,
+        own,
+        "rotated twice"
+    );
 }
 
 #[tokio::test]
@@ -589,7 +667,11 @@ async fn live_ephemeral_keys_per_parent_are_capped() {
     let who = f.try_key(&parent.key).await.1.unwrap();
     let mut minted = 0;
     for _ in 0..150 {
-        if f.manager.mint_ephemeral(&who, None, Some(Duration::from_secs(60))).await.is_ok() {
+        if f.manager
+            .mint_ephemeral(&who, None, Some(Duration::from_secs(60)))
+            .await
+            .is_ok()
+        {
             minted += 1;
         }
     }
@@ -597,4 +679,48 @@ async fn live_ephemeral_keys_per_parent_are_capped() {
     // Expired and revoked children leave room again.
     f.clock.set(t(T0 + 60));
     assert!(f.manager.mint_ephemeral(&who, None, None).await.is_ok());
+}
+
+#[allow(dead_code)]
+#[path = "../examples/keygen.rs"]
+mod keygen;
+
+#[tokio::test]
+async fn keygen_issues_under_the_gateways_pepper_and_names_a_wrong_one() {
+    let dir = support::TempDir::new("keygen-pepper");
+    let file = dir.file();
+    let path = file.to_str().unwrap().to_owned();
+    let pepper = "a-pepper-of-at-least-sixteen-bytes";
+    let env = |var: &str| (var == "GATEWAY_KEY_PEPPER").then(|| pepper.to_owned());
+    let args = |extra: &[&str]| {
+        let mut all = vec!["--keys-file", &path];
+        all.extend_from_slice(extra);
+        keygen::parse(all.into_iter().map(str::to_owned)).unwrap()
+    };
+    let key = keygen::run(
+        args(&["--pepper-env", "GATEWAY_KEY_PEPPER", "--name", "alice"]),
+        &env,
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    // The gateway opens the file with the pepper it reads from `pepper_env`.
+    let store = tower_gateway_auth::FileStore::builder(&file)
+        .hasher(KeyHasher::with_pepper(pepper.as_bytes()))
+        .reload_every(None)
+        .open()
+        .unwrap();
+    assert_eq!(
+        support::key_status(store, key.expose()).await,
+        StatusCode::OK
+    );
+    // Without the pepper, keygen says what is wrong instead of writing unverifiable keys.
+    let error = keygen::run(args(&["--name", "bob"]), &env)
+        .await
+        .unwrap_err();
+    assert!(error.contains("pepper"), "{error}");
+    let error = keygen::run(args(&["--pepper-env", "UNSET", "--name", "bob"]), &env)
+        .await
+        .unwrap_err();
+    assert!(error.contains("UNSET"), "{error}");
 }

@@ -209,7 +209,11 @@ async fn only_digests_and_metadata_reach_redis_and_ephemeral_keys_expire_there()
         let value: String = match con.get(k).await {
             Ok(v) => v,
             Err(_) => {
-                let kind: String = redis::cmd("TYPE").arg(k).query_async(&mut con).await.unwrap();
+                let kind: String = redis::cmd("TYPE")
+                    .arg(k)
+                    .query_async(&mut con)
+                    .await
+                    .unwrap();
                 let members: Vec<String> = match kind.as_str() {
                     "set" => con.smembers(k).await.unwrap(),
                     "zset" => con.zrange(k, 0, -1).await.unwrap(),
@@ -324,4 +328,116 @@ async fn the_keygen_store_and_a_gateway_cache_agree() {
         assert!(revoked.elapsed() < Duration::from_secs(1));
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+// ---- Attacks (issue 11) --------------------------------------------------------------------
+
+async fn raw(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn expired_ephemeral_ids_leave_the_index_and_live_ones_are_capped() {
+    let Some((url, _server)) = redis_url() else {
+        return;
+    };
+    let ns = namespace();
+    let store = Arc::new(connect(&url, &ns).await);
+    let manager = KeyManager::new(store.clone());
+    let parent = manager.issue(NewKey::named("flood")).await.unwrap();
+    let who =
+        tower_gateway_auth::Identity::new(store.get(parent.record.id()).await.unwrap().unwrap());
+    let mut minted = 0;
+    for _ in 0..120 {
+        if manager
+            .mint_ephemeral(&who, None, Some(Duration::from_secs(1)))
+            .await
+            .is_ok()
+        {
+            minted += 1;
+        }
+    }
+    assert_eq!(minted, 100, "live ephemeral keys per parent are capped");
+    let mut con = raw(&url).await;
+    let before: usize = con.scard(format!("{ns}:ids")).await.unwrap();
+    assert_eq!(before, 101);
+    // Redis drops the expired records by itself; their ids leave the index with them.
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    assert!(
+        manager
+            .mint_ephemeral(&who, None, Some(Duration::from_secs(60)))
+            .await
+            .is_ok()
+    );
+    assert_eq!(manager.list().await.unwrap().len(), 2);
+    let after: usize = con.scard(format!("{ns}:ids")).await.unwrap();
+    assert_eq!(after, 2, "the parent and its one live child");
+}
+
+#[tokio::test]
+async fn one_corrupt_record_does_not_stop_listing_or_revoking() {
+    let Some((url, _server)) = redis_url() else {
+        return;
+    };
+    let ns = namespace();
+    let store = Arc::new(connect(&url, &ns).await);
+    let manager = KeyManager::new(store.clone());
+    let good = manager.issue(NewKey::named("good")).await.unwrap();
+    let bad = manager.issue(NewKey::named("bad")).await.unwrap();
+    let mut con = raw(&url).await;
+    let _: () = con
+        .set(
+            format!("{ns}:k:{}", bad.record.digest().to_hex()),
+            "{not json",
+        )
+        .await
+        .unwrap();
+    let (logs, _guard) = support::capture_logs();
+    let listed = manager.list().await.unwrap();
+    assert_eq!(
+        listed.iter().map(|r| r.id()).collect::<Vec<_>>(),
+        [good.record.id()]
+    );
+    assert!(
+        logs.text().contains(&bad.record.id().to_string()),
+        "{}",
+        logs.text()
+    );
+    manager.revoke(good.record.id()).await.unwrap();
+    assert_eq!(
+        status(&*store, good.key.expose()).await,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(manager.purge_expired().await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn a_namespace_written_under_another_pepper_is_named_not_silently_unverifiable() {
+    let Some((url, _server)) = redis_url() else {
+        return;
+    };
+    let ns = namespace();
+    let peppered = KeyHasher::with_pepper(b"a pepper of sixteen bytes or more");
+    let store = RedisStore::connect_with(&url, &ns, peppered.clone())
+        .await
+        .unwrap();
+    KeyManager::new(Arc::new(store))
+        .issue(NewKey::named("k"))
+        .await
+        .unwrap();
+    for other in [
+        KeyHasher::sha256(),
+        KeyHasher::with_pepper(b"another pepper, also long enough"),
+    ] {
+        let error = RedisStore::connect_with(&url, &ns, other)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains(&ns) && error.contains("pepper"), "{error}");
+    }
+    assert!(RedisStore::connect_with(&url, &ns, peppered).await.is_ok());
 }

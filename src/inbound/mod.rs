@@ -441,8 +441,16 @@ impl<K: KeyStore> Config<K> {
     /// Judges a lookup's result: the presented key's record, or one of its ancestors'.
     /// Once the key and all its ancestors are judged usable, the identity is put into the
     /// request.
-    fn admit<B>(&self, answer: Checked, req: &mut Request<B>) -> Result<Next<TimedLookup<K::Lookup>>, Rejection> {
-        let Checked { found, digest, lineage } = answer;
+    fn admit<B>(
+        &self,
+        answer: Checked,
+        req: &mut Request<B>,
+    ) -> Result<Next<TimedLookup<K::Lookup>>, Rejection> {
+        let Checked {
+            found,
+            digest,
+            lineage,
+        } = answer;
         let (key, record, depth) = match lineage {
             None => {
                 let record = self.judge_key(found, &digest)?;
@@ -464,7 +472,11 @@ impl<K: KeyStore> Config<K> {
     }
 
     /// The presented key's record, if it matches and is usable now.
-    fn judge_key(&self, found: LookupResult, digest: &KeyDigest) -> Result<Arc<KeyRecord>, Rejection> {
+    fn judge_key(
+        &self,
+        found: LookupResult,
+        digest: &KeyDigest,
+    ) -> Result<Arc<KeyRecord>, Rejection> {
         let record = match found {
             Ok(Some(record)) if record.digest().ct_eq(digest) => record,
             Ok(_) => {
@@ -497,7 +509,9 @@ impl<K: KeyStore> Config<K> {
         child: &KeyRecord,
     ) -> Result<Arc<KeyRecord>, Rejection> {
         let why = match found {
-            Ok(Some(parent)) if parent.digest() == digest && Some(parent.id()) == child.parent() => {
+            Ok(Some(parent))
+                if parent.digest() == digest && Some(parent.id()) == child.parent() =>
+            {
                 match parent.usable_at(self.clock.now()) {
                     Ok(()) => return Ok(parent),
                     Err(why) => why,
@@ -527,11 +541,17 @@ impl<K: KeyStore> Config<K> {
             tracing::info!(target: "tower_gateway_auth::inbound", key_id = %key.id(), "API key rejected: its record does not say which key it was minted from");
             return Err(unusable(KeyUnusable::Revoked, true));
         };
-        Ok(Next::Wait(self.lookup(parent, Some(Lineage { key, child, depth }))))
+        Ok(Next::Wait(
+            self.lookup(parent, Some(Lineage { key, child, depth })),
+        ))
     }
 
     /// Checks the scopes of a usable key and hands its identity on.
-    fn accept<B>(&self, record: Arc<KeyRecord>, req: &mut Request<B>) -> Result<Next<TimedLookup<K::Lookup>>, Rejection> {
+    fn accept<B>(
+        &self,
+        record: Arc<KeyRecord>,
+        req: &mut Request<B>,
+    ) -> Result<Next<TimedLookup<K::Lookup>>, Rejection> {
         if !self.required_scopes.is_subset_of(record.scopes()) {
             let rejection = Rejection::insufficient_scope(self.required_scopes.iter());
             tracing::info!(target: "tower_gateway_auth::inbound", key_id = %record.id(), reason = rejection.code(), "API key rejected");

@@ -324,7 +324,8 @@ impl<K: KeyStore> Shared<K> {
                 .outcome
                 .get_or_init(|| async {
                     self.store_lookups.fetch_add(1, Ordering::Relaxed);
-                    match tokio::time::timeout(self.store_timeout, self.store.lookup(&digest)).await {
+                    match tokio::time::timeout(self.store_timeout, self.store.lookup(&digest)).await
+                    {
                         Ok(found) => found.map_err(Arc::new),
                         Err(_) => Err(Arc::new(StoreError::new("key store lookup timed out"))),
                     }
@@ -333,7 +334,10 @@ impl<K: KeyStore> Shared<K> {
                 .clone();
             {
                 let mut flights = self.flights();
-                if flights.get(&digest).is_some_and(|f| Arc::ptr_eq(f, &flight)) {
+                if flights
+                    .get(&digest)
+                    .is_some_and(|f| Arc::ptr_eq(f, &flight))
+                {
                     flights.remove(&digest);
                 }
             }
@@ -354,7 +358,9 @@ impl<K: KeyStore> Shared<K> {
                     Ok(None)
                 }
                 Err(error) => match self.known.get(&digest) {
-                    Some((record, fetched)) if now.saturating_sub(fetched) <= self.max_staleness => {
+                    Some((record, fetched))
+                        if now.saturating_sub(fetched) <= self.max_staleness =>
+                    {
                         tracing::warn!(target: "tower_gateway_auth::store", key_id = %record.id(), %error, age_secs = now.saturating_sub(fetched), "key store failed: serving the cached record");
                         Ok(Some(record))
                     }

@@ -219,7 +219,6 @@ fn describe(
     StoreError::with_source(format!("key file {}: {what}", path.display()), error)
 }
 
-
 impl Shared {
     fn hasher(&self) -> &KeyHasher {
         self.index.hasher()
@@ -259,7 +258,9 @@ impl Shared {
                 path.display()
             )));
         }
-        if parsed.hasher != self.hasher().name() || parsed.pepper_check != self.hasher().pepper_check() {
+        if parsed.hasher != self.hasher().name()
+            || parsed.pepper_check != self.hasher().pepper_check()
+        {
             return Err(StoreError::new(format!(
                 "key file {}: its keys were hashed with another hasher or pepper ({})",
                 path.display(),

@@ -6,9 +6,9 @@ use std::sync::{Arc, Mutex};
 
 use crate::key::{KeyDigest, KeyHasher};
 use crate::record::{KeyId, KeyRecord, Scopes};
-use crate::time::Timestamp;
 use crate::store::table::{self, Sharded, shard_index};
 use crate::store::{KeyAdmin, KeyStore, LookupResult, StoreError, Write, WriteError};
+use crate::time::Timestamp;
 
 /// An in-memory [`KeyStore`]: records found by digest in a sharded hash table.
 ///
@@ -71,7 +71,9 @@ impl MemoryStore {
                 interned.sets.insert(record.scopes().clone());
                 if interned.sets.len() > interned.prune_at {
                     // Sets held only here belong to no record any more.
-                    interned.sets.retain(|s| s.is_shared() || s == record.scopes());
+                    interned
+                        .sets
+                        .retain(|s| s.is_shared() || s == record.scopes());
                     interned.prune_at = (interned.sets.len() * 2).max(MIN_PRUNE_AT);
                 }
             }
@@ -86,7 +88,9 @@ impl MemoryStore {
 
     /// Notes that `record` is stored (`true`) or gone (`false`) in the children index.
     fn index(&self, record: &KeyRecord, stored: bool) {
-        let Some(parent) = record.parent() else { return };
+        let Some(parent) = record.parent() else {
+            return;
+        };
         let mut children = self.children.lock().unwrap_or_else(|e| e.into_inner());
         let list = children.entry(parent).or_default();
         list.retain(|d| d != record.digest());
@@ -332,7 +336,8 @@ mod tests {
     fn interned_scope_sets_of_records_gone_do_not_pile_up() {
         let store = MemoryStore::new();
         let hasher = KeyHasher::sha256();
-        let keep = store.insert(KeyRecord::new(KeyId::random(), hasher.digest(b"keep")).with_scopes(["kept"]));
+        let keep = store
+            .insert(KeyRecord::new(KeyId::random(), hasher.digest(b"keep")).with_scopes(["kept"]));
         for i in 0..10_000 {
             let r = store.insert(
                 KeyRecord::new(KeyId::random(), hasher.digest(format!("k{i}").as_bytes()))
@@ -340,9 +345,14 @@ mod tests {
             );
             store.remove(r.id()).unwrap();
         }
-        assert!(store.interned() <= 2 * MIN_PRUNE_AT, "{} sets interned", store.interned());
+        assert!(
+            store.interned() <= 2 * MIN_PRUNE_AT,
+            "{} sets interned",
+            store.interned()
+        );
         // The sets still in use are still shared.
-        let again = store.insert(KeyRecord::new(KeyId::random(), hasher.digest(b"again")).with_scopes(["kept"]));
+        let again = store
+            .insert(KeyRecord::new(KeyId::random(), hasher.digest(b"again")).with_scopes(["kept"]));
         assert!(again.scopes().same_list(keep.scopes()));
     }
 }

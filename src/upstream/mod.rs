@@ -357,7 +357,11 @@ impl<C: CredentialSource, B> Resume<B> for Config<C> {
     type Wait = C::Future;
 
     /// Rewrites the request with the credential, or answers the rejection.
-    fn resume(&self, credential: Result<Credential, Rejection>, req: &mut Request<B>) -> Next<C::Future> {
+    fn resume(
+        &self,
+        credential: Result<Credential, Rejection>,
+        req: &mut Request<B>,
+    ) -> Next<C::Future> {
         let provider = self.provider.name();
         let source = self.source.label();
         match credential {
