@@ -20,8 +20,8 @@ use crate::store::{BoxLookup, CachedStore, KeyAdmin, KeyStore, StoreError, Write
 /// record's score in its parent's set of live children (empty: not live).
 ///
 /// A parent's live children are a sorted set scored by expiry, so a mint drops the expired
-/// ones (from the id set too) and counts the rest in O(log n): exact, and no expired
-/// ephemeral id stays behind in the index.
+/// ones and counts the rest in O(log n), and drops from the id set the ids whose records
+/// Redis has expired: no expired ephemeral id stays behind in the index.
 const APPLY: &str = r"
 local ns = ARGV[1]
 local n = tonumber(ARGV[2])
@@ -43,7 +43,9 @@ for k = 1, n do
     local kids = ns .. ':children:' .. op.parent
     for _, gone in ipairs(redis.call('ZRANGEBYSCORE', kids, '-inf', op.now)) do
       redis.call('ZREM', kids, gone)
-      redis.call('SREM', ns .. ':ids', gone)
+      if redis.call('EXISTS', ns .. ':id:' .. gone) == 0 then
+        redis.call('SREM', ns .. ':ids', gone)
+      end
     end
     if redis.call('ZCARD', kids) >= op.limit then return 2 end
   end
