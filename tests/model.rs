@@ -137,13 +137,16 @@ impl Model {
     }
 }
 
+/// Tells a cache to forget one digest (`Some`) or everything (`None`).
+type Invalidate = Box<dyn Fn(Option<&KeyDigest>) + Send + Sync>;
+
 /// Everything one case runs against: the store, the manager on it, the clock, and how to
 /// tell the store's cache (if any) to forget a digest.
 struct System<A> {
     store: Arc<A>,
     manager: KeyManager<A>,
     clock: ManualClock,
-    invalidate: Box<dyn Fn(Option<&KeyDigest>) + Send + Sync>,
+    invalidate: Invalidate,
 }
 
 async fn run_case<A>(system: System<A>, ops: Vec<Op>) -> Result<(), TestCaseError>
@@ -455,11 +458,7 @@ where
     }
 }
 
-fn system<A: KeyAdmin>(
-    store: Arc<A>,
-    clock: ManualClock,
-    invalidate: Box<dyn Fn(Option<&KeyDigest>) + Send + Sync>,
-) -> System<A> {
+fn system<A: KeyAdmin>(store: Arc<A>, clock: ManualClock, invalidate: Invalidate) -> System<A> {
     System {
         manager: KeyManager::new(store.clone())
             .clock(clock.clone())
@@ -470,13 +469,11 @@ fn system<A: KeyAdmin>(
     }
 }
 
-fn nothing_to_invalidate() -> Box<dyn Fn(Option<&KeyDigest>) + Send + Sync> {
+fn nothing_to_invalidate() -> Invalidate {
     Box::new(|_| {})
 }
 
-fn invalidating<K: KeyStore>(
-    cache: &CachedStore<K>,
-) -> Box<dyn Fn(Option<&KeyDigest>) + Send + Sync> {
+fn invalidating<K: KeyStore>(cache: &CachedStore<K>) -> Invalidate {
     let cache = cache.clone();
     Box::new(move |digest| match digest {
         Some(d) => cache.invalidate(d),
