@@ -137,7 +137,8 @@ struct KeyView {
     scopes: Scopes,
     /// The stored status (`active`, `disabled`, `revoked`).
     status: KeyStatus,
-    /// Whether it works now, and if not why: `usable`, `expired`, `not_yet_valid`, …
+    /// Whether it works now, and if not why: `usable`, `expired`, `not_yet_valid`, … (for an
+    /// ephemeral key, its parent's state when that is what stops it).
     state: &'static str,
     created_at: Timestamp,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -150,9 +151,19 @@ struct KeyView {
     parent: Option<KeyId>,
 }
 
+/// Whether `r`'s parent, found as `parent` (`None`: gone), lets it be used at `now`.
+fn inherited(r: &KeyRecord, parent: Option<&KeyRecord>, now: Timestamp) -> Result<(), KeyUnusable> {
+    match (r.parent(), parent) {
+        (None, _) => Ok(()),
+        (Some(id), Some(parent)) if parent.id() == id => parent.usable_at(now),
+        (Some(_), _) => Err(KeyUnusable::Revoked),
+    }
+}
+
 impl KeyView {
-    fn of(r: &KeyRecord, now: Timestamp) -> Self {
-        let state = match r.usable_at(now) {
+    /// The view of `r`; `inherited` says whether its parent, if it has one, is usable.
+    fn of(r: &KeyRecord, inherited: Result<(), KeyUnusable>, now: Timestamp) -> Self {
+        let state = match r.usable_at(now).and(inherited) {
             Ok(()) => "usable",
             Err(KeyUnusable::Revoked) => "revoked",
             Err(KeyUnusable::Disabled) => "disabled",
@@ -236,15 +247,11 @@ impl<A> ApiState<A> {
                 self.error(StatusCode::BAD_REQUEST, "invalid_request", why)
             }
             ManageError::Forbidden(why) => self.error(StatusCode::FORBIDDEN, "forbidden", why),
-            ManageError::Unusable(_, why) => {
-                let code = match why {
-                    KeyUnusable::Revoked => "revoked_api_key",
-                    KeyUnusable::Disabled => "disabled_api_key",
-                    KeyUnusable::Expired => "expired_api_key",
-                    KeyUnusable::NotYetValid => "api_key_not_yet_valid",
-                };
-                self.error(StatusCode::UNAUTHORIZED, code, e.to_string())
-            }
+            ManageError::Unusable(_, why) => self.error(
+                StatusCode::UNAUTHORIZED,
+                crate::rejection::RejectionKind::from(why).code(),
+                e.to_string(),
+            ),
             ManageError::TooManyEphemeral { .. } => self.error(
                 StatusCode::TOO_MANY_REQUESTS,
                 "too_many_ephemeral_keys",
@@ -262,14 +269,23 @@ impl<A> ApiState<A> {
         }
     }
 
-    fn view(&self, r: &KeyRecord) -> Response {
-        axum::Json(KeyView::of(r, self.clock.now())).into_response()
+    async fn view(&self, r: &KeyRecord) -> Response
+    where
+        A: KeyAdmin,
+    {
+        let parent = match r.parent() {
+            Some(id) => self.manager.get(id).await.ok(),
+            None => None,
+        };
+        let now = self.clock.now();
+        axum::Json(KeyView::of(r, inherited(r, parent.as_deref(), now), now)).into_response()
     }
 
     fn issued(&self, issued: IssuedKey) -> Response {
         let body = IssuedView {
             key: issued.key.expose().to_owned(),
-            view: KeyView::of(&issued.record, self.clock.now()),
+            // A key just issued or minted: its parent was usable a moment ago.
+            view: KeyView::of(&issued.record, Ok(()), self.clock.now()),
         };
         let mut response = (StatusCode::CREATED, axum::Json(body)).into_response();
         // A key is in this body: no cache may keep it.
@@ -361,18 +377,26 @@ struct ListView {
 async fn list<A: KeyAdmin>(State(s): Shared<A>) -> Answer {
     let all = s.manager.list().await.map_err(|e| s.fail(e))?;
     let now = s.clock.now();
-    let keys = all.iter().map(|r| KeyView::of(r, now)).collect();
+    let by_id: std::collections::HashMap<KeyId, &KeyRecord> =
+        all.iter().map(|r| (r.id(), &**r)).collect();
+    let keys = all
+        .iter()
+        .map(|r| {
+            let parent = r.parent().and_then(|p| by_id.get(&p).copied());
+            KeyView::of(r, inherited(r, parent, now), now)
+        })
+        .collect();
     Ok(axum::Json(ListView { keys }).into_response())
 }
 
 async fn show<A: KeyAdmin>(State(s): Shared<A>, Path(id): Path<String>) -> Answer {
     let record = s.manager.get(s.id(&id)?).await.map_err(|e| s.fail(e))?;
-    Ok(s.view(&record))
+    Ok(s.view(&record).await)
 }
 
 async fn revoke<A: KeyAdmin>(State(s): Shared<A>, Path(id): Path<String>) -> Answer {
     let record = s.manager.revoke(s.id(&id)?).await.map_err(|e| s.fail(e))?;
-    Ok(s.view(&record))
+    Ok(s.view(&record).await)
 }
 
 async fn delete<A: KeyAdmin>(State(s): Shared<A>, Path(id): Path<String>) -> Answer {
@@ -386,7 +410,7 @@ async fn disable<A: KeyAdmin>(State(s): Shared<A>, Path(id): Path<String>) -> An
         .set_enabled(s.id(&id)?, false)
         .await
         .map_err(|e| s.fail(e))?;
-    Ok(s.view(&record))
+    Ok(s.view(&record).await)
 }
 
 async fn enable<A: KeyAdmin>(State(s): Shared<A>, Path(id): Path<String>) -> Answer {
@@ -395,7 +419,7 @@ async fn enable<A: KeyAdmin>(State(s): Shared<A>, Path(id): Path<String>) -> Ans
         .set_enabled(s.id(&id)?, true)
         .await
         .map_err(|e| s.fail(e))?;
-    Ok(s.view(&record))
+    Ok(s.view(&record).await)
 }
 
 #[derive(Deserialize)]

@@ -155,15 +155,7 @@ impl fmt::Display for ManageError {
         match self {
             ManageError::NotFound(id) => write!(f, "no key has id {id}"),
             ManageError::Invalid(why) | ManageError::Forbidden(why) => f.write_str(why),
-            ManageError::Unusable(id, why) => {
-                let why = match why {
-                    KeyUnusable::Revoked => "revoked",
-                    KeyUnusable::Disabled => "disabled",
-                    KeyUnusable::Expired => "expired",
-                    KeyUnusable::NotYetValid => "not valid yet",
-                };
-                write!(f, "key {id} is {why}")
-            }
+            ManageError::Unusable(id, why) => write!(f, "key {id} is {why}"),
             ManageError::TooManyEphemeral { limit } => write!(
                 f,
                 "this key has {limit} live ephemeral keys already, the most it may have; revoke one or wait until one expires"

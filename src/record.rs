@@ -237,6 +237,17 @@ pub enum KeyUnusable {
     NotYetValid,
 }
 
+impl fmt::Display for KeyUnusable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            KeyUnusable::Revoked => "revoked",
+            KeyUnusable::Disabled => "disabled",
+            KeyUnusable::Expired => "expired",
+            KeyUnusable::NotYetValid => "not valid yet",
+        })
+    }
+}
+
 /// Everything a store knows about one key.
 ///
 /// Records are immutable once shared; the `with_*` methods build a changed copy.

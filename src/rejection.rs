@@ -99,6 +99,18 @@ impl RejectionKind {
     }
 }
 
+impl From<crate::record::KeyUnusable> for RejectionKind {
+    fn from(why: crate::record::KeyUnusable) -> Self {
+        use crate::record::KeyUnusable;
+        match why {
+            KeyUnusable::Revoked => RejectionKind::RevokedKey,
+            KeyUnusable::Disabled => RejectionKind::DisabledKey,
+            KeyUnusable::Expired => RejectionKind::ExpiredKey,
+            KeyUnusable::NotYetValid => RejectionKind::KeyNotYetValid,
+        }
+    }
+}
+
 /// A request turned away: its kind and a message for the client.
 ///
 /// Messages never contain the key, its digest or any upstream credential.

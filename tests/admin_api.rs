@@ -589,3 +589,69 @@ async fn past_the_cap_minting_answers_429_in_the_dialect() {
     let body = refused.json();
     assert_eq!(body["error"]["code"], "too_many_ephemeral_keys", "{body}");
 }
+
+#[tokio::test]
+async fn an_ephemeral_keys_state_shows_its_parents() {
+    let (api, admin) = start(ErrorFormat::OpenAi).await;
+    let app = api
+        .call(
+            Method::POST,
+            "/admin/keys",
+            Some(&admin),
+            Some(json!({"name": "app"})),
+        )
+        .await
+        .json();
+    let (app_key, app_id) = (app["key"].as_str().unwrap(), app["id"].as_str().unwrap());
+    let child = api
+        .call(Method::POST, "/admin/ephemeral", Some(app_key), None)
+        .await
+        .json();
+    let child_id = child["id"].as_str().unwrap();
+    let state = |body: Value| body["state"].as_str().unwrap().to_owned();
+    let show = format!("/admin/keys/{child_id}");
+    assert_eq!(
+        state(
+            api.call(Method::GET, &show, Some(&admin), None)
+                .await
+                .json()
+        ),
+        "usable"
+    );
+    api.call(
+        Method::POST,
+        &format!("/admin/keys/{app_id}/disable"),
+        Some(&admin),
+        None,
+    )
+    .await;
+    assert_eq!(
+        state(
+            api.call(Method::GET, &show, Some(&admin), None)
+                .await
+                .json()
+        ),
+        "disabled"
+    );
+    let listed = api
+        .call(Method::GET, "/admin/keys", Some(&admin), None)
+        .await
+        .json();
+    let row = listed["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["id"] == child_id)
+        .unwrap()
+        .clone();
+    assert_eq!(state(row), "disabled");
+    let who = api
+        .call(
+            Method::GET,
+            "/v1/whoami",
+            Some(child["key"].as_str().unwrap()),
+            None,
+        )
+        .await;
+    assert_eq!(who.status, StatusCode::UNAUTHORIZED);
+}

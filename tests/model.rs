@@ -97,6 +97,28 @@ struct Key {
     deleted: bool,
 }
 
+impl Key {
+    fn new(
+        secret: ApiKey,
+        status: Status,
+        now: u64,
+        expires: Option<u64>,
+        parent: Option<usize>,
+        chat: bool,
+    ) -> Self {
+        Key {
+            digest: KeyHasher::sha256().digest(secret.expose().as_bytes()),
+            secret,
+            status,
+            created: now,
+            expires,
+            parent,
+            chat,
+            deleted: false,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Model {
     now: u64,
@@ -290,17 +312,10 @@ fn apply(
     let pick = |n: usize| n % model.keys.len().max(1);
     match (op, got) {
         (Op::Issue { ttl, .. } | Op::Import { ttl, .. }, Ok(Some((secret, chat, _)))) => {
-            let digest = KeyHasher::sha256().digest(secret.expose().as_bytes());
-            model.keys.push(Key {
-                secret,
-                digest,
-                status: Status::Active,
-                created: now,
-                expires: ttl.map(|t| now + t),
-                parent: None,
-                chat,
-                deleted: false,
-            });
+            let expires = ttl.map(|t| now + t);
+            model
+                .keys
+                .push(Key::new(secret, Status::Active, now, expires, None, chat));
         }
         (Op::Mint { from, ttl, scopes }, got) => {
             let p = pick(*from);
@@ -314,17 +329,14 @@ fn apply(
             match got {
                 Ok(Some((secret, chat, _))) if may => {
                     let end = parent.expires.map_or(now + ttl, |e| e.min(now + ttl));
-                    let digest = KeyHasher::sha256().digest(secret.expose().as_bytes());
-                    model.keys.push(Key {
+                    model.keys.push(Key::new(
                         secret,
-                        digest,
-                        status: Status::Active,
-                        created: now,
-                        expires: Some(end),
-                        parent: Some(p),
+                        Status::Active,
+                        now,
+                        Some(end),
+                        Some(p),
                         chat,
-                        deleted: false,
-                    });
+                    ));
                 }
                 Err(_) if !may => {}
                 got => {
@@ -372,17 +384,10 @@ fn apply(
                 Ok(Some((secret, chat, _)))
                     if !old.deleted && old.parent.is_none() && old.status != Status::Revoked =>
                 {
-                    let digest = KeyHasher::sha256().digest(secret.expose().as_bytes());
-                    model.keys.push(Key {
-                        secret,
-                        digest,
-                        status: old.status,
-                        created: now,
-                        expires: old.expires.map(|e| now + (e - old.created)),
-                        parent: None,
-                        chat,
-                        deleted: false,
-                    });
+                    let expires = old.expires.map(|e| now + (e - old.created));
+                    model
+                        .keys
+                        .push(Key::new(secret, old.status, now, expires, None, chat));
                     let retired = &mut model.keys[i];
                     retired.expires = Some(old.expires.map_or(now + grace, |e| e.min(now + grace)));
                 }

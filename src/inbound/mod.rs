@@ -582,29 +582,25 @@ impl<K: KeyStore> Config<K> {
 
 /// The rejection of a key that may not be used now, or whose parent (`inherited`) may not.
 fn unusable(why: KeyUnusable, inherited: bool) -> Rejection {
-    let (kind, own, from_parent) = match why {
-        KeyUnusable::Revoked => (
-            RejectionKind::RevokedKey,
-            "This API key has been revoked.",
-            "This API key is no longer valid: the key it was minted from has been revoked or deleted.",
-        ),
-        KeyUnusable::Disabled => (
-            RejectionKind::DisabledKey,
-            "This API key is disabled.",
-            "This API key is disabled: the key it was minted from is disabled.",
-        ),
-        KeyUnusable::Expired => (
-            RejectionKind::ExpiredKey,
-            "This API key has expired.",
-            "This API key has expired: the key it was minted from has expired.",
-        ),
-        KeyUnusable::NotYetValid => (
-            RejectionKind::KeyNotYetValid,
-            "This API key is not valid yet.",
-            "This API key is not valid yet: the key it was minted from is not valid yet.",
-        ),
+    let message = match (why, inherited) {
+        (KeyUnusable::Revoked, false) => "This API key has been revoked.",
+        (KeyUnusable::Disabled, false) => "This API key is disabled.",
+        (KeyUnusable::Expired, false) => "This API key has expired.",
+        (KeyUnusable::NotYetValid, false) => "This API key is not valid yet.",
+        (KeyUnusable::Revoked, true) => {
+            "This API key is no longer valid: the key it was minted from has been revoked or deleted."
+        }
+        (KeyUnusable::Disabled, true) => {
+            "This API key is disabled: the key it was minted from is disabled."
+        }
+        (KeyUnusable::Expired, true) => {
+            "This API key has expired: the key it was minted from has expired."
+        }
+        (KeyUnusable::NotYetValid, true) => {
+            "This API key is not valid yet: the key it was minted from is not valid yet."
+        }
     };
-    Rejection::new(kind, if inherited { from_parent } else { own })
+    Rejection::new(RejectionKind::from(why), message)
 }
 
 fn unavailable() -> Rejection {
