@@ -3,7 +3,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use crate::record::{KeyId, KeyRecord, Metadata, Scopes};
+use crate::keys::record::{KeyId, KeyRecord, Metadata, Scopes};
 use crate::time::Timestamp;
 
 /// Who a verified key belongs to: its id, name, scopes and metadata. Never the key or its

@@ -395,8 +395,8 @@ fn new_request_id() -> [u8; 36] {
     };
     let mut text = *b"00000000-0000-0000-0000-000000000000";
     for (i, b) in bytes.iter().enumerate() {
-        text[DIGIT_AT[2 * i]] = crate::key::HEX[usize::from(b >> 4)];
-        text[DIGIT_AT[2 * i + 1]] = crate::key::HEX[usize::from(b & 0xf)];
+        text[DIGIT_AT[2 * i]] = crate::keys::format::HEX[usize::from(b >> 4)];
+        text[DIGIT_AT[2 * i + 1]] = crate::keys::format::HEX[usize::from(b & 0xf)];
     }
     text
 }

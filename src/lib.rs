@@ -39,8 +39,6 @@
 #![deny(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
-#[cfg(feature = "axum")]
-mod admin_api;
 pub mod body;
 mod fault;
 pub mod future;
@@ -48,30 +46,32 @@ mod headers;
 mod identity;
 pub mod inbound;
 pub mod inject;
-mod key;
-mod lifecycle;
+mod keys;
 #[cfg(feature = "proxy")]
 pub mod proxy;
 mod query;
-mod record;
 mod rejection;
 pub mod store;
 mod time;
 pub mod upstream;
 
-#[cfg(feature = "axum")]
-pub use admin_api::ManagementApi;
 pub use identity::Identity;
 #[cfg(feature = "axum")]
 pub use identity::MissingIdentity;
 pub use inbound::{InboundApiKeyLayer, KeySource, RequireScopesLayer};
 pub use inject::{HeaderInjectLayer, HeaderRule, RequestHead, RequestId};
-pub use key::{ApiKey, Checksum, Fingerprint, InvalidPrefix, KeyDigest, KeyFormat, KeyHasher};
-pub use lifecycle::{
+#[cfg(feature = "axum")]
+pub use keys::api::ManagementApi;
+pub use keys::format::{
+    ApiKey, Checksum, Fingerprint, InvalidPrefix, KeyDigest, KeyFormat, KeyHasher,
+};
+pub use keys::manager::{
     DEFAULT_EPHEMERAL_TTL, DEFAULT_MAX_EPHEMERAL_TTL, DEFAULT_TTL, IssuedKey, KeyManager, Lifetime,
     ManageError, NewKey,
 };
-pub use record::{KeyId, KeyRecord, KeyStatus, KeyUnusable, Metadata, ParseKeyIdError, Scopes};
+pub use keys::record::{
+    KeyId, KeyRecord, KeyStatus, KeyUnusable, Metadata, ParseKeyIdError, Scopes,
+};
 pub use rejection::{ErrorFormat, Realm, Rejection, RejectionKind, UnknownErrorFormat, is_grpc};
 #[cfg(feature = "redis")]
 pub use store::RedisStore;

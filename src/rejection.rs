@@ -99,9 +99,9 @@ impl RejectionKind {
     }
 }
 
-impl From<crate::record::KeyUnusable> for RejectionKind {
-    fn from(why: crate::record::KeyUnusable) -> Self {
-        use crate::record::KeyUnusable;
+impl From<crate::keys::record::KeyUnusable> for RejectionKind {
+    fn from(why: crate::keys::record::KeyUnusable) -> Self {
+        use crate::keys::record::KeyUnusable;
         match why {
             KeyUnusable::Revoked => RejectionKind::RevokedKey,
             KeyUnusable::Disabled => RejectionKind::DisabledKey,

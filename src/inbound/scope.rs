@@ -12,7 +12,7 @@ use tower_service::Service;
 use crate::body::ResponseBody;
 use crate::future::ResponseFuture;
 use crate::identity::Identity;
-use crate::record::Scopes;
+use crate::keys::record::Scopes;
 use crate::rejection::{ErrorFormat, Realm, Rejection, RejectionKind};
 
 /// Requires the [`Identity`] put in place by

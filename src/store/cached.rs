@@ -8,8 +8,8 @@ use std::time::Duration;
 use tokio::sync::OnceCell;
 
 use crate::future::ReadyOrBoxed;
-use crate::key::{KeyDigest, KeyHasher};
-use crate::record::{KeyId, KeyRecord};
+use crate::keys::format::{KeyDigest, KeyHasher};
+use crate::keys::record::{KeyId, KeyRecord};
 use crate::store::table::{self, Keyed, Sharded};
 use crate::store::{KeyAdmin, KeyStore, LookupResult, StoreError, Write, WriteError};
 use crate::time::{Clock, SystemClock};

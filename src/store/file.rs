@@ -8,8 +8,8 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use crate::key::{KeyDigest, KeyHasher};
-use crate::record::{KeyId, KeyRecord};
+use crate::keys::format::{KeyDigest, KeyHasher};
+use crate::keys::record::{KeyId, KeyRecord};
 use crate::store::{KeyAdmin, KeyStore, MemoryStore, StoreError, Write, WriteError};
 
 const FORMAT: &str = "tower-gateway-auth/keys";

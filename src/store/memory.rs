@@ -4,8 +4,8 @@ use std::collections::{HashMap, HashSet};
 use std::future::{Ready, ready};
 use std::sync::{Arc, Mutex};
 
-use crate::key::{KeyDigest, KeyHasher};
-use crate::record::{KeyId, KeyRecord, Scopes};
+use crate::keys::format::{KeyDigest, KeyHasher};
+use crate::keys::record::{KeyId, KeyRecord, Scopes};
 use crate::store::table::{self, Sharded, shard_index};
 use crate::store::{KeyAdmin, KeyStore, LookupResult, StoreError, Write, WriteError};
 use crate::time::Timestamp;

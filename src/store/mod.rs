@@ -7,8 +7,8 @@ use std::future::Future;
 use std::sync::Arc;
 
 use crate::fault::Fault;
-use crate::key::{KeyDigest, KeyHasher};
-use crate::record::KeyRecord;
+use crate::keys::format::{KeyDigest, KeyHasher};
+use crate::keys::record::KeyRecord;
 use crate::time::Timestamp;
 
 mod cached;
@@ -24,7 +24,7 @@ pub use memory::MemoryStore;
 #[cfg(feature = "redis")]
 pub use redis::{InvalidationListener, RedisStore, listen_for_invalidations};
 
-use crate::record::KeyId;
+use crate::keys::record::KeyId;
 
 /// What a lookup finds: the record, `None` for an unknown key, or a store fault.
 pub type LookupResult = Result<Option<Arc<KeyRecord>>, StoreError>;

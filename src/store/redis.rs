@@ -9,8 +9,8 @@ use futures_core::Stream;
 use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-use crate::key::{KeyDigest, KeyHasher};
-use crate::record::{KeyId, KeyRecord};
+use crate::keys::format::{KeyDigest, KeyHasher};
+use crate::keys::record::{KeyId, KeyRecord};
 use crate::store::{BoxLookup, CachedStore, KeyAdmin, KeyStore, StoreError, Write, WriteError};
 
 /// Checks every write against what is stored, then applies them all and announces each
@@ -421,7 +421,7 @@ impl KeyAdmin for RedisStore {
                     String::new(),
                 ),
             };
-            let score = if record.status() == crate::record::KeyStatus::Revoked {
+            let score = if record.status() == crate::keys::record::KeyStatus::Revoked {
                 String::new()
             } else {
                 record

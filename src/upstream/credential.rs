@@ -7,7 +7,7 @@ use std::sync::Arc;
 use http::HeaderValue;
 
 use crate::identity::Identity;
-use crate::key::{Fingerprint, KeyHasher};
+use crate::keys::format::{Fingerprint, KeyHasher};
 use crate::rejection::Rejection;
 
 /// A provider credential (API key or access token), ready to be placed in a request.

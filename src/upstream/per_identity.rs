@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use crate::identity::Identity;
-use crate::record::KeyId;
+use crate::keys::record::KeyId;
 use crate::rejection::{Rejection, RejectionKind};
 use crate::upstream::credential::{Credential, CredentialSource};
 

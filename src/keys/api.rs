@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::identity::Identity;
 use crate::inbound::RequireScopesLayer;
-use crate::lifecycle::{IssuedKey, KeyManager, Lifetime, ManageError, NewKey};
-use crate::record::{KeyId, KeyRecord, KeyStatus, KeyUnusable, Metadata, Scopes};
+use crate::keys::manager::{IssuedKey, KeyManager, Lifetime, ManageError, NewKey};
+use crate::keys::record::{KeyId, KeyRecord, KeyStatus, KeyUnusable, Metadata, Scopes};
 use crate::rejection::ErrorFormat;
 use crate::store::KeyAdmin;
 use crate::time::{Clock, SystemClock, Timestamp};
@@ -204,7 +204,7 @@ struct ApiError {
 
 /// What a client told to come back later waits: an ephemeral key's default lifetime, by
 /// which the oldest of a parent's default-lived children has expired.
-const RETRY_AFTER_SECS: u64 = crate::lifecycle::DEFAULT_EPHEMERAL_TTL.as_secs();
+const RETRY_AFTER_SECS: u64 = crate::keys::manager::DEFAULT_EPHEMERAL_TTL.as_secs();
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -313,9 +313,10 @@ impl<A> ApiState<A> {
     }
 
     fn id(&self, raw: &str) -> Result<KeyId, ApiError> {
-        raw.parse().map_err(|e: crate::record::ParseKeyIdError| {
-            self.error(StatusCode::NOT_FOUND, "key_not_found", e.to_string())
-        })
+        raw.parse()
+            .map_err(|e: crate::keys::record::ParseKeyIdError| {
+                self.error(StatusCode::NOT_FOUND, "key_not_found", e.to_string())
+            })
     }
 }
 

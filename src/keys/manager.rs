@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::identity::Identity;
-use crate::key::{ApiKey, KeyFormat};
-use crate::record::{KeyId, KeyRecord, KeyStatus, KeyUnusable, Metadata, Scopes};
+use crate::keys::format::{ApiKey, KeyFormat};
+use crate::keys::record::{KeyId, KeyRecord, KeyStatus, KeyUnusable, Metadata, Scopes};
 use crate::store::{KeyAdmin, StoreError, Write, WriteError};
 use crate::time::{Clock, SystemClock, Timestamp};
 

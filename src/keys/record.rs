@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::key::{KeyDigest, base62_fixed, base62_parse};
+use crate::keys::format::{KeyDigest, base62_fixed, base62_parse};
 use crate::time::Timestamp;
 
 /// A key's public id, safe to log and to show: `key_` and 11 base62 digits.
@@ -712,7 +712,7 @@ mod digest_hex {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::key::KeyHasher;
+    use crate::keys::format::KeyHasher;
 
     fn record() -> KeyRecord {
         KeyRecord::new(KeyId::from_u64(7), KeyHasher::sha256().digest(b"k"))
