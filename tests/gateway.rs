@@ -676,3 +676,111 @@ fn keys_file_and_redis_url_exclude_each_other() {
     );
     assert_eq!(field(not_redis), "redis_url");
 }
+
+// --- Issue 11: the proxy and the server ----------------------------------------------------
+
+#[tokio::test]
+async fn a_client_cannot_delete_the_injected_credential_or_organization() {
+    let dir = TempDir::new("gw-hop");
+    let (upstream, seen) = spawn_upstream().await;
+    let (key, _) = issue(&dir.file(), "alice", &["openai"]).await;
+    let gw = start(&config(&dir.file(), upstream)).await;
+    let a = call(
+        gw.addr,
+        Method::POST,
+        "/openai/v1/chat/completions",
+        &[
+            ("x-api-key", key.expose()),
+            (
+                "connection",
+                "authorization, openai-organization, openai-project, x-request-id, x-client-hop",
+            ),
+            ("x-client-hop", "for the next hop only"),
+        ],
+        "{}",
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    let got = seen.last();
+    assert_eq!(
+        got.headers
+            .get("authorization")
+            .map(|v| v.to_str().unwrap()),
+        Some(format!("Bearer {OPENAI_SECRET}").as_str()),
+        "{}",
+        got.everything()
+    );
+    assert_eq!(got.headers["openai-organization"], "org-123");
+    assert_eq!(got.headers["x-request-id"], a.headers["x-request-id"]);
+    assert!(
+        got.headers.get("x-client-hop").is_none(),
+        "a header the client named in Connection went on"
+    );
+}
+
+#[tokio::test]
+async fn dot_segments_never_leave_the_routes_base() {
+    let dir = TempDir::new("gw-dots");
+    let (upstream, seen) = spawn_upstream().await;
+    let (key, _) = issue(&dir.file(), "alice", &["openai"]).await;
+    let gw = start(&config(&dir.file(), upstream)).await;
+    let key = key.expose();
+    // (target, the dialect the 400 must speak: the route's, or the gateway's default)
+    let cases = [
+        ("/anthropic/../../other-deployment/v1/messages", "anthropic"),
+        ("/anthropic/v1/../../../other", "anthropic"),
+        ("/anthropic/%2e%2e/%2e%2e/other", "anthropic"),
+        ("/anthropic/%2E%2E/other", "anthropic"),
+        ("/anthropic/.%2e/other", "anthropic"),
+        ("/anthropic/%2e./other", "anthropic"),
+        ("/anthropic/..%2fother", "anthropic"),
+        ("/anthropic/..%5Cother", "anthropic"),
+        ("/anthropic/..\\other", "anthropic"),
+        ("/anthropic/..;/other", "anthropic"),
+        ("/anthropic/./v1/messages", "anthropic"),
+        ("/openai/../anthropic/v1/messages", "openai"),
+        ("/openai/%2e%2e/admin/keys", "openai"),
+        ("/nowhere/../openai/v1/models", "openai"),
+        ("/%2e%2e/openai/v1/models", "openai"),
+    ];
+    for (target, dialect) in cases {
+        let request = format!(
+            "GET {target} HTTP/1.1\r\nhost: gw\r\nx-api-key: {key}\r\nconnection: close\r\n\r\n"
+        );
+        let answer = support::raw_exchange(gw.addr, request.as_bytes()).await;
+        assert_eq!(support::raw_status(&answer), 400, "{target}: {answer}");
+        let body: serde_json::Value = serde_json::from_str(support::raw_body(&answer))
+            .unwrap_or_else(|e| panic!("{target}: {e}: {answer}"));
+        match dialect {
+            "anthropic" => assert_eq!(body["error"]["type"], "invalid_request_error", "{target}"),
+            _ => assert_eq!(body["error"]["code"], "invalid_path", "{target}: {body}"),
+        }
+    }
+    assert_eq!(
+        seen.count(),
+        0,
+        "a request left its route's base: {:?}",
+        seen.all()
+            .iter()
+            .map(|s| s.uri.to_string())
+            .collect::<Vec<_>>()
+    );
+}
+
+/// Before the fix: the gateway served as main.rs served it keeps a half-sent request line
+/// open with no limit.
+#[tokio::test]
+async fn probe_before_fix_a_half_request_line_is_held() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = TempDir::new("gw-probe");
+    let (upstream, _) = spawn_upstream().await;
+    let gw = start(&config(&dir.file(), upstream)).await;
+    let mut stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    stream.write_all(b"GET /openai/v1/mo").await.unwrap();
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(Duration::from_secs(3), stream.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "after 3 s the half request line is still held open: {closed:?}"
+    );
+}

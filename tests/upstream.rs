@@ -725,3 +725,58 @@ async fn the_stripped_names_are_the_defaults_plus_the_inbound_ones() {
         pairs(&[("authorization", "Bearer sk")])
     );
 }
+
+// --- Issue 11, item 12: no identity, no provider credential -------------------------------
+
+#[tokio::test]
+async fn requests_let_through_without_an_identity_get_no_provider_credential() {
+    let store = store_with(&[("client", "gw_client_key", &[])]);
+    let inbound = InboundApiKeyLayer::from_shared(store)
+        .allow_preflight(true)
+        .allow_anonymous(true);
+    let (provider, seen) = spawn_upstream().await;
+    let addr = spawn_service(
+        ServiceBuilder::new()
+            .layer(inbound)
+            .layer(UpstreamAuthLayer::new(
+                Provider::openai(),
+                cred("sk-provider"),
+            ))
+            .service(forward_to(provider)),
+    )
+    .await;
+    let http = client();
+
+    let preflight = Request::builder()
+        .method("OPTIONS")
+        .uri(format!("http://{addr}/v1/anything?x=1"))
+        .header("origin", "https://evil.example")
+        .header("access-control-request-method", "POST")
+        .body(Full::new(Bytes::from_static(b"a body")))
+        .unwrap();
+    let anonymous = get(addr, "/v1/chat/completions", &[]);
+    for (what, req) in [("preflight", preflight), ("anonymous", anonymous)] {
+        let a = send(&http, req).await;
+        assert_eq!(a.status, StatusCode::UNAUTHORIZED, "{what}: {}", a.text());
+        assert_eq!(a.json()["error"]["type"], "invalid_request_error", "{what}");
+        assert!(!a.text().contains("sk-provider"), "{what}");
+    }
+    assert_eq!(
+        seen.count(),
+        0,
+        "a request without an identity reached the provider: {:?}",
+        seen.all()
+            .iter()
+            .map(|s| s.everything())
+            .collect::<Vec<_>>()
+    );
+
+    // A caller with a key still gets through.
+    let a = send(
+        &http,
+        get(addr, "/v1/models", &[("x-api-key", "gw_client_key")]),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(seen.last().headers["authorization"], "Bearer sk-provider");
+}
