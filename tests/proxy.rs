@@ -18,7 +18,7 @@ use http_body_util::{BodyExt, Full};
 use support::{client, get, send, spawn_axum};
 use tokio::sync::{Notify, mpsc};
 use tower_gateway_auth::ErrorFormat;
-use tower_gateway_auth::proxy::Forward;
+use tower_gateway_auth::proxy::{Forward, StripHopByHopLayer};
 
 /// An upstream that answers with JSON of what it received.
 async fn echo_upstream() -> std::net::SocketAddr {
@@ -48,7 +48,14 @@ async fn gateway(forward: Forward) -> std::net::SocketAddr {
 #[tokio::test]
 async fn forwards_path_query_and_body_and_drops_hop_by_hop_headers() {
     let upstream = echo_upstream().await;
-    let gw = gateway(Forward::new(&format!("http://{upstream}/base")).unwrap()).await;
+    // The client's `Connection` list is honored on entry, as a gateway is meant to be built.
+    let forward = Forward::new(&format!("http://{upstream}/base")).unwrap();
+    let gw = spawn_axum(
+        Router::new()
+            .nest_service("/up", forward)
+            .layer(StripHopByHopLayer::new()),
+    )
+    .await;
     let req = Request::builder()
         .method("POST")
         .uri(format!("http://{gw}/up/v1/chat?z=%2F%20&a=b+c&&k"))
@@ -72,6 +79,24 @@ async fn forwards_path_query_and_body_and_drops_hop_by_hop_headers() {
     for gone in ["x-hop", "keep-alive"] {
         assert!(headers.get(gone).is_none(), "{gone} reached the upstream");
     }
+}
+
+#[tokio::test]
+async fn the_headers_an_upstream_names_in_connection_are_dropped_from_its_response() {
+    let app = Router::new().fallback(|| async {
+        Response::builder()
+            .header("connection", "x-upstream-hop")
+            .header("x-upstream-hop", "1")
+            .header("x-end-to-end", "kept")
+            .body(Body::from("ok"))
+            .unwrap()
+    });
+    let upstream = spawn_axum(app).await;
+    let gw = gateway(Forward::new(&format!("http://{upstream}")).unwrap()).await;
+    let a = send(&client(), get(gw, "/up/x", &[])).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(a.headers["x-end-to-end"], "kept");
+    assert!(a.headers.get("x-upstream-hop").is_none(), "{:?}", a.headers);
 }
 
 #[tokio::test]
@@ -441,10 +466,7 @@ async fn credentialed_stack(upstream: std::net::SocketAddr) -> std::net::SocketA
         .organization(http::HeaderValue::from_static("org-gateway"))
         .project(http::HeaderValue::from_static("proj-gateway"));
     let stack = ServiceBuilder::new()
-        .map_request(|mut req: Request<hyper::body::Incoming>| {
-            req.extensions_mut().insert(support::identity("caller"));
-            req
-        })
+        .map_request(support::with_identity)
         .layer(UpstreamAuthLayer::new(
             provider,
             Credential::new(PROVIDER_SECRET).unwrap(),
@@ -550,7 +572,8 @@ async fn upstream_failures_name_the_request_id_and_not_the_upstream() {
         }
     }))
     .await;
-    let (logs, _guard) = support::capture_logs();
+    // What is logged instead is checked in tests/no_secrets.rs, where every test captures
+    // logs (a callsite first hit by a test without a subscriber can miss a capture).
     for (upstream, status) in [
         (closed, StatusCode::BAD_GATEWAY),
         (silent, StatusCode::GATEWAY_TIMEOUT),
@@ -582,12 +605,6 @@ async fn upstream_failures_name_the_request_id_and_not_the_upstream() {
         assert!(
             body.contains(id),
             "{status}: the body lacks the request id {id}: {body}"
-        );
-        // The operator still learns which upstream failed, and why.
-        let logged = logs.text();
-        assert!(
-            logged.contains("WARN") && logged.contains(&upstream.to_string()),
-            "{logged}"
         );
     }
     drop(never);

@@ -1,7 +1,7 @@
 //! The reference gateway, composed from the crate's layers:
 //!
 //! ```text
-//! client ─► InboundApiKeyLayer ─► RequireScopesLayer ─► UpstreamAuthLayer ─► HeaderInjectLayer ─► Forward ─► provider
+//! client ─► StripHopByHopLayer ─► Routes ─► InboundApiKeyLayer ─► RequireScopesLayer ─► UpstreamAuthLayer ─► HeaderInjectLayer ─► Forward ─► provider
 //! ```
 //!
 //! One such stack per `[[route]]`, so that every rejection speaks the route's dialect; the
@@ -18,7 +18,7 @@ use axum::Router;
 use axum::response::IntoResponse;
 use http::StatusCode;
 use tower::ServiceBuilder;
-use tower_gateway_auth::proxy::Forward;
+use tower_gateway_auth::proxy::{Forward, StripHopByHopLayer};
 use tower_gateway_auth::store::listen_for_invalidations;
 use tower_gateway_auth::upstream::UpstreamAuthLayer;
 use tower_gateway_auth::{
@@ -161,7 +161,11 @@ where
             .layer(upstream)
             .layer(inject)
             .service(forward);
-        routes.push((route.prefix, stack));
+        routes.push(routes::Route {
+            prefix: route.prefix,
+            error_format: route.error_format,
+            stack,
+        });
     }
 
     let mut router = Router::new();
@@ -186,7 +190,13 @@ where
     });
     let tasks = vec![manager.spawn_purge(std::time::Duration::from_secs(60))];
     Ok(Gateway {
-        service: GatewayService::new(routes::Routes::new(routes, router)),
+        // Outermost: the headers a client names in `Connection` go before any layer runs, so
+        // it cannot name away what the layers set (the credential, the organization).
+        service: GatewayService::new(
+            ServiceBuilder::new()
+                .layer(StripHopByHopLayer::new())
+                .service(routes::Routes::new(routes, router, plan.error_format)),
+        ),
         listen: plan.listen,
         first_key,
         echo,
