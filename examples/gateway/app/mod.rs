@@ -10,6 +10,7 @@
 pub mod config;
 pub mod echo;
 pub mod routes;
+pub mod serve;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -28,6 +29,7 @@ use tower_gateway_auth::{
 
 pub use config::{Config, ConfigError, Plan};
 use config::{Keys, Upstream};
+pub use serve::{Limits, Serving, serve};
 
 /// The gateway as one service, whatever its key store.
 pub type GatewayService = tower::util::BoxCloneSyncService<
@@ -38,15 +40,31 @@ pub type GatewayService = tower::util::BoxCloneSyncService<
 
 /// A gateway ready to serve.
 pub struct Gateway {
-    /// Serve with `axum::serve(listener, tower::make::Shared::new(service))`.
+    /// The whole gateway as one service; [`serve`] it with [`Gateway::serving`] for the
+    /// connection limits.
     pub service: GatewayService,
     pub listen: SocketAddr,
+    /// The limits on client connections, from `[server]`.
+    pub limits: Limits,
+    /// The gateway's default dialect, for answers no route speaks for.
+    pub error_format: ErrorFormat,
     /// The key made at start-up when no keys file is configured (shown once).
     pub first_key: Option<ApiKey>,
     /// The built-in echo upstream's address, when a route uses it.
     pub echo: Option<SocketAddr>,
     /// Background work (expired ephemeral keys purge) that ends with the gateway.
     tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Gateway {
+    /// What [`serve`] needs: the service, the limits, the dialect.
+    pub fn serving(&self) -> Serving {
+        Serving {
+            service: self.service.clone(),
+            limits: self.limits.clone(),
+            error_format: self.error_format.clone(),
+        }
+    }
 }
 
 impl Drop for Gateway {
@@ -195,9 +213,15 @@ where
         service: GatewayService::new(
             ServiceBuilder::new()
                 .layer(StripHopByHopLayer::new())
-                .service(routes::Routes::new(routes, router, plan.error_format)),
+                .service(routes::Routes::new(
+                    routes,
+                    router,
+                    plan.error_format.clone(),
+                )),
         ),
         listen: plan.listen,
+        limits: plan.limits,
+        error_format: plan.error_format,
         first_key,
         echo,
         tasks,
