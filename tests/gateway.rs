@@ -905,10 +905,7 @@ async fn idle_keep_alive_connections_close_at_the_idle_timeout_but_busy_ones_do_
     .await;
     let (key, _) = issue(&dir.file(), "alice", &["openai"]).await;
     let text = with_server(
-        &config(&dir.file(), upstream).replace(
-            "upstream = \"http://{upstream}/base\"",
-            "upstream = \"http://{upstream}/base\"",
-        ),
+        &config(&dir.file(), upstream),
         "header_read_timeout_secs = 10\nidle_timeout_secs = 1",
     )
     .replace(
@@ -1135,6 +1132,7 @@ fn server_limit_mistakes_name_the_field() {
         ),
         ("idle_timeout_secs = 0", "server.idle_timeout_secs"),
         ("body_timeout_secs = 0", "server.body_timeout_secs"),
+        ("send_timeout_secs = 0", "server.send_timeout_secs"),
         ("max_connections = 0", "server.max_connections"),
         ("max_header_bytes = 100", "server.max_header_bytes"),
         ("max_header_bytes = 2000000", "server.max_header_bytes"),
@@ -1154,7 +1152,56 @@ fn server_limit_mistakes_name_the_field() {
     assert!(plan.limits.header_read_timeout <= Duration::from_secs(30));
     assert!(plan.limits.idle_timeout <= Duration::from_secs(120));
     assert!(plan.limits.body_timeout <= Duration::from_secs(60));
+    assert!(plan.limits.send_timeout <= Duration::from_secs(120));
     assert!(plan.limits.max_connections <= 10_000);
     assert!(plan.limits.max_header_bytes <= 64 * 1024);
     assert!(plan.limits.max_headers <= 100);
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off_at_the_send_timeout() {
+    let dir = TempDir::new("gw-send");
+    // An upstream whose answer never ends, as fast as it is taken.
+    let endless = spawn_axum(Router::new().fallback(|| async {
+        let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+        Body::from_stream(Repeat(chunk))
+    }))
+    .await;
+    let (key, _) = issue(&dir.file(), "alice", &["openai"]).await;
+    let gw = start(&with_server(
+        &config(&dir.file(), endless),
+        "send_timeout_secs = 1\nidle_timeout_secs = 30",
+    ))
+    .await;
+    let mut reader = connect(gw.addr).await;
+    write(
+        &mut reader,
+        format!(
+            "GET /openai/v1/models HTTP/1.1\r\nhost: gw\r\nx-api-key: {}\r\n\r\n",
+            key.expose()
+        )
+        .as_bytes(),
+    )
+    .await;
+    // Not reading: the socket buffers fill, the gateway's writes block, then it gives up.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (closed, got) = until_closed(&mut reader, Duration::from_secs(5)).await;
+    assert!(
+        closed.is_some(),
+        "still streaming to a client that stopped reading ({} bytes read)",
+        got.len()
+    );
+}
+
+/// A stream repeating one chunk forever.
+struct Repeat(Bytes);
+
+impl futures_core::Stream for Repeat {
+    type Item = Result<Bytes, Infallible>;
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        std::task::Poll::Ready(Some(Ok(self.0.clone())))
+    }
 }

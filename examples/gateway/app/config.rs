@@ -67,6 +67,8 @@ pub struct ServerConfig {
     pub idle_timeout_secs: u64,
     /// No request-body bytes for this long while the gateway waits for them: 408, closed.
     pub body_timeout_secs: u64,
+    /// A response write to the client that makes no progress for this long: closed.
+    pub send_timeout_secs: u64,
     /// Open client connections; more wait in the listen backlog.
     pub max_connections: usize,
     /// The request line and headers together, in bytes; more is answered 431.
@@ -82,6 +84,7 @@ impl Default for ServerConfig {
             header_read_timeout_secs: limits.header_read_timeout.as_secs(),
             idle_timeout_secs: limits.idle_timeout.as_secs(),
             body_timeout_secs: limits.body_timeout.as_secs(),
+            send_timeout_secs: limits.send_timeout.as_secs(),
             max_connections: limits.max_connections,
             max_header_bytes: limits.max_header_bytes,
             max_headers: limits.max_headers,
@@ -111,6 +114,7 @@ impl ServerConfig {
             )?,
             idle_timeout: secs("idle_timeout_secs", self.idle_timeout_secs, 3600)?,
             body_timeout: secs("body_timeout_secs", self.body_timeout_secs, 3600)?,
+            send_timeout: secs("send_timeout_secs", self.send_timeout_secs, 3600)?,
             max_connections: within("max_connections", self.max_connections as u64, 1, 1_000_000)?
                 as usize,
             // hyper needs room for a request line and a few headers.

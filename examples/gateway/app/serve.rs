@@ -8,6 +8,8 @@
 //!   next one (also from accept to the first byte);
 //! - **stalled body timeout**: no request-body bytes for that long while the gateway waits
 //!   for them: the request is answered 408 and the connection closed;
+//! - **send timeout**: a response write that makes no progress for that long (a client
+//!   that stopped reading) closes the connection;
 //! - **maximum connections**: past it, new connections are not accepted; they wait in the
 //!   listen backlog until a connection ends (a burst is served late, not refused);
 //! - **header size and count**: past them hyper answers 431 and closes the connection.
@@ -54,6 +56,7 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
     pub body_timeout: Duration,
+    pub send_timeout: Duration,
     pub max_connections: usize,
     pub max_header_bytes: usize,
     pub max_headers: usize,
@@ -65,6 +68,7 @@ impl Default for Limits {
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             body_timeout: Duration::from_secs(30),
+            send_timeout: Duration::from_secs(60),
             max_connections: 1024,
             max_header_bytes: 16 * 1024,
             max_headers: 100,
@@ -169,18 +173,34 @@ enum Phase {
     Busy(usize),
 }
 
-/// A connection's [`Phase`], updated by its socket ([`Watched`]) and its service
-/// ([`Tracked`]), all polled from the connection's own task.
+/// A connection's [`Phase`], and since when a write to the client has been blocked;
+/// updated by its socket ([`Watched`]) and its service ([`Tracked`]), all polled from the
+/// connection's own task.
 #[derive(Debug)]
-struct Activity(Mutex<Phase>);
+struct Activity {
+    phase: Mutex<Phase>,
+    blocked: Mutex<Option<Instant>>,
+}
 
 impl Activity {
     fn new() -> Self {
-        Activity(Mutex::new(Phase::Idle(Instant::now())))
+        Activity {
+            phase: Mutex::new(Phase::Idle(Instant::now())),
+            blocked: Mutex::new(None),
+        }
     }
 
     fn phase(&self) -> std::sync::MutexGuard<'_, Phase> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.phase.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write_blocked(&self, blocked: bool) {
+        let mut since = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
+        match (blocked, *since) {
+            (true, None) => *since = Some(Instant::now()),
+            (false, Some(_)) => *since = None,
+            _ => {}
+        }
     }
 
     fn bytes_read(&self) {
@@ -211,7 +231,10 @@ impl Activity {
         match *self.phase() {
             Phase::Idle(since) => Some((since + limits.idle_timeout, "idle timeout")),
             Phase::Head(since) => Some((since + limits.header_read_timeout, "header read timeout")),
-            Phase::Busy(_) => None,
+            Phase::Busy(_) => {
+                let blocked = *self.blocked.lock().unwrap_or_else(|e| e.into_inner());
+                blocked.map(|since| (since + limits.send_timeout, "send timeout"))
+            }
         }
     }
 }
@@ -276,7 +299,9 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        let written = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.activity.write_blocked(written.is_pending());
+        written
     }
 
     fn poll_write_vectored(
@@ -284,7 +309,9 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        let written = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.activity.write_blocked(written.is_pending());
+        written
     }
 
     fn is_write_vectored(&self) -> bool {
