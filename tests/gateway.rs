@@ -1205,3 +1205,53 @@ impl futures_core::Stream for Repeat {
         std::task::Poll::Ready(Some(Ok(self.0.clone())))
     }
 }
+
+#[tokio::test]
+async fn bodies_keep_their_framing_through_the_server_limits() {
+    // The stalled-body timer wraps every request body: it must not turn a sized body (or
+    // none) into a chunked one on the way to the upstream.
+    let dir = TempDir::new("gw-framing");
+    let (upstream, seen) = spawn_upstream().await;
+    let (key, _) = issue(&dir.file(), "alice", &["openai"]).await;
+    let gw = start(&config(&dir.file(), upstream)).await;
+    let key = key.expose();
+    let a = call(
+        gw.addr,
+        Method::POST,
+        "/openai/v1/chat/completions",
+        &[("x-api-key", key)],
+        "{}",
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK);
+    let got = seen.last();
+    assert_eq!(
+        got.headers.get("content-length").map(|v| v.as_bytes()),
+        Some(&b"2"[..])
+    );
+    assert!(
+        got.headers.get("transfer-encoding").is_none(),
+        "{:?}",
+        got.headers
+    );
+    let a = call(
+        gw.addr,
+        Method::GET,
+        "/openai/v1/models",
+        &[("x-api-key", key)],
+        "",
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK);
+    let got = seen.last();
+    assert!(
+        got.headers.get("transfer-encoding").is_none(),
+        "{:?}",
+        got.headers
+    );
+    assert!(
+        got.headers.get("content-length").is_none_or(|v| v == "0"),
+        "{:?}",
+        got.headers
+    );
+}

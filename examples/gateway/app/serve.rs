@@ -7,7 +7,8 @@
 //! - **idle timeout**: a keep-alive connection with no request in progress and no byte of a
 //!   next one (also from accept to the first byte);
 //! - **stalled body timeout**: no request-body bytes for that long while the gateway waits
-//!   for them: the request is answered 408 and the connection closed;
+//!   for them: the request is answered 408 and the connection closed (a slow body that keeps
+//!   coming is not stalled);
 //! - **send timeout**: a response write that makes no progress for that long (a client
 //!   that stopped reading) closes the connection;
 //! - **maximum connections**: past it, new connections are not accepted; they wait in the
@@ -28,7 +29,7 @@ use std::io;
 use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -46,7 +47,6 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tower::ServiceExt;
 use tower_gateway_auth::ErrorFormat;
-use tower_http::timeout::TimeoutBody;
 
 use crate::app::GatewayService;
 
@@ -364,7 +364,9 @@ impl tower::Service<Request<Incoming>> for Tracked {
         let stalled = Arc::new(AtomicBool::new(false));
         let req = req.map(|body| {
             Body::new(Stall {
-                body: TimeoutBody::new(self.body_timeout, body),
+                body,
+                timeout: self.body_timeout,
+                timer: None,
                 stalled: stalled.clone(),
             })
         });
@@ -406,13 +408,32 @@ fn stalled_body(format: &ErrorFormat) -> Response<Body> {
 }
 
 pin_project! {
-    /// A request body that notes when it timed out, so that the answer can say so.
+    /// A request body that fails once no bytes came for `timeout` while it was waited on,
+    /// and notes that it did, so that the answer can say so.
+    ///
+    /// (tower-http's `TimeoutBody` does the timing, but hides the body's size hint and end:
+    /// a sized body would then look unsized to the proxy.)
     struct Stall {
         #[pin]
-        body: TimeoutBody<Incoming>,
+        body: Incoming,
+        timeout: Duration,
+        #[pin]
+        timer: Option<tokio::time::Sleep>,
         stalled: Arc<AtomicBool>,
     }
 }
+
+/// The error of a [`Stall`] body that timed out.
+#[derive(Debug)]
+struct Stalled;
+
+impl std::fmt::Display for Stalled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the request body stalled")
+    }
+}
+
+impl std::error::Error for Stalled {}
 
 impl http_body::Body for Stall {
     type Data = Bytes;
@@ -422,14 +443,19 @@ impl http_body::Body for Stall {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        let this = self.project();
-        let frame = this.body.poll_frame(cx);
-        if let Poll::Ready(Some(Err(e))) = &frame
-            && e.is::<tower_http::timeout::TimeoutError>()
-        {
-            this.stalled.store(true, Ordering::Relaxed);
+        let mut this = self.project();
+        // The body first: bytes that are there win over a timer that just ran out.
+        if let Poll::Ready(frame) = this.body.poll_frame(cx) {
+            this.timer.set(None);
+            return Poll::Ready(frame.map(|frame| frame.map_err(Into::into)));
         }
-        frame
+        if this.timer.is_none() {
+            this.timer.set(Some(tokio::time::sleep(*this.timeout)));
+        }
+        let timer = this.timer.as_pin_mut().expect("set above");
+        ready!(timer.poll(cx));
+        this.stalled.store(true, Ordering::Relaxed);
+        Poll::Ready(Some(Err(Stalled.into())))
     }
 
     fn is_end_stream(&self) -> bool {
