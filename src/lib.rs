@@ -32,7 +32,9 @@
 //!
 //! # Features
 //! - `axum`: [`Identity`] as an extractor (and `Option<Identity>`), and [`ManagementApi`].
-//! - `proxy`: [`proxy::Forward`], a streaming forwarding proxy (hyper-util client, rustls).
+//! - `proxy`: [`proxy::Forward`], a streaming forwarding proxy (hyper-util client, rustls),
+//!   and [`proxy::StripHopByHopLayer`], which goes outermost so that a client's `Connection`
+//!   header cannot remove what the layers set.
 //! - `redis`: [`RedisStore`], keys shared by several replicas, with revocation fan-out to
 //!   their [`CachedStore`]s.
 #![forbid(unsafe_code)]

@@ -61,9 +61,13 @@ error_format = "anthropic"
     )
 }
 
-/// A running gateway on 127.0.0.1:0.
+/// A running gateway on 127.0.0.1:0, served by the gateway's own serve loop (with its
+/// connection limits), as `cargo run --example gateway` serves it.
 struct Running {
     addr: SocketAddr,
+    /// Send to shut down; `served` then ends.
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    served: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
     _gateway: app::Gateway,
 }
 
@@ -71,9 +75,16 @@ async fn start(config: &str) -> Running {
     let gateway = app::build(app::Config::from_toml(config).unwrap(), &env)
         .await
         .unwrap();
-    let addr = spawn_axum(gateway.service.clone()).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(app::serve(listener, gateway.serving(), async {
+        let _ = stop.await;
+    }));
     Running {
         addr,
+        shutdown: Some(shutdown),
+        served: Some(served),
         _gateway: gateway,
     }
 }
@@ -675,4 +686,572 @@ fn keys_file_and_redis_url_exclude_each_other() {
         "redis_url = \"http://127.0.0.1:6379\"",
     );
     assert_eq!(field(not_redis), "redis_url");
+}
+
+// --- Issue 11: the proxy and the server ----------------------------------------------------
+
+#[tokio::test]
+async fn a_client_cannot_delete_the_injected_credential_or_organization() {
+    let dir = TempDir::new("gw-hop");
+    let (upstream, seen) = spawn_upstream().await;
+    let (key, _) = issue(&dir.file(), "alice", &["openai"]).await;
+    let gw = start(&config(&dir.file(), upstream)).await;
+    let a = call(
+        gw.addr,
+        Method::POST,
+        "/openai/v1/chat/completions",
+        &[
+            ("x-api-key", key.expose()),
+            (
+                "connection",
+                "authorization, openai-organization, openai-project, x-request-id, x-client-hop",
+            ),
+            ("x-client-hop", "for the next hop only"),
+        ],
+        "{}",
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    let got = seen.last();
+    assert_eq!(
+        got.headers
+            .get("authorization")
+            .map(|v| v.to_str().unwrap()),
+        Some(format!("Bearer {OPENAI_SECRET}").as_str()),
+        "{}",
+        got.everything()
+    );
+    assert_eq!(got.headers["openai-organization"], "org-123");
+    assert_eq!(got.headers["x-request-id"], a.headers["x-request-id"]);
+    assert!(
+        got.headers.get("x-client-hop").is_none(),
+        "a header the client named in Connection went on"
+    );
+}
+
+#[tokio::test]
+async fn dot_segments_never_leave_the_routes_base() {
+    let dir = TempDir::new("gw-dots");
+    let (upstream, seen) = spawn_upstream().await;
+    let (key, _) = issue(&dir.file(), "alice", &["openai"]).await;
+    let gw = start(&config(&dir.file(), upstream)).await;
+    let key = key.expose();
+    // (target, the dialect the 400 must speak: the route's, or the gateway's default)
+    let cases = [
+        ("/anthropic/../../other-deployment/v1/messages", "anthropic"),
+        ("/anthropic/v1/../../../other", "anthropic"),
+        ("/anthropic/%2e%2e/%2e%2e/other", "anthropic"),
+        ("/anthropic/%2E%2E/other", "anthropic"),
+        ("/anthropic/.%2e/other", "anthropic"),
+        ("/anthropic/%2e./other", "anthropic"),
+        ("/anthropic/..%2fother", "anthropic"),
+        ("/anthropic/..%5Cother", "anthropic"),
+        ("/anthropic/..\\other", "anthropic"),
+        ("/anthropic/..;/other", "anthropic"),
+        ("/anthropic/./v1/messages", "anthropic"),
+        ("/openai/../anthropic/v1/messages", "openai"),
+        ("/openai/%2e%2e/admin/keys", "openai"),
+        ("/nowhere/../openai/v1/models", "openai"),
+        ("/%2e%2e/openai/v1/models", "openai"),
+    ];
+    for (target, dialect) in cases {
+        let request = format!(
+            "GET {target} HTTP/1.1\r\nhost: gw\r\nx-api-key: {key}\r\nconnection: close\r\n\r\n"
+        );
+        let answer = support::raw_exchange(gw.addr, request.as_bytes()).await;
+        assert_eq!(support::raw_status(&answer), 400, "{target}: {answer}");
+        let body: serde_json::Value = serde_json::from_str(support::raw_body(&answer))
+            .unwrap_or_else(|e| panic!("{target}: {e}: {answer}"));
+        match dialect {
+            "anthropic" => assert_eq!(body["error"]["type"], "invalid_request_error", "{target}"),
+            _ => assert_eq!(body["error"]["code"], "invalid_path", "{target}: {body}"),
+        }
+    }
+    assert_eq!(
+        seen.count(),
+        0,
+        "a request left its route's base: {:?}",
+        seen.all()
+            .iter()
+            .map(|s| s.uri.to_string())
+            .collect::<Vec<_>>()
+    );
+}
+
+/// `config(..)` with a `[server]` table of `limits` (`key = value` lines).
+fn with_server(config: &str, limits: &str) -> String {
+    format!("{config}\n[server]\n{limits}\n")
+}
+
+/// Reads until the peer closes the connection (EOF or reset); the time that took, or `None`
+/// if it was still open after `limit`. What was read is returned too.
+async fn until_closed(
+    stream: &mut tokio::net::TcpStream,
+    limit: Duration,
+) -> (Option<Duration>, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    let started = Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at((started + limit).into(), stream.read(&mut buf)).await {
+            Err(_) => return (None, got),
+            Ok(Ok(0)) | Ok(Err(_)) => return (Some(started.elapsed()), got),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// Reads one whole response with a `Content-Length` body from a kept-alive connection.
+async fn read_response(stream: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse::<usize>().unwrap())
+                })
+                .expect("a content-length");
+            if body.len() >= length {
+                return text;
+            }
+        }
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .expect("a response within 5 s")
+            .unwrap();
+        assert!(n > 0, "closed before the response was complete: {text}");
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+async fn connect(addr: SocketAddr) -> tokio::net::TcpStream {
+    tokio::net::TcpStream::connect(addr).await.unwrap()
+}
+
+async fn write(stream: &mut tokio::net::TcpStream, bytes: &[u8]) {
+    use tokio::io::AsyncWriteExt;
+    stream.write_all(bytes).await.unwrap();
+}
+
+#[tokio::test]
+async fn two_hundred_half_sent_request_lines_are_closed_at_the_header_read_timeout() {
+    let dir = TempDir::new("gw-slowloris");
+    let (upstream, seen) = spawn_upstream().await;
+    let gw = start(&with_server(
+        &config(&dir.file(), upstream),
+        "header_read_timeout_secs = 1\nidle_timeout_secs = 30",
+    ))
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..200 {
+        let mut stream = connect(gw.addr).await;
+        write(&mut stream, b"GET /openai/v1/mo").await;
+        held.push(stream);
+    }
+    // One more that keeps sending a byte now and then: bytes do not restart the clock.
+    let mut trickle = connect(gw.addr).await;
+    let trickling = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        let started = Instant::now();
+        for byte in b"GET /openai/v1/models HTTP/1.1\r\nhost: x\r\n"
+            .iter()
+            .cycle()
+        {
+            if trickle.write_all(&[*byte]).await.is_err() {
+                return started.elapsed();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if started.elapsed() > Duration::from_secs(10) {
+                break;
+            }
+        }
+        panic!("a trickled request head was held for 10 s");
+    });
+    let started = Instant::now();
+    for (i, stream) in held.iter_mut().enumerate() {
+        let limit = Duration::from_secs(5).saturating_sub(started.elapsed());
+        let (closed, _) = until_closed(stream, limit).await;
+        assert!(closed.is_some(), "connection {i} still open after 5 s");
+    }
+    let all_closed = started.elapsed();
+    assert!(
+        all_closed >= Duration::from_millis(900) && all_closed < Duration::from_secs(4),
+        "closed after {all_closed:?}, not at the 1 s header read timeout"
+    );
+    let trickled = trickling.await.unwrap();
+    assert!(
+        trickled < Duration::from_secs(4),
+        "trickled head held {trickled:?}"
+    );
+    assert_eq!(seen.count(), 0);
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connections_close_at_the_idle_timeout_but_busy_ones_do_not() {
+    let dir = TempDir::new("gw-idle");
+    let (upstream, seen) = spawn_upstream().await;
+    // An upstream that takes longer than the idle timeout to answer.
+    let slow = spawn_axum(Router::new().fallback(|| async {
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        "slow but sure"
+    }))
+    .await;
+    let (key, _) = issue(&dir.file(), "alice", &["openai"]).await;
+    let text = with_server(
+        &config(&dir.file(), upstream),
+        "header_read_timeout_secs = 10\nidle_timeout_secs = 1",
+    )
+    .replace(
+        &format!("upstream = \"http://{upstream}/base\""),
+        &format!("upstream = \"http://{slow}\""),
+    );
+    let gw = start(&text).await;
+    let request = format!(
+        "GET /openai/v1/models HTTP/1.1\r\nhost: gw\r\nx-api-key: {}\r\n\r\n",
+        key.expose()
+    );
+
+    // A connection that never sends a byte is idle from the start.
+    let mut silent = connect(gw.addr).await;
+    // A kept-alive connection: two requests half a second apart are both served...
+    let mut kept = connect(gw.addr).await;
+    write(&mut kept, request.as_bytes()).await;
+    assert!(read_response(&mut kept).await.starts_with("HTTP/1.1 200"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    write(&mut kept, request.as_bytes()).await;
+    assert!(read_response(&mut kept).await.starts_with("HTTP/1.1 200"));
+    // ...and once idle for the idle timeout (well before the header read timeout) it closes.
+    let (closed, _) = until_closed(&mut kept, Duration::from_secs(5)).await;
+    let closed = closed.expect("an idle connection was kept past 5 s");
+    assert!(
+        closed >= Duration::from_millis(800),
+        "closed after {closed:?}"
+    );
+    let (closed, _) = until_closed(&mut silent, Duration::from_secs(1)).await;
+    assert!(
+        closed.is_some(),
+        "a silent connection was kept past the idle timeout"
+    );
+    assert_eq!(seen.count(), 2);
+
+    // A request whose upstream answers after 2.5 s is being served, not idle.
+    let mut busy = connect(gw.addr).await;
+    write(
+        &mut busy,
+        format!(
+            "POST /anthropic/v1/messages HTTP/1.1\r\nhost: gw\r\nx-api-key: {}\r\ncontent-length: 2\r\n\r\n{{}}",
+            key.expose()
+        )
+        .as_bytes(),
+    )
+    .await;
+    let answer = read_response(&mut busy).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && answer.ends_with("slow but sure"),
+        "{answer}"
+    );
+}
+
+#[tokio::test]
+async fn a_stalled_request_body_is_answered_408_and_the_connection_closed() {
+    let dir = TempDir::new("gw-stall");
+    // An upstream that records the length of every body it received whole.
+    let complete = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let bodies = complete.clone();
+    let upstream = spawn_axum(Router::new().fallback(move |req: axum::extract::Request| {
+        let bodies = bodies.clone();
+        async move {
+            if let Ok(body) = axum::body::to_bytes(req.into_body(), 1 << 20).await {
+                bodies.lock().unwrap().push(body.len());
+            }
+            "upstream ok"
+        }
+    }))
+    .await;
+    let (key, _) = issue(&dir.file(), "alice", &["openai"]).await;
+    let gw = start(&with_server(
+        &config(&dir.file(), upstream),
+        "body_timeout_secs = 1",
+    ))
+    .await;
+    let head = format!(
+        "POST /openai/v1/chat/completions HTTP/1.1\r\nhost: gw\r\nx-api-key: {}\r\ncontent-length: 100\r\n\r\n",
+        key.expose()
+    );
+
+    // Ten bytes of a hundred, then nothing.
+    let mut stalled = connect(gw.addr).await;
+    write(&mut stalled, head.as_bytes()).await;
+    write(&mut stalled, b"{\"model\":").await;
+    let (closed, answer) = until_closed(&mut stalled, Duration::from_secs(5)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    let closed = closed.unwrap_or_else(|| panic!("a stalled body was waited on for 5 s: {answer}"));
+    assert!(closed >= Duration::from_millis(900), "{closed:?}");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("request_body_timeout"), "{answer}");
+    assert!(
+        complete.lock().unwrap().is_empty(),
+        "the upstream got a whole body"
+    );
+
+    // A body that keeps coming, slowly, is not stalled: 100 bytes over 2.5 s.
+    let mut slow = connect(gw.addr).await;
+    write(&mut slow, head.as_bytes()).await;
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        write(&mut slow, &[b' '; 20]).await;
+    }
+    let answer = read_response(&mut slow).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(*complete.lock().unwrap(), [100]);
+}
+
+#[tokio::test]
+async fn connections_past_the_limit_wait_until_one_ends() {
+    let dir = TempDir::new("gw-cap");
+    let (upstream, seen) = spawn_upstream().await;
+    let (key, _) = issue(&dir.file(), "alice", &["openai"]).await;
+    let gw = start(&with_server(
+        &config(&dir.file(), upstream),
+        "max_connections = 2\nidle_timeout_secs = 30",
+    ))
+    .await;
+    let first = connect(gw.addr).await;
+    let _second = connect(gw.addr).await;
+    // Let the server take both before the third arrives.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut third = connect(gw.addr).await;
+    write(
+        &mut third,
+        format!(
+            "GET /openai/v1/models HTTP/1.1\r\nhost: gw\r\nx-api-key: {}\r\n\r\n",
+            key.expose()
+        )
+        .as_bytes(),
+    )
+    .await;
+    let waited = tokio::time::timeout(Duration::from_millis(800), read_response(&mut third)).await;
+    assert!(
+        waited.is_err(),
+        "a third connection was served past max_connections = 2"
+    );
+    assert_eq!(seen.count(), 0);
+    drop(first);
+    let answer = tokio::time::timeout(Duration::from_secs(3), read_response(&mut third))
+        .await
+        .expect("the waiting connection was served once a slot freed");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(seen.count(), 1);
+}
+
+#[tokio::test]
+async fn oversized_heads_and_too_many_headers_are_431_and_reach_nothing() {
+    let dir = TempDir::new("gw-431");
+    let (upstream, seen) = spawn_upstream().await;
+    let (key, _) = issue(&dir.file(), "alice", &["openai"]).await;
+    let gw = start(&with_server(
+        &config(&dir.file(), upstream),
+        "max_header_bytes = 2048\nmax_headers = 16",
+    ))
+    .await;
+    let request = |extra: &str| {
+        format!(
+            "GET /openai/v1/models HTTP/1.1\r\nhost: gw\r\nx-api-key: {}\r\n{extra}connection: close\r\n\r\n",
+            key.expose()
+        )
+    };
+    let big = format!("x-big: {}\r\n", "a".repeat(3000));
+    let many: String = (0..20).map(|i| format!("x-h{i}: 1\r\n")).collect();
+    for (what, extra) in [("a 3 KB header", big), ("20 headers", many)] {
+        let answer = support::raw_exchange(gw.addr, request(&extra).as_bytes()).await;
+        assert_eq!(support::raw_status(&answer), 431, "{what}: {answer}");
+    }
+    assert_eq!(seen.count(), 0);
+    let within: String = (0..10)
+        .map(|i| format!("x-h{i}: {}\r\n", "b".repeat(100)))
+        .collect();
+    let answer = support::raw_exchange(gw.addr, request(&within).as_bytes()).await;
+    assert_eq!(support::raw_status(&answer), 200, "{answer}");
+    assert_eq!(seen.count(), 1);
+}
+
+#[tokio::test]
+async fn shutdown_stops_accepting_and_lets_the_request_in_progress_finish() {
+    let dir = TempDir::new("gw-shutdown");
+    let slow = spawn_axum(Router::new().fallback(|| async {
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        "finished"
+    }))
+    .await;
+    let (key, _) = issue(&dir.file(), "alice", &["openai"]).await;
+    let mut gw = start(&config(&dir.file(), slow)).await;
+    let mut idle = connect(gw.addr).await;
+    let mut busy = connect(gw.addr).await;
+    write(
+        &mut busy,
+        format!(
+            "GET /openai/v1/models HTTP/1.1\r\nhost: gw\r\nx-api-key: {}\r\n\r\n",
+            key.expose()
+        )
+        .as_bytes(),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    gw.shutdown.take().unwrap().send(()).unwrap();
+    // The idle connection closes at once; the busy one gets its whole answer.
+    let (closed, _) = until_closed(&mut idle, Duration::from_millis(500)).await;
+    assert!(closed.is_some(), "an idle connection outlived the shutdown");
+    let answer = read_response(&mut busy).await;
+    assert!(answer.ends_with("finished"), "{answer}");
+    let served = tokio::time::timeout(Duration::from_secs(3), gw.served.take().unwrap())
+        .await
+        .expect("serve returned after the last request");
+    served.unwrap().unwrap();
+    assert!(tokio::net::TcpStream::connect(gw.addr).await.is_err());
+}
+
+#[test]
+fn server_limit_mistakes_name_the_field() {
+    let upstream: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let good = config(std::path::Path::new("/tmp/unused.json"), upstream);
+    for (limit, field) in [
+        (
+            "header_read_timeout_secs = 0",
+            "server.header_read_timeout_secs",
+        ),
+        (
+            "header_read_timeout_secs = 301",
+            "server.header_read_timeout_secs",
+        ),
+        ("idle_timeout_secs = 0", "server.idle_timeout_secs"),
+        ("body_timeout_secs = 0", "server.body_timeout_secs"),
+        ("send_timeout_secs = 0", "server.send_timeout_secs"),
+        ("max_connections = 0", "server.max_connections"),
+        ("max_header_bytes = 100", "server.max_header_bytes"),
+        ("max_header_bytes = 2000000", "server.max_header_bytes"),
+        ("max_headers = 0", "server.max_headers"),
+    ] {
+        let err = app::Config::from_toml(&with_server(&good, limit))
+            .unwrap()
+            .plan(&env)
+            .err()
+            .unwrap_or_else(|| panic!("{limit} accepted"));
+        assert_eq!(err.field, field, "{err}");
+    }
+    let err = app::Config::from_toml(&with_server(&good, "read_timeout_secs = 5")).unwrap_err();
+    assert!(err.message.contains("read_timeout_secs"), "{err}");
+    // The defaults are safe ones.
+    let plan = app::Config::from_toml(&good).unwrap().plan(&env).unwrap();
+    assert!(plan.limits.header_read_timeout <= Duration::from_secs(30));
+    assert!(plan.limits.idle_timeout <= Duration::from_secs(120));
+    assert!(plan.limits.body_timeout <= Duration::from_secs(60));
+    assert!(plan.limits.send_timeout <= Duration::from_secs(120));
+    assert!(plan.limits.max_connections <= 10_000);
+    assert!(plan.limits.max_header_bytes <= 64 * 1024);
+    assert!(plan.limits.max_headers <= 100);
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off_at_the_send_timeout() {
+    let dir = TempDir::new("gw-send");
+    // An upstream whose answer never ends, as fast as it is taken.
+    let endless = spawn_axum(Router::new().fallback(|| async {
+        let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+        Body::from_stream(Repeat(chunk))
+    }))
+    .await;
+    let (key, _) = issue(&dir.file(), "alice", &["openai"]).await;
+    let gw = start(&with_server(
+        &config(&dir.file(), endless),
+        "send_timeout_secs = 1\nidle_timeout_secs = 30",
+    ))
+    .await;
+    let mut reader = connect(gw.addr).await;
+    write(
+        &mut reader,
+        format!(
+            "GET /openai/v1/models HTTP/1.1\r\nhost: gw\r\nx-api-key: {}\r\n\r\n",
+            key.expose()
+        )
+        .as_bytes(),
+    )
+    .await;
+    // Not reading: the socket buffers fill, the gateway's writes block, then it gives up.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (closed, got) = until_closed(&mut reader, Duration::from_secs(5)).await;
+    assert!(
+        closed.is_some(),
+        "still streaming to a client that stopped reading ({} bytes read)",
+        got.len()
+    );
+}
+
+/// A stream repeating one chunk forever.
+struct Repeat(Bytes);
+
+impl futures_core::Stream for Repeat {
+    type Item = Result<Bytes, Infallible>;
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        std::task::Poll::Ready(Some(Ok(self.0.clone())))
+    }
+}
+
+#[tokio::test]
+async fn bodies_keep_their_framing_through_the_server_limits() {
+    // The stalled-body timer wraps every request body: it must not turn a sized body (or
+    // none) into a chunked one on the way to the upstream.
+    let dir = TempDir::new("gw-framing");
+    let (upstream, seen) = spawn_upstream().await;
+    let (key, _) = issue(&dir.file(), "alice", &["openai"]).await;
+    let gw = start(&config(&dir.file(), upstream)).await;
+    let key = key.expose();
+    let a = call(
+        gw.addr,
+        Method::POST,
+        "/openai/v1/chat/completions",
+        &[("x-api-key", key)],
+        "{}",
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK);
+    let got = seen.last();
+    assert_eq!(
+        got.headers.get("content-length").map(|v| v.as_bytes()),
+        Some(&b"2"[..])
+    );
+    assert!(
+        got.headers.get("transfer-encoding").is_none(),
+        "{:?}",
+        got.headers
+    );
+    let a = call(
+        gw.addr,
+        Method::GET,
+        "/openai/v1/models",
+        &[("x-api-key", key)],
+        "",
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK);
+    let got = seen.last();
+    assert!(
+        got.headers.get("transfer-encoding").is_none(),
+        "{:?}",
+        got.headers
+    );
+    assert!(
+        got.headers.get("content-length").is_none_or(|v| v == "0"),
+        "{:?}",
+        got.headers
+    );
 }

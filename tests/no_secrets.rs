@@ -167,6 +167,7 @@ async fn upstream_credentials_stay_out_of_logs_debug_and_answers() {
     let fixed = UpstreamAuthLayer::new(Provider::openai(), Credential::new(STATIC).unwrap())
         .strip_inbound(&inbound);
     let fixed_svc = ServiceBuilder::new()
+        .map_request(support::with_identity)
         .layer(fixed.clone())
         .layer(HeaderInjectLayer::new().overwrite(
             HeaderName::from_static("x-internal"),
@@ -178,6 +179,7 @@ async fn upstream_credentials_stay_out_of_logs_debug_and_answers() {
     let pool = KeyPool::new(POOLED.map(|k| Credential::new(k).unwrap())).unwrap();
     let pooled = UpstreamAuthLayer::new(Provider::gemini_query(), pool);
     let pooled_svc = ServiceBuilder::new()
+        .map_request(support::with_identity)
         .layer(pooled.clone())
         .service(rec.service());
     for _ in 0..2 {
@@ -232,6 +234,7 @@ async fn upstream_credentials_stay_out_of_logs_debug_and_answers() {
     .build();
     let refreshing = UpstreamAuthLayer::new(Provider::bearer(), tokens.clone());
     let refreshing_svc = ServiceBuilder::new()
+        .map_request(support::with_identity)
         .layer(refreshing.clone())
         .service(rec.service());
     note(read(refreshing_svc.oneshot(request(CLIENT_KEY)).await.unwrap()).await);
@@ -242,6 +245,7 @@ async fn upstream_credentials_stay_out_of_logs_debug_and_answers() {
     .name("down-idp")
     .build();
     let down_svc = ServiceBuilder::new()
+        .map_request(support::with_identity)
         .layer(UpstreamAuthLayer::new(Provider::bearer(), down.clone()))
         .service(rec.service());
     note(read(down_svc.oneshot(request(CLIENT_KEY)).await.unwrap()).await);
@@ -293,4 +297,47 @@ async fn upstream_credentials_stay_out_of_logs_debug_and_answers() {
     ] {
         assert!(logs.contains(expected), "logs lack {expected}:\n{logs}");
     }
+}
+
+const UPSTREAM_SECRET: &str = "sk-upstream-secret-for-a-502";
+
+#[tokio::test]
+async fn an_upstream_failure_is_logged_with_the_upstream_and_told_with_the_request_id() {
+    use http_body_util::{BodyExt, Full};
+    let (logs, _guard) = support::capture_logs();
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let stack = ServiceBuilder::new()
+        .map_request(support::with_identity)
+        .layer(UpstreamAuthLayer::new(
+            Provider::openai(),
+            Credential::new(UPSTREAM_SECRET).unwrap(),
+        ))
+        .layer(HeaderInjectLayer::new().request_id(tower_gateway_auth::RequestId::new()))
+        .service(support::forward_to(closed));
+    let response = stack
+        .oneshot(Request::new(Full::new(bytes::Bytes::new())))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 502);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let body = String::from_utf8_lossy(&body);
+    let logged = logs.text();
+    let warn = logged
+        .lines()
+        .find(|line| line.contains("WARN") && line.contains("upstream request failed"))
+        .unwrap_or_else(|| panic!("no warning logged:\n{logged}"));
+    assert!(warn.contains(&closed.to_string()), "{warn}");
+    // The request id ties the client's report to the log line.
+    let id = warn
+        .split("request_id=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no request id in {warn}"))
+        .trim_matches('"');
+    assert!(body.contains(id), "{body}");
+    assert!(!body.contains(&closed.to_string()), "{body}");
+    assert!(!logged.contains(UPSTREAM_SECRET) && !body.contains(UPSTREAM_SECRET));
 }

@@ -18,7 +18,7 @@ use http_body_util::{BodyExt, Full};
 use support::{client, get, send, spawn_axum};
 use tokio::sync::{Notify, mpsc};
 use tower_gateway_auth::ErrorFormat;
-use tower_gateway_auth::proxy::Forward;
+use tower_gateway_auth::proxy::{Forward, StripHopByHopLayer};
 
 /// An upstream that answers with JSON of what it received.
 async fn echo_upstream() -> std::net::SocketAddr {
@@ -48,7 +48,14 @@ async fn gateway(forward: Forward) -> std::net::SocketAddr {
 #[tokio::test]
 async fn forwards_path_query_and_body_and_drops_hop_by_hop_headers() {
     let upstream = echo_upstream().await;
-    let gw = gateway(Forward::new(&format!("http://{upstream}/base")).unwrap()).await;
+    // The client's `Connection` list is honored on entry, as a gateway is meant to be built.
+    let forward = Forward::new(&format!("http://{upstream}/base")).unwrap();
+    let gw = spawn_axum(
+        Router::new()
+            .nest_service("/up", forward)
+            .layer(StripHopByHopLayer::new()),
+    )
+    .await;
     let req = Request::builder()
         .method("POST")
         .uri(format!("http://{gw}/up/v1/chat?z=%2F%20&a=b+c&&k"))
@@ -72,6 +79,24 @@ async fn forwards_path_query_and_body_and_drops_hop_by_hop_headers() {
     for gone in ["x-hop", "keep-alive"] {
         assert!(headers.get(gone).is_none(), "{gone} reached the upstream");
     }
+}
+
+#[tokio::test]
+async fn the_headers_an_upstream_names_in_connection_are_dropped_from_its_response() {
+    let app = Router::new().fallback(|| async {
+        Response::builder()
+            .header("connection", "x-upstream-hop")
+            .header("x-upstream-hop", "1")
+            .header("x-end-to-end", "kept")
+            .body(Body::from("ok"))
+            .unwrap()
+    });
+    let upstream = spawn_axum(app).await;
+    let gw = gateway(Forward::new(&format!("http://{upstream}")).unwrap()).await;
+    let a = send(&client(), get(gw, "/up/x", &[])).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(a.headers["x-end-to-end"], "kept");
+    assert!(a.headers.get("x-upstream-hop").is_none(), "{:?}", a.headers);
 }
 
 #[tokio::test]
@@ -423,4 +448,164 @@ async fn upstreams_that_close_connections_cost_no_request() {
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 5);
     }
+}
+
+// --- Issue 11: what a client must not be able to do through the proxy --------------------
+
+const PROVIDER_SECRET: &str = "sk-provider-secret-0123";
+
+/// A gateway stack on loopback without the inbound layer: every request gets the identity
+/// `caller`, then the provider credential (OpenAI with organization and project), a request
+/// id, and goes to `upstream` through `Forward`.
+async fn credentialed_stack(upstream: std::net::SocketAddr) -> std::net::SocketAddr {
+    use tower::ServiceBuilder;
+    use tower_gateway_auth::{
+        Credential, HeaderInjectLayer, Provider, RequestId, UpstreamAuthLayer,
+    };
+    let provider = Provider::openai()
+        .organization(http::HeaderValue::from_static("org-gateway"))
+        .project(http::HeaderValue::from_static("proj-gateway"));
+    let stack = ServiceBuilder::new()
+        .map_request(support::with_identity)
+        .layer(UpstreamAuthLayer::new(
+            provider,
+            Credential::new(PROVIDER_SECRET).unwrap(),
+        ))
+        .layer(HeaderInjectLayer::new().request_id(RequestId::new().echo(true)))
+        .service(support::forward_to(upstream));
+    support::spawn_service(stack).await
+}
+
+#[tokio::test]
+async fn a_client_connection_header_cannot_remove_what_the_layers_set() {
+    let (upstream, seen) = support::spawn_upstream().await;
+    let gw = credentialed_stack(upstream).await;
+    let a = send(
+        &client(),
+        get(
+            gw,
+            "/v1/models",
+            &[(
+                "connection",
+                "authorization, openai-organization, openai-project, x-request-id",
+            )],
+        ),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK);
+    let got = seen.last();
+    assert_eq!(
+        got.headers
+            .get("authorization")
+            .map(|v| v.to_str().unwrap()),
+        Some(format!("Bearer {PROVIDER_SECRET}").as_str()),
+        "the provider credential was removed after the layer set it:\n{}",
+        got.everything()
+    );
+    assert_eq!(got.headers["openai-organization"], "org-gateway");
+    assert_eq!(got.headers["openai-project"], "proj-gateway");
+    assert_eq!(got.headers["x-request-id"], a.headers["x-request-id"]);
+}
+
+/// Raw request targets that try to leave the base path, with how they are spelled.
+const ESCAPES: &[&str] = &[
+    "/../other/v1/models",
+    "/v1/../../other",
+    "/%2e%2e/other",
+    "/%2E%2E/other",
+    "/%2e%2E/other",
+    "/.%2e/other",
+    "/%2e./other",
+    "/v1/%2e%2e",
+    "/..%2fother",
+    "/..%2Fother",
+    "/..%5cother",
+    "/..\\other",
+    "/..;/other",
+    "/%2e%2e;x=1/other",
+];
+
+#[tokio::test]
+async fn forward_refuses_a_path_that_would_leave_its_base() {
+    let (upstream, seen) = support::spawn_upstream().await;
+    let forward = Forward::new(&format!("http://{upstream}/base")).unwrap();
+    let gw = support::spawn_service(forward).await;
+    for target in ESCAPES {
+        let request = format!("GET {target} HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n");
+        let answer = support::raw_exchange(gw, request.as_bytes()).await;
+        assert_eq!(support::raw_status(&answer), 400, "{target}: {answer}");
+    }
+    assert_eq!(
+        seen.count(),
+        0,
+        "a path outside the base reached the upstream: {:?}",
+        seen.all()
+            .iter()
+            .map(|s| s.uri.to_string())
+            .collect::<Vec<_>>()
+    );
+    // Dots inside a segment are just names.
+    let answer = support::raw_exchange(
+        gw,
+        b"GET /v1/files/a..b/.well-known/x.json HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(support::raw_status(&answer), 200, "{answer}");
+    assert_eq!(seen.last().uri, "/base/v1/files/a..b/.well-known/x.json");
+}
+
+#[tokio::test]
+async fn upstream_failures_name_the_request_id_and_not_the_upstream() {
+    use tower::ServiceBuilder;
+    use tower_gateway_auth::{HeaderInjectLayer, RequestId};
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let never = Arc::new(Notify::new());
+    let wait = never.clone();
+    let silent = spawn_axum(Router::new().fallback(move || {
+        let wait = wait.clone();
+        async move {
+            wait.notified().await;
+            "too late"
+        }
+    }))
+    .await;
+    // What is logged instead is checked in tests/no_secrets.rs, where every test captures
+    // logs (a callsite first hit by a test without a subscriber can miss a capture).
+    for (upstream, status) in [
+        (closed, StatusCode::BAD_GATEWAY),
+        (silent, StatusCode::GATEWAY_TIMEOUT),
+    ] {
+        let forward = Forward::builder(&format!("http://{upstream}"))
+            .unwrap()
+            .response_timeout(Duration::from_millis(300))
+            .build();
+        let stack = ServiceBuilder::new()
+            .layer(HeaderInjectLayer::new().request_id(RequestId::new().echo(true)))
+            .service(forward);
+        let gw = support::spawn_service(stack).await;
+        let a = send(&client(), get(gw, "/v1/models", &[])).await;
+        assert_eq!(a.status, status);
+        let body = a.text();
+        let id = a.headers["x-request-id"].to_str().unwrap();
+        for leaked in [
+            upstream.to_string(),
+            upstream.port().to_string(),
+            "127.0.0.1".to_owned(),
+            "refused".to_owned(),
+            "connect".to_owned(),
+        ] {
+            assert!(
+                !body.contains(&leaked),
+                "{status}: the body names `{leaked}`: {body}"
+            );
+        }
+        assert!(
+            body.contains(id),
+            "{status}: the body lacks the request id {id}: {body}"
+        );
+    }
+    drop(never);
 }

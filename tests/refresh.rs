@@ -164,6 +164,7 @@ async fn token_gateway<F: TokenFetcher>(
 ) -> std::net::SocketAddr {
     spawn_service(
         ServiceBuilder::new()
+            .map_request(support::with_identity)
             .layer(UpstreamAuthLayer::new(provider, tokens))
             .service(forward_to(upstream)),
     )
@@ -184,6 +185,7 @@ async fn a_hundred_requests_waiting_for_the_first_token_share_one_fetch() {
     let attempts = fetcher.attempts.clone();
     let (provider, seen) = spawn_upstream().await;
     let stack = ServiceBuilder::new()
+        .map_request(support::with_identity)
         .layer(UpstreamAuthLayer::new(
             Provider::openai(),
             source(fetcher, &clock()),
@@ -344,6 +346,7 @@ async fn a_failing_endpoint_recovers_and_an_expired_token_is_never_sent() {
 /// Asks a gateway using `source` once; what status the client got.
 async fn status_with<F: TokenFetcher>(rec: &Recorder, source: RefreshingToken<F>) -> StatusCode {
     let svc = ServiceBuilder::new()
+        .map_request(support::with_identity)
         .layer(UpstreamAuthLayer::new(Provider::bearer(), source))
         .service(rec.service());
     read(svc.oneshot(Request::new(())).await.unwrap())

@@ -28,6 +28,7 @@ async fn gateway<C: CredentialSource>(
 ) -> (std::net::SocketAddr, Recorder) {
     let (provider, seen) = spawn_upstream().await;
     let stack = ServiceBuilder::new()
+        .map_request(support::with_identity)
         .layer(upstream)
         .service(forward_to(provider));
     (spawn_service(stack).await, seen)
@@ -477,7 +478,6 @@ async fn per_identity_picks_by_key_then_tenant_then_fallback_else_refuses() {
         ("gw_carol", "sk-carol-own"), // her own key beats her tenant's
         ("gw_dave", "sk-shared"),
         ("gw_erin", "sk-shared"),
-        ("", "sk-shared"), // anonymous
     ] {
         let answer = send(&http, get(with_fallback, "/v1/messages", &who(key))).await;
         assert_eq!(answer.status, StatusCode::OK, "{key}");
@@ -485,6 +485,33 @@ async fn per_identity_picks_by_key_then_tenant_then_fallback_else_refuses() {
         assert_eq!(received.headers["x-api-key"], expected, "{key}");
         assert!(!received.everything().contains("gw_"), "{key}");
     }
+
+    // An anonymous caller gets no credential, not even the fallback...
+    let answer = send(&http, get(with_fallback, "/v1/messages", &[])).await;
+    assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        seen.count(),
+        5,
+        "the anonymous request reached the provider"
+    );
+    // ...unless the layer is told so: then the fallback is the anonymous caller's.
+    let (provider, seen) = spawn_upstream().await;
+    let public = spawn_service(
+        ServiceBuilder::new()
+            .layer(inbound.clone())
+            .layer(
+                UpstreamAuthLayer::new(
+                    Provider::anthropic(),
+                    mapping().fallback(cred("sk-shared")),
+                )
+                .credential_without_identity(true),
+            )
+            .service(forward_to(provider)),
+    )
+    .await;
+    let answer = send(&http, get(public, "/v1/messages", &[])).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(seen.last().headers["x-api-key"], "sk-shared");
 
     // Without one, callers nothing fits are refused, in the configured dialect.
     let (provider, seen) = spawn_upstream().await;
@@ -502,7 +529,20 @@ async fn per_identity_picks_by_key_then_tenant_then_fallback_else_refuses() {
     let answer = send(&http, get(strict, "/v1/messages", &who("gw_alice"))).await;
     assert_eq!(answer.status, StatusCode::OK);
     assert_eq!(seen.count(), 1);
-    for key in ["gw_dave", "gw_erin", ""] {
+    let answer = send(&http, get(strict, "/v1/messages", &[])).await;
+    assert_eq!(answer.status, StatusCode::UNAUTHORIZED, "anonymous");
+    assert_eq!(
+        answer.json(),
+        serde_json::json!({"type": "error", "error": {
+            "type": "authentication_error",
+            "message": "An API key is required for this route."
+        }})
+    );
+    assert_eq!(
+        answer.headers["www-authenticate"],
+        "Bearer realm=\"llm-gateway\""
+    );
+    for key in ["gw_dave", "gw_erin"] {
         let answer = send(&http, get(strict, "/v1/messages", &who(key))).await;
         assert_eq!(answer.status, StatusCode::UNAUTHORIZED, "{key}");
         assert_eq!(
@@ -585,7 +625,13 @@ async fn ready_sources_cost_no_clone_and_waiting_ones_call_the_readied_service()
         });
     for _ in 0..3 {
         let ready = ServiceExt::<Request<()>>::ready(&mut svc).await.unwrap();
-        let answer = read(ready.call(Request::new(())).await.unwrap()).await;
+        let answer = read(
+            ready
+                .call(support::with_identity(Request::new(())))
+                .await
+                .unwrap(),
+        )
+        .await;
         assert_eq!(answer.status, StatusCode::OK);
     }
     assert_eq!(clones.load(Ordering::SeqCst), 0);
@@ -606,7 +652,11 @@ async fn ready_sources_cost_no_clone_and_waiting_ones_call_the_readied_service()
         .layer(UpstreamAuthLayer::new(Provider::bearer(), source))
         .service(mock);
     handle.allow(1);
-    let pending = svc.ready().await.unwrap().call(Request::new(()));
+    let pending = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(support::with_identity(Request::new(())));
     let answer = tokio::spawn(pending);
     let (req, respond) = handle.next_request().await.unwrap();
     assert_eq!(req.headers()["authorization"], "Bearer tok-slow");
@@ -724,4 +774,59 @@ async fn the_stripped_names_are_the_defaults_plus_the_inbound_ones() {
         received.header_pairs(),
         pairs(&[("authorization", "Bearer sk")])
     );
+}
+
+// --- Issue 11, item 12: no identity, no provider credential -------------------------------
+
+#[tokio::test]
+async fn requests_let_through_without_an_identity_get_no_provider_credential() {
+    let store = store_with(&[("client", "gw_client_key", &[])]);
+    let inbound = InboundApiKeyLayer::from_shared(store)
+        .allow_preflight(true)
+        .allow_anonymous(true);
+    let (provider, seen) = spawn_upstream().await;
+    let addr = spawn_service(
+        ServiceBuilder::new()
+            .layer(inbound)
+            .layer(UpstreamAuthLayer::new(
+                Provider::openai(),
+                cred("sk-provider"),
+            ))
+            .service(forward_to(provider)),
+    )
+    .await;
+    let http = client();
+
+    let preflight = Request::builder()
+        .method("OPTIONS")
+        .uri(format!("http://{addr}/v1/anything?x=1"))
+        .header("origin", "https://evil.example")
+        .header("access-control-request-method", "POST")
+        .body(Full::new(Bytes::from_static(b"a body")))
+        .unwrap();
+    let anonymous = get(addr, "/v1/chat/completions", &[]);
+    for (what, req) in [("preflight", preflight), ("anonymous", anonymous)] {
+        let a = send(&http, req).await;
+        assert_eq!(a.status, StatusCode::UNAUTHORIZED, "{what}: {}", a.text());
+        assert_eq!(a.json()["error"]["type"], "invalid_request_error", "{what}");
+        assert!(!a.text().contains("sk-provider"), "{what}");
+    }
+    assert_eq!(
+        seen.count(),
+        0,
+        "a request without an identity reached the provider: {:?}",
+        seen.all()
+            .iter()
+            .map(|s| s.everything())
+            .collect::<Vec<_>>()
+    );
+
+    // A caller with a key still gets through.
+    let a = send(
+        &http,
+        get(addr, "/v1/models", &[("x-api-key", "gw_client_key")]),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(seen.last().headers["authorization"], "Bearer sk-provider");
 }

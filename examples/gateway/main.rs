@@ -74,13 +74,13 @@ async fn serve(config: app::Config) -> ExitCode {
         );
         println!("    curl -s {base}/openai/v1/models                     # no key: 401\n");
     }
-    let service = tower::make::Shared::new(gateway.service.clone());
-    let served = axum::serve(listener, service)
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await;
-    match served {
+    // Ctrl-C stops accepting and lets requests in progress finish. A SIGTERM handler would
+    // join this future.
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+        println!("gateway: shutting down");
+    };
+    match app::serve(listener, gateway.serving(), shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("gateway: {e}");

@@ -1,9 +1,15 @@
 //! [`Forward`]: the last service of a gateway, sending each request on to an upstream over
 //! HTTP or HTTPS (rustls) and streaming both bodies (feature `proxy`).
 
+mod hop;
 mod http1;
+mod path;
 
+pub use hop::{StripHopByHop, StripHopByHopLayer};
 pub use http1::UpstreamBody;
+pub use path::has_dot_segment;
+
+use hop::drop_hop_by_hop;
 
 use std::convert::Infallible;
 use std::fmt;
@@ -14,7 +20,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri};
 use http_body::Body;
@@ -38,18 +44,26 @@ type OutBody = UnsyncBoxBody<Bytes, BoxError>;
 ///   for byte: `https://api.openai.com` and `/v1/chat/completions?x=1` make
 ///   `https://api.openai.com/v1/chat/completions?x=1`. Mounted with axum's
 ///   `nest_service("/openai", forward)`, the prefix is stripped first.
+/// - A path with a dot segment (`.` or `..`, raw or percent-encoded; see
+///   [`has_dot_segment`]) is refused with 400 `invalid_path` and sent nowhere: a request
+///   never reaches a path outside the base.
 /// - Request and response bodies stream: a server-sent-events answer reaches the client event
 ///   by event.
-/// - Hop-by-hop headers (`Connection` and the headers it names, `Keep-Alive`,
-///   `Proxy-Connection`, `Proxy-Authorization`, `TE` other than `trailers`, `Trailer`,
-///   `Transfer-Encoding`, `Upgrade`) are dropped both ways; `Host` becomes the upstream's.
+/// - Hop-by-hop headers (`Connection`, `Keep-Alive`, `Proxy-Connection`,
+///   `Proxy-Authorization`, `TE` other than `trailers`, `Trailer`, `Transfer-Encoding`,
+///   `Upgrade`) are dropped both ways; `Host` becomes the upstream's. The headers an
+///   upstream's `Connection` names are dropped from its response, but a request's
+///   `Connection` list is not read here: nothing a layer set is removed by the proxy. Put
+///   [`StripHopByHopLayer`] outermost to drop the headers a client names on entry.
 /// - `http://` upstreams are spoken to in HTTP/1.1 over pooled keep-alive connections, each
 ///   driven by the request using it (no connection task, no hand-over per request);
 ///   `https://` upstreams go through hyper-util's client, HTTP/2 when the upstream offers it
 ///   over ALPN.
 /// - Upstream answers, errors included, come back as they are. An unreachable upstream gives
 ///   502 and one that does not answer within the response timeout 504, with a body in the
-///   configured [`ErrorFormat`].
+///   configured [`ErrorFormat`]. That body names neither the upstream nor the error (both
+///   are logged at `warn`, with the request id); it quotes the request's `x-request-id`
+///   ([`request_id_header`](ForwardBuilder::request_id_header)) for the client to report.
 ///
 /// ```
 /// use std::time::Duration;
@@ -74,6 +88,7 @@ struct Inner {
     base_path: String,
     response_timeout: Option<Duration>,
     error_format: ErrorFormat,
+    request_id_header: HeaderName,
 }
 
 enum Transport {
@@ -127,6 +142,7 @@ pub struct ForwardBuilder {
     connect_timeout: Option<Duration>,
     response_timeout: Option<Duration>,
     error_format: ErrorFormat,
+    request_id_header: HeaderName,
     extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
     max_idle: usize,
 }
@@ -151,6 +167,14 @@ impl ForwardBuilder {
     /// The dialect of the proxy's own 502/504 bodies (default: OpenAI).
     pub fn error_format(mut self, format: ErrorFormat) -> Self {
         self.error_format = format;
+        self
+    }
+
+    /// The request header whose value a 502/504 body quotes, so that a client can report
+    /// the failure and the operator find it in the log (default: `x-request-id`, the one
+    /// [`RequestId`](crate::RequestId) sets).
+    pub fn request_id_header(mut self, name: HeaderName) -> Self {
+        self.request_id_header = name;
         self
     }
 
@@ -194,6 +218,7 @@ impl ForwardBuilder {
                 base_path: self.base_path,
                 response_timeout: self.response_timeout,
                 error_format: self.error_format,
+                request_id_header: self.request_id_header,
             }),
         }
     }
@@ -251,6 +276,7 @@ impl Forward {
             connect_timeout: Some(Duration::from_secs(10)),
             response_timeout: Some(Duration::from_secs(300)),
             error_format: ErrorFormat::default(),
+            request_id_header: crate::inject::X_REQUEST_ID,
             extra_roots: Vec::new(),
             max_idle: 256,
         })
@@ -298,43 +324,6 @@ impl fmt::Debug for Forward {
     }
 }
 
-/// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [HeaderName; 7] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHORIZATION,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
-
-/// Drops hop-by-hop headers, and those the `Connection` header names.
-fn drop_hop_by_hop(headers: &mut HeaderMap) {
-    // Usually there are none: one pass over the names says so (see `headers::remove_all`).
-    let te_is_trailers = headers
-        .get(header::TE)
-        .is_none_or(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    if te_is_trailers && !headers.contains_key(header::CONNECTION) {
-        crate::headers::remove_all(headers, &HOP_BY_HOP);
-        return;
-    }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::try_from(name.trim()).ok())
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
-        headers.remove(name);
-    }
-    // `TE: trailers` is how gRPC says it wants trailers; any other TE is hop-by-hop.
-    if !te_is_trailers {
-        headers.remove(header::TE);
-    }
-}
-
 impl<B> Service<Request<B>> for Forward
 where
     B: Body<Data = Bytes> + Send + 'static,
@@ -350,14 +339,35 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
+        // Checked here too, not only by a router in front: joined to the base path, a dot
+        // segment would take the request (and the credential it carries) outside it.
+        if has_dot_segment(req.uri().path()) {
+            tracing::info!(target: "tower_gateway_auth::proxy", upstream = %self.inner.authority, "request refused: dot segment in the path");
+            let response = self.inner.error_format.error_response(
+                StatusCode::BAD_REQUEST,
+                Some("invalid_path"),
+                "The request path must not contain `.` or `..` segments.",
+            );
+            return Box::pin(std::future::ready(Ok(response.map(ResponseBody::full))));
+        }
         let (mut parts, body) = req.into_parts();
         parts.uri = self.target(&parts.uri);
-        drop_hop_by_hop(&mut parts.headers);
+        // Only the fixed names: the headers a client lists in `Connection` went on entry
+        // (`StripHopByHopLayer`), and what the layers set since stays.
+        drop_hop_by_hop(&mut parts.headers, false);
         match &self.inner.transport {
             Transport::Http1(_, host) => parts.headers.insert(header::HOST, host.clone()),
             // The client sets it from the URI.
             Transport::Client(_) => parts.headers.remove(header::HOST),
         };
+        // Kept for a 502/504: the client is told the request id, never the upstream's
+        // address or the error, which go to the log.
+        let request_id = parts
+            .headers
+            .get(&self.inner.request_id_header)
+            .and_then(|v| v.to_str().ok())
+            .filter(|id| id.len() <= MAX_SHOWN_REQUEST_ID)
+            .map(str::to_owned);
         let outgoing = Request::from_parts(parts, body.map_err(Into::into).boxed_unsync());
         let inner = self.inner.clone();
         Box::pin(async move {
@@ -387,34 +397,32 @@ where
             };
             let response = match result {
                 Ok(Ok(mut response)) => {
-                    drop_hop_by_hop(response.headers_mut());
+                    drop_hop_by_hop(response.headers_mut(), true);
                     tracing::debug!(target: "tower_gateway_auth::proxy", upstream = %inner.authority, status = response.status().as_u16(), elapsed = ?started.map(|s| s.elapsed()).unwrap_or_default(), "forwarded");
                     return Ok(response.map(ResponseBody::inner));
                 }
                 Ok(Err(Failure { connect, error })) => {
-                    tracing::warn!(target: "tower_gateway_auth::proxy", upstream = %inner.authority, %error, "upstream request failed");
+                    tracing::warn!(target: "tower_gateway_auth::proxy", upstream = %inner.authority, request_id = request_id.as_deref(), %error, "upstream request failed");
                     let message = if connect {
-                        format!("The upstream {} could not be reached.", inner.authority)
+                        "The upstream could not be reached."
                     } else {
-                        format!("The upstream {} failed to answer.", inner.authority)
+                        "The upstream failed to answer."
                     };
                     inner.error_format.error_response(
                         StatusCode::BAD_GATEWAY,
                         Some("upstream_unreachable"),
-                        &message,
+                        &with_request_id(message, request_id.as_deref()),
                     )
                 }
                 Err(limit) => {
-                    tracing::warn!(target: "tower_gateway_auth::proxy", upstream = %inner.authority, timeout = ?limit, "upstream timed out");
-                    let message = format!(
-                        "The upstream {} did not answer within {} s.",
-                        inner.authority,
-                        limit.as_secs_f32()
-                    );
+                    tracing::warn!(target: "tower_gateway_auth::proxy", upstream = %inner.authority, request_id = request_id.as_deref(), timeout = ?limit, "upstream timed out");
                     inner.error_format.error_response(
                         StatusCode::GATEWAY_TIMEOUT,
                         Some("upstream_timeout"),
-                        &message,
+                        &with_request_id(
+                            "The upstream did not answer in time.",
+                            request_id.as_deref(),
+                        ),
                     )
                 }
             };
@@ -423,7 +431,18 @@ where
     }
 }
 
-/// Why an upstream exchange failed, as the 502 tells it.
+/// Request ids longer than this are not repeated in an error body.
+const MAX_SHOWN_REQUEST_ID: usize = 128;
+
+/// `message`, and the request id the client can quote to the operator.
+fn with_request_id(message: &str, request_id: Option<&str>) -> String {
+    match request_id {
+        Some(id) => format!("{message} Request id: {id}."),
+        None => message.to_owned(),
+    }
+}
+
+/// Why an upstream exchange failed, as the log tells it.
 struct Failure {
     connect: bool,
     error: String,
@@ -455,27 +474,5 @@ mod tests {
             !err.contains("s3cret") && err.contains("https://<credentials>@example.com/v1"),
             "{err}"
         );
-    }
-
-    #[test]
-    fn hop_by_hop_headers_go() {
-        let mut h = HeaderMap::new();
-        for (k, v) in [
-            ("connection", "keep-alive, x-private"),
-            ("x-private", "1"),
-            ("keep-alive", "timeout=5"),
-            ("upgrade", "h2c"),
-            ("te", "gzip"),
-            ("proxy-authorization", "Basic x"),
-            ("x-kept", "1"),
-        ] {
-            h.insert(k, v.parse().unwrap());
-        }
-        drop_hop_by_hop(&mut h);
-        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-kept"]);
-        let mut grpc = HeaderMap::new();
-        grpc.insert("te", "trailers".parse().unwrap());
-        drop_hop_by_hop(&mut grpc);
-        assert_eq!(grpc["te"], "trailers");
     }
 }

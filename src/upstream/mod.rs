@@ -4,17 +4,21 @@
 //! The gateway's client key must never reach the provider, and the provider's key must
 //! never reach the client. The data path of one request, top to bottom:
 //!
-//! 1. ask the [`CredentialSource`] for this caller's credential (the [`Identity`] the
+//! 1. a request without an [`Identity`] (let through by the inbound layer as a preflight or
+//!    anonymously) is refused with 401 unless
+//!    [`credential_without_identity`](UpstreamAuthLayer::credential_without_identity) says
+//!    otherwise: no credential for a caller without a key;
+//! 2. ask the [`CredentialSource`] for this caller's credential (the [`Identity`] the
 //!    inbound layer put in the extensions selects it); a refusal (401) or an unavailable
 //!    credential (503) is answered here and the request goes no further;
-//! 2. remove every client credential: the `Authorization`, `x-api-key`, `api-key` and
+//! 3. remove every client credential: the `Authorization`, `x-api-key`, `api-key` and
 //!    `x-goog-api-key` headers and the `key` query parameter, the names the inbound layer
 //!    reads ([`strip_inbound`](UpstreamAuthLayer::strip_inbound)) and any added with
 //!    [`strip_header`](UpstreamAuthLayer::strip_header) /
 //!    [`strip_query`](UpstreamAuthLayer::strip_query) — whether or not the inbound layer
 //!    hid them. Other query parameters are kept byte for byte;
-//! 3. apply the [`Provider`]'s header rules and query parameters;
-//! 4. place the credential as the provider wants it ([`Placement`]) and call the inner
+//! 4. apply the [`Provider`]'s header rules and query parameters;
+//! 5. place the credential as the provider wants it ([`Placement`]) and call the inner
 //!    service.
 //!
 //! Credentials are sensitive header values throughout; logs name the provider, the source
@@ -43,7 +47,7 @@ use crate::future::{Next, Resumable, Resume};
 use crate::identity::Identity;
 use crate::inbound::InboundApiKeyLayer;
 use crate::query;
-use crate::rejection::{ErrorFormat, Realm, Rejection};
+use crate::rejection::{ErrorFormat, Realm, Rejection, RejectionKind};
 
 pub use credential::{Credential, CredentialError, CredentialSource};
 pub use per_identity::{PerIdentity, PerIdentityFuture};
@@ -68,13 +72,17 @@ pub const DEFAULT_STRIPPED_QUERY: [&str; 1] = ["key"];
 /// A layer that replaces the client's credentials with the provider's.
 ///
 /// Defaults: the headers in [`DEFAULT_STRIPPED_HEADERS`] and the query parameters in
-/// [`DEFAULT_STRIPPED_QUERY`] are stripped, OpenAI-style error bodies, realm `api`.
+/// [`DEFAULT_STRIPPED_QUERY`] are stripped, OpenAI-style error bodies, realm `api`, and a
+/// request without an [`Identity`] is refused (see
+/// [`credential_without_identity`](Self::credential_without_identity)).
 ///
 /// ```
 /// use std::convert::Infallible;
 /// use http::{Request, Response, StatusCode};
 /// use tower::{ServiceBuilder, ServiceExt};
 /// use tower_gateway_auth::{Credential, InboundApiKeyLayer, MemoryStore, Provider, UpstreamAuthLayer};
+/// # use std::sync::Arc;
+/// # use tower_gateway_auth::{Identity, KeyHasher, KeyId, KeyRecord};
 ///
 /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
 /// let inbound = InboundApiKeyLayer::new(MemoryStore::new());
@@ -91,11 +99,18 @@ pub const DEFAULT_STRIPPED_QUERY: [&str; 1] = ["key"];
 ///         Ok::<_, Infallible>(Response::new(()))
 ///     });
 ///
-/// let req = Request::post("/v1/messages?key=gw_client&beta=true")
+/// let mut req = Request::post("/v1/messages?key=gw_client&beta=true")
 ///     .header("authorization", "Bearer gw_client")
 ///     .body(())
 ///     .unwrap();
-/// assert_eq!(service.oneshot(req).await.unwrap().status(), StatusCode::OK);
+/// // The caller the inbound layer verified (set here by hand).
+/// # let record = KeyRecord::new(KeyId::random(), KeyHasher::sha256().digest(b"gw_client"));
+/// req.extensions_mut().insert(Identity::new(Arc::new(record)));
+/// assert_eq!(service.clone().oneshot(req).await.unwrap().status(), StatusCode::OK);
+///
+/// // No identity, no provider credential: refused, the inner service is not called.
+/// let anonymous = Request::post("/v1/messages").body(()).unwrap();
+/// assert_eq!(service.oneshot(anonymous).await.unwrap().status(), StatusCode::UNAUTHORIZED);
 /// # });
 /// ```
 pub struct UpstreamAuthLayer<C> {
@@ -109,6 +124,8 @@ struct Config<C> {
     strip_query: Vec<Arc<str>>,
     error_format: ErrorFormat,
     realm: Realm,
+    /// Whether a request with no `Identity` still gets the credential (off: it is refused).
+    without_identity: bool,
     /// Derived from the two above by `derive_removals`: what every request loses in one pass.
     removed: Vec<HeaderName>,
     /// The provider's rules left to apply one by one after that pass.
@@ -124,6 +141,7 @@ impl<C> Clone for Config<C> {
             strip_query: self.strip_query.clone(),
             error_format: self.error_format.clone(),
             realm: self.realm.clone(),
+            without_identity: self.without_identity,
             removed: self.removed.clone(),
             rules_from: self.rules_from,
         }
@@ -168,6 +186,7 @@ impl<C: CredentialSource> UpstreamAuthLayer<C> {
             strip_query: DEFAULT_STRIPPED_QUERY.iter().map(|&n| n.into()).collect(),
             error_format: ErrorFormat::default(),
             realm: Realm::default(),
+            without_identity: false,
             removed: Vec::new(),
             rules_from: 0,
         };
@@ -227,6 +246,21 @@ impl<C: CredentialSource> UpstreamAuthLayer<C> {
     /// The realm in `WWW-Authenticate` (default: `api`).
     pub fn realm(mut self, realm: &str) -> Self {
         self.config_mut().realm = Realm::new(realm);
+        self
+    }
+
+    /// Whether a request that carries no [`Identity`] still gets the provider's credential
+    /// (default: no).
+    ///
+    /// The inbound layer lets some requests through without an identity: CORS preflights
+    /// ([`allow_preflight`](InboundApiKeyLayer::allow_preflight)) and keyless requests
+    /// ([`allow_anonymous`](InboundApiKeyLayer::allow_anonymous)). By default such a request
+    /// is refused here with 401 and never reaches the inner service, so that no one without
+    /// a key spends the provider account. Turn this on only for a route meant to be public
+    /// on the gateway's account; the credential source is then asked with no identity
+    /// ([`PerIdentity`] answers with its fallback).
+    pub fn credential_without_identity(mut self, allow: bool) -> Self {
+        self.config_mut().without_identity = allow;
         self
     }
 
@@ -343,10 +377,23 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        let credential = self
-            .config
-            .source
-            .credential(req.extensions().get::<Identity>());
+        let identity = req.extensions().get::<Identity>();
+        if identity.is_none() && !self.config.without_identity {
+            // Nothing is forwarded, so the client's credentials go nowhere either.
+            tracing::info!(target: "tower_gateway_auth::upstream", provider = self.config.provider.name(), "request refused: no identity, so no upstream credential");
+            let rejection = Rejection::new(
+                RejectionKind::MissingKey,
+                "An API key is required for this route.",
+            );
+            let response =
+                self.config
+                    .error_format
+                    .respond(&rejection, &self.config.realm, req.headers());
+            return ResponseFuture {
+                inner: Resumable::decided(crate::future::ResponseFuture::rejected(response)),
+            };
+        }
+        let credential = self.config.source.credential(identity);
         ResponseFuture {
             inner: Resumable::start(credential, &mut self.inner, req, &self.config),
         }
@@ -382,7 +429,7 @@ impl<C: CredentialSource, B> Resume<B> for Config<C> {
 }
 
 impl<C: CredentialSource> Config<C> {
-    /// Steps 2–4 of the data path: strip, apply the provider's extras, place.
+    /// Steps 3–5 of the data path: strip, apply the provider's extras, place.
     fn rewrite<B>(&self, req: &mut Request<B>, credential: &Credential) {
         crate::headers::remove_all(req.headers_mut(), &self.removed);
         if let Some(uri) = self.rewrite_query(req.uri(), credential) {

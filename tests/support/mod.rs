@@ -360,3 +360,54 @@ impl LogBuffer {
         String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
     }
 }
+
+/// Sends `request` as raw bytes on a fresh TCP connection and reads until the server closes
+/// it (or 5 s pass): for requests a real client would refuse to send (dot segments,
+/// backslashes) and for watching what a server does with a partial request.
+pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut response = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        stream.read_to_end(&mut response),
+    )
+    .await;
+    if read.is_err() && response.is_empty() {
+        panic!(
+            "no answer within 5 s to {:?}",
+            String::from_utf8_lossy(request)
+        );
+    }
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+/// The status code of a raw HTTP/1.1 response.
+pub fn raw_status(response: &str) -> u16 {
+    response
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {response:?}"))
+}
+
+/// The body of a raw HTTP/1.1 response sent with `Content-Length`.
+pub fn raw_body(response: &str) -> &str {
+    response.split_once("\r\n\r\n").map_or("", |(_, body)| body)
+}
+
+/// `Identity` for a fresh key record named `name`, as the inbound layer would set it.
+pub fn identity(name: &str) -> Identity {
+    let store = MemoryStore::new();
+    let digest = store.hasher().digest(name.as_bytes());
+    Identity::new(Arc::new(
+        KeyRecord::new(KeyId::random(), digest).with_name(name),
+    ))
+}
+
+/// `req` as the inbound layer passes on a verified caller: with an [`Identity`].
+pub fn with_identity<B>(mut req: Request<B>) -> Request<B> {
+    req.extensions_mut().insert(identity("caller"));
+    req
+}

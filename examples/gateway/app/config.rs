@@ -12,6 +12,8 @@ use serde::Deserialize;
 use tower_gateway_auth::upstream::Provider;
 use tower_gateway_auth::{Credential, ErrorFormat, KeyFormat, KeyHasher, KeySource};
 
+use super::serve::Limits;
+
 /// The file as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -47,8 +49,84 @@ pub struct Config {
     /// Worker threads. `1` runs the whole gateway on one thread (tokio's current-thread
     /// runtime, like nginx's `worker_processes 1`); unset, one per CPU.
     pub workers: Option<usize>,
+    /// Limits on client connections.
+    #[serde(default)]
+    pub server: ServerConfig,
     #[serde(default, rename = "route")]
     pub routes: Vec<RouteConfig>,
+}
+
+/// `[server]`: what one client connection may take (see `serve.rs`). Every limit is on by
+/// default; there is no "off".
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// From a request's first byte to the end of its head.
+    pub header_read_timeout_secs: u64,
+    /// A keep-alive connection with no request in progress and no byte of the next one.
+    pub idle_timeout_secs: u64,
+    /// No request-body bytes for this long while the gateway waits for them: 408, closed.
+    pub body_timeout_secs: u64,
+    /// A response write to the client that makes no progress for this long: closed.
+    pub send_timeout_secs: u64,
+    /// Open client connections; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// The request line and headers together, in bytes; more is answered 431.
+    pub max_header_bytes: usize,
+    /// Header fields in a request; more is answered 431.
+    pub max_headers: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        let limits = Limits::default();
+        ServerConfig {
+            header_read_timeout_secs: limits.header_read_timeout.as_secs(),
+            idle_timeout_secs: limits.idle_timeout.as_secs(),
+            body_timeout_secs: limits.body_timeout.as_secs(),
+            send_timeout_secs: limits.send_timeout.as_secs(),
+            max_connections: limits.max_connections,
+            max_header_bytes: limits.max_header_bytes,
+            max_headers: limits.max_headers,
+        }
+    }
+}
+
+impl ServerConfig {
+    fn plan(&self) -> Result<Limits, ConfigError> {
+        let within = |name: &str, value: u64, min: u64, max: u64| {
+            if (min..=max).contains(&value) {
+                Ok(value)
+            } else {
+                Err(bad(
+                    format!("server.{name}"),
+                    format!("{value} is not between {min} and {max}"),
+                ))
+            }
+        };
+        let secs =
+            |name: &str, value: u64, max: u64| within(name, value, 1, max).map(Duration::from_secs);
+        Ok(Limits {
+            header_read_timeout: secs(
+                "header_read_timeout_secs",
+                self.header_read_timeout_secs,
+                300,
+            )?,
+            idle_timeout: secs("idle_timeout_secs", self.idle_timeout_secs, 3600)?,
+            body_timeout: secs("body_timeout_secs", self.body_timeout_secs, 3600)?,
+            send_timeout: secs("send_timeout_secs", self.send_timeout_secs, 3600)?,
+            max_connections: within("max_connections", self.max_connections as u64, 1, 1_000_000)?
+                as usize,
+            // hyper needs room for a request line and a few headers.
+            max_header_bytes: within(
+                "max_header_bytes",
+                self.max_header_bytes as u64,
+                1024,
+                1 << 20,
+            )? as usize,
+            max_headers: within("max_headers", self.max_headers as u64, 8, 10_000)? as usize,
+        })
+    }
 }
 
 /// One `[[route]]`.
@@ -127,6 +205,7 @@ pub struct Plan {
     pub hasher: KeyHasher,
     pub key_format: KeyFormat,
     pub reload: Duration,
+    pub limits: Limits,
     pub routes: Vec<RoutePlan>,
 }
 
@@ -204,6 +283,7 @@ impl Config {
             connect_timeout_secs: default_connect_timeout(),
             timeout_secs: default_timeout(),
             workers: None,
+            server: ServerConfig::default(),
             routes: vec![route("/openai", "openai"), route("/anthropic", "anthropic")],
         }
     }
@@ -270,6 +350,7 @@ impl Config {
             }
         };
         let key_format = KeyFormat::new(&self.key_prefix).map_err(|e| bad("key_prefix", e))?;
+        let limits = self.server.plan()?;
         if self.routes.is_empty() {
             return Err(bad("route", "add at least one [[route]]"));
         }
@@ -321,6 +402,7 @@ impl Config {
             hasher,
             key_format,
             reload: Duration::from_millis(self.reload_ms),
+            limits,
             routes,
         })
     }

@@ -1,7 +1,7 @@
 //! The reference gateway, composed from the crate's layers:
 //!
 //! ```text
-//! client ─► InboundApiKeyLayer ─► RequireScopesLayer ─► UpstreamAuthLayer ─► HeaderInjectLayer ─► Forward ─► provider
+//! client ─► StripHopByHopLayer ─► Routes ─► InboundApiKeyLayer ─► RequireScopesLayer ─► UpstreamAuthLayer ─► HeaderInjectLayer ─► Forward ─► provider
 //! ```
 //!
 //! One such stack per `[[route]]`, so that every rejection speaks the route's dialect; the
@@ -10,6 +10,7 @@
 pub mod config;
 pub mod echo;
 pub mod routes;
+pub mod serve;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,7 +19,7 @@ use axum::Router;
 use axum::response::IntoResponse;
 use http::StatusCode;
 use tower::ServiceBuilder;
-use tower_gateway_auth::proxy::Forward;
+use tower_gateway_auth::proxy::{Forward, StripHopByHopLayer};
 use tower_gateway_auth::store::listen_for_invalidations;
 use tower_gateway_auth::upstream::UpstreamAuthLayer;
 use tower_gateway_auth::{
@@ -28,6 +29,7 @@ use tower_gateway_auth::{
 
 pub use config::{Config, ConfigError, Plan};
 use config::{Keys, Upstream};
+pub use serve::{Limits, Serving, serve};
 
 /// The gateway as one service, whatever its key store.
 pub type GatewayService = tower::util::BoxCloneSyncService<
@@ -38,15 +40,31 @@ pub type GatewayService = tower::util::BoxCloneSyncService<
 
 /// A gateway ready to serve.
 pub struct Gateway {
-    /// Serve with `axum::serve(listener, tower::make::Shared::new(service))`.
+    /// The whole gateway as one service; [`serve`] it with [`Gateway::serving`] for the
+    /// connection limits.
     pub service: GatewayService,
     pub listen: SocketAddr,
+    /// The limits on client connections, from `[server]`.
+    pub limits: Limits,
+    /// The gateway's default dialect, for answers no route speaks for.
+    pub error_format: ErrorFormat,
     /// The key made at start-up when no keys file is configured (shown once).
     pub first_key: Option<ApiKey>,
     /// The built-in echo upstream's address, when a route uses it.
     pub echo: Option<SocketAddr>,
     /// Background work (expired ephemeral keys purge) that ends with the gateway.
     tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Gateway {
+    /// What [`serve`] needs: the service, the limits, the dialect.
+    pub fn serving(&self) -> Serving {
+        Serving {
+            service: self.service.clone(),
+            limits: self.limits.clone(),
+            error_format: self.error_format.clone(),
+        }
+    }
 }
 
 impl Drop for Gateway {
@@ -161,7 +179,11 @@ where
             .layer(upstream)
             .layer(inject)
             .service(forward);
-        routes.push((route.prefix, stack));
+        routes.push(routes::Route {
+            prefix: route.prefix,
+            error_format: route.error_format,
+            stack,
+        });
     }
 
     let mut router = Router::new();
@@ -186,8 +208,20 @@ where
     });
     let tasks = vec![manager.spawn_purge(std::time::Duration::from_secs(60))];
     Ok(Gateway {
-        service: GatewayService::new(routes::Routes::new(routes, router)),
+        // Outermost: the headers a client names in `Connection` go before any layer runs, so
+        // it cannot name away what the layers set (the credential, the organization).
+        service: GatewayService::new(
+            ServiceBuilder::new()
+                .layer(StripHopByHopLayer::new())
+                .service(routes::Routes::new(
+                    routes,
+                    router,
+                    plan.error_format.clone(),
+                )),
+        ),
         listen: plan.listen,
+        limits: plan.limits,
+        error_format: plan.error_format,
         first_key,
         echo,
         tasks,

@@ -2,6 +2,12 @@
 //! (the longest such prefix), with that prefix stripped, as axum's `nest_service` would do;
 //! anything else (the management API, unknown paths) goes to an axum `Router`.
 //!
+//! A path with a dot segment (`..`, `.`, raw or percent-encoded) is refused with 400 before
+//! any of that, in the dialect of the route its raw path names (else the gateway's): once
+//! resolved it would reach another route, or a path outside the route's upstream base,
+//! with this route's credential. `Forward` refuses them too; this answers first, in the
+//! client's dialect.
+//!
 //! Every route's stack is of one type, so the table holds them as they are: dispatching is
 //! a prefix comparison and a clone of reference-counted handles. Going through axum's
 //! router instead (a boxed service per route, cloned per request, and the nest's own URI
@@ -17,11 +23,13 @@ use std::task::{Context, Poll, ready};
 use axum::Router;
 use axum::body::Body;
 use http::uri::PathAndQuery;
-use http::{Request, Response, Uri};
+use http::{Request, Response, StatusCode, Uri};
 use pin_project_lite::pin_project;
 use tower::Service;
 use tower::ServiceExt;
 use tower::util::Oneshot;
+use tower_gateway_auth::ErrorFormat;
+use tower_gateway_auth::proxy::has_dot_segment;
 
 /// The routes and the router for everything else; cheap to clone (hyper clones the service
 /// it is given once per request).
@@ -31,8 +39,17 @@ pub struct Routes<S> {
 
 struct Table<S> {
     /// Longest prefix first, so that `/v1/beta` wins over `/v1`.
-    routes: Vec<(String, S)>,
+    routes: Vec<Route<S>>,
     other: Router,
+    /// The dialect of a refusal no route speaks for.
+    error_format: ErrorFormat,
+}
+
+/// One route: its prefix (`/name`, no trailing slash), dialect and stack.
+pub struct Route<S> {
+    pub prefix: String,
+    pub error_format: ErrorFormat,
+    pub stack: S,
 }
 
 impl<S> Clone for Routes<S> {
@@ -44,12 +61,27 @@ impl<S> Clone for Routes<S> {
 }
 
 impl<S> Routes<S> {
-    /// `routes` are (prefix, stack) pairs, prefixes as `/name` without a trailing slash.
-    pub fn new(mut routes: Vec<(String, S)>, other: Router) -> Self {
-        routes.sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
+    /// `routes`, then `other` for every other path; `error_format` for refusals of paths no
+    /// route matches.
+    pub fn new(mut routes: Vec<Route<S>>, other: Router, error_format: ErrorFormat) -> Self {
+        routes.sort_by_key(|route| std::cmp::Reverse(route.prefix.len()));
         Routes {
-            table: Arc::new(Table { routes, other }),
+            table: Arc::new(Table {
+                routes,
+                other,
+                error_format,
+            }),
         }
+    }
+}
+
+impl<S> Table<S> {
+    /// The route whose prefix is a whole-segment prefix of `path`.
+    fn route(&self, path: &str) -> Option<&Route<S>> {
+        self.routes.iter().find(|route| {
+            path.strip_prefix(route.prefix.as_str())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        })
     }
 }
 
@@ -85,15 +117,29 @@ where
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
         let path = req.uri().path();
-        let chosen = self.table.routes.iter().find(|(prefix, _)| {
-            path.strip_prefix(prefix.as_str())
-                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
-        });
+        let chosen = self.table.route(path);
+        if has_dot_segment(path) {
+            let format = chosen.map_or(&self.table.error_format, |r| &r.error_format);
+            tracing::info!(
+                prefix = chosen.map(|r| r.prefix.as_str()),
+                "request refused: dot segment in the path"
+            );
+            let response = format
+                .error_response(
+                    StatusCode::BAD_REQUEST,
+                    Some("invalid_path"),
+                    "The request path must not contain `.` or `..` segments.",
+                )
+                .map(Body::from);
+            return RoutesFuture::Refused {
+                response: Some(response),
+            };
+        }
         match chosen {
-            Some((prefix, stack)) => {
-                *req.uri_mut() = strip(req.uri(), prefix.len());
+            Some(route) => {
+                *req.uri_mut() = strip(req.uri(), route.prefix.len());
                 RoutesFuture::Route {
-                    future: stack.clone().oneshot(req),
+                    future: route.stack.clone().oneshot(req),
                 }
             }
             None => RoutesFuture::Other {
@@ -112,6 +158,7 @@ pin_project! {
     {
         Route { #[pin] future: Oneshot<S, Request<Body>> },
         Other { #[pin] future: Oneshot<Router, Request<Body>> },
+        Refused { response: Option<Response<Body>> },
     }
 }
 
@@ -130,6 +177,9 @@ where
                 Poll::Ready(Ok(response.map(Body::new)))
             }
             RoutesProj::Other { future } => future.poll(cx),
+            RoutesProj::Refused { response } => Poll::Ready(Ok(response
+                .take()
+                .expect("RoutesFuture polled after completion"))),
         }
     }
 }

@@ -1,0 +1,498 @@
+//! Serving the gateway to clients over HTTP/1.1, with the limits a public listener needs.
+//!
+//! Without them, 200 connections that each send half a request line are held forever, and
+//! with them a file descriptor and a task apiece. What bounds a client here:
+//!
+//! - **header read timeout**: from a request's first byte to the end of its head;
+//! - **idle timeout**: a keep-alive connection with no request in progress and no byte of a
+//!   next one (also from accept to the first byte);
+//! - **stalled body timeout**: no request-body bytes for that long while the gateway waits
+//!   for them: the request is answered 408 and the connection closed (a slow body that keeps
+//!   coming is not stalled);
+//! - **send timeout**: a response write that makes no progress for that long (a client
+//!   that stopped reading) closes the connection;
+//! - **maximum connections**: past it, new connections are not accepted; they wait in the
+//!   listen backlog until a connection ends (a burst is served late, not refused);
+//! - **header size and count**: past them hyper answers 431 and closes the connection.
+//!
+//! hyper has a header read timeout of its own, but its timer runs from the moment a
+//! connection is ready for a request, so it bounds idle time and head time as one sum. The
+//! two are kept apart here (see [`Activity`]); hyper's timer stays on as a backstop at their
+//! sum. A request being served (the upstream thinking, a response streaming) is not idle:
+//! no limit here cuts a long answer short.
+//!
+//! HTTP/1.1 only: h2c (cleartext HTTP/2 with prior knowledge) is not served, as its streams
+//! need limits of their own; put a TLS terminator in front for HTTP/2.
+
+use std::future::{Future, poll_fn};
+use std::io;
+use std::pin::{Pin, pin};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use axum::body::Body;
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use pin_project_lite::pin_project;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tower::ServiceExt;
+use tower_gateway_auth::ErrorFormat;
+
+use crate::app::GatewayService;
+
+/// What a client connection may take; see the module docs.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub body_timeout: Duration,
+    pub send_timeout: Duration,
+    pub max_connections: usize,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            body_timeout: Duration::from_secs(30),
+            send_timeout: Duration::from_secs(60),
+            max_connections: 1024,
+            max_header_bytes: 16 * 1024,
+            max_headers: 100,
+        }
+    }
+}
+
+/// Everything [`serve`] needs from a built gateway.
+pub struct Serving {
+    pub service: GatewayService,
+    pub limits: Limits,
+    /// The dialect of the server's own answers (408 for a stalled body).
+    pub error_format: ErrorFormat,
+}
+
+/// Serves `serving` on `listener` until `shutdown` completes; then stops accepting, lets
+/// every connection finish the request it is serving (idle ones close at once), and returns.
+pub async fn serve(
+    listener: TcpListener,
+    serving: Serving,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    let Serving {
+        service,
+        limits,
+        error_format,
+    } = serving;
+    let limits = Arc::new(limits);
+    let error_format = Arc::new(error_format);
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let graceful = GracefulShutdown::new();
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.idle_timeout + limits.header_read_timeout)
+        .max_headers(limits.max_headers)
+        .max_header_size(limits.max_header_bytes);
+    let mut shutdown = pin!(shutdown);
+    loop {
+        // A slot first, then `accept`: connections past the cap stay in the backlog.
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                tracing::warn!(
+                    max_connections = limits.max_connections,
+                    "connection limit reached: new connections wait until one ends"
+                );
+                tokio::select! {
+                    slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+                    () = &mut shutdown => break,
+                }
+            }
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors, most likely: retrying at once would spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let activity = Arc::new(Activity::new());
+        let io = TokioIo::new(Watched {
+            stream,
+            activity: activity.clone(),
+        });
+        let service = TowerToHyperService::new(Tracked {
+            inner: service.clone(),
+            activity: activity.clone(),
+            body_timeout: limits.body_timeout,
+            error_format: error_format.clone(),
+        });
+        let conn = graceful.watch(http.serve_connection(io, service));
+        let limits = limits.clone();
+        tokio::spawn(async move {
+            match watchdog(conn, &activity, &limits).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "connection ended with an error"),
+                Err(why) => tracing::debug!(%peer, why, "connection closed"),
+            }
+            drop(slot);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
+}
+
+/// Where a connection is between requests, as the timeouts see it.
+#[derive(Debug, Clone, Copy)]
+enum Phase {
+    /// No request in progress, no byte of the next one since this instant.
+    Idle(Instant),
+    /// The first byte of a request head came at this instant; the head is not complete.
+    Head(Instant),
+    /// This many requests are being served (the service called, its response not yet
+    /// fully sent).
+    Busy(usize),
+}
+
+/// A connection's [`Phase`], and since when a write to the client has been blocked;
+/// updated by its socket ([`Watched`]) and its service ([`Tracked`]), all polled from the
+/// connection's own task.
+#[derive(Debug)]
+struct Activity {
+    phase: Mutex<Phase>,
+    blocked: Mutex<Option<Instant>>,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            phase: Mutex::new(Phase::Idle(Instant::now())),
+            blocked: Mutex::new(None),
+        }
+    }
+
+    fn phase(&self) -> std::sync::MutexGuard<'_, Phase> {
+        self.phase.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write_blocked(&self, blocked: bool) {
+        let mut since = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
+        match (blocked, *since) {
+            (true, None) => *since = Some(Instant::now()),
+            (false, Some(_)) => *since = None,
+            _ => {}
+        }
+    }
+
+    fn bytes_read(&self) {
+        let mut phase = self.phase();
+        if let Phase::Idle(_) = *phase {
+            *phase = Phase::Head(Instant::now());
+        }
+    }
+
+    fn request_started(&self) {
+        let mut phase = self.phase();
+        *phase = match *phase {
+            Phase::Busy(n) => Phase::Busy(n + 1),
+            _ => Phase::Busy(1),
+        };
+    }
+
+    fn request_ended(&self) {
+        let mut phase = self.phase();
+        *phase = match *phase {
+            Phase::Busy(n) if n > 1 => Phase::Busy(n - 1),
+            _ => Phase::Idle(Instant::now()),
+        };
+    }
+
+    /// When the connection is to be closed if nothing changes, and why.
+    fn deadline(&self, limits: &Limits) -> Option<(Instant, &'static str)> {
+        match *self.phase() {
+            Phase::Idle(since) => Some((since + limits.idle_timeout, "idle timeout")),
+            Phase::Head(since) => Some((since + limits.header_read_timeout, "header read timeout")),
+            Phase::Busy(_) => {
+                let blocked = *self.blocked.lock().unwrap_or_else(|e| e.into_inner());
+                blocked.map(|since| (since + limits.send_timeout, "send timeout"))
+            }
+        }
+    }
+}
+
+/// Drives `conn` until it ends, or until its [`Activity`] deadline passes (then `Err`, and
+/// dropping `conn` closes the socket).
+///
+/// Every phase change happens while `conn` is polled (a read, a service call, a response
+/// body ending), so the deadline is recomputed after each poll of it and nothing is missed.
+async fn watchdog<C: Future>(
+    conn: C,
+    activity: &Activity,
+    limits: &Limits,
+) -> Result<C::Output, &'static str> {
+    let mut conn = pin!(conn);
+    let mut timer = pin!(tokio::time::sleep(Duration::ZERO));
+    let mut armed = None;
+    poll_fn(|cx| {
+        if let Poll::Ready(output) = conn.as_mut().poll(cx) {
+            return Poll::Ready(Ok(output));
+        }
+        let Some((at, why)) = activity.deadline(limits) else {
+            armed = None;
+            return Poll::Pending;
+        };
+        if armed != Some(at) {
+            timer.as_mut().reset(at);
+            armed = Some(at);
+        }
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(why)),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
+}
+
+/// The client's socket, telling its [`Activity`] when request bytes arrive.
+struct Watched {
+    stream: TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let read = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.bytes_read();
+        }
+        read
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let written = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.activity.write_blocked(written.is_pending());
+        written
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let written = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.activity.write_blocked(written.is_pending());
+        written
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// The gateway's service on one connection: marks the connection busy from the call until
+/// the response body is sent or dropped, and times out a stalled request body.
+#[derive(Clone)]
+struct Tracked {
+    inner: GatewayService,
+    activity: Arc<Activity>,
+    body_timeout: Duration,
+    error_format: Arc<ErrorFormat>,
+}
+
+/// Ends the request's busy phase when dropped: with the response body, or with the
+/// response future if the client went away first.
+struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.request_ended();
+    }
+}
+
+impl tower::Service<Request<Incoming>> for Tracked {
+    type Response = Response<Body>;
+    type Error = std::convert::Infallible;
+    type Future =
+        Pin<Box<dyn Future<Output = Result<Response<Body>, std::convert::Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // Readiness is asked of the gateway by `oneshot`.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        self.activity.request_started();
+        let busy = Busy(self.activity.clone());
+        let stalled = Arc::new(AtomicBool::new(false));
+        let req = req.map(|body| {
+            Body::new(Stall {
+                body,
+                timeout: self.body_timeout,
+                timer: None,
+                stalled: stalled.clone(),
+            })
+        });
+        let answer = self.inner.clone().oneshot(req);
+        let error_format = self.error_format.clone();
+        Box::pin(async move {
+            let response = answer.await?;
+            let response = if stalled.load(Ordering::Relaxed) {
+                stalled_body(&error_format)
+            } else {
+                response
+            };
+            Ok(response.map(|body| {
+                Body::new(Sending {
+                    body,
+                    busy: Some(busy),
+                })
+            }))
+        })
+    }
+}
+
+/// 408 for a request whose body stopped coming; whatever the stack answered was about a
+/// request it never saw whole.
+fn stalled_body(format: &ErrorFormat) -> Response<Body> {
+    tracing::info!("request refused: its body stalled");
+    let mut response = format
+        .error_response(
+            StatusCode::REQUEST_TIMEOUT,
+            Some("request_body_timeout"),
+            "The request body stopped arriving.",
+        )
+        .map(Body::from);
+    // The rest of the body may still come: the connection cannot be reused.
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+    response
+}
+
+pin_project! {
+    /// A request body that fails once no bytes came for `timeout` while it was waited on,
+    /// and notes that it did, so that the answer can say so.
+    ///
+    /// (tower-http's `TimeoutBody` does the timing, but hides the body's size hint and end:
+    /// a sized body would then look unsized to the proxy.)
+    struct Stall {
+        #[pin]
+        body: Incoming,
+        timeout: Duration,
+        #[pin]
+        timer: Option<tokio::time::Sleep>,
+        stalled: Arc<AtomicBool>,
+    }
+}
+
+/// The error of a [`Stall`] body that timed out.
+#[derive(Debug)]
+struct Stalled;
+
+impl std::fmt::Display for Stalled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the request body stalled")
+    }
+}
+
+impl std::error::Error for Stalled {}
+
+impl http_body::Body for Stall {
+    type Data = Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let mut this = self.project();
+        // The body first: bytes that are there win over a timer that just ran out.
+        if let Poll::Ready(frame) = this.body.poll_frame(cx) {
+            this.timer.set(None);
+            return Poll::Ready(frame.map(|frame| frame.map_err(Into::into)));
+        }
+        if this.timer.is_none() {
+            this.timer.set(Some(tokio::time::sleep(*this.timeout)));
+        }
+        let timer = this.timer.as_pin_mut().expect("set above");
+        ready!(timer.poll(cx));
+        this.stalled.store(true, Ordering::Relaxed);
+        Poll::Ready(Some(Err(Stalled.into())))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// A response body that ends its request's busy phase when it ends or is dropped.
+struct Sending {
+    body: Body,
+    busy: Option<Busy>,
+}
+
+impl http_body::Body for Sending {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let frame = Pin::new(&mut self.body).poll_frame(cx);
+        if let Poll::Ready(None) = frame {
+            self.busy = None;
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}

@@ -1,0 +1,193 @@
+//! Hop-by-hop headers (RFC 9110 §7.6.1): the ones that describe one connection, not the
+//! message, and so must not be forwarded.
+//!
+//! A client's `Connection` header may name any header as hop-by-hop, `Authorization`
+//! included. Honoring that list at the proxy, after the layers ran, would let a client delete
+//! what the layers set (the provider credential, the billed organization, the request id).
+//! So the client's list is honored on entry, by [`StripHopByHopLayer`], before any layer
+//! runs; [`Forward`](super::Forward) then drops only the fixed hop-by-hop names from a request.
+
+use std::task::{Context, Poll};
+
+use http::Request;
+use http::header::{self, HeaderMap, HeaderName};
+use tower_layer::Layer;
+use tower_service::Service;
+
+/// Headers that are hop-by-hop whatever `Connection` says.
+const FIXED: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHORIZATION,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Drops the fixed hop-by-hop headers, `TE` unless it is `trailers` (how gRPC says it wants
+/// trailers), and, with `named`, the headers the `Connection` header lists.
+pub(super) fn drop_hop_by_hop(headers: &mut HeaderMap, named: bool) {
+    let te_is_trailers = headers
+        .get(header::TE)
+        .is_none_or(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    if !named || !headers.contains_key(header::CONNECTION) {
+        // Usually there are none: one pass over the names says so (see `headers::remove_all`).
+        crate::headers::remove_all(headers, &FIXED);
+    } else {
+        let listed: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::try_from(name.trim()).ok())
+            .collect();
+        for name in listed.iter().chain(FIXED.iter()) {
+            headers.remove(name);
+        }
+    }
+    if !te_is_trailers {
+        headers.remove(header::TE);
+    }
+}
+
+/// A layer that removes hop-by-hop headers on entry: `Connection`, every header it names,
+/// and the fixed ones (`Keep-Alive`, `Proxy-Connection`, `Proxy-Authorization`, `TE` other
+/// than `trailers`, `Trailer`, `Transfer-Encoding`, `Upgrade`).
+///
+/// Place it outermost, before the inbound layer: the headers a client names in `Connection`
+/// are then gone before any layer looks at the request, and nothing a layer sets later can
+/// be removed by the client's list. [`Forward`](super::Forward) no longer reads `Connection`
+/// on requests, so without this layer the headers a client names there are forwarded.
+/// (Upgrades such as WebSocket do not pass through it.)
+///
+/// ```
+/// use std::convert::Infallible;
+/// use http::{Request, Response};
+/// use tower::{ServiceBuilder, ServiceExt};
+/// use tower_gateway_auth::proxy::StripHopByHopLayer;
+///
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let service = ServiceBuilder::new()
+///     .layer(StripHopByHopLayer::new())
+///     // .layer(inbound).layer(upstream).layer(inject)
+///     .service_fn(|req: Request<()>| async move {
+///         assert!(req.headers().get("x-next-hop-only").is_none());
+///         assert!(req.headers().get("connection").is_none());
+///         assert_eq!(req.headers()["x-end-to-end"], "kept");
+///         Ok::<_, Infallible>(Response::new(()))
+///     });
+/// let req = Request::get("/v1/models")
+///     .header("connection", "keep-alive, x-next-hop-only")
+///     .header("x-next-hop-only", "1")
+///     .header("x-end-to-end", "kept")
+///     .body(())
+///     .unwrap();
+/// service.oneshot(req).await.unwrap();
+/// # });
+/// ```
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StripHopByHopLayer {
+    _private: (),
+}
+
+impl StripHopByHopLayer {
+    /// The layer.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl<S> Layer<S> for StripHopByHopLayer {
+    type Service = StripHopByHop<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        StripHopByHop { inner }
+    }
+}
+
+/// The service [`StripHopByHopLayer`] wraps around an inner service.
+#[derive(Debug, Clone)]
+pub struct StripHopByHop<S> {
+    inner: S,
+}
+
+impl<S> StripHopByHop<S> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The inner service, unwrapped.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, B> Service<Request<B>> for StripHopByHop<S>
+where
+    S: Service<Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        drop_hop_by_hop(req.headers_mut(), true);
+        self.inner.call(req)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn on_entry_the_named_headers_go_too() {
+        let mut h = headers(&[
+            ("connection", "keep-alive, x-private"),
+            ("connection", "Authorization"),
+            ("x-private", "1"),
+            ("authorization", "Bearer client"),
+            ("keep-alive", "timeout=5"),
+            ("upgrade", "h2c"),
+            ("te", "gzip"),
+            ("proxy-authorization", "Basic x"),
+            ("x-kept", "1"),
+        ]);
+        drop_hop_by_hop(&mut h, true);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-kept"]);
+    }
+
+    #[test]
+    fn at_the_proxy_only_the_fixed_names_go() {
+        let mut h = headers(&[
+            ("connection", "authorization, x-request-id"),
+            ("authorization", "Bearer provider"),
+            ("x-request-id", "req-1"),
+            ("transfer-encoding", "chunked"),
+            ("te", "trailers"),
+        ]);
+        drop_hop_by_hop(&mut h, false);
+        let mut left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        left.sort();
+        assert_eq!(left, ["authorization", "te", "x-request-id"]);
+    }
+}
