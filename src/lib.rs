@@ -68,8 +68,8 @@ pub use keys::format::{
     ApiKey, Checksum, Fingerprint, InvalidPrefix, KeyDigest, KeyFormat, KeyHasher,
 };
 pub use keys::manager::{
-    DEFAULT_EPHEMERAL_TTL, DEFAULT_MAX_EPHEMERAL_TTL, DEFAULT_TTL, IssuedKey, KeyManager, Lifetime,
-    ManageError, NewKey,
+    DEFAULT_EPHEMERAL_TTL, DEFAULT_MAX_EPHEMERAL_TTL, DEFAULT_MAX_LIVE_EPHEMERAL, DEFAULT_TTL,
+    IssuedKey, KeyManager, Lifetime, ManageError, NewKey,
 };
 pub use keys::record::{
     KeyId, KeyRecord, KeyStatus, KeyUnusable, Metadata, ParseKeyIdError, Scopes,

@@ -541,6 +541,13 @@ fn configuration_mistakes_name_the_field() {
         .unwrap_err();
     assert!(err.to_string().contains("line 7"), "{err}");
 
+    let zero_cap = good.replace(
+        "reload_ms = 100",
+        "reload_ms = 100\nmax_ephemeral_per_key = 0",
+    );
+    let plan = app::Config::from_toml(&zero_cap).unwrap().plan(&env);
+    assert_eq!(plan.err().unwrap().field, "max_ephemeral_per_key");
+
     let workers = |n: &str| {
         app::Config::from_toml(&good.replace(
             "reload_ms = 100",

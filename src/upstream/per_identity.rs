@@ -78,7 +78,9 @@ impl<C: CredentialSource> PerIdentity<C> {
         self
     }
 
-    /// Requests nothing else fits use `source`, anonymous ones included.
+    /// Requests nothing else fits use `source` (anonymous ones too, where the upstream
+    /// layer lets them through with
+    /// [`credential_without_identity`](crate::UpstreamAuthLayer::credential_without_identity)).
     pub fn fallback(mut self, source: C) -> Self {
         self.fallback = Some(source);
         self

@@ -42,6 +42,9 @@ pub struct Config {
     /// How often the keys file is checked for changes by other processes.
     #[serde(default = "default_reload_ms")]
     pub reload_ms: u64,
+    /// How many live ephemeral keys one key may have at a time (`POST /admin/ephemeral`).
+    #[serde(default = "default_max_ephemeral_per_key")]
+    pub max_ephemeral_per_key: usize,
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout_secs: u64,
     #[serde(default = "default_timeout")]
@@ -166,6 +169,9 @@ fn default_key_prefix() -> String {
 fn default_reload_ms() -> u64 {
     1000
 }
+fn default_max_ephemeral_per_key() -> usize {
+    tower_gateway_auth::DEFAULT_MAX_LIVE_EPHEMERAL
+}
 fn default_connect_timeout() -> u64 {
     10
 }
@@ -205,6 +211,7 @@ pub struct Plan {
     pub hasher: KeyHasher,
     pub key_format: KeyFormat,
     pub reload: Duration,
+    pub max_ephemeral_per_key: usize,
     pub limits: Limits,
     pub routes: Vec<RoutePlan>,
 }
@@ -280,6 +287,7 @@ impl Config {
             pepper_env: None,
             key_prefix: default_key_prefix(),
             reload_ms: default_reload_ms(),
+            max_ephemeral_per_key: default_max_ephemeral_per_key(),
             connect_timeout_secs: default_connect_timeout(),
             timeout_secs: default_timeout(),
             workers: None,
@@ -374,6 +382,12 @@ impl Config {
         if self.reload_ms == 0 {
             return Err(bad("reload_ms", "must be at least 1"));
         }
+        if self.max_ephemeral_per_key == 0 {
+            return Err(bad(
+                "max_ephemeral_per_key",
+                "must be at least 1 (without an admin_scope nobody mints anyway)",
+            ));
+        }
         let keys = match (self.keys_file, self.redis_url) {
             (Some(_), Some(_)) => {
                 return Err(bad("redis_url", "give keys_file or redis_url, not both"));
@@ -402,6 +416,7 @@ impl Config {
             hasher,
             key_format,
             reload: Duration::from_millis(self.reload_ms),
+            max_ephemeral_per_key: self.max_ephemeral_per_key,
             limits,
             routes,
         })

@@ -127,7 +127,9 @@ where
     S: KeyAdmin,
     S::Lookup: Unpin,
 {
-    let manager = KeyManager::new(store.clone()).key_format(plan.key_format.clone());
+    let manager = KeyManager::new(store.clone())
+        .key_format(plan.key_format.clone())
+        .max_live_ephemeral(plan.max_ephemeral_per_key);
     let inbound = |format: &ErrorFormat| {
         InboundApiKeyLayer::from_shared(store.clone())
             .sources(plan.sources.clone())
