@@ -15,7 +15,15 @@
 //! - [`HeaderInjectLayer`] overwrites, appends, defaults or removes request headers, adds
 //!   provider headers and gives each request an id ([`RequestId`]).
 //!
-//! A gateway stacks them in that order: client → inbound → upstream → inject → proxy.
+//! - [`RejectionLayer`], outermost, renders every refusal of the layers inside it in one
+//!   dialect and realm. Each refusal is a typed [`Rejection`] (why, status, challenge,
+//!   message, `Retry-After`), rendered where it happens in the default dialect and carried in
+//!   the response's extensions, where this layer (and tracing, metrics or any outer layer)
+//!   reads it: no layer has dialect or realm settings of its own, so a route cannot answer
+//!   401 in one realm and 403 in another.
+//!
+//! A gateway stacks them in that order: client → rejections → inbound → upstream → inject →
+//! proxy.
 //!
 //! ```
 //! use axum::{Router, routing::get};
@@ -52,7 +60,7 @@ mod keys;
 #[cfg(feature = "proxy")]
 pub mod proxy;
 mod query;
-mod rejection;
+pub mod rejection;
 pub mod store;
 mod time;
 pub mod upstream;
@@ -74,7 +82,9 @@ pub use keys::manager::{
 pub use keys::record::{
     KeyId, KeyRecord, KeyStatus, KeyUnusable, Metadata, ParseKeyIdError, Scopes,
 };
-pub use rejection::{ErrorFormat, Realm, Rejection, RejectionKind, UnknownErrorFormat, is_grpc};
+pub use rejection::{
+    ErrorFormat, Realm, Rejection, RejectionKind, RejectionLayer, UnknownErrorFormat, is_grpc,
+};
 #[cfg(feature = "redis")]
 pub use store::RedisStore;
 pub use store::{

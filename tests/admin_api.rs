@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use support::{Answer, HttpClient, client, send, spawn_axum};
 use tower_gateway_auth::{
     ErrorFormat, Identity, InboundApiKeyLayer, KeyFormat, KeyManager, ManagementApi, MemoryStore,
-    NewKey,
+    NewKey, RejectionLayer,
 };
 
 struct Api {
@@ -71,17 +71,9 @@ async fn start(format: ErrorFormat) -> (Api, String) {
             "/v1/whoami",
             get(|who: Identity| async move { who.name().to_owned() }),
         )
-        .nest(
-            "/admin",
-            ManagementApi::new(manager)
-                .error_format(format.clone())
-                .router(),
-        )
-        .layer(
-            InboundApiKeyLayer::from_shared(store)
-                .error_format(format)
-                .key_formats([KeyFormat::new("gw").unwrap()]),
-        );
+        .nest("/admin", ManagementApi::new(manager).router())
+        .layer(InboundApiKeyLayer::from_shared(store).key_formats([KeyFormat::new("gw").unwrap()]))
+        .layer(RejectionLayer::new().error_format(format));
     let addr = spawn_axum(app).await;
     let api = Api {
         http: client(),

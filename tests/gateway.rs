@@ -1262,3 +1262,59 @@ async fn bodies_keep_their_framing_through_the_server_limits() {
         got.headers
     );
 }
+
+#[tokio::test]
+async fn every_refusal_of_a_route_names_one_realm_and_carries_its_reason() {
+    let dir = TempDir::new("gw-realm");
+    let (upstream, seen) = spawn_upstream().await;
+    let (user, _) = issue(&dir.file(), "user", &["openai"]).await;
+    let gw = start(&config(&dir.file(), upstream)).await;
+    // /admin: 401 without a key, 403 with a key that is no admin, one realm for both.
+    let missing = call(gw.addr, Method::GET, "/admin/keys", &[], "").await;
+    let forbidden = get_key(gw.addr, "/admin/keys", user.expose()).await;
+    assert_eq!(missing.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(forbidden.status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        missing.headers["www-authenticate"],
+        "Bearer realm=\"gateway\""
+    );
+    assert_eq!(
+        forbidden.headers["www-authenticate"],
+        "Bearer realm=\"gateway\", error=\"insufficient_scope\", scope=\"admin\""
+    );
+    // Each route in its dialect, whichever layer refuses: the inbound layer's 401 on the
+    // Anthropic route, the scope layer's 403 on the OpenAI one; one realm everywhere.
+    let a = call(gw.addr, Method::GET, "/anthropic/v1/models", &[], "").await;
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        a.json()["error"]["type"],
+        "authentication_error",
+        "{}",
+        a.text()
+    );
+    assert_eq!(a.headers["www-authenticate"], "Bearer realm=\"gateway\"");
+    let (other, _) = issue(&dir.file(), "no-scope", &[]).await;
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let a = get_key(gw.addr, "/openai/v1/models", other.expose()).await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        a.json()["error"]["code"],
+        "insufficient_scope",
+        "{}",
+        a.text()
+    );
+    assert!(
+        a.headers["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .starts_with("Bearer realm=\"gateway\"")
+    );
+    // A path no route serves: the gateway's dialect, no challenge.
+    let a = call(gw.addr, Method::GET, "/nowhere", &[], "").await;
+    assert_eq!(
+        (a.status, a.json()["error"]["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("not_found"))
+    );
+    assert!(!a.headers.contains_key("www-authenticate"));
+    assert_eq!(seen.count(), 0);
+}

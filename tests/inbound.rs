@@ -15,8 +15,8 @@ use support::{Recorder, read, store_with};
 use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_gateway_auth::{
     BoxLookup, ErrorFormat, InboundApiKeyLayer, KeyDigest, KeyId, KeyRecord, KeySource, KeyStatus,
-    KeyStore, LookupResult, ManualClock, MemoryStore, RejectionKind, RequireScopesLayer,
-    StoreError, Timestamp,
+    KeyStore, LookupResult, ManualClock, MemoryStore, RejectionKind, RejectionLayer,
+    RequireScopesLayer, StoreError, Timestamp,
 };
 
 const KEY: &str = "gw_test-key-0001";
@@ -34,8 +34,29 @@ where
     K: KeyStore,
     K::Lookup: Unpin,
 {
-    let svc = ServiceBuilder::new().layer(layer).service(rec.service());
+    call_in(RejectionLayer::new(), layer, rec, r).await
+}
+
+/// [`call`], with the rejections rendered by `responder`.
+async fn call_in<K>(
+    responder: RejectionLayer,
+    layer: InboundApiKeyLayer<K>,
+    rec: &Recorder,
+    r: Request<()>,
+) -> support::Answer
+where
+    K: KeyStore,
+    K::Lookup: Unpin,
+{
+    let svc = ServiceBuilder::new()
+        .layer(responder)
+        .layer(layer)
+        .service(rec.service());
     read(svc.oneshot(r).await.unwrap()).await
+}
+
+fn dialect(format: ErrorFormat) -> RejectionLayer {
+    RejectionLayer::new().error_format(format)
 }
 
 fn layer() -> InboundApiKeyLayer<Arc<MemoryStore>> {
@@ -109,7 +130,13 @@ async fn hide_credentials_can_be_turned_off() {
 #[tokio::test]
 async fn no_key_gets_a_bearer_challenge_without_an_error_code() {
     let rec = Recorder::default();
-    let a = call(layer().realm("gateway"), &rec, req("/", &[])).await;
+    let a = call_in(
+        RejectionLayer::new().realm("gateway"),
+        layer(),
+        &rec,
+        req("/", &[]),
+    )
+    .await;
     assert_eq!(a.status, StatusCode::UNAUTHORIZED);
     assert_eq!(a.headers["www-authenticate"], "Bearer realm=\"gateway\"");
     let body = a.json();
@@ -332,8 +359,9 @@ async fn missing_scopes_get_403_insufficient_scope() {
 async fn per_route_scopes_with_require_scopes_layer() {
     let rec = Recorder::default();
     let svc = ServiceBuilder::new()
+        .layer(dialect(ErrorFormat::Anthropic))
         .layer(layer())
-        .layer(RequireScopesLayer::new(["admin"]).error_format(ErrorFormat::Anthropic))
+        .layer(RequireScopesLayer::new(["admin"]))
         .service(rec.service());
     let a = read(
         svc.clone()
@@ -483,14 +511,14 @@ async fn preflight_passes_only_when_allowed() {
 async fn every_dialect_and_a_custom_responder() {
     let rec = Recorder::default();
     let bad = || req("/", &[("x-api-key", "wrong")]);
-    let a = call(layer().error_format(ErrorFormat::Anthropic), &rec, bad()).await;
+    let a = call_in(dialect(ErrorFormat::Anthropic), layer(), &rec, bad()).await;
     assert_eq!(
         a.json(),
         json!({"type":"error","error":{"type":"authentication_error","message":"Invalid API key."}})
     );
-    let a = call(layer().error_format(ErrorFormat::CodeMsg), &rec, bad()).await;
+    let a = call_in(dialect(ErrorFormat::CodeMsg), layer(), &rec, bad()).await;
     assert_eq!(a.json(), json!({"code":-1,"msg":"Invalid API key."}));
-    let a = call(layer().error_format(ErrorFormat::Problem), &rec, bad()).await;
+    let a = call_in(dialect(ErrorFormat::Problem), layer(), &rec, bad()).await;
     assert_eq!(a.headers["content-type"], "application/problem+json");
     assert_eq!(a.json()["detail"], "Invalid API key.");
     let custom = ErrorFormat::custom(|r| {
@@ -504,7 +532,7 @@ async fn every_dialect_and_a_custom_responder() {
             .body(Bytes::from(text))
             .unwrap()
     });
-    let a = call(layer().error_format(custom), &rec, bad()).await;
+    let a = call_in(dialect(custom), layer(), &rec, bad()).await;
     assert_eq!((a.status, a.text()), (StatusCode::UNAUTHORIZED, "go away"));
     assert!(a.headers.contains_key("www-authenticate"));
     assert_eq!(rec.count(), 0);
@@ -596,4 +624,53 @@ async fn a_store_that_answers_for_another_digest_is_not_trusted() {
     .await;
     assert_eq!(a.status, StatusCode::UNAUTHORIZED);
     assert_eq!(rec.count(), 0);
+}
+
+#[tokio::test]
+async fn every_refusal_carries_its_typed_rejection_and_the_layer_outside_renders_it() {
+    use tower_gateway_auth::{Credential, Provider, Rejection, UpstreamAuthLayer};
+    let rec = Recorder::default();
+    let stack = || {
+        ServiceBuilder::new()
+            .layer(dialect(ErrorFormat::Anthropic).realm("edge"))
+            .layer(layer().allow_anonymous(true))
+            .layer(RequireScopesLayer::new(["chat"]))
+            .layer(UpstreamAuthLayer::new(
+                Provider::openai(),
+                Credential::new("sk-up").unwrap(),
+            ))
+            .service(rec.service())
+    };
+    // Refused by the inbound layer, by the scope layer (anonymous: no identity), and passed.
+    for (headers, kind) in [
+        (
+            vec![("x-api-key", "wrong")],
+            Some(RejectionKind::InvalidKey),
+        ),
+        (vec![], Some(RejectionKind::MissingKey)),
+        (vec![("x-api-key", KEY)], None),
+    ] {
+        let response = stack().oneshot(req("/", &headers)).await.unwrap();
+        let why = response
+            .extensions()
+            .get::<Rejection>()
+            .map(Rejection::kind);
+        assert_eq!(why, kind);
+        if kind.is_some() {
+            assert!(
+                response.headers()["www-authenticate"]
+                    .to_str()
+                    .unwrap()
+                    .contains("realm=\"edge\"")
+            );
+            let a = read(response).await;
+            assert_eq!(
+                a.json()["type"],
+                "error",
+                "Anthropic's dialect: {}",
+                a.text()
+            );
+        }
+    }
+    assert_eq!(rec.count(), 1, "only the accepted request went in");
 }

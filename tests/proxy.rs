@@ -123,11 +123,13 @@ async fn an_unreachable_upstream_is_502_and_a_silent_one_504() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap()
     };
-    let forward = Forward::builder(&format!("http://{closed}"))
-        .unwrap()
-        .error_format(ErrorFormat::Anthropic)
-        .build();
-    let gw = gateway(forward).await;
+    let forward = Forward::new(&format!("http://{closed}")).unwrap();
+    let gw = spawn_axum(
+        Router::new()
+            .nest_service("/up", forward)
+            .layer(tower_gateway_auth::RejectionLayer::new().error_format(ErrorFormat::Anthropic)),
+    )
+    .await;
     let a = send(&client(), get(gw, "/up/x", &[])).await;
     assert_eq!(a.status, StatusCode::BAD_GATEWAY);
     assert_eq!(a.json()["error"]["type"], "api_error");

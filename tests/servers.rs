@@ -52,9 +52,7 @@ async fn axum_router_with_extractors_and_per_route_scopes() {
         )
         .route(
             "/admin",
-            get(|| async { "admin area" }).route_layer(
-                RequireScopesLayer::new(["admin"]).error_format(ErrorFormat::Anthropic),
-            ),
+            get(|| async { "admin area" }).route_layer(RequireScopesLayer::new(["admin"])),
         )
         .layer(record)
         .layer(
@@ -62,9 +60,9 @@ async fn axum_router_with_extractors_and_per_route_scopes() {
                 .sources(
                     ["header:x-api-key", "bearer", "query:api_key"].map(|s| s.parse().unwrap()),
                 )
-                .allow_anonymous(true)
-                .error_format(ErrorFormat::Anthropic),
-        );
+                .allow_anonymous(true),
+        )
+        .layer(tower_gateway_auth::RejectionLayer::new().error_format(ErrorFormat::Anthropic));
     let addr = spawn_axum(app).await;
     let http = client();
 

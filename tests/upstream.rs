@@ -517,12 +517,13 @@ async fn per_identity_picks_by_key_then_tenant_then_fallback_else_refuses() {
     let (provider, seen) = spawn_upstream().await;
     let strict = spawn_service(
         ServiceBuilder::new()
-            .layer(inbound)
             .layer(
-                UpstreamAuthLayer::new(Provider::anthropic(), mapping())
+                tower_gateway_auth::RejectionLayer::new()
                     .error_format(ErrorFormat::Anthropic)
                     .realm("llm-gateway"),
             )
+            .layer(inbound)
+            .layer(UpstreamAuthLayer::new(Provider::anthropic(), mapping()))
             .service(forward_to(provider)),
     )
     .await;

@@ -40,7 +40,7 @@ use crate::future::{Next, Resumable, Resume};
 use crate::identity::Identity;
 use crate::keys::format::{Checksum, KeyDigest, KeyFormat};
 use crate::keys::record::{KeyRecord, KeyUnusable, Scopes};
-use crate::rejection::{ErrorFormat, Realm, Rejection, RejectionKind};
+use crate::rejection::{Rejection, RejectionKind};
 use crate::store::{KeyStore, LookupResult, StoreError};
 use crate::time::{Clock, SystemClock};
 
@@ -56,8 +56,9 @@ pub const DEFAULT_STORE_TIMEOUT: Duration = Duration::from_secs(5);
 /// A layer that authenticates requests by API key.
 ///
 /// Defaults: keys from `X-API-Key` then `Authorization: Bearer`, credentials hidden from
-/// the inner service, OpenAI-style error bodies, realm `api`, keys of at most 1 KiB, a
-/// 5-second store timeout, no preflight or anonymous pass-through.
+/// the inner service, keys of at most 1 KiB, a 5-second store timeout, no preflight or
+/// anonymous pass-through. Rejections are rendered in the default dialect (OpenAI, realm
+/// `api`); a [`RejectionLayer`](crate::RejectionLayer) outside sets another.
 ///
 /// ```
 /// use std::convert::Infallible;
@@ -95,8 +96,6 @@ struct Config<K> {
     hide_credentials: bool,
     required_scopes: Scopes,
     identity_header: Option<HeaderName>,
-    error_format: ErrorFormat,
-    realm: Realm,
     allow_preflight: bool,
     allow_anonymous: bool,
     max_key_len: usize,
@@ -113,8 +112,6 @@ impl<K> Clone for Config<K> {
             hide_credentials: self.hide_credentials,
             required_scopes: self.required_scopes.clone(),
             identity_header: self.identity_header.clone(),
-            error_format: self.error_format.clone(),
-            realm: self.realm.clone(),
             allow_preflight: self.allow_preflight,
             allow_anonymous: self.allow_anonymous,
             max_key_len: self.max_key_len,
@@ -144,8 +141,6 @@ impl<K: KeyStore> InboundApiKeyLayer<K> {
                 hide_credentials: true,
                 required_scopes: Scopes::empty(),
                 identity_header: None,
-                error_format: ErrorFormat::default(),
-                realm: Realm::default(),
                 allow_preflight: false,
                 allow_anonymous: false,
                 max_key_len: DEFAULT_MAX_KEY_LEN,
@@ -197,18 +192,6 @@ impl<K: KeyStore> InboundApiKeyLayer<K> {
     /// `x-consumer-id`). Any copy the client sent is removed first, on every request.
     pub fn identity_header(mut self, name: HeaderName) -> Self {
         self.config_mut().identity_header = Some(name);
-        self
-    }
-
-    /// The dialect of rejection bodies (default: OpenAI).
-    pub fn error_format(mut self, format: ErrorFormat) -> Self {
-        self.config_mut().error_format = format;
-        self
-    }
-
-    /// The realm in `WWW-Authenticate` (default: `api`).
-    pub fn realm(mut self, realm: &str) -> Self {
-        self.config_mut().realm = Realm::new(realm);
         self
     }
 
@@ -280,7 +263,6 @@ impl<K> std::fmt::Debug for InboundApiKeyLayer<K> {
             .field("sources", &self.config.sources)
             .field("hide_credentials", &self.config.hide_credentials)
             .field("required_scopes", &self.config.required_scopes)
-            .field("error_format", &self.config.error_format)
             .finish_non_exhaustive()
     }
 }
@@ -566,10 +548,10 @@ impl<K: KeyStore> Config<K> {
         Ok(Next::Call)
     }
 
-    /// The response for `rejection`, in the configured dialect (or gRPC).
+    /// The response for `rejection` (rendered in the stack's dialect by a
+    /// [`RejectionLayer`](crate::RejectionLayer) outside, if there is one).
     fn reject<B>(&self, req: &Request<B>, rejection: &Rejection) -> Response<Bytes> {
-        self.error_format
-            .respond(rejection, &self.realm, req.headers())
+        rejection.to_response(req.headers())
     }
 
     /// [`reject`](Self::reject) for a request turned away before any lookup (no key, a

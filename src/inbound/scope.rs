@@ -13,7 +13,7 @@ use crate::body::ResponseBody;
 use crate::future::ResponseFuture;
 use crate::identity::Identity;
 use crate::keys::record::Scopes;
-use crate::rejection::{ErrorFormat, Realm, Rejection, RejectionKind};
+use crate::rejection::{Rejection, RejectionKind};
 
 /// Requires the [`Identity`] put in place by
 /// [`InboundApiKeyLayer`](super::InboundApiKeyLayer) to hold every one of some scopes: a key
@@ -23,11 +23,11 @@ use crate::rejection::{ErrorFormat, Realm, Rejection, RejectionKind};
 ///
 /// ```
 /// use axum::{Router, routing::post};
-/// use tower_gateway_auth::{ErrorFormat, InboundApiKeyLayer, MemoryStore, RequireScopesLayer};
+/// use tower_gateway_auth::{InboundApiKeyLayer, MemoryStore, RequireScopesLayer};
 ///
 /// let app: Router = Router::new()
 ///     .route("/v1/chat/completions", post(|| async { "ok" }))
-///     .route_layer(RequireScopesLayer::new(["openai"]).error_format(ErrorFormat::OpenAi))
+///     .route_layer(RequireScopesLayer::new(["openai"]))
 ///     .layer(InboundApiKeyLayer::new(MemoryStore::new()));
 /// ```
 #[derive(Debug, Clone)]
@@ -40,8 +40,6 @@ pub struct RequireScopesLayer {
 struct Config {
     scopes: Scopes,
     refuse_ephemeral: bool,
-    error_format: ErrorFormat,
-    realm: Realm,
 }
 
 impl RequireScopesLayer {
@@ -55,8 +53,6 @@ impl RequireScopesLayer {
             config: Arc::new(Config {
                 scopes: Scopes::new(scopes),
                 refuse_ephemeral: false,
-                error_format: ErrorFormat::default(),
-                realm: Realm::default(),
             }),
         }
     }
@@ -65,18 +61,6 @@ impl RequireScopesLayer {
     /// scopes they hold (default: no). The management API uses this for its admin routes.
     pub fn refuse_ephemeral(mut self, refuse: bool) -> Self {
         Arc::make_mut(&mut self.config).refuse_ephemeral = refuse;
-        self
-    }
-
-    /// The dialect of rejection bodies (default: OpenAI).
-    pub fn error_format(mut self, format: ErrorFormat) -> Self {
-        Arc::make_mut(&mut self.config).error_format = format;
-        self
-    }
-
-    /// The realm in `WWW-Authenticate` (default: `api`).
-    pub fn realm(mut self, realm: &str) -> Self {
-        Arc::make_mut(&mut self.config).realm = Realm::new(realm);
         self
     }
 }
@@ -153,11 +137,7 @@ where
                 )
             }
         };
-        let response = self.layer.config.error_format.respond(
-            &rejection,
-            &self.layer.config.realm,
-            req.headers(),
-        );
+        let response = rejection.to_response(req.headers());
         ResponseFuture::rejected(response)
     }
 }

@@ -16,11 +16,12 @@ use crate::identity::Identity;
 use crate::inbound::RequireScopesLayer;
 use crate::keys::manager::{IssuedKey, KeyManager, Lifetime, ManageError, NewKey};
 use crate::keys::record::{KeyId, KeyRecord, KeyStatus, KeyUnusable, Metadata, Scopes};
-use crate::rejection::ErrorFormat;
+use crate::rejection::{Rejection, RejectionKind};
 use crate::store::KeyAdmin;
 use crate::time::{Clock, SystemClock, Timestamp};
 
-/// The key-management API: JSON in and out, errors in the configured dialect.
+/// The key-management API: JSON in and out; every error a [`Rejection`], rendered in the
+/// dialect of the [`RejectionLayer`](crate::RejectionLayer) around it (OpenAI's without one).
 ///
 /// | route | who | does |
 /// |---|---|---|
@@ -59,17 +60,15 @@ use crate::time::{Clock, SystemClock, Timestamp};
 pub struct ManagementApi<A> {
     manager: KeyManager<A>,
     admin_scope: String,
-    error_format: ErrorFormat,
     clock: Arc<dyn Clock>,
 }
 
 impl<A: KeyAdmin> ManagementApi<A> {
-    /// The API over `manager`, with admin scope `admin` and OpenAI-style errors.
+    /// The API over `manager`, with admin scope `admin`.
     pub fn new(manager: KeyManager<A>) -> Self {
         ManagementApi {
             manager,
             admin_scope: "admin".to_owned(),
-            error_format: ErrorFormat::default(),
             clock: Arc::new(SystemClock),
         }
     }
@@ -77,12 +76,6 @@ impl<A: KeyAdmin> ManagementApi<A> {
     /// The scope admin routes require.
     pub fn admin_scope(mut self, scope: impl Into<String>) -> Self {
         self.admin_scope = scope.into();
-        self
-    }
-
-    /// The dialect of error bodies.
-    pub fn error_format(mut self, format: ErrorFormat) -> Self {
-        self.error_format = format;
         self
     }
 
@@ -96,7 +89,6 @@ impl<A: KeyAdmin> ManagementApi<A> {
     pub fn router(self) -> Router {
         let state = Arc::new(ApiState {
             manager: self.manager,
-            format: self.error_format.clone(),
             clock: self.clock,
             admin_scope: self.admin_scope.clone(),
         });
@@ -107,11 +99,7 @@ impl<A: KeyAdmin> ManagementApi<A> {
             .route("/keys/{id}/disable", post(disable::<A>))
             .route("/keys/{id}/enable", post(enable::<A>))
             .route("/keys/{id}/rotate", post(rotate::<A>))
-            .route_layer(
-                RequireScopesLayer::new([self.admin_scope])
-                    .refuse_ephemeral(true)
-                    .error_format(self.error_format.clone()),
-            );
+            .route_layer(RequireScopesLayer::new([self.admin_scope]).refuse_ephemeral(true));
         Router::new()
             .route("/ephemeral", post(ephemeral::<A>))
             .merge(admin)
@@ -121,7 +109,6 @@ impl<A: KeyAdmin> ManagementApi<A> {
 
 struct ApiState<A> {
     manager: KeyManager<A>,
-    format: ErrorFormat,
     clock: Arc<dyn Clock>,
     admin_scope: String,
 }
@@ -194,75 +181,29 @@ struct IssuedView {
     view: KeyView,
 }
 
-/// An error answer, rendered in the API's dialect.
-struct ApiError {
-    format: ErrorFormat,
-    status: StatusCode,
-    code: &'static str,
-    message: String,
-}
-
 /// What a client told to come back later waits: an ephemeral key's default lifetime, by
 /// which the oldest of a parent's default-lived children has expired.
-const RETRY_AFTER_SECS: u64 = crate::keys::manager::DEFAULT_EPHEMERAL_TTL.as_secs();
+const RETRY_AFTER: Duration = crate::keys::manager::DEFAULT_EPHEMERAL_TTL;
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let mut response = self
-            .format
-            .error_response(self.status, Some(self.code), &self.message);
-        if self.status == StatusCode::TOO_MANY_REQUESTS {
-            response.headers_mut().insert(
-                http::header::RETRY_AFTER,
-                http::HeaderValue::from(RETRY_AFTER_SECS),
-            );
-        }
-        response.map(axum::body::Body::from).into_response()
-    }
-}
-
-type Answer = Result<Response, ApiError>;
+type Answer = Result<Response, Rejection>;
 
 impl<A> ApiState<A> {
-    fn error(
-        &self,
-        status: StatusCode,
-        code: &'static str,
-        message: impl Into<String>,
-    ) -> ApiError {
-        ApiError {
-            format: self.format.clone(),
-            status,
-            code,
-            message: message.into(),
-        }
-    }
-
-    fn fail(&self, e: ManageError) -> ApiError {
+    fn fail(&self, e: ManageError) -> Rejection {
+        let message = e.to_string();
         match e {
-            ManageError::NotFound(_) => {
-                self.error(StatusCode::NOT_FOUND, "key_not_found", e.to_string())
+            ManageError::NotFound(_) => Rejection::new(RejectionKind::KeyNotFound, message),
+            ManageError::Invalid(why) => Rejection::new(RejectionKind::InvalidRequest, why),
+            ManageError::Forbidden(why) => Rejection::new(RejectionKind::Forbidden, why),
+            ManageError::Unusable(_, why) => Rejection::new(RejectionKind::from(why), message),
+            ManageError::TooManyEphemeral { .. } => {
+                Rejection::new(RejectionKind::TooManyEphemeralKeys, message)
+                    .with_retry_after(RETRY_AFTER)
             }
-            ManageError::Invalid(why) => {
-                self.error(StatusCode::BAD_REQUEST, "invalid_request", why)
-            }
-            ManageError::Forbidden(why) => self.error(StatusCode::FORBIDDEN, "forbidden", why),
-            ManageError::Unusable(_, why) => self.error(
-                StatusCode::UNAUTHORIZED,
-                crate::rejection::RejectionKind::from(why).code(),
-                e.to_string(),
-            ),
-            ManageError::TooManyEphemeral { .. } => self.error(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too_many_ephemeral_keys",
-                e.to_string(),
-            ),
-            ManageError::Conflict => self.error(StatusCode::CONFLICT, "conflict", e.to_string()),
+            ManageError::Conflict => Rejection::new(RejectionKind::Conflict, message),
             ManageError::Store(error) => {
                 tracing::warn!(target: "tower_gateway_auth::admin", %error, "key store failed");
-                self.error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "store_unavailable",
+                Rejection::new(
+                    RejectionKind::StoreUnavailable,
                     "The key store is unavailable; try again shortly.",
                 )
             }
@@ -297,25 +238,24 @@ impl<A> ApiState<A> {
     }
 
     /// Parses a JSON body (empty means `{}`), answering 400 in the dialect when it is bad.
-    fn parse<T: DeserializeOwned>(&self, body: &Bytes) -> Result<T, ApiError> {
+    fn parse<T: DeserializeOwned>(&self, body: &Bytes) -> Result<T, Rejection> {
         let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
             b"{}"
         } else {
             body
         };
         serde_json::from_slice(body).map_err(|e| {
-            self.error(
-                StatusCode::BAD_REQUEST,
-                "invalid_json",
+            Rejection::new(
+                RejectionKind::InvalidJson,
                 format!("Invalid request body: {e}"),
             )
         })
     }
 
-    fn id(&self, raw: &str) -> Result<KeyId, ApiError> {
+    fn id(&self, raw: &str) -> Result<KeyId, Rejection> {
         raw.parse()
             .map_err(|e: crate::keys::record::ParseKeyIdError| {
-                self.error(StatusCode::NOT_FOUND, "key_not_found", e.to_string())
+                Rejection::new(RejectionKind::KeyNotFound, e.to_string())
             })
     }
 }
@@ -345,17 +285,15 @@ async fn create<A: KeyAdmin>(State(s): Shared<A>, body: Bytes) -> Answer {
         }
         (None, Some(secs), false) if secs > 0 => Lifetime::For(Duration::from_secs(secs)),
         _ => {
-            return Err(s.error(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
+            return Err(Rejection::new(
+                RejectionKind::InvalidRequest,
                 "Give at most one of ttl_days, ttl_seconds (both positive) or never_expires.",
             ));
         }
     };
     if body.name.trim().is_empty() || body.name.len() > 200 {
-        return Err(s.error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
+        return Err(Rejection::new(
+            RejectionKind::InvalidRequest,
             "A key needs a name of 1 to 200 characters.",
         ));
     }
@@ -451,16 +389,14 @@ struct EphemeralBody {
 
 async fn ephemeral<A: KeyAdmin>(State(s): Shared<A>, who: Option<Identity>, body: Bytes) -> Answer {
     let Some(who) = who else {
-        return Err(s.error(
-            StatusCode::UNAUTHORIZED,
-            "missing_api_key",
+        return Err(Rejection::new(
+            RejectionKind::MissingKey,
             "This endpoint requires an API key.",
         ));
     };
     if who.parent().is_some() {
-        return Err(s.error(
-            StatusCode::FORBIDDEN,
-            "forbidden",
+        return Err(Rejection::new(
+            RejectionKind::Forbidden,
             "An ephemeral key cannot mint another key.",
         ));
     }
@@ -471,9 +407,8 @@ async fn ephemeral<A: KeyAdmin>(State(s): Shared<A>, who: Option<Identity>, body
         .flatten()
         .any(|scope| *scope == s.admin_scope)
     {
-        return Err(s.error(
-            StatusCode::FORBIDDEN,
-            "forbidden",
+        return Err(Rejection::new(
+            RejectionKind::Forbidden,
             format!(
                 "An ephemeral key cannot have the {} scope: ephemeral keys never manage keys.",
                 s.admin_scope

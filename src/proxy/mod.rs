@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Request, Response, StatusCode, Uri};
+use http::{HeaderMap, Request, Response, Uri};
 use http_body::Body;
 use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
@@ -33,7 +33,7 @@ use hyper_util::rt::TokioExecutor;
 use tower_service::Service;
 
 use crate::body::ResponseBody;
-use crate::rejection::ErrorFormat;
+use crate::rejection::{Rejection, RejectionKind};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type OutBody = UnsyncBoxBody<Bytes, BoxError>;
@@ -60,8 +60,9 @@ type OutBody = UnsyncBoxBody<Bytes, BoxError>;
 ///   `https://` upstreams go through hyper-util's client, HTTP/2 when the upstream offers it
 ///   over ALPN.
 /// - Upstream answers, errors included, come back as they are. An unreachable upstream gives
-///   502 and one that does not answer within the response timeout 504, with a body in the
-///   configured [`ErrorFormat`]. That body names neither the upstream nor the error (both
+///   502 and one that does not answer within the response timeout 504, as a
+///   [`Rejection`] (rendered in the stack's dialect by a
+///   [`RejectionLayer`](crate::RejectionLayer) around it). That body names neither the upstream nor the error (both
 ///   are logged at `warn`, with the request id); it quotes the request's `x-request-id`
 ///   ([`request_id_header`](ForwardBuilder::request_id_header)) for the client to report.
 ///
@@ -87,7 +88,6 @@ struct Inner {
     authority: Authority,
     base_path: String,
     response_timeout: Option<Duration>,
-    error_format: ErrorFormat,
     request_id_header: HeaderName,
 }
 
@@ -141,7 +141,6 @@ pub struct ForwardBuilder {
     base_path: String,
     connect_timeout: Option<Duration>,
     response_timeout: Option<Duration>,
-    error_format: ErrorFormat,
     request_id_header: HeaderName,
     extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
     max_idle: usize,
@@ -161,12 +160,6 @@ impl ForwardBuilder {
     /// not limited: a long stream is not cut off.
     pub fn response_timeout(mut self, timeout: Duration) -> Self {
         self.response_timeout = Some(timeout);
-        self
-    }
-
-    /// The dialect of the proxy's own 502/504 bodies (default: OpenAI).
-    pub fn error_format(mut self, format: ErrorFormat) -> Self {
-        self.error_format = format;
         self
     }
 
@@ -217,7 +210,6 @@ impl ForwardBuilder {
                 authority: self.authority,
                 base_path: self.base_path,
                 response_timeout: self.response_timeout,
-                error_format: self.error_format,
                 request_id_header: self.request_id_header,
             }),
         }
@@ -275,7 +267,6 @@ impl Forward {
             base_path: uri.path().trim_end_matches('/').to_owned(),
             connect_timeout: Some(Duration::from_secs(10)),
             response_timeout: Some(Duration::from_secs(300)),
-            error_format: ErrorFormat::default(),
             request_id_header: crate::inject::X_REQUEST_ID,
             extra_roots: Vec::new(),
             max_idle: 256,
@@ -343,11 +334,11 @@ where
         // segment would take the request (and the credential it carries) outside it.
         if has_dot_segment(req.uri().path()) {
             tracing::info!(target: "tower_gateway_auth::proxy", upstream = %self.inner.authority, "request refused: dot segment in the path");
-            let response = self.inner.error_format.error_response(
-                StatusCode::BAD_REQUEST,
-                Some("invalid_path"),
+            let response = Rejection::new(
+                RejectionKind::InvalidPath,
                 "The request path must not contain `.` or `..` segments.",
-            );
+            )
+            .to_response(req.headers());
             return Box::pin(std::future::ready(Ok(response.map(ResponseBody::full))));
         }
         let (mut parts, body) = req.into_parts();
@@ -408,25 +399,25 @@ where
                     } else {
                         "The upstream failed to answer."
                     };
-                    inner.error_format.error_response(
-                        StatusCode::BAD_GATEWAY,
-                        Some("upstream_unreachable"),
-                        &with_request_id(message, request_id.as_deref()),
+                    Rejection::new(
+                        RejectionKind::UpstreamUnreachable,
+                        with_request_id(message, request_id.as_deref()),
                     )
                 }
                 Err(limit) => {
                     tracing::warn!(target: "tower_gateway_auth::proxy", upstream = %inner.authority, request_id = request_id.as_deref(), timeout = ?limit, "upstream timed out");
-                    inner.error_format.error_response(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        Some("upstream_timeout"),
-                        &with_request_id(
+                    Rejection::new(
+                        RejectionKind::UpstreamTimeout,
+                        with_request_id(
                             "The upstream did not answer in time.",
                             request_id.as_deref(),
                         ),
                     )
                 }
             };
-            Ok(response.map(ResponseBody::full))
+            Ok(response
+                .to_response(&HeaderMap::new())
+                .map(ResponseBody::full))
         })
     }
 }

@@ -47,7 +47,7 @@ use crate::future::{Next, Resumable, Resume};
 use crate::identity::Identity;
 use crate::inbound::InboundApiKeyLayer;
 use crate::query;
-use crate::rejection::{ErrorFormat, Realm, Rejection, RejectionKind};
+use crate::rejection::{Rejection, RejectionKind};
 
 pub use credential::{Credential, CredentialError, CredentialSource};
 pub use per_identity::{PerIdentity, PerIdentityFuture};
@@ -72,8 +72,7 @@ pub const DEFAULT_STRIPPED_QUERY: [&str; 1] = ["key"];
 /// A layer that replaces the client's credentials with the provider's.
 ///
 /// Defaults: the headers in [`DEFAULT_STRIPPED_HEADERS`] and the query parameters in
-/// [`DEFAULT_STRIPPED_QUERY`] are stripped, OpenAI-style error bodies, realm `api`, and a
-/// request without an [`Identity`] is refused (see
+/// [`DEFAULT_STRIPPED_QUERY`] are stripped, and a request without an [`Identity`] is refused (see
 /// [`credential_without_identity`](Self::credential_without_identity)).
 ///
 /// ```
@@ -122,8 +121,6 @@ struct Config<C> {
     source: Arc<C>,
     strip_headers: Vec<HeaderName>,
     strip_query: Vec<Arc<str>>,
-    error_format: ErrorFormat,
-    realm: Realm,
     /// Whether a request with no `Identity` still gets the credential (off: it is refused).
     without_identity: bool,
     /// Derived from the two above by `derive_removals`: what every request loses in one pass.
@@ -139,8 +136,6 @@ impl<C> Clone for Config<C> {
             source: self.source.clone(),
             strip_headers: self.strip_headers.clone(),
             strip_query: self.strip_query.clone(),
-            error_format: self.error_format.clone(),
-            realm: self.realm.clone(),
             without_identity: self.without_identity,
             removed: self.removed.clone(),
             rules_from: self.rules_from,
@@ -184,8 +179,6 @@ impl<C: CredentialSource> UpstreamAuthLayer<C> {
             source,
             strip_headers: DEFAULT_STRIPPED_HEADERS.to_vec(),
             strip_query: DEFAULT_STRIPPED_QUERY.iter().map(|&n| n.into()).collect(),
-            error_format: ErrorFormat::default(),
-            realm: Realm::default(),
             without_identity: false,
             removed: Vec::new(),
             rules_from: 0,
@@ -234,18 +227,6 @@ impl<C: CredentialSource> UpstreamAuthLayer<C> {
         if !config.strip_query.iter().any(|n| &**n == name) {
             config.strip_query.push(name.into());
         }
-        self
-    }
-
-    /// The dialect of rejection bodies (default: OpenAI).
-    pub fn error_format(mut self, format: ErrorFormat) -> Self {
-        self.config_mut().error_format = format;
-        self
-    }
-
-    /// The realm in `WWW-Authenticate` (default: `api`).
-    pub fn realm(mut self, realm: &str) -> Self {
-        self.config_mut().realm = Realm::new(realm);
         self
     }
 
@@ -306,7 +287,6 @@ impl<C: fmt::Debug> Config<C> {
             .field("source", &self.source)
             .field("strip_headers", &self.strip_headers)
             .field("strip_query", &self.strip_query)
-            .field("error_format", &self.error_format)
             .finish_non_exhaustive()
     }
 }
@@ -385,10 +365,7 @@ where
                 RejectionKind::MissingKey,
                 "An API key is required for this route.",
             );
-            let response =
-                self.config
-                    .error_format
-                    .respond(&rejection, &self.config.realm, req.headers());
+            let response = rejection.to_response(req.headers());
             return ResponseFuture {
                 inner: Resumable::decided(crate::future::ResponseFuture::rejected(response)),
             };
@@ -419,10 +396,7 @@ impl<C: CredentialSource, B> Resume<B> for Config<C> {
             }
             Err(rejection) => {
                 tracing::info!(target: "tower_gateway_auth::upstream", provider, source, reason = rejection.code(), "request refused: no upstream credential");
-                Next::Respond(
-                    self.error_format
-                        .respond(&rejection, &self.realm, req.headers()),
-                )
+                Next::Respond(rejection.to_response(req.headers()))
             }
         }
     }

@@ -16,15 +16,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::response::IntoResponse;
-use http::StatusCode;
 use tower::ServiceBuilder;
 use tower_gateway_auth::proxy::{Forward, StripHopByHopLayer};
 use tower_gateway_auth::store::listen_for_invalidations;
 use tower_gateway_auth::upstream::UpstreamAuthLayer;
 use tower_gateway_auth::{
     ApiKey, CachedStore, ErrorFormat, FileStore, HeaderInjectLayer, InboundApiKeyLayer, KeyAdmin,
-    KeyManager, ManagementApi, MemoryStore, NewKey, RedisStore, RequestId, RequireScopesLayer,
+    KeyManager, ManagementApi, MemoryStore, NewKey, RedisStore, Rejection, RejectionKind,
+    RejectionLayer, RequestId, RequireScopesLayer,
 };
 
 pub use config::{Config, ConfigError, Plan};
@@ -46,8 +45,8 @@ pub struct Gateway {
     pub listen: SocketAddr,
     /// The limits on client connections, from `[server]`.
     pub limits: Limits,
-    /// The gateway's default dialect, for answers no route speaks for.
-    pub error_format: ErrorFormat,
+    /// The gateway's default dialect and realm, for answers no route speaks for.
+    pub responder: RejectionLayer,
     /// The key made at start-up when no keys file is configured (shown once).
     pub first_key: Option<ApiKey>,
     /// The built-in echo upstream's address, when a route uses it.
@@ -62,7 +61,7 @@ impl Gateway {
         Serving {
             service: self.service.clone(),
             limits: self.limits.clone(),
-            error_format: self.error_format.clone(),
+            responder: self.responder.clone(),
         }
     }
 }
@@ -130,10 +129,14 @@ where
     let manager = KeyManager::new(store.clone())
         .key_format(plan.key_format.clone())
         .max_live_ephemeral(plan.max_ephemeral_per_key);
-    let inbound = |format: &ErrorFormat| {
+    let inbound = || {
         InboundApiKeyLayer::from_shared(store.clone())
             .sources(plan.sources.clone())
             .key_formats([plan.key_format.clone()])
+    };
+    // Every refusal of a route, whichever layer makes it, in the route's dialect; one realm.
+    let responder = |format: &ErrorFormat| {
+        RejectionLayer::new()
             .error_format(format.clone())
             .realm("gateway")
     };
@@ -162,20 +165,18 @@ where
             .expect("checked by the config")
             .connect_timeout(route.connect_timeout)
             .response_timeout(route.timeout)
-            .error_format(route.error_format.clone())
             .build();
-        let inbound = inbound(&route.error_format);
-        let upstream = UpstreamAuthLayer::new(route.provider, route.credential)
-            .strip_inbound(&inbound)
-            .error_format(route.error_format.clone());
+        let inbound = inbound();
+        let upstream =
+            UpstreamAuthLayer::new(route.provider, route.credential).strip_inbound(&inbound);
         let inject = route.headers.into_iter().fold(
             HeaderInjectLayer::new().request_id(RequestId::new().echo(true)),
             |layer, (name, value)| layer.overwrite(name, value),
         );
-        let scopes = RequireScopesLayer::new(route.scope)
-            .error_format(route.error_format.clone())
-            .realm("gateway");
+        let scopes = RequireScopesLayer::new(route.scope);
+        let responder = responder(&route.error_format);
         let stack = ServiceBuilder::new()
+            .layer(responder.clone())
             .layer(inbound)
             .layer(scopes)
             .layer(upstream)
@@ -183,7 +184,7 @@ where
             .service(forward);
         routes.push(routes::Route {
             prefix: route.prefix,
-            error_format: route.error_format,
+            responder,
             stack,
         });
     }
@@ -192,22 +193,19 @@ where
     if let Some(scope) = plan.admin_scope {
         let api = ManagementApi::new(manager.clone())
             .admin_scope(scope)
-            .error_format(plan.error_format.clone())
             .router()
-            .layer(inbound(&plan.error_format));
+            .layer(inbound());
         router = router.nest("/admin", api);
     }
-    let not_found = plan.error_format.clone();
-    let router = router.fallback(move |uri: http::Uri| {
-        let format = not_found.clone();
-        async move {
-            let message = format!("No route for {}.", uri.path());
-            format
-                .error_response(StatusCode::NOT_FOUND, Some("not_found"), &message)
-                .map(axum::body::Body::from)
-                .into_response()
-        }
-    });
+    let default_responder = responder(&plan.error_format);
+    let router = router
+        .fallback(|uri: http::Uri| async move {
+            Rejection::new(
+                RejectionKind::NotFound,
+                format!("No route for {}.", uri.path()),
+            )
+        })
+        .layer(default_responder.clone());
     let tasks = vec![manager.spawn_purge(std::time::Duration::from_secs(60))];
     Ok(Gateway {
         // Outermost: the headers a client names in `Connection` go before any layer runs, so
@@ -218,12 +216,12 @@ where
                 .service(routes::Routes::new(
                     routes,
                     router,
-                    plan.error_format.clone(),
+                    default_responder.clone(),
                 )),
         ),
         listen: plan.listen,
         limits: plan.limits,
-        error_format: plan.error_format,
+        responder: default_responder,
         first_key,
         echo,
         tasks,

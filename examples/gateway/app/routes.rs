@@ -23,13 +23,13 @@ use std::task::{Context, Poll, ready};
 use axum::Router;
 use axum::body::Body;
 use http::uri::PathAndQuery;
-use http::{Request, Response, StatusCode, Uri};
+use http::{Request, Response, Uri};
 use pin_project_lite::pin_project;
 use tower::Service;
 use tower::ServiceExt;
 use tower::util::Oneshot;
-use tower_gateway_auth::ErrorFormat;
 use tower_gateway_auth::proxy::has_dot_segment;
+use tower_gateway_auth::{Rejection, RejectionKind, RejectionLayer};
 
 /// The routes and the router for everything else; cheap to clone (hyper clones the service
 /// it is given once per request).
@@ -41,14 +41,15 @@ struct Table<S> {
     /// Longest prefix first, so that `/v1/beta` wins over `/v1`.
     routes: Vec<Route<S>>,
     other: Router,
-    /// The dialect of a refusal no route speaks for.
-    error_format: ErrorFormat,
+    /// The dialect and realm of a refusal no route speaks for.
+    responder: RejectionLayer,
 }
 
 /// One route: its prefix (`/name`, no trailing slash), dialect and stack.
 pub struct Route<S> {
     pub prefix: String,
-    pub error_format: ErrorFormat,
+    /// The route's dialect and realm (also around `stack`).
+    pub responder: RejectionLayer,
     pub stack: S,
 }
 
@@ -61,15 +62,15 @@ impl<S> Clone for Routes<S> {
 }
 
 impl<S> Routes<S> {
-    /// `routes`, then `other` for every other path; `error_format` for refusals of paths no
+    /// `routes`, then `other` for every other path; `responder` for refusals of paths no
     /// route matches.
-    pub fn new(mut routes: Vec<Route<S>>, other: Router, error_format: ErrorFormat) -> Self {
+    pub fn new(mut routes: Vec<Route<S>>, other: Router, responder: RejectionLayer) -> Self {
         routes.sort_by_key(|route| std::cmp::Reverse(route.prefix.len()));
         Routes {
             table: Arc::new(Table {
                 routes,
                 other,
-                error_format,
+                responder,
             }),
         }
     }
@@ -119,18 +120,16 @@ where
         let path = req.uri().path();
         let chosen = self.table.route(path);
         if has_dot_segment(path) {
-            let format = chosen.map_or(&self.table.error_format, |r| &r.error_format);
+            let responder = chosen.map_or(&self.table.responder, |r| &r.responder);
             tracing::info!(
                 prefix = chosen.map(|r| r.prefix.as_str()),
                 "request refused: dot segment in the path"
             );
-            let response = format
-                .error_response(
-                    StatusCode::BAD_REQUEST,
-                    Some("invalid_path"),
-                    "The request path must not contain `.` or `..` segments.",
-                )
-                .map(Body::from);
+            let rejection = Rejection::new(
+                RejectionKind::InvalidPath,
+                "The request path must not contain `.` or `..` segments.",
+            );
+            let response = responder.render(&rejection, req.headers()).map(Body::from);
             return RoutesFuture::Refused {
                 response: Some(response),
             };

@@ -34,7 +34,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use bytes::Bytes;
-use http::{Request, Response, StatusCode, header};
+use http::{Request, Response, header};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -46,7 +46,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tower::ServiceExt;
-use tower_gateway_auth::ErrorFormat;
+use tower_gateway_auth::{Rejection, RejectionKind, RejectionLayer};
 
 use crate::app::GatewayService;
 
@@ -80,8 +80,8 @@ impl Default for Limits {
 pub struct Serving {
     pub service: GatewayService,
     pub limits: Limits,
-    /// The dialect of the server's own answers (408 for a stalled body).
-    pub error_format: ErrorFormat,
+    /// The dialect and realm of the server's own answers (408 for a stalled body).
+    pub responder: RejectionLayer,
 }
 
 /// Serves `serving` on `listener` until `shutdown` completes; then stops accepting, lets
@@ -94,10 +94,10 @@ pub async fn serve(
     let Serving {
         service,
         limits,
-        error_format,
+        responder,
     } = serving;
     let limits = Arc::new(limits);
-    let error_format = Arc::new(error_format);
+    let responder = Arc::new(responder);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
     let mut http = http1::Builder::new();
@@ -143,7 +143,7 @@ pub async fn serve(
             inner: service.clone(),
             activity: activity.clone(),
             body_timeout: limits.body_timeout,
-            error_format: error_format.clone(),
+            responder: responder.clone(),
         });
         let conn = graceful.watch(http.serve_connection(io, service));
         let limits = limits.clone();
@@ -334,7 +334,7 @@ struct Tracked {
     inner: GatewayService,
     activity: Arc<Activity>,
     body_timeout: Duration,
-    error_format: Arc<ErrorFormat>,
+    responder: Arc<RejectionLayer>,
 }
 
 /// Ends the request's busy phase when dropped: with the response body, or with the
@@ -371,11 +371,11 @@ impl tower::Service<Request<Incoming>> for Tracked {
             })
         });
         let answer = self.inner.clone().oneshot(req);
-        let error_format = self.error_format.clone();
+        let responder = self.responder.clone();
         Box::pin(async move {
             let response = answer.await?;
             let response = if stalled.load(Ordering::Relaxed) {
-                stalled_body(&error_format)
+                stalled_body(&responder)
             } else {
                 response
             };
@@ -391,14 +391,14 @@ impl tower::Service<Request<Incoming>> for Tracked {
 
 /// 408 for a request whose body stopped coming; whatever the stack answered was about a
 /// request it never saw whole.
-fn stalled_body(format: &ErrorFormat) -> Response<Body> {
+fn stalled_body(responder: &RejectionLayer) -> Response<Body> {
     tracing::info!("request refused: its body stalled");
-    let mut response = format
-        .error_response(
-            StatusCode::REQUEST_TIMEOUT,
-            Some("request_body_timeout"),
-            "The request body stopped arriving.",
-        )
+    let rejection = Rejection::new(
+        RejectionKind::RequestBodyTimeout,
+        "The request body stopped arriving.",
+    );
+    let mut response = responder
+        .render(&rejection, &http::HeaderMap::new())
         .map(Body::from);
     // The rest of the body may still come: the connection cannot be reused.
     response

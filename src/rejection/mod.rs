@@ -1,5 +1,17 @@
 //! Why a request was turned away, and how that is told to the client: status,
 //! `WWW-Authenticate` (RFC 6750) and a body in the client's dialect, or a gRPC status.
+//!
+//! Every refusal of every layer is a [`Rejection`]: a value saying why (its
+//! [`RejectionKind`], which fixes the status), a message, the scopes a 403 wanted and a
+//! `Retry-After` where it applies. A layer that refuses renders it in the default dialect
+//! (OpenAI, realm `api`) and puts the rejection itself into the response's extensions. One
+//! [`RejectionLayer`] outside the stack is where a route sets its dialect and realm: it
+//! renders every rejection that comes out of the layers inside it again, once, in those.
+//! Tracing, metrics and outer layers read why from the extensions, never from the body.
+
+mod layer;
+
+pub use layer::{RejectionLayer, RejectionResponse, Rejections};
 
 use std::borrow::Cow;
 use std::fmt;
@@ -42,6 +54,28 @@ pub enum RejectionKind {
     NoUpstreamCredential,
     /// The upstream credential could not be obtained (e.g. the token endpoint is down).
     UpstreamCredentialUnavailable,
+    /// The path holds `.` or `..` segments (raw or percent-encoded): 400.
+    InvalidPath,
+    /// The upstream could not be reached or failed to answer: 502.
+    UpstreamUnreachable,
+    /// The upstream did not answer in time: 504.
+    UpstreamTimeout,
+    /// No route or resource here (404).
+    NotFound,
+    /// The management API knows no key with this id (404).
+    KeyNotFound,
+    /// The request body is not the JSON asked for (400).
+    InvalidJson,
+    /// The request asks for something that cannot be done (400).
+    InvalidRequest,
+    /// The caller may not do this, whatever its scopes (403), e.g. an ephemeral key managing keys.
+    Forbidden,
+    /// The record changed concurrently too many times; try again (409).
+    Conflict,
+    /// The key has as many live ephemeral keys as it may (429).
+    TooManyEphemeralKeys,
+    /// The request body stopped arriving (408).
+    RequestBodyTimeout,
 }
 
 impl RejectionKind {
@@ -49,11 +83,18 @@ impl RejectionKind {
     pub fn status(self) -> StatusCode {
         use RejectionKind::*;
         match self {
-            MalformedKey | AmbiguousKey | KeyTooLong => StatusCode::BAD_REQUEST,
-            InsufficientScope => StatusCode::FORBIDDEN,
+            MalformedKey | AmbiguousKey | KeyTooLong | InvalidPath | InvalidJson
+            | InvalidRequest => StatusCode::BAD_REQUEST,
+            InsufficientScope | Forbidden => StatusCode::FORBIDDEN,
             StoreUnavailable | UpstreamCredentialUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             MissingKey | InvalidKey | ExpiredKey | KeyNotYetValid | RevokedKey | DisabledKey
             | NoUpstreamCredential => StatusCode::UNAUTHORIZED,
+            UpstreamUnreachable => StatusCode::BAD_GATEWAY,
+            UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            NotFound | KeyNotFound => StatusCode::NOT_FOUND,
+            Conflict => StatusCode::CONFLICT,
+            TooManyEphemeralKeys => StatusCode::TOO_MANY_REQUESTS,
+            RequestBodyTimeout => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -74,27 +115,57 @@ impl RejectionKind {
             StoreUnavailable => "auth_unavailable",
             NoUpstreamCredential => "no_upstream_credential",
             UpstreamCredentialUnavailable => "upstream_credential_unavailable",
+            InvalidPath => "invalid_path",
+            UpstreamUnreachable => "upstream_unreachable",
+            UpstreamTimeout => "upstream_timeout",
+            NotFound => "not_found",
+            KeyNotFound => "key_not_found",
+            InvalidJson => "invalid_json",
+            InvalidRequest => "invalid_request",
+            Forbidden => "forbidden",
+            Conflict => "conflict",
+            TooManyEphemeralKeys => "too_many_ephemeral_keys",
+            RequestBodyTimeout => "request_body_timeout",
         }
     }
 
-    /// The RFC 6750 `error` attribute for `WWW-Authenticate`, if any.
-    fn bearer_error(self) -> Option<&'static str> {
+    /// The RFC 6750 challenge for `WWW-Authenticate`: `None` for refusals that are not
+    /// about the credential, `Some(None)` for a challenge without an `error` attribute.
+    fn challenge(self) -> Option<Option<&'static str>> {
         use RejectionKind::*;
         match self {
-            MissingKey | StoreUnavailable | UpstreamCredentialUnavailable => None,
-            MalformedKey | AmbiguousKey | KeyTooLong => Some("invalid_request"),
-            InsufficientScope => Some("insufficient_scope"),
+            MissingKey => Some(None),
+            MalformedKey | AmbiguousKey | KeyTooLong => Some(Some("invalid_request")),
+            InsufficientScope => Some(Some("insufficient_scope")),
             InvalidKey | ExpiredKey | KeyNotYetValid | RevokedKey | DisabledKey
-            | NoUpstreamCredential => Some("invalid_token"),
+            | NoUpstreamCredential => Some(Some("invalid_token")),
+            StoreUnavailable
+            | UpstreamCredentialUnavailable
+            | InvalidPath
+            | UpstreamUnreachable
+            | UpstreamTimeout
+            | NotFound
+            | KeyNotFound
+            | InvalidJson
+            | InvalidRequest
+            | Forbidden
+            | Conflict
+            | TooManyEphemeralKeys
+            | RequestBodyTimeout => None,
         }
     }
 
-    /// The gRPC status code: UNAUTHENTICATED, PERMISSION_DENIED or UNAVAILABLE.
+    /// The gRPC status code for this kind.
     fn grpc_status(self) -> &'static str {
         match self.status() {
-            StatusCode::FORBIDDEN => "7",
-            StatusCode::SERVICE_UNAVAILABLE => "14",
-            _ => "16",
+            StatusCode::BAD_REQUEST => "3",       // INVALID_ARGUMENT
+            StatusCode::NOT_FOUND => "5",         // NOT_FOUND
+            StatusCode::FORBIDDEN => "7",         // PERMISSION_DENIED
+            StatusCode::TOO_MANY_REQUESTS => "8", // RESOURCE_EXHAUSTED
+            StatusCode::CONFLICT => "10",         // ABORTED
+            StatusCode::GATEWAY_TIMEOUT | StatusCode::REQUEST_TIMEOUT => "4", // DEADLINE_EXCEEDED
+            StatusCode::SERVICE_UNAVAILABLE | StatusCode::BAD_GATEWAY => "14", // UNAVAILABLE
+            _ => "16",                            // UNAUTHENTICATED
         }
     }
 }
@@ -119,6 +190,7 @@ pub struct Rejection {
     kind: RejectionKind,
     message: Cow<'static, str>,
     scopes: Option<Arc<str>>,
+    retry_after: Option<u64>,
 }
 
 impl Rejection {
@@ -128,7 +200,26 @@ impl Rejection {
             kind,
             message: message.into(),
             scopes: None,
+            retry_after: None,
         }
+    }
+
+    /// Tells the client to try again after `wait` (`Retry-After`, whole seconds, at least 1).
+    pub fn with_retry_after(mut self, wait: std::time::Duration) -> Self {
+        self.retry_after = Some(wait.as_secs().max(1));
+        self
+    }
+
+    /// How long the client is told to wait, if at all.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        self.retry_after.map(std::time::Duration::from_secs)
+    }
+
+    /// The response in the default dialect (OpenAI, realm `api`), or a gRPC status for a
+    /// gRPC request, carrying this rejection in its extensions. A [`RejectionLayer`]
+    /// outside renders it again in its own dialect and realm.
+    pub fn to_response(&self, request_headers: &HeaderMap) -> Response<Bytes> {
+        ErrorFormat::OpenAi.respond(self, &Realm::default(), request_headers)
     }
 
     /// A 403 for a key lacking some of `required` (space-separated in `WWW-Authenticate`).
@@ -139,6 +230,7 @@ impl Rejection {
             message: format!("This API key lacks the scope this endpoint requires: {scopes}.")
                 .into(),
             scopes: Some(scopes.into()),
+            retry_after: None,
         }
     }
 
@@ -162,14 +254,12 @@ impl Rejection {
         &self.message
     }
 
-    /// The `WWW-Authenticate` value RFC 6750 asks for, or `None` (503).
+    /// The `WWW-Authenticate` value RFC 6750 asks for, or `None` for refusals that are not
+    /// about the credential (503, 404, 502 …).
     pub fn www_authenticate(&self, realm: &Realm) -> Option<HeaderValue> {
-        let status = self.status();
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            return None;
-        }
+        let error = self.kind.challenge()?;
         let mut value = format!("Bearer realm=\"{}\"", realm.0);
-        if let Some(error) = self.kind.bearer_error() {
+        if let Some(error) = error {
             value.push_str(", error=\"");
             value.push_str(error);
             value.push('"');
@@ -195,6 +285,18 @@ impl fmt::Debug for Rejection {
 impl fmt::Display for Rejection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Rejection {}
+
+#[cfg(feature = "axum")]
+impl axum::response::IntoResponse for Rejection {
+    /// The default rendering (see [`Rejection::to_response`]); a [`RejectionLayer`] around
+    /// the router renders it in the route's dialect and realm.
+    fn into_response(self) -> axum::response::Response {
+        self.to_response(&HeaderMap::new())
+            .map(axum::body::Body::from)
     }
 }
 
@@ -262,19 +364,27 @@ impl ErrorFormat {
         realm: &Realm,
         request_headers: &HeaderMap,
     ) -> Response<Bytes> {
-        if is_grpc(request_headers) {
-            return grpc_response(rejection);
-        }
-        let mut response = match self {
-            ErrorFormat::Custom(respond) => respond(rejection),
-            _ => self.json_response(rejection),
+        let mut response = if is_grpc(request_headers) {
+            grpc_response(rejection)
+        } else {
+            let mut response = match self {
+                ErrorFormat::Custom(respond) => respond(rejection),
+                _ => self.json_response(rejection),
+            };
+            if let Some(challenge) = rejection.www_authenticate(realm) {
+                response
+                    .headers_mut()
+                    .entry(WWW_AUTHENTICATE)
+                    .or_insert(challenge);
+            }
+            response
         };
-        if let Some(challenge) = rejection.www_authenticate(realm) {
+        if let Some(secs) = rejection.retry_after {
             response
                 .headers_mut()
-                .entry(WWW_AUTHENTICATE)
-                .or_insert(challenge);
+                .insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
         }
+        response.extensions_mut().insert(rejection.clone());
         response
     }
 
