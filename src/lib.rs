@@ -47,7 +47,12 @@
 //!   their [`CachedStore`]s.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
+#![deny(unreachable_pub)]
+#![warn(missing_debug_implementations)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
+
+#[macro_use]
+mod macros;
 
 pub mod body;
 mod fault;

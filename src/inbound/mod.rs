@@ -285,20 +285,7 @@ pub struct InboundApiKey<S, K> {
 }
 
 impl<S, K> InboundApiKey<S, K> {
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The inner service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// The inner service, unwrapped.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
+    define_inner_service_accessors!();
 }
 
 impl<S: Clone, K> Clone for InboundApiKey<S, K> {

@@ -63,6 +63,15 @@ pub struct ManagementApi<A> {
     clock: Arc<dyn Clock>,
 }
 
+impl<A> std::fmt::Debug for ManagementApi<A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ManagementApi")
+            .field("manager", &self.manager)
+            .field("admin_scope", &self.admin_scope)
+            .finish_non_exhaustive()
+    }
+}
+
 impl<A: KeyAdmin> ManagementApi<A> {
     /// The API over `manager`, with admin scope `admin`.
     pub fn new(manager: KeyManager<A>) -> Self {

@@ -309,20 +309,7 @@ pub struct UpstreamAuth<S, C> {
 }
 
 impl<S, C> UpstreamAuth<S, C> {
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The inner service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// The inner service, unwrapped.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
+    define_inner_service_accessors!();
 }
 
 impl<S: Clone, C> Clone for UpstreamAuth<S, C> {
