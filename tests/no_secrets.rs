@@ -1,6 +1,7 @@
 //! No key, digest, pepper or upstream credential ever shows up in a log line, a `Debug`
 //! print or an answer to the client.
 
+#[path = "it/support/mod.rs"]
 mod support;
 
 use std::sync::Arc;

@@ -48,7 +48,7 @@ use tokio::time::Instant;
 use tower::ServiceExt;
 use tower_gateway_auth::{Rejection, RejectionKind, RejectionLayer};
 
-use crate::app::GatewayService;
+use super::GatewayService;
 
 /// What a client connection may take; see the module docs.
 #[derive(Debug, Clone)]

@@ -1,7 +1,7 @@
 //! CachedStore in front of a store that can be slowed down, broken and counted: hits, the
 //! negative cache, single flight, serving stale records within a bound, invalidation.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

@@ -1,7 +1,7 @@
 //! InboundApiKeyLayer behaviour, request by request: what the inner service receives, and
 //! what a rejected client is told.
 
-mod support;
+use crate::support;
 
 use std::future::{Ready, ready};
 use std::sync::Arc;

@@ -2,7 +2,7 @@
 //! loopback, fetched with a real HTTP client; the gateway forwards to a recording provider.
 //! Time is a `ManualClock` (or Tokio's paused clock where no I/O runs), never a wait.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

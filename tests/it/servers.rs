@@ -1,7 +1,7 @@
 //! The inbound layer in front of real servers on loopback — axum, plain hyper and tonic —
 //! driven by real clients. Each test checks what the server behind the layer received.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 

@@ -2,9 +2,9 @@
 //! client, the gateway as `cargo run --example gateway` builds it, and a recording upstream.
 
 #[allow(dead_code)]
-#[path = "../examples/gateway/app/mod.rs"]
+#[path = "../../examples/gateway/app/mod.rs"]
 mod app;
-mod support;
+use crate::support;
 
 use std::collections::HashMap;
 use std::convert::Infallible;

@@ -6,7 +6,7 @@
 //!
 //! `MODEL_CASES` sets the number of cases per store (default 1000, what CI runs).
 
-mod support;
+use crate::support;
 
 use std::convert::Infallible;
 use std::sync::Arc;

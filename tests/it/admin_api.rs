@@ -1,7 +1,7 @@
 //! The management API over a real loopback server: create → use → list (hints only) →
 //! revoke → rejected; plus rotation, ephemeral keys and every error in the dialect.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 

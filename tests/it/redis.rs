@@ -6,7 +6,7 @@
 //! Without a `redis-server` binary they skip with a message, unless `REQUIRE_REDIS=1` (CI),
 //! where they fail.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -2,7 +2,7 @@
 //! forwarding proxy) → a recording provider stand-in on loopback. Each test checks exactly
 //! what the provider received.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

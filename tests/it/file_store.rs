@@ -2,7 +2,7 @@
 //! at rest, changes from another process seen within seconds, concurrent writers losing
 //! nothing, and a corrupt file failing loudly.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::process::Command;
@@ -193,7 +193,7 @@ fn child(file: &Path, action: &str, count: usize) -> Command {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
     cmd.args([
         "--exact",
-        "helper_child_writer",
+        "file_store::helper_child_writer",
         "--ignored",
         "--nocapture",
         "--test-threads=1",

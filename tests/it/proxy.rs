@@ -1,7 +1,7 @@
 //! `Forward` between a real client and a real upstream on loopback: what the upstream
 //! receives, what comes back, streaming, and failures.
 
-mod support;
+use crate::support;
 
 use std::convert::Infallible;
 use std::sync::Arc;

@@ -1,7 +1,7 @@
 //! The header-inject layer in a real gateway, and the whole stack in the order the design
 //! gives: client → inbound → upstream → inject → proxy → provider, all on loopback.
 
-mod support;
+use crate::support;
 
 use http::{HeaderName, HeaderValue, StatusCode};
 use support::{

@@ -1,7 +1,7 @@
 //! Key lifecycle: issuing, expiry, not-before, rotation grace, ephemeral keys, checksums,
 //! imports and peppers — each checked through the inbound layer, on an injectable clock.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -682,7 +682,7 @@ async fn live_ephemeral_keys_per_parent_are_capped() {
 }
 
 #[allow(dead_code)]
-#[path = "../examples/keygen.rs"]
+#[path = "../../examples/keygen.rs"]
 mod keygen;
 
 #[tokio::test]

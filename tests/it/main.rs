@@ -1,0 +1,19 @@
+//! The integration tests, one binary: real servers on loopback, real files, a real
+//! `redis-server`. (`tests/no_secrets.rs` stays a binary of its own: it captures log lines,
+//! and other tests' log statements must not race its subscriber.)
+
+mod support;
+
+mod admin_api;
+mod cached_store;
+mod file_store;
+mod gateway;
+mod inbound;
+mod inject;
+mod lifecycle;
+mod model;
+mod proxy;
+mod redis;
+mod refresh;
+mod servers;
+mod upstream;
