@@ -209,12 +209,13 @@ fn pct_decode(s: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(s.len());
     let mut i = 0;
     while i < s.len() {
-        if s[i] == b'%' && i + 2 < s.len() {
-            if let (Some(h), Some(l)) = (hex_digit(s[i + 1]), hex_digit(s[i + 2])) {
-                out.push(h << 4 | l);
-                i += 3;
-                continue;
-            }
+        if s[i] == b'%'
+            && i + 2 < s.len()
+            && let (Some(h), Some(l)) = (hex_digit(s[i + 1]), hex_digit(s[i + 2]))
+        {
+            out.push(h << 4 | l);
+            i += 3;
+            continue;
         }
         out.push(s[i]);
         i += 1;
@@ -255,7 +256,14 @@ fn expected_query<'q>(
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    needle.is_empty() || haystack.windows(needle.len()).any(|w| w == needle)
+    // Byte by byte rather than slice equality: libFuzzer intercepts every `memcmp`, which
+    // made this search the costliest part of a run.
+    let Some((&first, rest)) = needle.split_first() else {
+        return true;
+    };
+    haystack
+        .windows(needle.len())
+        .any(|w| w[0] == first && w[1..].iter().zip(rest).all(|(a, b)| a == b))
 }
 
 /// Whether an `Authorization` value uses the Bearer scheme (RFC 9110: case-insensitive).
@@ -357,7 +365,11 @@ impl Case {
 
     fn layer(&self) -> InboundApiKeyLayer<MemoryStore> {
         let mut layer = InboundApiKeyLayer::from_shared(store());
-        if !(self.sources.len() == 2 && self.sources[1] == KeySource::Bearer) {
+        let default = [
+            KeySource::header(HeaderName::from_static("x-api-key")),
+            KeySource::Bearer,
+        ];
+        if self.sources != default {
             layer = layer.sources(self.sources.iter().cloned());
         }
         layer = layer
@@ -476,10 +488,17 @@ pub fn extract(data: &[u8]) {
         }
         assert_eq!(seen.uri, raw.uri, "URI changed on an unauthenticated pass");
         assert_same_headers(&seen.headers, &raw.headers, &[&identity_header]);
-        assert!(
-            !seen.headers.contains_key(&identity_header),
-            "a client-supplied identity header reached the inner service"
-        );
+        if case.identity_header {
+            assert!(
+                !seen.headers.contains_key(&identity_header),
+                "a client-supplied identity header reached the inner service"
+            );
+        } else {
+            assert_eq!(
+                values(&seen.headers, &identity_header),
+                values(&raw.headers, &identity_header)
+            );
+        }
         return;
     };
 
@@ -522,12 +541,14 @@ pub fn extract(data: &[u8]) {
             "source header {name} was changed rather than removed"
         );
         for value in now {
-            assert!(
-                !contains(value, GOOD_KEY.as_bytes()),
-                "the key is still in header {name}"
-            );
-            if **name == AUTHORIZATION && case.sources.contains(&KeySource::Bearer) {
+            if **name == AUTHORIZATION {
+                // Another scheme (`Basic …`, `!Bearer …`) is not ours to judge or remove.
                 assert!(!is_bearer(value), "a Bearer credential is still there");
+            } else {
+                assert!(
+                    !contains(value, GOOD_KEY.as_bytes()),
+                    "the key is still in header {name}"
+                );
             }
         }
     }
@@ -1117,7 +1138,7 @@ impl Caller {
 
 /// A fresh store with the four keys above, the management API over it behind the inbound
 /// layer, all on one manual clock.
-fn admin_app() -> (Arc<MemoryStore>, axum::Router) {
+fn build_admin_app() -> (Arc<MemoryStore>, axum::Router) {
     let store = Arc::new(MemoryStore::new());
     let h = store.hasher().clone();
     let at = Timestamp::from_unix_secs(NOW);
@@ -1151,6 +1172,27 @@ fn admin_app() -> (Arc<MemoryStore>, axum::Router) {
         .router()
         .layer(InboundApiKeyLayer::from_shared(store.clone()).clock(clock));
     (store, app)
+}
+
+/// The app of [`build_admin_app`] with its store reset to the four keys: built once per
+/// thread and every 10,000 uses (building costs more than the request; the store's scope
+/// interning, which no reset clears, stays bounded).
+fn admin_app() -> (Arc<MemoryStore>, axum::Router) {
+    type Cached = (u32, Arc<MemoryStore>, axum::Router, Vec<Arc<KeyRecord>>);
+    thread_local! {
+        static APP: std::cell::RefCell<Option<Cached>> = const { std::cell::RefCell::new(None) };
+    }
+    APP.with_borrow_mut(|app| {
+        if app.as_ref().is_none_or(|(uses, ..)| *uses >= 10_000) {
+            let (store, router) = build_admin_app();
+            let initial = store.records();
+            *app = Some((0, store, router, initial));
+        }
+        let (uses, store, router, initial) = app.as_mut().expect("built above");
+        *uses += 1;
+        store.replace_all(initial.iter().cloned());
+        (store.clone(), router.clone())
+    })
 }
 
 /// A path segment, percent-encoded but for RFC 3986's unreserved characters.
@@ -1278,11 +1320,12 @@ pub fn admin_json(data: &[u8]) {
         Caller::Nobody | Caller::RevokedAdmin => {
             assert_eq!(status, StatusCode::UNAUTHORIZED, "{caller:?}: {}", shown());
         }
+        // An empty id matches no route: 404 before any scope check.
         Caller::User | Caller::Ephemeral if admin_route => {
-            assert_eq!(
-                status,
-                StatusCode::FORBIDDEN,
-                "{caller:?} on {route:?}: {}",
+            assert!(
+                status == StatusCode::FORBIDDEN
+                    || (status == StatusCode::NOT_FOUND && id.is_empty()),
+                "{status} for {caller:?} on {route:?}: {}",
                 shown()
             );
         }
@@ -1305,10 +1348,12 @@ pub fn admin_json(data: &[u8]) {
             );
         }
         let digest = store.hasher().digest(key.as_bytes()).to_hex();
-        assert!(
-            !contains(&answer, digest.as_bytes()),
-            "a digest in the answer"
-        );
+        if !contains(data, digest.as_bytes()) {
+            assert!(
+                !contains(&answer, digest.as_bytes()),
+                "a digest in the answer"
+            );
+        }
     }
     let json: Option<serde_json::Value> = serde_json::from_slice(&body).ok();
     let issued = if status == StatusCode::CREATED {
