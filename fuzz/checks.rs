@@ -30,7 +30,8 @@ use tower_gateway_auth::upstream::Placement;
 use tower_gateway_auth::{
     Checksum, DEFAULT_MAX_EPHEMERAL_TTL, ErrorFormat, Identity, InboundApiKeyLayer, KeyDigest,
     KeyFormat, KeyId, KeyManager, KeyRecord, KeySource, KeyStatus, KeyStore, ManagementApi,
-    ManualClock, MemoryStore, Provider, Realm, Rejection, RejectionKind, Timestamp, is_grpc,
+    ManualClock, MemoryStore, Provider, Realm, Rejection, RejectionKind, RejectionLayer, Timestamp,
+    is_grpc,
 };
 
 /// A valid `gw` key (its checksum holds), known to the stores below.
@@ -118,10 +119,14 @@ impl Raw {
 /// (if it was called) and the response.
 fn send(
     layer: &InboundApiKeyLayer<MemoryStore>,
+    format: &ErrorFormat,
     raw: &Raw,
 ) -> (Option<Seen>, http::response::Parts, Bytes) {
     let recorder = Recorder::default();
-    let service = layer.layer(recorder.clone());
+    // The rejections in `format`, as a stack renders them.
+    let service = RejectionLayer::new()
+        .error_format(format.clone())
+        .layer(layer.layer(recorder.clone()));
     let response = block_on(service.oneshot(raw.request())).unwrap();
     let (parts, body) = response.into_parts();
     let body = block_on(body.collect()).unwrap().to_bytes();
@@ -376,8 +381,7 @@ impl Case {
             .hide_credentials(self.hide)
             .allow_anonymous(self.anonymous)
             .allow_preflight(self.preflight)
-            .max_key_len(self.max_len)
-            .error_format(self.format.clone());
+            .max_key_len(self.max_len);
         if self.identity_header {
             layer = layer.identity_header(HeaderName::from_static(IDENTITY_HEADER));
         }
@@ -459,7 +463,7 @@ pub fn extract(data: &[u8]) {
         return;
     };
     let identity_header = HeaderName::from_static(IDENTITY_HEADER);
-    let (seen, parts, body) = send(&case.layer(), &raw);
+    let (seen, parts, body) = send(&case.layer(), &case.format, &raw);
     let Some(seen) = seen else {
         check_rejection(&case, &raw, &parts, &body);
         return;
@@ -579,7 +583,7 @@ pub fn extract(data: &[u8]) {
         .allow_anonymous(true)
         .hide_credentials(false)
         .max_key_len(case.max_len);
-    let (again, _, _) = send(&relaxed, &replay);
+    let (again, _, _) = send(&relaxed, &ErrorFormat::OpenAi, &replay);
     let again = again.expect("the replayed request was rejected: a credential was left in it");
     assert!(
         again.identity.is_none(),
@@ -605,11 +609,10 @@ fn assert_uri_rewrite(seen: &Uri, original: &Uri, removed: &[&str]) {
 fn probe_code(case: &Case, raw: &Raw) -> Option<String> {
     let strict = InboundApiKeyLayer::from_shared(store())
         .sources(case.sources.iter().cloned())
-        .max_key_len(case.max_len)
-        .error_format(ErrorFormat::Problem);
+        .max_key_len(case.max_len);
     let mut raw = raw.clone();
     raw.headers.remove(CONTENT_TYPE);
-    let (seen, _, body) = send(&strict, &raw);
+    let (seen, _, body) = send(&strict, &ErrorFormat::Problem, &raw);
     if seen.is_some() {
         return None;
     }
@@ -724,8 +727,7 @@ pub fn query_rewrite(data: &[u8]) {
     let layer = InboundApiKeyLayer::from_shared(store())
         .sources(sources)
         .hide_credentials(hide)
-        .max_key_len(max_len)
-        .error_format(ErrorFormat::Problem);
+        .max_key_len(max_len);
     let mut headers = HeaderMap::new();
     if header_key {
         headers.insert("x-api-key", HeaderValue::from_static(GOOD_KEY));
@@ -736,7 +738,7 @@ pub fn query_rewrite(data: &[u8]) {
         uri,
         headers,
     };
-    let (seen, parts, body) = send(&layer, &raw);
+    let (seen, parts, body) = send(&layer, &ErrorFormat::Problem, &raw);
     let expected = model_query(raw.uri.query(), header_key, names, max_len);
     match (&seen, expected) {
         (None, Err(status)) => {
@@ -1157,7 +1159,7 @@ fn build_admin_app() -> (Arc<MemoryStore>, axum::Router) {
     store.insert(
         record(EPHEMERAL_ID, EPHEMERAL_KEY, "ephemeral:user")
             .with_scopes(["chat"])
-            .with_parent(Some(USER_ID))
+            .with_parent(&record(USER_ID, USER_KEY, "user"))
             .with_expires_at(Some(at + Duration::from_secs(600))),
     );
     store.insert(
