@@ -251,7 +251,16 @@ impl Shared {
         }
         let stamp = Stamp::of(&meta);
         let parsed: KeyFile = serde_json::from_reader(io::BufReader::new(file))
-            .map_err(|e| describe(path, "is corrupt", e))?;
+            // Only where and what kind: serde's own text can quote a value (a digest) back.
+            .map_err(|e| {
+                StoreError::new(format!(
+                    "key file {}: is corrupt ({:?} error at line {} column {})",
+                    path.display(),
+                    e.classify(),
+                    e.line(),
+                    e.column()
+                ))
+            })?;
         if parsed.format != FORMAT || parsed.version != VERSION {
             return Err(StoreError::new(format!(
                 "key file {}: not a version {VERSION} {FORMAT} file",

@@ -180,9 +180,15 @@ impl RedisStore {
     }
 
     fn parse(json: &str) -> Result<Arc<KeyRecord>, StoreError> {
-        serde_json::from_str(json)
-            .map(Arc::new)
-            .map_err(|e| StoreError::with_source("a record in Redis is corrupt", e))
+        // Only where and what kind: serde's own text can quote a value (a digest) back.
+        serde_json::from_str(json).map(Arc::new).map_err(|e| {
+            StoreError::new(format!(
+                "a record in Redis is corrupt ({:?} error at line {} column {})",
+                e.classify(),
+                e.line(),
+                e.column()
+            ))
+        })
     }
 }
 
