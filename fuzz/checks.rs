@@ -1100,6 +1100,10 @@ const ADMIN_ID: KeyId = KeyId::from_u64(11);
 const USER_ID: KeyId = KeyId::from_u64(12);
 const EPHEMERAL_ID: KeyId = KeyId::from_u64(13);
 const REVOKED_ADMIN_ID: KeyId = KeyId::from_u64(14);
+/// An ephemeral child of the admin key that still holds the admin scope, as children minted
+/// before issue 11 did: it must manage nothing.
+const ADMIN_CHILD_KEY: &str = "gw_FuzzAdminChildKey00000000000";
+const ADMIN_CHILD_ID: KeyId = KeyId::from_u64(15);
 const UNKNOWN_ID: KeyId = KeyId::from_u64(99);
 const NOW: u64 = 1_800_000_000;
 
@@ -1123,6 +1127,7 @@ enum Caller {
     User,
     Ephemeral,
     RevokedAdmin,
+    AdminChild,
     Nobody,
 }
 
@@ -1133,12 +1138,13 @@ impl Caller {
             Caller::User => Some((USER_KEY, USER_ID)),
             Caller::Ephemeral => Some((EPHEMERAL_KEY, EPHEMERAL_ID)),
             Caller::RevokedAdmin => Some((REVOKED_ADMIN_KEY, REVOKED_ADMIN_ID)),
+            Caller::AdminChild => Some((ADMIN_CHILD_KEY, ADMIN_CHILD_ID)),
             Caller::Nobody => None,
         }
     }
 }
 
-/// A fresh store with the four keys above, the management API over it behind the inbound
+/// A fresh store with the five keys above, the management API over it behind the inbound
 /// layer, all on one manual clock.
 fn build_admin_app() -> (Arc<MemoryStore>, axum::Router) {
     let store = Arc::new(MemoryStore::new());
@@ -1163,6 +1169,12 @@ fn build_admin_app() -> (Arc<MemoryStore>, axum::Router) {
             .with_expires_at(Some(at + Duration::from_secs(600))),
     );
     store.insert(
+        record(ADMIN_CHILD_ID, ADMIN_CHILD_KEY, "ephemeral:root")
+            .with_scopes(["admin", "chat"])
+            .with_parent(&record(ADMIN_ID, ADMIN_KEY, "root"))
+            .with_expires_at(Some(at + Duration::from_secs(600))),
+    );
+    store.insert(
         record(REVOKED_ADMIN_ID, REVOKED_ADMIN_KEY, "old-root")
             .with_scopes(["admin"])
             .with_status(KeyStatus::Revoked),
@@ -1176,7 +1188,7 @@ fn build_admin_app() -> (Arc<MemoryStore>, axum::Router) {
     (store, app)
 }
 
-/// The app of [`build_admin_app`] with its store reset to the four keys: built once per
+/// The app of [`build_admin_app`] with its store reset to the five keys: built once per
 /// thread and every 10,000 uses (building costs more than the request; the store's scope
 /// interning, which no reset clears, stays bounded).
 fn admin_app() -> (Arc<MemoryStore>, axum::Router) {
@@ -1254,8 +1266,9 @@ pub fn admin_json(data: &[u8]) {
         Caller::User,
         Caller::Ephemeral,
         Caller::RevokedAdmin,
+        Caller::AdminChild,
         Caller::Nobody,
-    ][usize::from(*caller) % 6];
+    ][usize::from(*caller) % 7];
     let (id, body) = match id_pick % 6 {
         0 => (ADMIN_ID.to_string(), rest),
         1 => (USER_ID.to_string(), rest),
@@ -1323,11 +1336,20 @@ pub fn admin_json(data: &[u8]) {
             assert_eq!(status, StatusCode::UNAUTHORIZED, "{caller:?}: {}", shown());
         }
         // An empty id matches no route: 404 before any scope check.
-        Caller::User | Caller::Ephemeral if admin_route => {
+        Caller::User | Caller::Ephemeral | Caller::AdminChild if admin_route => {
             assert!(
                 status == StatusCode::FORBIDDEN
                     || (status == StatusCode::NOT_FOUND && id.is_empty()),
                 "{status} for {caller:?} on {route:?}: {}",
+                shown()
+            );
+        }
+        // An ephemeral key never mints.
+        Caller::Ephemeral | Caller::AdminChild => {
+            assert_eq!(
+                status,
+                StatusCode::FORBIDDEN,
+                "{caller:?} minting: {}",
                 shown()
             );
         }
