@@ -23,16 +23,8 @@ use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
-/// `anthropic-version`, which Anthropic's API requires on every request.
-pub const ANTHROPIC_VERSION: HeaderName = HeaderName::from_static("anthropic-version");
-/// `anthropic-beta`: a comma-separated list of beta features to enable.
-pub const ANTHROPIC_BETA: HeaderName = HeaderName::from_static("anthropic-beta");
-/// `openai-organization`: which organization an OpenAI request is billed to.
-pub const OPENAI_ORGANIZATION: HeaderName = HeaderName::from_static("openai-organization");
-/// `openai-project`: which project an OpenAI request is billed to.
-pub const OPENAI_PROJECT: HeaderName = HeaderName::from_static("openai-project");
-/// The `anthropic-version` sent when the client sent none.
-pub const DEFAULT_ANTHROPIC_VERSION: &str = "2023-06-01";
+use crate::upstream::provider::{anthropic_rules, openai_rules};
+
 /// The header a [`RequestId`] uses unless told otherwise.
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -226,49 +218,6 @@ impl fmt::Debug for HeaderRule {
         };
         write!(f, "{action}({})", self.name)
     }
-}
-
-/// Anthropic's headers: `anthropic-version` when the client sent none, and `beta` features
-/// added to the client's `anthropic-beta` list (never dropping the client's own).
-pub(crate) fn anthropic_rules(version: HeaderValue, beta: Option<HeaderValue>) -> Vec<HeaderRule> {
-    let mut rules = vec![HeaderRule::if_absent(ANTHROPIC_VERSION, version)];
-    if let Some(beta) = beta {
-        rules.push(HeaderRule::overwrite_with(ANTHROPIC_BETA, move |req| {
-            merged_list(req.headers.get_all(ANTHROPIC_BETA), &beta)
-        }));
-    }
-    rules
-}
-
-/// The items of every `values` line and of `extra`, comma-joined, each once, in order.
-fn merged_list<'a>(
-    values: impl IntoIterator<Item = &'a HeaderValue>,
-    extra: &'a HeaderValue,
-) -> Option<HeaderValue> {
-    let mut items: Vec<&[u8]> = Vec::new();
-    for line in values.into_iter().chain([extra]) {
-        for item in line.as_bytes().split(|&b| b == b',') {
-            let item = item.trim_ascii();
-            if !item.is_empty() && !items.contains(&item) {
-                items.push(item);
-            }
-        }
-    }
-    HeaderValue::from_bytes(&items.join(&b","[..])).ok()
-}
-
-/// OpenAI's account headers, each set (overwriting the client's) when given.
-pub(crate) fn openai_rules(
-    organization: Option<HeaderValue>,
-    project: Option<HeaderValue>,
-) -> Vec<HeaderRule> {
-    [
-        (OPENAI_ORGANIZATION, organization),
-        (OPENAI_PROJECT, project),
-    ]
-    .into_iter()
-    .filter_map(|(name, value)| Some(HeaderRule::overwrite(name, value?)))
-    .collect()
 }
 
 /// How a [`HeaderInjectLayer`] gives each request an id.
@@ -662,6 +611,7 @@ mod tests {
 
     #[test]
     fn anthropic_beta_list_is_merged_not_replaced() {
+        use crate::upstream::provider::{DEFAULT_ANTHROPIC_VERSION, anthropic_rules};
         let rules = anthropic_rules(
             HeaderValue::from_static(DEFAULT_ANTHROPIC_VERSION),
             Some(HeaderValue::from_static("b2, b3")),

@@ -27,7 +27,7 @@
 mod credential;
 mod per_identity;
 mod pool;
-mod provider;
+pub(crate) mod provider;
 mod refresh;
 
 use std::fmt;
@@ -52,7 +52,10 @@ use crate::rejection::{Rejection, RejectionKind};
 pub use credential::{Credential, CredentialError, CredentialSource};
 pub use per_identity::{PerIdentity, PerIdentityFuture};
 pub use pool::KeyPool;
-pub use provider::{ParseProviderError, Placement, Provider};
+pub use provider::{
+    ANTHROPIC_BETA, ANTHROPIC_VERSION, DEFAULT_ANTHROPIC_VERSION, OPENAI_ORGANIZATION,
+    OPENAI_PROJECT, ParseProviderError, Placement, Provider,
+};
 pub use refresh::{
     DEFAULT_FETCH_TIMEOUT, DEFAULT_REFRESH_MARGIN, DEFAULT_RETRY_BACKOFF, FetchError,
     RefreshFuture, RefreshingToken, RefreshingTokenBuilder, Token, TokenFetcher,
