@@ -18,7 +18,6 @@ use tower_gateway_auth::{
 async fn status_of<K>(store: K, key: &ApiKey) -> StatusCode
 where
     K: KeyStore,
-    K::Lookup: Unpin,
 {
     support::key_status(store, key.expose()).await
 }

@@ -174,7 +174,6 @@ struct System<A> {
 async fn run_case<A>(system: System<A>, ops: Vec<Op>) -> Result<(), TestCaseError>
 where
     A: KeyAdmin,
-    A::Lookup: Unpin,
 {
     let System {
         store,
@@ -435,7 +434,6 @@ fn cases() -> u32 {
 fn check<A, F, Fut>(name: &str, make: F)
 where
     A: KeyAdmin,
-    A::Lookup: Unpin,
     F: Fn(ManualClock) -> Fut,
     Fut: std::future::Future<Output = System<A>>,
 {

@@ -38,7 +38,6 @@ async fn announced(cache: &CachedStore<RedisStore>, seen: u64) {
 async fn status<K>(store: &K, key: &str) -> StatusCode
 where
     K: KeyStore + Clone,
-    K::Lookup: Unpin,
 {
     support::key_status(store.clone(), key).await
 }

@@ -125,7 +125,6 @@ async fn compose<S>(
 ) -> Result<Gateway, ConfigError>
 where
     S: KeyAdmin,
-    S::Lookup: Unpin,
 {
     let manager = KeyManager::new(store.clone())
         .key_format(plan.key_format.clone())
