@@ -129,7 +129,10 @@ pub async fn run(
         }
         (None, Some(url)) => {
             let namespace = args.redis_namespace.clone().unwrap_or_else(|| "tga".into());
-            let store = RedisStore::connect_with(&url, &namespace, hasher)
+            let store = RedisStore::builder(url)
+                .namespace(namespace)
+                .hasher(hasher)
+                .connect()
                 .await
                 .map_err(|e| e.to_string())?;
             manage(Arc::new(store), args, "Redis").await

@@ -18,11 +18,11 @@ mod memory;
 mod redis;
 mod table;
 
-pub use cached::{CachedLookup, CachedStore};
+pub use cached::{CachedLookup, CachedStore, CachedStoreBuilder};
 pub use file::{FileStore, FileStoreBuilder};
 pub use memory::MemoryStore;
 #[cfg(feature = "redis")]
-pub use redis::{InvalidationListener, RedisStore, listen_for_invalidations};
+pub use redis::{InvalidationListener, RedisStore, RedisStoreBuilder, listen_for_invalidations};
 
 use crate::keys::record::KeyId;
 

@@ -95,7 +95,10 @@ pub async fn build(
             compose(Arc::new(store), plan, None).await
         }
         Keys::Redis { url, namespace } => {
-            let redis = RedisStore::connect_with(url, namespace, plan.hasher.clone())
+            let redis = RedisStore::builder(url)
+                .namespace(namespace)
+                .hasher(plan.hasher.clone())
+                .connect()
                 .await
                 .map_err(|e| failed("redis_url", &e))?;
             let store = CachedStore::new(redis);
