@@ -134,6 +134,16 @@ fn a_corrupt_or_foreign_file_fails_to_open_with_a_clear_error() {
             .contains("not a version 1")
     );
 
+    // A good file, but no runtime for the task that checks it for changes: said so.
+    std::fs::write(
+        &path,
+        br#"{"format":"tower-gateway-auth/keys","version":1,"hasher":"sha256","keys":[]}"#,
+    )
+    .unwrap();
+    let error = FileStore::open(&path).unwrap_err().to_string();
+    assert!(error.contains("tokio runtime"), "{error}");
+    assert!(FileStore::builder(&path).reload_every(None).open().is_ok());
+
     // A directory where the file should be is unreadable, not empty.
     let as_dir = dir.0.join("dir.json");
     std::fs::create_dir(&as_dir).unwrap();
