@@ -86,7 +86,7 @@ fn describe(r: &KeyRecord, now: Timestamp) -> String {
     });
     let scopes: Vec<&str> = r.scopes().iter().collect();
     format!(
-        "{}  {:<20} {:<12} {:<10} expires {:<24} scopes [{}]",
+        "{}  {:<20} {:<12} {:<10} expires {:<30} scopes [{}]",
         r.id(),
         r.name(),
         r.hint(),
