@@ -100,7 +100,9 @@ fn cache(c: &mut Criterion) {
         })
     });
 
-    let cached = CachedStore::new(store.clone()).capacity(2 * ACTIVE_KEYS, ACTIVE_KEYS);
+    let cached = CachedStore::builder(store.clone())
+        .capacity(2 * ACTIVE_KEYS, ACTIVE_KEYS)
+        .build();
     for digest in &active {
         now(cached.lookup(digest))
             .unwrap()
@@ -119,7 +121,9 @@ fn cache(c: &mut Criterion) {
         "every measured lookup was a hit"
     );
 
-    let always_miss = CachedStore::new(store.clone()).ttl(Duration::ZERO);
+    let always_miss = CachedStore::builder(store.clone())
+        .ttl(Duration::ZERO)
+        .build();
     let mut i = 0;
     group.bench_function("cached_miss", |b| {
         b.iter(|| {
@@ -140,7 +144,10 @@ fn cache(c: &mut Criterion) {
                     .unwrap();
                 digests.push(*issued.record.digest());
             }
-            (CachedStore::new(redis).ttl(Duration::ZERO), digests)
+            (
+                CachedStore::builder(redis).ttl(Duration::ZERO).build(),
+                digests,
+            )
         });
         let mut i = 0;
         group.bench_function("redis_miss", |b| {

@@ -86,7 +86,7 @@ fn describe(r: &KeyRecord, now: Timestamp) -> String {
     });
     let scopes: Vec<&str> = r.scopes().iter().collect();
     format!(
-        "{}  {:<20} {:<12} {:<10} expires {:<24} scopes [{}]",
+        "{}  {:<20} {:<12} {:<10} expires {:<30} scopes [{}]",
         r.id(),
         r.name(),
         r.hint(),
@@ -129,7 +129,10 @@ pub async fn run(
         }
         (None, Some(url)) => {
             let namespace = args.redis_namespace.clone().unwrap_or_else(|| "tga".into());
-            let store = RedisStore::connect_with(&url, &namespace, hasher)
+            let store = RedisStore::builder(url)
+                .namespace(namespace)
+                .hasher(hasher)
+                .connect()
                 .await
                 .map_err(|e| e.to_string())?;
             manage(Arc::new(store), args, "Redis").await

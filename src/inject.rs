@@ -308,12 +308,12 @@ fn is_acceptable_id(id: &HeaderValue) -> bool {
     !id.is_empty() && id.len() <= MAX_CLIENT_ID_LEN && id.iter().all(u8::is_ascii_graphic)
 }
 
-/// A random-looking (version 4) UUID, lower-case hex.
+/// A random-looking (version 4) UUID, lower-case hex, formatted by the `uuid` crate.
 ///
-/// Asking the operating system for 16 random bytes is a system call per request (about as
-/// costly as the rest of the gateway's work), so ids are instead a keyed hash (SipHash, keyed
-/// from the OS once per process by `RandomState`) of a counter: unique, and unpredictable
-/// without the key.
+/// `Uuid::new_v4()` asks the operating system for 16 random bytes, a system call per
+/// request (`cargo bench --bench primitives`, group `request_id`, measures it against this),
+/// so the bytes are instead a keyed hash (SipHash, keyed from the OS once per process by
+/// `RandomState`) of a counter: unique, and unpredictable without the key.
 fn new_request_id() -> [u8; 36] {
     use std::hash::{BuildHasher, RandomState};
     use std::sync::OnceLock;
@@ -326,27 +326,11 @@ fn new_request_id() -> [u8; 36] {
     let mut bytes = [0u8; 16];
     bytes[..8].copy_from_slice(&key.hash_one((n, 0u8)).to_le_bytes());
     bytes[8..].copy_from_slice(&key.hash_one((n, 1u8)).to_le_bytes());
-    bytes[6] = (bytes[6] & 0x0f) | 0x40;
-    bytes[8] = (bytes[8] & 0x3f) | 0x80;
-    // Where each of the 32 hex digits goes in `8-4-4-4-12`.
-    const DIGIT_AT: [usize; 32] = {
-        let mut at = [0; 32];
-        let mut i = 0;
-        while i < 32 {
-            at[i] = i
-                + (i >= 8) as usize
-                + (i >= 12) as usize
-                + (i >= 16) as usize
-                + (i >= 20) as usize;
-            i += 1;
-        }
-        at
-    };
-    let mut text = *b"00000000-0000-0000-0000-000000000000";
-    for (i, b) in bytes.iter().enumerate() {
-        text[DIGIT_AT[2 * i]] = crate::keys::format::HEX[usize::from(b >> 4)];
-        text[DIGIT_AT[2 * i + 1]] = crate::keys::format::HEX[usize::from(b & 0xf)];
-    }
+    let mut text = [0u8; 36];
+    uuid::Builder::from_random_bytes(bytes)
+        .into_uuid()
+        .hyphenated()
+        .encode_lower(&mut text);
     text
 }
 

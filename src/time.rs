@@ -13,12 +13,20 @@ use serde::{Deserialize, Serialize};
 /// Seconds are fine-grained enough for key validity (the shortest lifetime is an ephemeral
 /// key's 60 seconds) and keep records small.
 ///
+/// It is *displayed* as RFC 3339 in UTC (what the management API answers and keygen lists),
+/// and *stored* (serde: key files, Redis records) as a number of seconds. The stored form
+/// stays a number on purpose: Redis writes compare a record's JSON byte for byte, and
+/// replicas of different versions share the records, so a change of that format would turn
+/// every write on an existing record into a conflict.
+///
 /// ```
 /// use std::time::Duration;
 /// use tower_gateway_auth::Timestamp;
 ///
 /// let t = Timestamp::from_unix_secs(1_700_000_000);
 /// assert_eq!((t + Duration::from_secs(60)).as_unix_secs(), 1_700_000_060);
+/// assert_eq!(t.to_string(), "2023-11-14T22:13:20Z");
+/// assert_eq!(serde_json::to_string(&t).unwrap(), "1700000000");
 /// ```
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -71,9 +79,35 @@ impl fmt::Debug for Timestamp {
     }
 }
 
+/// The latest time RFC 3339 can write (its years have four digits).
+const LAST_RFC3339: u64 = 253_402_300_799; // 9999-12-31T23:59:59Z
+
+impl Timestamp {
+    /// Parses an RFC 3339 time (`2030-01-01T00:00:00Z`, `2030-01-01T01:00:00+01:00`);
+    /// fractions of a second are dropped. `None` for anything else, or a time before the
+    /// epoch.
+    #[cfg(any(test, feature = "axum"))]
+    pub(crate) fn parse_rfc3339(text: &str) -> Option<Self> {
+        let t =
+            ::time::OffsetDateTime::parse(text, &::time::format_description::well_known::Rfc3339)
+                .ok()?;
+        u64::try_from(t.unix_timestamp()).ok().map(Timestamp)
+    }
+}
+
+/// RFC 3339 in UTC, whole seconds: `2023-11-14T22:13:20Z`. Times after
+/// `9999-12-31T23:59:59Z`, which RFC 3339 cannot write (a saturated "far future"), are shown
+/// as that.
 impl fmt::Display for Timestamp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(&self.0, f)
+        let secs = i64::try_from(self.0.min(LAST_RFC3339)).unwrap_or_default();
+        let t = ::time::OffsetDateTime::from_unix_timestamp(secs).map_err(|_| fmt::Error)?;
+        let mut buf = [0u8; 20];
+        let mut out = &mut buf[..];
+        t.format_into(&mut out, &::time::format_description::well_known::Rfc3339)
+            .map_err(|_| fmt::Error)?;
+        let written = 20 - out.len();
+        f.pad(std::str::from_utf8(&buf[..written]).map_err(|_| fmt::Error)?)
     }
 }
 
@@ -85,56 +119,36 @@ pub trait Clock: Send + Sync + 'static {
     fn now(&self) -> Timestamp;
 }
 
-/// The system's wall clock, read cheaply.
+/// The system's wall clock, read cheaply and with no thread of the crate's own.
 ///
-/// Reading the system clock costs tens of nanoseconds on some machines, a noticeable part of
-/// verifying a key. This clock instead reads a cached second that a background thread
-/// (started on first use, one per process) refreshes four times a second, so a time is at
-/// most a quarter of a second old: far finer than key lifetimes, which count in seconds.
+/// On Linux, Android and FreeBSD a read is `CLOCK_REALTIME_COARSE`: the time the kernel
+/// keeps at each timer tick, read from the vDSO without a system call, at most one tick
+/// (a few milliseconds) behind the precise time, which is far finer than key lifetimes,
+/// which count in seconds. It costs a few nanoseconds, where `SystemTime::now()` costs tens
+/// (`cargo bench --bench primitives`, group `clock`). Elsewhere a read is
+/// `SystemTime::now()`. Either way a read follows the system clock when it is set, and is
+/// never older than a tick.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SystemClock;
 
 impl Clock for SystemClock {
     #[inline]
     fn now(&self) -> Timestamp {
-        cached::now()
+        coarse_now()
     }
 }
 
-mod cached {
-    use std::sync::Once;
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-    use std::time::Duration;
+#[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
+#[inline]
+fn coarse_now() -> Timestamp {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::RealtimeCoarse);
+    Timestamp(u64::try_from(t.tv_sec).unwrap_or(0))
+}
 
-    use super::Timestamp;
-
-    const REFRESH: Duration = Duration::from_millis(250);
-
-    static SECS: AtomicU64 = AtomicU64::new(0);
-    /// False when no refresher thread could be started: then every read asks the system.
-    static CACHED: AtomicBool = AtomicBool::new(false);
-    static START: Once = Once::new();
-
-    #[inline]
-    pub(super) fn now() -> Timestamp {
-        START.call_once(|| {
-            SECS.store(Timestamp::now().as_unix_secs(), Ordering::Relaxed);
-            let started = std::thread::Builder::new()
-                .name("tower-gateway-auth-clock".into())
-                .spawn(|| {
-                    loop {
-                        std::thread::sleep(REFRESH);
-                        SECS.store(Timestamp::now().as_unix_secs(), Ordering::Relaxed);
-                    }
-                });
-            CACHED.store(started.is_ok(), Ordering::Relaxed);
-        });
-        if CACHED.load(Ordering::Relaxed) {
-            Timestamp::from_unix_secs(SECS.load(Ordering::Relaxed))
-        } else {
-            Timestamp::now()
-        }
-    }
+#[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
+#[inline]
+fn coarse_now() -> Timestamp {
+    Timestamp::now()
 }
 
 /// A clock that stands still until told to move; clones share the same time.
@@ -182,14 +196,36 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_cached_clock_follows_the_system_clock() {
-        let before = Timestamp::now();
-        let cached = SystemClock.now();
-        let after = Timestamp::now();
-        // At most one refresh period (well under a second) behind.
-        assert!(
-            cached.as_unix_secs() + 1 >= before.as_unix_secs() && cached <= after,
-            "{cached:?} {before:?} {after:?}"
+    fn rfc3339_both_ways() {
+        let t = Timestamp::from_unix_secs(1_700_000_000);
+        assert_eq!(t.to_string(), "2023-11-14T22:13:20Z");
+        assert_eq!(Timestamp::EPOCH.to_string(), "1970-01-01T00:00:00Z");
+        assert_eq!(
+            Timestamp::from_unix_secs(u64::MAX).to_string(),
+            "9999-12-31T23:59:59Z"
         );
+        assert_eq!(format!("{t:>22}"), "  2023-11-14T22:13:20Z");
+        assert_eq!(Timestamp::parse_rfc3339("2023-11-14T22:13:20Z"), Some(t));
+        assert_eq!(
+            Timestamp::parse_rfc3339("2023-11-14T23:13:20.75+01:00"),
+            Some(t)
+        );
+        for bad in ["1700000000", "2023-11-14", "1969-12-31T23:59:59Z", ""] {
+            assert_eq!(Timestamp::parse_rfc3339(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_system_clock_is_the_system_time() {
+        for _ in 0..1_000 {
+            let before = Timestamp::now();
+            let read = SystemClock.now();
+            let after = Timestamp::now();
+            // The coarse clock is at most a tick behind: within a second of the precise one.
+            assert!(
+                before.as_unix_secs() <= read.as_unix_secs() + 1 && read <= after,
+                "{read:?} {before:?} {after:?}"
+            );
+        }
     }
 }

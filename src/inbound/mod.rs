@@ -309,7 +309,6 @@ impl<S, K, ReqBody, ResBody> Service<Request<ReqBody>> for InboundApiKey<S, K>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
     K: KeyStore,
-    K::Lookup: Unpin,
 {
     type Response = Response<ResponseBody<ResBody>>;
     type Error = S::Error;
@@ -579,10 +578,7 @@ fn unavailable() -> Rejection {
     )
 }
 
-impl<K: KeyStore, B> Resume<B> for Config<K>
-where
-    K::Lookup: Unpin,
-{
+impl<K: KeyStore, B> Resume<B> for Config<K> {
     type Wait = TimedLookup<K::Lookup>;
 
     fn resume(&self, answer: Checked, req: &mut Request<B>) -> Next<Self::Wait> {
@@ -683,7 +679,6 @@ impl<S, K, B, ResBody> Future for ResponseFuture<S, K, B>
 where
     S: Service<Request<B>, Response = Response<ResBody>>,
     K: KeyStore,
-    K::Lookup: Unpin,
 {
     type Output = Result<Response<ResponseBody<ResBody>>, S::Error>;
 

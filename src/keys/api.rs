@@ -47,6 +47,10 @@ use crate::time::{Clock, SystemClock, Timestamp};
 /// "never_expires"?, "not_before"?, "metadata"?}`; `rotate` takes `{"grace_seconds"?}`
 /// (default 3600); `/ephemeral` takes `{"scopes"?, "ttl_seconds"?}` (default 60).
 ///
+/// Times are RFC 3339 strings: answers show `created_at`, `expires_at` and `not_before` in
+/// UTC (`"2030-01-01T00:00:00Z"`); `not_before` may be sent with any offset
+/// (`"2030-01-01T01:00:00+01:00"`), or as Unix seconds, as earlier versions took it.
+///
 /// ```
 /// use std::sync::Arc;
 /// use axum::Router;
@@ -136,11 +140,12 @@ struct KeyView {
     /// Whether it works now, and if not why: `usable`, `expired`, `not_yet_valid`, … (for an
     /// ephemeral key, its parent's state when that is what stops it).
     state: &'static str,
-    created_at: Timestamp,
+    /// RFC 3339, as are the two below.
+    created_at: String,
     #[serde(skip_serializing_if = "Option::is_none")]
-    expires_at: Option<Timestamp>,
+    expires_at: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    not_before: Option<Timestamp>,
+    not_before: Option<String>,
     #[serde(skip_serializing_if = "Metadata::is_empty")]
     metadata: Metadata,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -173,9 +178,9 @@ impl KeyView {
             scopes: r.scopes().clone(),
             status: r.status(),
             state,
-            created_at: r.created_at(),
-            expires_at: r.expires_at(),
-            not_before: r.not_before(),
+            created_at: r.created_at().to_string(),
+            expires_at: r.expires_at().map(|t| t.to_string()),
+            not_before: r.not_before().map(|t| t.to_string()),
             metadata: r.metadata().clone(),
             parent: r.parent(),
         }
@@ -279,13 +284,40 @@ struct CreateBody {
     ttl_seconds: Option<u64>,
     #[serde(default)]
     never_expires: bool,
-    not_before: Option<Timestamp>,
+    not_before: Option<TimeInput>,
     #[serde(default)]
     metadata: Metadata,
 }
 
+/// A time in a request body: RFC 3339, or Unix seconds (what earlier versions took).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum TimeInput {
+    Rfc3339(String),
+    UnixSecs(u64),
+}
+
+impl TimeInput {
+    fn timestamp(&self) -> Option<Timestamp> {
+        match self {
+            TimeInput::Rfc3339(text) => Timestamp::parse_rfc3339(text),
+            TimeInput::UnixSecs(secs) => Some(Timestamp::from_unix_secs(*secs)),
+        }
+    }
+}
+
 async fn create<A: KeyAdmin>(State(s): Shared<A>, body: Bytes) -> Answer {
     let body: CreateBody = s.parse(&body)?;
+    let not_before = match &body.not_before {
+        None => None,
+        Some(t) => Some(t.timestamp().ok_or_else(|| {
+            s.error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "not_before must be an RFC 3339 time, such as 2030-01-01T00:00:00Z.",
+            )
+        })?),
+    };
     let lifetime = match (body.ttl_days, body.ttl_seconds, body.never_expires) {
         (None, None, false) => Lifetime::Default,
         (None, None, true) => Lifetime::Never,
@@ -310,7 +342,7 @@ async fn create<A: KeyAdmin>(State(s): Shared<A>, body: Bytes) -> Answer {
         .scopes(body.scopes)
         .lifetime(lifetime)
         .metadata_map(body.metadata);
-    if let Some(t) = body.not_before {
+    if let Some(t) = not_before {
         spec = spec.not_before(t);
     }
     let issued = s.manager.issue(spec).await.map_err(|e| s.fail(e))?;

@@ -17,7 +17,8 @@ use crate::time::{Clock, SystemClock};
 /// A [`KeyStore`] that answers from a bounded local cache and asks the store behind it only
 /// when it must.
 ///
-/// - A known key is kept for `ttl` (default 30 s), an unknown one for `negative_ttl`
+/// - A known key is kept for `ttl` (default 30 s; settings are given to
+///   [`CachedStore::builder`]), an unknown one for `negative_ttl`
 ///   (default 5 s), so a flood of bad keys reaches the store a handful of times, not once a
 ///   request.
 /// - Concurrent misses on one digest make one store call; the others wait for its answer.
@@ -41,9 +42,10 @@ use crate::time::{Clock, SystemClock};
 /// use std::time::Duration;
 /// use tower_gateway_auth::{CachedStore, InboundApiKeyLayer, MemoryStore};
 ///
-/// let store = CachedStore::new(MemoryStore::new())
+/// let store = CachedStore::builder(MemoryStore::new())
 ///     .ttl(Duration::from_secs(10))
-///     .negative_ttl(Duration::from_secs(2));
+///     .negative_ttl(Duration::from_secs(2))
+///     .build();
 /// let layer = InboundApiKeyLayer::new(store);
 /// # let _ = layer;
 /// ```
@@ -180,68 +182,125 @@ impl<V: Keyed + Clone> Table<V> {
     }
 }
 
-impl<K: KeyStore> CachedStore<K> {
-    /// `store` behind a cache of up to 100,000 known and 100,000 unknown digests.
-    pub fn new(store: K) -> Self {
-        CachedStore {
-            shared: Arc::new(Shared {
-                store,
-                known: Table::new(100_000),
-                unknown: Table::new(100_000),
-                inflight: Mutex::new(HashMap::new()),
-                epoch: AtomicU64::new(0),
-                store_lookups: AtomicU64::new(0),
-                ttl: 30,
-                negative_ttl: 5,
-                max_staleness: 300,
-                store_timeout: Duration::from_secs(1),
-                clock: None,
-            }),
-        }
-    }
+/// Options for a [`CachedStore`], from [`CachedStore::builder`]: every setting is given
+/// before the cache exists, so none can be changed under a cache already shared (cloned, or
+/// listening for invalidations).
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_gateway_auth::{CachedStore, MemoryStore};
+///
+/// let store = CachedStore::builder(MemoryStore::new())
+///     .ttl(Duration::from_secs(10))
+///     .negative_ttl(Duration::from_secs(2))
+///     .capacity(10_000, 1_000)
+///     .build();
+/// assert_eq!(store.cached(), (0, 0));
+/// ```
+pub struct CachedStoreBuilder<K> {
+    store: K,
+    ttl: Duration,
+    negative_ttl: Duration,
+    max_staleness: Duration,
+    store_timeout: Duration,
+    capacity: (usize, usize),
+    clock: Option<Arc<dyn Clock>>,
+}
 
-    fn options(&mut self) -> &mut Shared<K> {
-        Arc::get_mut(&mut self.shared)
-            .expect("configure a CachedStore before cloning it or listening for invalidations")
-    }
-
-    /// How long a known key is served without asking the store (whole seconds).
+impl<K: KeyStore> CachedStoreBuilder<K> {
+    /// How long a known key is served without asking the store, in whole seconds (default:
+    /// 30 s).
     pub fn ttl(mut self, ttl: Duration) -> Self {
-        self.options().ttl = ttl.as_secs();
+        self.ttl = ttl;
         self
     }
 
-    /// How long an unknown digest is answered "unknown" without asking the store.
+    /// How long an unknown digest is answered "unknown" without asking the store (default:
+    /// 5 s).
     pub fn negative_ttl(mut self, ttl: Duration) -> Self {
-        self.options().negative_ttl = ttl.as_secs();
+        self.negative_ttl = ttl;
         self
     }
 
-    /// How long after it was fetched a record may still be served while the store fails.
+    /// How long after it was fetched a record may still be served while the store fails
+    /// (default: 5 min).
     pub fn max_staleness(mut self, staleness: Duration) -> Self {
-        self.options().max_staleness = staleness.as_secs();
+        self.max_staleness = staleness;
         self
     }
 
     /// How long a store call may take before it counts as failed (default: 1 s), so that a
     /// store in trouble costs requests little time before a held record is served.
     pub fn store_timeout(mut self, timeout: Duration) -> Self {
-        self.options().store_timeout = timeout;
+        self.store_timeout = timeout;
         self
     }
 
-    /// How many known and how many unknown digests are kept, at most.
+    /// How many known and how many unknown digests are kept, at most (default: 100,000
+    /// each).
     pub fn capacity(mut self, known: usize, unknown: usize) -> Self {
-        let shared = self.options();
-        shared.known = Table::new(known);
-        shared.unknown = Table::new(unknown);
+        self.capacity = (known, unknown);
         self
     }
 
-    /// The clock ages are measured with.
+    /// The clock ages are measured with (default: the system clock).
     pub fn clock(mut self, clock: impl Clock) -> Self {
-        self.options().clock = Some(Arc::new(clock));
+        self.clock = Some(Arc::new(clock));
         self
+    }
+
+    /// The cache.
+    pub fn build(self) -> CachedStore<K> {
+        let (known, unknown) = self.capacity;
+        CachedStore {
+            shared: Arc::new(Shared {
+                store: self.store,
+                known: Table::new(known),
+                unknown: Table::new(unknown),
+                inflight: Mutex::new(HashMap::new()),
+                epoch: AtomicU64::new(0),
+                store_lookups: AtomicU64::new(0),
+                ttl: self.ttl.as_secs(),
+                negative_ttl: self.negative_ttl.as_secs(),
+                max_staleness: self.max_staleness.as_secs(),
+                store_timeout: self.store_timeout,
+                clock: self.clock,
+            }),
+        }
+    }
+}
+
+impl<K> std::fmt::Debug for CachedStoreBuilder<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CachedStoreBuilder")
+            .field("ttl", &self.ttl)
+            .field("negative_ttl", &self.negative_ttl)
+            .field("max_staleness", &self.max_staleness)
+            .field("store_timeout", &self.store_timeout)
+            .field("capacity", &self.capacity)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<K: KeyStore> CachedStore<K> {
+    /// `store` behind a cache with the default settings (see [`builder`](Self::builder)).
+    pub fn new(store: K) -> Self {
+        Self::builder(store).build()
+    }
+
+    /// Options for a cache in front of `store`: up to 100,000 known and 100,000 unknown
+    /// digests, a 30 s `ttl`, a 5 s `negative_ttl`, 5 min `max_staleness`, a 1 s
+    /// `store_timeout`, the system clock.
+    pub fn builder(store: K) -> CachedStoreBuilder<K> {
+        CachedStoreBuilder {
+            store,
+            ttl: Duration::from_secs(30),
+            negative_ttl: Duration::from_secs(5),
+            max_staleness: Duration::from_secs(300),
+            store_timeout: Duration::from_secs(1),
+            capacity: (100_000, 100_000),
+            clock: None,
+        }
     }
 
     /// A handle that does not keep the cache alive (for background listeners).

@@ -22,10 +22,11 @@ const VERSION: u32 = 1;
 ///   (compare-and-swap, see [`Write`]), write a temporary file, `fsync` it, rename it over the
 ///   old one and `fsync` the directory: a crash leaves the old file or the new one, and two
 ///   processes writing at once lose nothing.
-/// - A background thread checks the file every second (see [`FileStore::builder`]) and
-///   reloads it when another process changed it, so revocations reach a running gateway
-///   within seconds. A file that turns corrupt later is reported and the last good content
-///   kept.
+/// - A tokio task checks the file every second (see [`FileStore::builder`]) and reloads it,
+///   on tokio's blocking pool, when another process changed it, so revocations reach a
+///   running gateway within seconds. A file that turns corrupt later is reported and the
+///   last good content kept. The task runs on the runtime the store was opened in and ends
+///   when the store is dropped or that runtime shuts down; the crate starts no thread.
 /// - A missing file is created (mode 0600); an unreadable or corrupt one, or one written with
 ///   another pepper, makes opening fail with an error naming the file, never an empty store.
 ///
@@ -107,6 +108,9 @@ impl FileStoreBuilder {
 
     /// How often to check the file for changes made by other processes (default: every
     /// second); `None` never checks: call [`FileStore::reload`] yourself.
+    ///
+    /// Checking is a task on the tokio runtime [`open`](Self::open) is called in: opening
+    /// with checks turned on outside a runtime fails with an error saying so.
     pub fn reload_every(mut self, every: Option<Duration>) -> Self {
         self.reload_every = every;
         self
@@ -129,7 +133,13 @@ impl FileStoreBuilder {
         }
         shared.reload()?;
         if let Some(every) = self.reload_every {
-            watch(Arc::downgrade(&shared), every);
+            let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+                StoreError::new(format!(
+                    "key file {}: checking it for changes needs a tokio runtime: open the store inside one, or turn checking off with reload_every(None)",
+                    shared.path.display()
+                ))
+            })?;
+            runtime.spawn(watch(Arc::downgrade(&shared), every));
         }
         Ok(FileStore { shared })
     }
@@ -180,29 +190,34 @@ impl std::fmt::Debug for FileStore {
     }
 }
 
-/// Polls the file from a plain thread, so no runtime is needed; the thread ends once the
-/// store is dropped.
-fn watch(shared: Weak<Shared>, every: Duration) {
-    std::thread::Builder::new()
-        .name("key-file-watch".into())
-        .spawn(move || {
-            let mut last_error: Option<String> = None;
-            loop {
-                std::thread::sleep(every);
-                let Some(shared) = shared.upgrade() else { return };
-                match shared.reload() {
-                    Ok(_) => last_error = None,
-                    Err(error) => {
-                        let text = error.to_string();
-                        if last_error.as_deref() != Some(&text) {
-                            tracing::error!(target: "tower_gateway_auth::store", %error, "key file reload failed; keeping the keys last loaded");
-                            last_error = Some(text);
-                        }
-                    }
+/// Checks the file every `every`, as a tokio task: the library's other background work (the
+/// Redis invalidation listener) is a task too, it stops with its runtime instead of
+/// outliving it, and the file work goes to the blocking pool the store's writes use. Ends
+/// once the store is dropped.
+async fn watch(shared: Weak<Shared>, every: Duration) {
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_error: Option<String> = None;
+    loop {
+        ticks.tick().await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let result = match tokio::task::spawn_blocking(move || shared.reload()).await {
+            Ok(result) => result,
+            Err(e) => Err(StoreError::with_source("key file reload task failed", e)),
+        };
+        match result {
+            Ok(_) => last_error = None,
+            Err(error) => {
+                let text = error.to_string();
+                if last_error.as_deref() != Some(&text) {
+                    tracing::error!(target: "tower_gateway_auth::store", %error, "key file reload failed; keeping the keys last loaded");
+                    last_error = Some(text);
                 }
             }
-        })
-        .expect("spawning the key-file watcher thread failed");
+        }
+    }
 }
 
 fn sibling(path: &Path, suffix: &str) -> PathBuf {

@@ -18,11 +18,11 @@ mod memory;
 mod redis;
 mod table;
 
-pub use cached::{CachedLookup, CachedStore};
+pub use cached::{CachedLookup, CachedStore, CachedStoreBuilder};
 pub use file::{FileStore, FileStoreBuilder};
 pub use memory::MemoryStore;
 #[cfg(feature = "redis")]
-pub use redis::{InvalidationListener, RedisStore, listen_for_invalidations};
+pub use redis::{InvalidationListener, RedisStore, RedisStoreBuilder, listen_for_invalidations};
 
 use crate::keys::record::KeyId;
 
@@ -38,7 +38,9 @@ static SHA256: KeyHasher = KeyHasher::sha256();
 /// A store keeps only digests; it never sees the key.
 ///
 /// The lookup returns a named future so that the layer's future needs no allocation for
-/// in-process stores; a remote store can set `type Lookup = BoxLookup` and box.
+/// in-process stores; a remote store can set `type Lookup = BoxLookup` and box. The future
+/// is `Unpin` (as [`CredentialSource::Future`](crate::CredentialSource::Future) is) so that
+/// the layers can poll it in place; an `async` block becomes one with `Box::pin`.
 ///
 /// ```
 /// use std::future::{Ready, ready};
@@ -57,7 +59,7 @@ static SHA256: KeyHasher = KeyHasher::sha256();
 /// ```
 pub trait KeyStore: Send + Sync + 'static {
     /// The future a lookup returns.
-    type Lookup: Future<Output = LookupResult> + Send + 'static;
+    type Lookup: Future<Output = LookupResult> + Send + Unpin + 'static;
 
     /// Finds the record whose digest is `digest`.
     fn lookup(&self, digest: &KeyDigest) -> Self::Lookup;

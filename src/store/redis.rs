@@ -110,20 +110,49 @@ pub struct RedisStore {
     hasher: KeyHasher,
 }
 
-impl RedisStore {
-    /// Connects to `url` (e.g. `redis://127.0.0.1:6379`), namespace `tga`, plain SHA-256.
-    pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        Self::connect_with(url, "tga", KeyHasher::sha256()).await
+/// Options for a [`RedisStore`], from [`RedisStore::builder`].
+///
+/// ```no_run
+/// # async fn doc() -> Result<(), tower_gateway_auth::StoreError> {
+/// use tower_gateway_auth::{KeyHasher, RedisStore};
+///
+/// let store = RedisStore::builder("redis://127.0.0.1:6379")
+///     .namespace("gateway-eu")
+///     .hasher(KeyHasher::with_pepper(b"a pepper of at least 16 bytes"))
+///     .connect()
+///     .await?;
+/// # Ok(()) }
+/// ```
+pub struct RedisStoreBuilder {
+    url: String,
+    namespace: String,
+    hasher: KeyHasher,
+}
+
+impl RedisStoreBuilder {
+    /// The prefix of every Redis key the store uses (default: `tga`), so that several
+    /// gateways can share one Redis.
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.namespace = namespace.into();
+        self
     }
 
-    /// Connects with a namespace of your own (several gateways on one Redis) and a hasher
-    /// (e.g. peppered).
-    pub async fn connect_with(
-        url: &str,
-        namespace: &str,
-        hasher: KeyHasher,
-    ) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url).map_err(|e| {
+    /// How presented keys are digested (default: plain SHA-256), e.g.
+    /// [`KeyHasher::with_pepper`]. Connecting fails when the namespace's keys were digested
+    /// with another hasher or pepper.
+    pub fn hasher(mut self, hasher: KeyHasher) -> Self {
+        self.hasher = hasher;
+        self
+    }
+
+    /// Connects, and checks (or, on first use, records) the namespace's hasher.
+    pub async fn connect(self) -> Result<RedisStore, StoreError> {
+        let RedisStoreBuilder {
+            url,
+            namespace,
+            hasher,
+        } = self;
+        let client = redis::Client::open(url.as_str()).map_err(|e| {
             StoreError::with_source(format!("invalid Redis URL for namespace {namespace}"), e)
         })?;
         // While Redis is down a request should fail fast (the cache then serves what it
@@ -137,13 +166,41 @@ impl RedisStore {
         let mut connection = ConnectionManager::new_with_config(client.clone(), config)
             .await
             .map_err(|e| StoreError::with_source("cannot connect to Redis", e))?;
-        check_hasher(&mut connection, namespace, &hasher).await?;
+        check_hasher(&mut connection, &namespace, &hasher).await?;
         Ok(RedisStore {
             client,
             connection,
             namespace: namespace.into(),
             hasher,
         })
+    }
+}
+
+/// The URL is left out: it may hold a password.
+impl std::fmt::Debug for RedisStoreBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStoreBuilder")
+            .field("namespace", &self.namespace)
+            .field("hasher", &self.hasher)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisStore {
+    /// Connects to `url` (e.g. `redis://127.0.0.1:6379`), namespace `tga`, plain SHA-256.
+    /// For other settings, see [`builder`](Self::builder).
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::builder(url).connect().await
+    }
+
+    /// Options for a store at `url` (e.g. `redis://127.0.0.1:6379`): namespace `tga`, plain
+    /// SHA-256 unless told otherwise.
+    pub fn builder(url: impl Into<String>) -> RedisStoreBuilder {
+        RedisStoreBuilder {
+            url: url.into(),
+            namespace: "tga".to_owned(),
+            hasher: KeyHasher::sha256(),
+        }
     }
 
     /// This store behind a [`CachedStore`] with default settings that drops entries as soon
@@ -156,7 +213,7 @@ impl RedisStore {
     /// use tower_gateway_auth::store::{CachedStore, RedisStore, listen_for_invalidations};
     ///
     /// let redis = RedisStore::connect("redis://127.0.0.1:6379").await?;
-    /// let cache = CachedStore::new(redis).ttl(Duration::from_secs(60));
+    /// let cache = CachedStore::builder(redis).ttl(Duration::from_secs(60)).build();
     /// let _listener = listen_for_invalidations(&cache);
     /// # Ok(()) }
     /// ```

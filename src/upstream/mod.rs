@@ -126,7 +126,8 @@ struct Config<C> {
     strip_query: Vec<Arc<str>>,
     /// Whether a request with no `Identity` still gets the credential (off: it is refused).
     without_identity: bool,
-    /// Derived from the two above by `derive_removals`: what every request loses in one pass.
+    /// Derived from `provider` and `strip_headers` by `derive`, and only there: what every
+    /// request loses in one pass.
     removed: Vec<HeaderName>,
     /// The provider's rules left to apply one by one after that pass.
     rules_from: usize,
@@ -147,10 +148,12 @@ impl<C> Clone for Config<C> {
 }
 
 impl<C> Config<C> {
-    /// The strip list less the header the credential is written into (overwritten anyway),
-    /// and the provider's leading removals (OpenAI's organization and project headers):
-    /// removing commutes with removing, so all go in one pass.
-    fn derive_removals(&mut self) {
+    /// Computes the state derived from the settings: the strip list less the header the
+    /// credential is written into (overwritten anyway), and the provider's leading removals
+    /// (OpenAI's organization and project headers): removing commutes with removing, so all
+    /// go in one pass. Called when the config is made and, through [`ConfigMut`], after every
+    /// change: no setter computes derived state itself.
+    fn derive(&mut self) {
         let placed = match self.provider.placement() {
             Placement::Bearer => Some(&AUTHORIZATION),
             Placement::Header(name) => Some(name),
@@ -186,14 +189,16 @@ impl<C: CredentialSource> UpstreamAuthLayer<C> {
             removed: Vec::new(),
             rules_from: 0,
         };
-        config.derive_removals();
+        config.derive();
         UpstreamAuthLayer {
             config: Arc::new(config),
         }
     }
 
-    fn config_mut(&mut self) -> &mut Config<C> {
-        Arc::make_mut(&mut self.config)
+    /// The only way to change the settings: the derived state is recomputed once the
+    /// change is made, so no setter has to remember to.
+    fn config_mut(&mut self) -> ConfigMut<'_, C> {
+        ConfigMut(Arc::make_mut(&mut self.config))
     }
 
     /// Also strips every header and query parameter `inbound` reads keys from, whether or
@@ -215,21 +220,22 @@ impl<C: CredentialSource> UpstreamAuthLayer<C> {
 
     /// Also strips header `name` (every value).
     pub fn strip_header(mut self, name: HeaderName) -> Self {
-        let config = self.config_mut();
+        let mut config = self.config_mut();
         if !config.strip_headers.contains(&name) {
             config.strip_headers.push(name);
-            config.derive_removals();
         }
+        drop(config);
         self
     }
 
     /// Also strips query parameter `name` (every occurrence, its name compared
     /// percent-decoded).
     pub fn strip_query(mut self, name: &str) -> Self {
-        let config = self.config_mut();
+        let mut config = self.config_mut();
         if !config.strip_query.iter().any(|n| &**n == name) {
             config.strip_query.push(name.into());
         }
+        drop(config);
         self
     }
 
@@ -266,6 +272,29 @@ impl<C: CredentialSource> UpstreamAuthLayer<C> {
     /// The query parameters stripped from every request.
     pub fn stripped_query(&self) -> impl Iterator<Item = &str> {
         self.config.strip_query.iter().map(|n| &**n)
+    }
+}
+
+/// A change to a layer's [`Config`]; dropping it brings the derived state up to date.
+struct ConfigMut<'a, C>(&'a mut Config<C>);
+
+impl<C> std::ops::Deref for ConfigMut<'_, C> {
+    type Target = Config<C>;
+
+    fn deref(&self) -> &Config<C> {
+        self.0
+    }
+}
+
+impl<C> std::ops::DerefMut for ConfigMut<'_, C> {
+    fn deref_mut(&mut self) -> &mut Config<C> {
+        self.0
+    }
+}
+
+impl<C> Drop for ConfigMut<'_, C> {
+    fn drop(&mut self) {
+        self.0.derive();
     }
 }
 
@@ -474,6 +503,23 @@ mod tests {
             .config
             .rewrite_query(&uri, &Credential::new("up&key").unwrap())
             .unwrap_or(uri)
+    }
+
+    #[test]
+    fn derived_removals_follow_every_change() {
+        let extra = HeaderName::from_static("x-extra");
+        let layer = UpstreamAuthLayer::new(
+            Provider::header(HeaderName::from_static("x-api-key")),
+            Credential::new("k").unwrap(),
+        );
+        let before = layer.clone();
+        let layer = layer.strip_header(extra.clone()).strip_query("token");
+        assert!(layer.config.removed.contains(&extra));
+        // The header the credential goes into is overwritten, not removed first.
+        assert!(!layer.config.removed.iter().any(|n| n == "x-api-key"));
+        // A clone taken before the change keeps its own, consistent, state.
+        assert!(!before.config.removed.contains(&extra));
+        assert!(before.config.removed.contains(&AUTHORIZATION));
     }
 
     #[test]

@@ -17,6 +17,17 @@ use tower_gateway_auth::{
     NewKey, RejectionLayer,
 };
 
+/// Unix seconds of an RFC 3339 time in an answer (the API shows times that way).
+fn secs(time: &Value) -> i64 {
+    let text = time
+        .as_str()
+        .unwrap_or_else(|| panic!("not an RFC 3339 string: {time}"));
+    assert!(text.ends_with('Z'), "shown in UTC: {text}");
+    time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|e| panic!("{text}: {e}"))
+        .unix_timestamp()
+}
+
 struct Api {
     http: HttpClient,
     base: String,
@@ -99,7 +110,7 @@ async fn create_use_list_revoke() {
     assert_eq!(body["state"], "usable");
     assert_eq!(body["metadata"]["tenant"], "acme");
     assert_eq!(
-        body["expires_at"].as_u64().unwrap() - body["created_at"].as_u64().unwrap(),
+        secs(&body["expires_at"]) - secs(&body["created_at"]),
         30 * 86_400
     );
 
@@ -161,6 +172,7 @@ async fn rotate_disable_enable_delete_over_http() {
         created["id"].as_str().unwrap().to_owned(),
     );
     assert!(created.get("expires_at").is_none());
+    assert!(created.get("not_before").is_none());
 
     let rotated = api
         .call(
@@ -261,10 +273,7 @@ async fn any_key_mints_ephemeral_keys_within_its_scopes() {
     assert_eq!(minted.status, StatusCode::CREATED);
     let body = minted.json();
     assert_eq!(body["scopes"], json!(["realtime"]));
-    assert_eq!(
-        body["expires_at"].as_u64().unwrap() - body["created_at"].as_u64().unwrap(),
-        30
-    );
+    assert_eq!(secs(&body["expires_at"]) - secs(&body["created_at"]), 30);
     let eph = body["key"].as_str().unwrap();
     assert_eq!(
         api.call(Method::GET, "/v1/whoami", Some(eph), None)
@@ -306,6 +315,46 @@ type Case<'a> = (
     StatusCode,
     &'a str,
 );
+
+#[tokio::test]
+async fn not_before_is_taken_as_rfc3339_or_unix_seconds_and_shown_as_rfc3339() {
+    let (api, admin) = start(ErrorFormat::OpenAi).await;
+    let create = |not_before: Value| {
+        api.call(
+            Method::POST,
+            "/admin/keys",
+            Some(&admin),
+            Some(json!({"name": "later", "not_before": not_before})),
+        )
+    };
+    for (sent, shown) in [
+        (json!("2030-01-01T00:00:00Z"), "2030-01-01T00:00:00Z"),
+        (json!("2030-01-01T01:00:00.5+01:00"), "2030-01-01T00:00:00Z"),
+        (json!(1_893_456_000u64), "2030-01-01T00:00:00Z"),
+    ] {
+        let created = create(sent.clone()).await;
+        assert_eq!(created.status, StatusCode::CREATED, "{sent}");
+        let body = created.json();
+        assert_eq!(body["not_before"], shown, "{sent}");
+        assert_eq!(body["state"], "not_yet_valid");
+        let id = body["id"].as_str().unwrap();
+        let shown_again = api
+            .call(
+                Method::GET,
+                &format!("/admin/keys/{id}"),
+                Some(&admin),
+                None,
+            )
+            .await
+            .json();
+        assert_eq!(shown_again["not_before"], shown);
+        secs(&shown_again["created_at"]);
+    }
+    for bad in [json!("next tuesday"), json!("2030-01-01"), json!(-5)] {
+        let refused = create(bad.clone()).await;
+        assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{bad}");
+    }
+}
 
 #[tokio::test]
 async fn errors_come_in_the_configured_dialect_and_nothing_changes() {

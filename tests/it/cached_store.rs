@@ -58,11 +58,12 @@ impl Backend {
 const T0: u64 = 1_800_000_000;
 
 fn cache(backend: &Backend, clock: &ManualClock) -> CachedStore<Backend> {
-    CachedStore::new(backend.clone())
+    CachedStore::builder(backend.clone())
         .ttl(Duration::from_secs(30))
         .negative_ttl(Duration::from_secs(5))
         .max_staleness(Duration::from_secs(300))
         .clock(clock.clone())
+        .build()
 }
 
 async fn status(store: &CachedStore<Backend>, key: &str) -> StatusCode {
@@ -222,9 +223,10 @@ async fn invalidation_takes_effect_at_once_and_beats_a_lookup_in_flight() {
 async fn the_cache_stays_within_its_capacity() {
     let backend = Backend::default();
     let clock = ManualClock::new(Timestamp::from_unix_secs(T0));
-    let store = CachedStore::new(backend.clone())
+    let store = CachedStore::builder(backend.clone())
         .capacity(64, 32)
-        .clock(clock.clone());
+        .clock(clock.clone())
+        .build();
     for i in 0..1_000 {
         backend.add(&format!("k-{i}"));
         status(&store, &format!("k-{i}")).await;
@@ -274,7 +276,9 @@ async fn no_answer_from_before_an_invalidation(revoke: bool) {
         backend.keys.insert(record.clone());
     }
     let clock = ManualClock::new(Timestamp::from_unix_secs(T0));
-    let store = CachedStore::new(backend.clone()).clock(clock.clone());
+    let store = CachedStore::builder(backend.clone())
+        .clock(clock.clone())
+        .build();
     // A lookup starts and reads the old state; its answer is held back.
     let early = tokio::spawn({
         let store = store.clone();

@@ -18,7 +18,6 @@ use tower_gateway_auth::{
 async fn status_of<K>(store: K, key: &ApiKey) -> StatusCode
 where
     K: KeyStore,
-    K::Lookup: Unpin,
 {
     support::key_status(store, key.expose()).await
 }
@@ -134,6 +133,16 @@ fn a_corrupt_or_foreign_file_fails_to_open_with_a_clear_error() {
             .to_string()
             .contains("not a version 1")
     );
+
+    // A good file, but no runtime for the task that checks it for changes: said so.
+    std::fs::write(
+        &path,
+        br#"{"format":"tower-gateway-auth/keys","version":1,"hasher":"sha256","keys":[]}"#,
+    )
+    .unwrap();
+    let error = FileStore::open(&path).unwrap_err().to_string();
+    assert!(error.contains("tokio runtime"), "{error}");
+    assert!(FileStore::builder(&path).reload_every(None).open().is_ok());
 
     // A directory where the file should be is unreadable, not empty.
     let as_dir = dir.0.join("dir.json");

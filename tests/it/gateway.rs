@@ -608,13 +608,11 @@ async fn with_redis_a_key_revoked_by_keygen_is_rejected_within_a_second() {
     );
     // What keygen --redis-url does: a plain RedisStore and a KeyManager.
     let keygen = Arc::new(
-        tower_gateway_auth::RedisStore::connect_with(
-            &url,
-            &ns,
-            tower_gateway_auth::KeyHasher::sha256(),
-        )
-        .await
-        .unwrap(),
+        tower_gateway_auth::RedisStore::builder(&url)
+            .namespace(&ns)
+            .connect()
+            .await
+            .unwrap(),
     );
     let issued = KeyManager::new(keygen.clone())
         .issue(NewKey::named("replicated").scopes(["openai"]))

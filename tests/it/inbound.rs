@@ -32,7 +32,6 @@ fn req(uri: &str, headers: &[(&str, &str)]) -> Request<()> {
 async fn call<K>(layer: InboundApiKeyLayer<K>, rec: &Recorder, r: Request<()>) -> support::Answer
 where
     K: KeyStore,
-    K::Lookup: Unpin,
 {
     call_in(RejectionLayer::new(), layer, rec, r).await
 }

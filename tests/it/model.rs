@@ -174,7 +174,6 @@ struct System<A> {
 async fn run_case<A>(system: System<A>, ops: Vec<Op>) -> Result<(), TestCaseError>
 where
     A: KeyAdmin,
-    A::Lookup: Unpin,
 {
     let System {
         store,
@@ -435,7 +434,6 @@ fn cases() -> u32 {
 fn check<A, F, Fut>(name: &str, make: F)
 where
     A: KeyAdmin,
-    A::Lookup: Unpin,
     F: Fn(ManualClock) -> Fut,
     Fut: std::future::Future<Output = System<A>>,
 {
@@ -487,7 +485,7 @@ fn invalidating<K: KeyStore>(cache: &CachedStore<K>) -> Invalidate {
 }
 
 fn cached<K: KeyStore>(store: K, clock: &ManualClock) -> CachedStore<K> {
-    CachedStore::new(store).clock(clock.clone())
+    CachedStore::builder(store).clock(clock.clone()).build()
 }
 
 /// A key file on a memory-backed file system where there is one: the model writes often.
@@ -562,7 +560,9 @@ fn cached_redis_store_follows_the_model() {
 /// A store on a namespace of its own.
 async fn redis(url: &str) -> tower_gateway_auth::RedisStore {
     let ns = support::redis::namespace();
-    tower_gateway_auth::RedisStore::connect_with(url, &ns, KeyHasher::sha256())
+    tower_gateway_auth::RedisStore::builder(url)
+        .namespace(ns)
+        .connect()
         .await
         .unwrap()
 }

@@ -21,7 +21,10 @@ use tower_gateway_auth::{
 };
 
 async fn connect(url: &str, ns: &str) -> RedisStore {
-    RedisStore::connect_with(url, ns, KeyHasher::sha256())
+    RedisStore::builder(url)
+        .namespace(ns)
+        .hasher(KeyHasher::sha256())
+        .connect()
         .await
         .unwrap()
 }
@@ -38,7 +41,6 @@ async fn announced(cache: &CachedStore<RedisStore>, seen: u64) {
 async fn status<K>(store: &K, key: &str) -> StatusCode
 where
     K: KeyStore + Clone,
-    K::Lookup: Unpin,
 {
     support::key_status(store.clone(), key).await
 }
@@ -49,8 +51,12 @@ async fn two_replicas_share_keys_and_a_revocation_reaches_the_other_within_a_sec
         return;
     };
     let ns = namespace();
-    let a = CachedStore::new(connect(&url, &ns).await).ttl(Duration::from_secs(3600));
-    let b = CachedStore::new(connect(&url, &ns).await).ttl(Duration::from_secs(3600));
+    let a = CachedStore::builder(connect(&url, &ns).await)
+        .ttl(Duration::from_secs(3600))
+        .build();
+    let b = CachedStore::builder(connect(&url, &ns).await)
+        .ttl(Duration::from_secs(3600))
+        .build();
     let (mut la, mut lb) = (listen_for_invalidations(&a), listen_for_invalidations(&b));
     la.subscribed().await;
     lb.subscribed().await;
@@ -99,10 +105,11 @@ async fn redis_killed_and_restarted_under_a_warm_cache() {
     };
     let ns = namespace();
     let clock = ManualClock::new(Timestamp::now());
-    let store = CachedStore::new(connect(&server.url(), &ns).await)
+    let store = CachedStore::builder(connect(&server.url(), &ns).await)
         .ttl(Duration::from_secs(30))
         .max_staleness(Duration::from_secs(120))
-        .clock(clock.clone());
+        .clock(clock.clone())
+        .build();
     listen_for_invalidations(&store).subscribed().await;
     let seen = store.invalidations();
     let issued = KeyManager::new(Arc::new(store.clone()))
@@ -428,7 +435,10 @@ async fn a_namespace_written_under_another_pepper_is_named_not_silently_unverifi
     };
     let ns = namespace();
     let peppered = KeyHasher::with_pepper(b"a pepper of sixteen bytes or more");
-    let store = RedisStore::connect_with(&url, &ns, peppered.clone())
+    let store = RedisStore::builder(&url)
+        .namespace(&ns)
+        .hasher(peppered.clone())
+        .connect()
         .await
         .unwrap();
     KeyManager::new(Arc::new(store))
@@ -439,11 +449,15 @@ async fn a_namespace_written_under_another_pepper_is_named_not_silently_unverifi
         KeyHasher::sha256(),
         KeyHasher::with_pepper(b"another pepper, also long enough"),
     ] {
-        let error = RedisStore::connect_with(&url, &ns, other)
+        let error = RedisStore::builder(&url)
+            .namespace(&ns)
+            .hasher(other)
+            .connect()
             .await
             .unwrap_err()
             .to_string();
         assert!(error.contains(&ns) && error.contains("pepper"), "{error}");
     }
-    assert!(RedisStore::connect_with(&url, &ns, peppered).await.is_ok());
+    let again = RedisStore::builder(&url).namespace(&ns).hasher(peppered);
+    assert!(again.connect().await.is_ok());
 }

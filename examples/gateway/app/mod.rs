@@ -94,7 +94,10 @@ pub async fn build(
             compose(Arc::new(store), plan, None).await
         }
         Keys::Redis { url, namespace } => {
-            let redis = RedisStore::connect_with(url, namespace, plan.hasher.clone())
+            let redis = RedisStore::builder(url)
+                .namespace(namespace)
+                .hasher(plan.hasher.clone())
+                .connect()
                 .await
                 .map_err(|e| failed("redis_url", &e))?;
             let store = CachedStore::new(redis);
@@ -124,7 +127,6 @@ async fn compose<S>(
 ) -> Result<Gateway, ConfigError>
 where
     S: KeyAdmin,
-    S::Lookup: Unpin,
 {
     let manager = KeyManager::new(store.clone())
         .key_format(plan.key_format.clone())

@@ -303,7 +303,6 @@ impl Drop for TempDir {
 pub async fn key_status<K>(store: K, key: &str) -> StatusCode
 where
     K: tower_gateway_auth::KeyStore,
-    K::Lookup: Unpin,
 {
     use tower::ServiceExt;
     let svc = tower::ServiceBuilder::new()
