@@ -311,9 +311,8 @@ async fn create<A: KeyAdmin>(State(s): Shared<A>, body: Bytes) -> Answer {
     let not_before = match &body.not_before {
         None => None,
         Some(t) => Some(t.timestamp().ok_or_else(|| {
-            s.error(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
+            Rejection::new(
+                RejectionKind::InvalidRequest,
                 "not_before must be an RFC 3339 time, such as 2030-01-01T00:00:00Z.",
             )
         })?),
