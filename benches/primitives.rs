@@ -96,7 +96,7 @@ fn handrolled() -> [u8; 36] {
     text
 }
 
-/// The same bytes, formatted by the `uuid` crate (as `src/inject.rs` does).
+/// The same bytes, formatted by the `uuid` crate (as `src/inject/request_id.rs` does).
 fn siphash_uuid() -> [u8; 36] {
     static KEY: OnceLock<RandomState> = OnceLock::new();
     static COUNTER: AtomicU64 = AtomicU64::new(0);
