@@ -18,10 +18,10 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use tower_gateway_auth::{
-    CachedStore, KeyDigest, KeyFormat, KeyHasher, KeyId, KeyManager, KeyRecord, KeyStore,
-    MemoryStore, NewKey, RedisStore,
+use tower_gateway_auth::keys::{
+    KeyDigest, KeyFormat, KeyHasher, KeyId, KeyManager, KeyRecord, NewKey,
 };
+use tower_gateway_auth::store::{CachedStore, KeyStore, MemoryStore, RedisStore};
 
 const STORE_KEYS: usize = 1_000_000;
 const ACTIVE_KEYS: usize = 10_000;

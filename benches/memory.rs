@@ -9,7 +9,9 @@ use std::alloc::System;
 use std::time::Duration;
 
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
-use tower_gateway_auth::{KeyFormat, KeyHasher, KeyId, KeyRecord, MemoryStore, Timestamp};
+use tower_gateway_auth::clock::Timestamp;
+use tower_gateway_auth::keys::{KeyFormat, KeyHasher, KeyId, KeyRecord};
+use tower_gateway_auth::store::MemoryStore;
 
 #[global_allocator]
 static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;

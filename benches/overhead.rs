@@ -26,10 +26,11 @@ use http::header::AUTHORIZATION;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, Uri};
 use sha2::{Digest, Sha256};
 use tower::{Layer, Service, ServiceBuilder};
-use tower_gateway_auth::{
-    Credential, HeaderInjectLayer, InboundApiKeyLayer, KeyFormat, KeyHasher, KeyId, KeyRecord,
-    MemoryStore, Provider, RequestId, UpstreamAuthLayer,
-};
+use tower_gateway_auth::inject::RequestId;
+use tower_gateway_auth::keys::{KeyFormat, KeyHasher, KeyId, KeyRecord};
+use tower_gateway_auth::store::MemoryStore;
+use tower_gateway_auth::upstream::{Credential, Provider};
+use tower_gateway_auth::{HeaderInjectLayer, InboundApiKeyLayer, UpstreamAuthLayer};
 
 const STORE_KEYS: usize = 1_000_000;
 /// Requests are built in batches small enough to stay in cache, as a request a server just

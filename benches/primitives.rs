@@ -27,7 +27,9 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use http::{Request, Response};
 use tower::{Layer, Service};
-use tower_gateway_auth::{Clock, HeaderInjectLayer, RequestId, SystemClock};
+use tower_gateway_auth::HeaderInjectLayer;
+use tower_gateway_auth::clock::{Clock, SystemClock};
+use tower_gateway_auth::inject::RequestId;
 
 fn clock(c: &mut Criterion) {
     let mut group = c.benchmark_group("clock");

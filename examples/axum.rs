@@ -6,7 +6,9 @@
 //! ```
 
 use axum::{Router, routing::get};
-use tower_gateway_auth::{Identity, InboundApiKeyLayer, KeyId, KeyRecord, KeyStore, MemoryStore};
+use tower_gateway_auth::keys::{KeyId, KeyRecord};
+use tower_gateway_auth::store::{KeyStore, MemoryStore};
+use tower_gateway_auth::{Identity, InboundApiKeyLayer};
 
 #[tokio::main]
 async fn main() {

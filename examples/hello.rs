@@ -19,11 +19,12 @@ use std::sync::Arc;
 use axum::Router;
 use axum::routing::any;
 use tower::ServiceBuilder;
+use tower_gateway_auth::inject::RequestId;
+use tower_gateway_auth::keys::{KeyManager, NewKey};
 use tower_gateway_auth::proxy::Forward;
-use tower_gateway_auth::{
-    Credential, HeaderInjectLayer, InboundApiKeyLayer, KeyManager, MemoryStore, NewKey, Provider,
-    RequestId, UpstreamAuthLayer,
-};
+use tower_gateway_auth::store::MemoryStore;
+use tower_gateway_auth::upstream::{Credential, Provider};
+use tower_gateway_auth::{HeaderInjectLayer, InboundApiKeyLayer, UpstreamAuthLayer};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {

@@ -14,7 +14,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::service::TowerToHyperService;
 use tower::ServiceBuilder;
-use tower_gateway_auth::{Identity, InboundApiKeyLayer, KeyManager, MemoryStore, NewKey};
+use tower_gateway_auth::keys::{KeyManager, NewKey};
+use tower_gateway_auth::store::MemoryStore;
+use tower_gateway_auth::{Identity, InboundApiKeyLayer};
 
 #[tokio::main]
 async fn main() {

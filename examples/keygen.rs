@@ -21,10 +21,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tower_gateway_auth::{
-    ApiKey, FileStore, KeyAdmin, KeyFormat, KeyHasher, KeyManager, KeyRecord, NewKey, RedisStore,
-    Timestamp,
-};
+use tower_gateway_auth::clock::Timestamp;
+use tower_gateway_auth::keys::{ApiKey, KeyFormat, KeyHasher, KeyManager, KeyRecord, NewKey};
+use tower_gateway_auth::store::{FileStore, KeyAdmin, RedisStore};
 
 const USAGE: &str = "usage: keygen (--keys-file FILE | --redis-url URL [--redis-namespace NS]) [--pepper-env VAR] (--name NAME [--ttl-days N | --no-expiry] [--scope S]... [--prefix P] | --list | --revoke ID)";
 

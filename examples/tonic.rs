@@ -10,7 +10,9 @@
 use std::sync::Arc;
 
 use tonic::transport::Server;
-use tower_gateway_auth::{InboundApiKeyLayer, KeyManager, MemoryStore, NewKey};
+use tower_gateway_auth::InboundApiKeyLayer;
+use tower_gateway_auth::keys::{KeyManager, NewKey};
+use tower_gateway_auth::store::MemoryStore;
 
 #[tokio::main]
 async fn main() {

@@ -26,13 +26,17 @@ use http::header::{AUTHORIZATION, CONTENT_TYPE};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 use tower::{Layer, ServiceExt};
-use tower_gateway_auth::upstream::Placement;
-use tower_gateway_auth::{
-    Checksum, DEFAULT_MAX_EPHEMERAL_TTL, ErrorFormat, Identity, InboundApiKeyLayer, KeyDigest,
-    KeyFormat, KeyId, KeyManager, KeyRecord, KeySource, KeyStatus, KeyStore, ManagementApi,
-    ManualClock, MemoryStore, Provider, Realm, Rejection, RejectionKind, RejectionLayer, Timestamp,
-    is_grpc,
+use tower_gateway_auth::clock::{ManualClock, Timestamp};
+use tower_gateway_auth::inbound::KeySource;
+use tower_gateway_auth::keys::{
+    Checksum, DEFAULT_MAX_EPHEMERAL_TTL, KeyDigest, KeyFormat, KeyId, KeyManager, KeyRecord,
+    KeyStatus,
 };
+use tower_gateway_auth::rejection::{ErrorFormat, Realm, RejectionKind, is_grpc};
+use tower_gateway_auth::store::{KeyStore, MemoryStore};
+use tower_gateway_auth::upstream::Placement;
+use tower_gateway_auth::upstream::Provider;
+use tower_gateway_auth::{Identity, InboundApiKeyLayer, ManagementApi, Rejection, RejectionLayer};
 
 /// A valid `gw` key (its checksum holds), known to the stores below.
 pub const GOOD_KEY: &str = "gw_FuzzGoodKey000000000003Kimlu";
@@ -1024,7 +1028,7 @@ fn key_format(s: &str, data: &[u8]) {
     assert_eq!(issued.len(), prefix.len() + 1 + 28);
     assert!(issued.starts_with(prefix) && issued[prefix.len()..].starts_with('_'));
     assert_eq!(format.check(issued), Checksum::Valid);
-    let hint = format.hint(&tower_gateway_auth::ApiKey::new(issued));
+    let hint = format.hint(&tower_gateway_auth::keys::ApiKey::new(issued));
     assert!(issued.starts_with(&hint) && hint.len() == prefix.len() + 5);
     // Any single-character change after the prefix is caught: another base62 digit fails
     // the checksum (CRC32 catches every burst of up to 32 bits), anything else the shape.

@@ -3,8 +3,8 @@
 use std::fmt;
 use std::sync::Arc;
 
-use crate::keys::record::{KeyId, KeyRecord, Metadata, Scopes};
-use crate::time::Timestamp;
+use crate::clock::Timestamp;
+use crate::keys::{KeyId, KeyRecord, Metadata, Scopes};
 
 /// Who a verified key belongs to: its id, name, scopes and metadata. Never the key or its
 /// digest.

@@ -1,33 +1,44 @@
 //! Tower layers that put API-gateway authentication in front of any axum, tonic or hyper
 //! service.
 //!
-//! - [`InboundApiKeyLayer`] finds the client's API key (a header, `Authorization: Bearer`,
-//!   or a query parameter), verifies it against a [`KeyStore`] that holds only digests, hands
-//!   the caller's [`Identity`] to the inner service, and otherwise rejects the request with
-//!   the right status, `WWW-Authenticate` and a body in the client's dialect
-//!   ([`ErrorFormat`]) or a gRPC status.
-//! - [`RequireScopesLayer`] adds per-route scope requirements.
-//! - [`UpstreamAuthLayer`] strips every client credential and gives the request the
-//!   provider's instead, placed as the [`Provider`] wants it (OpenAI, Anthropic, Gemini,
-//!   Azure OpenAI, Mistral, Cohere, Hugging Face or a header/query of your own), from a
-//!   [`CredentialSource`]: a fixed [`Credential`], a [`KeyPool`], a per-caller choice
-//!   ([`PerIdentity`]) or a [`RefreshingToken`].
-//! - [`HeaderInjectLayer`] overwrites, appends, defaults or removes request headers, adds
-//!   provider headers and gives each request an id ([`RequestId`]).
+//! # The modules, in the order a request meets them
 //!
-//! - [`RejectionLayer`], outermost, renders every refusal of the layers inside it in one
-//!   dialect and realm. Each refusal is a typed [`Rejection`] (why, status, challenge,
-//!   message, `Retry-After`), rendered where it happens in the default dialect and carried in
-//!   the response's extensions, where this layer (and tracing, metrics or any outer layer)
-//!   reads it: no layer has dialect or realm settings of its own, so a route cannot answer
-//!   401 in one realm and 403 in another.
+//! | module | what it holds |
+//! |---|---|
+//! | [`proxy`] (feature `proxy`) | [`StripHopByHopLayer`](proxy::StripHopByHopLayer), outermost: a client's `Connection` header cannot remove what the layers below set |
+//! | [`rejection`] | [`RejectionLayer`]: renders every refusal of the layers inside it in one dialect ([`ErrorFormat`](rejection::ErrorFormat)) and realm; the typed [`Rejection`] |
+//! | [`inbound`] | [`InboundApiKeyLayer`]: finds the client's key (header, `Authorization: Bearer`, query), verifies it against a [`KeyStore`](store::KeyStore) and hands the caller's [`Identity`] on; [`RequireScopesLayer`] for per-route scopes |
+//! | [`store`] | where keys live, as digests only: [`MemoryStore`](store::MemoryStore), [`FileStore`](store::FileStore), [`CachedStore`](store::CachedStore) and, with feature `redis`, `RedisStore` |
+//! | [`keys`] | a key's life: its format and digest, the [`KeyRecord`](keys::KeyRecord) a store keeps, [`KeyManager`](keys::KeyManager) (issue, rotate, revoke, ephemeral keys) and, with feature `axum`, the [`ManagementApi`] |
+//! | [`upstream`] | [`UpstreamAuthLayer`]: strips every client credential and sets the provider's ([`Provider`](upstream::Provider)) from a [`CredentialSource`](upstream::CredentialSource) |
+//! | [`inject`] | [`HeaderInjectLayer`]: header rules and request ids |
+//! | [`proxy`] (feature `proxy`) | [`Forward`](proxy::Forward), innermost: the streaming forwarding proxy |
+//! | [`response`], [`clock`] | what every layer answers with; the injectable clock key validity reads |
 //!
-//! A gateway stacks them in that order: client → rejections → inbound → upstream → inject →
-//! proxy.
+//! A gateway stacks them in that order: client → hop-by-hop → rejections → inbound → upstream
+//! → inject → proxy.
+//!
+//! # One way to refuse a request
+//!
+//! Every refusal, from any layer, is a typed [`Rejection`]: why ([`RejectionKind`](rejection::RejectionKind)),
+//! status, challenge, message and `Retry-After` where it applies. The layer that refuses
+//! renders it at once in the default dialect (OpenAI, realm `api`, or a gRPC status when the
+//! request is gRPC) and puts the `Rejection` in the response's extensions. One
+//! [`RejectionLayer`] outside the stack reads it back and renders it again in the dialect and
+//! realm the route was given, so that setting lives in exactly one place: no layer has
+//! dialect or realm settings of its own, and a route cannot answer 401 in one realm and 403 in
+//! another. Tracing, metrics and any outer layer read the same extension instead of parsing
+//! bodies. An outer layer was chosen over a value handed to each layer because a layer
+//! written by someone else (or a handler returning a `Rejection`) is covered too, and
+//! because the common path, an accepted request, then costs one extensions lookup on the
+//! response and nothing else.
 //!
 //! ```
 //! use axum::{Router, routing::get};
-//! use tower_gateway_auth::{Identity, InboundApiKeyLayer, KeyId, KeyRecord, KeyStore, MemoryStore};
+//! use tower_gateway_auth::{Identity, InboundApiKeyLayer, RejectionLayer};
+//! use tower_gateway_auth::keys::{KeyId, KeyRecord};
+//! use tower_gateway_auth::rejection::ErrorFormat;
+//! use tower_gateway_auth::store::{KeyStore, MemoryStore};
 //!
 //! let store = MemoryStore::new();
 //! let digest = store.hasher().digest(b"gw_example-key");
@@ -35,16 +46,17 @@
 //!
 //! let app: Router = Router::new()
 //!     .route("/whoami", get(|who: Identity| async move { who.name().to_owned() }))
-//!     .layer(InboundApiKeyLayer::new(store));
+//!     .layer(InboundApiKeyLayer::new(store))
+//!     .layer(RejectionLayer::new().error_format(ErrorFormat::Anthropic).realm("gateway"));
 //! ```
 //!
 //! # Features
-//! - `axum`: [`Identity`] as an extractor (and `Option<Identity>`), and [`ManagementApi`].
+//! - `axum`: [`Identity`] as an extractor (and `Option<Identity>`), [`Rejection`] as a
+//!   response, and the [`ManagementApi`].
 //! - `proxy`: [`proxy::Forward`], a streaming forwarding proxy (hyper-util client, rustls),
-//!   and [`proxy::StripHopByHopLayer`], which goes outermost so that a client's `Connection`
-//!   header cannot remove what the layers set.
-//! - `redis`: [`RedisStore`], keys shared by several replicas, with revocation fan-out to
-//!   their [`CachedStore`]s.
+//!   and [`proxy::StripHopByHopLayer`].
+//! - `redis`: `store::RedisStore`, keys shared by several replicas, with revocation fan-out to
+//!   their [`CachedStore`](store::CachedStore)s.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 #![deny(unreachable_pub)]
@@ -54,53 +66,32 @@
 #[macro_use]
 mod macros;
 
-pub mod body;
-mod fault;
-pub mod future;
-mod headers;
+pub mod clock;
+mod error_detail;
 mod identity;
 pub mod inbound;
 pub mod inject;
-mod keys;
+pub mod keys;
 #[cfg(feature = "proxy")]
 pub mod proxy;
-mod query;
+mod query_string;
+mod ready_or_boxed;
 pub mod rejection;
+mod remove_headers;
+pub mod response;
 pub mod store;
-mod time;
 pub mod upstream;
+mod wait_then_call;
 
 pub use identity::Identity;
 #[cfg(feature = "axum")]
 pub use identity::MissingIdentity;
-pub use inbound::{InboundApiKeyLayer, KeySource, RequireScopesLayer};
-pub use inject::{HeaderInjectLayer, HeaderRule, RequestHead, RequestId};
+pub use inbound::{InboundApiKeyLayer, RequireScopesLayer};
+pub use inject::HeaderInjectLayer;
 #[cfg(feature = "axum")]
-pub use keys::api::ManagementApi;
-pub use keys::format::{
-    ApiKey, Checksum, Fingerprint, InvalidPrefix, KeyDigest, KeyFormat, KeyHasher,
-};
-pub use keys::manager::{
-    DEFAULT_EPHEMERAL_TTL, DEFAULT_MAX_EPHEMERAL_TTL, DEFAULT_MAX_LIVE_EPHEMERAL, DEFAULT_TTL,
-    IssuedKey, KeyManager, Lifetime, ManageError, NewKey,
-};
-pub use keys::record::{
-    KeyId, KeyRecord, KeyStatus, KeyUnusable, Metadata, ParseKeyIdError, Scopes,
-};
-pub use rejection::{
-    ErrorFormat, Realm, Rejection, RejectionKind, RejectionLayer, UnknownErrorFormat, is_grpc,
-};
-#[cfg(feature = "redis")]
-pub use store::RedisStore;
-pub use store::{
-    BoxLookup, CachedStore, FileStore, FileStoreBuilder, KeyAdmin, KeyStore, LookupResult,
-    MemoryStore, StoreError, Write, WriteError,
-};
-pub use time::{Clock, ManualClock, SystemClock, Timestamp};
-pub use upstream::{
-    Credential, CredentialError, CredentialSource, FetchError, KeyPool, PerIdentity, Provider,
-    RefreshingToken, Token, TokenFetcher, UpstreamAuthLayer,
-};
+pub use keys::ManagementApi;
+pub use rejection::{Rejection, RejectionLayer};
+pub use upstream::UpstreamAuthLayer;
 
 /// The README's examples, compiled and run as doctests.
 #[cfg(doctest)]

@@ -20,3 +20,30 @@ macro_rules! define_inner_service_accessors {
         }
     };
 }
+
+/// A named, opaque future over a [`ReadyOrBoxed`](crate::ready_or_boxed::ReadyOrBoxed), so
+/// that a public associated type does not expose how it is made.
+macro_rules! opaque_ready_or_boxed {
+    ($(#[$meta:meta])* pub struct $name:ident => $output:ty;) => {
+        $(#[$meta])*
+        pub struct $name(crate::ready_or_boxed::ReadyOrBoxed<$output>);
+
+        impl std::future::Future for $name {
+            type Output = $output;
+
+            #[inline]
+            fn poll(
+                mut self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<$output> {
+                std::pin::Pin::new(&mut self.0).poll(cx)
+            }
+        }
+
+        impl std::fmt::Debug for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.debug_tuple(stringify!($name)).field(&self.0).finish()
+            }
+        }
+    };
+}

@@ -64,8 +64,12 @@ fn admin_json() {
 
 #[test]
 fn the_fixed_keys_are_well_formed() {
-    let gw = tower_gateway_auth::KeyFormat::new("gw").unwrap();
+    let gw = tower_gateway_auth::keys::KeyFormat::new("gw").unwrap();
     for key in [checks::GOOD_KEY, checks::REVOKED_KEY] {
-        assert_eq!(gw.check(key), tower_gateway_auth::Checksum::Valid, "{key}");
+        assert_eq!(
+            gw.check(key),
+            tower_gateway_auth::keys::Checksum::Valid,
+            "{key}"
+        );
     }
 }

@@ -9,12 +9,14 @@ use std::sync::Arc;
 use http::{HeaderName, HeaderValue, Request};
 use support::{Recorder, read};
 use tower::{ServiceBuilder, ServiceExt};
-use tower_gateway_auth::{
-    BoxLookup, Credential, CredentialSource, FetchError, HeaderInjectLayer, HeaderRule,
-    InboundApiKeyLayer, KeyDigest, KeyHasher, KeyId, KeyPool, KeyRecord, KeyStatus, KeyStore,
-    MemoryStore, Metadata, PerIdentity, Provider, RefreshingToken, StoreError, Token, TokenFetcher,
-    UpstreamAuthLayer,
+use tower_gateway_auth::inject::HeaderRule;
+use tower_gateway_auth::keys::{KeyDigest, KeyHasher, KeyId, KeyRecord, KeyStatus, Metadata};
+use tower_gateway_auth::store::{BoxLookup, KeyStore, MemoryStore, StoreError};
+use tower_gateway_auth::upstream::{
+    Credential, CredentialSource, FetchError, KeyPool, PerIdentity, Provider, RefreshingToken,
+    Token, TokenFetcher,
 };
+use tower_gateway_auth::{HeaderInjectLayer, InboundApiKeyLayer, UpstreamAuthLayer};
 
 struct Failing;
 
@@ -316,7 +318,7 @@ async fn an_upstream_failure_is_logged_with_the_upstream_and_told_with_the_reque
             Provider::openai(),
             Credential::new(UPSTREAM_SECRET).unwrap(),
         ))
-        .layer(HeaderInjectLayer::new().request_id(tower_gateway_auth::RequestId::new()))
+        .layer(HeaderInjectLayer::new().request_id(tower_gateway_auth::inject::RequestId::new()))
         .service(support::forward_to(closed));
     let response = stack
         .oneshot(Request::new(Full::new(bytes::Bytes::new())))

@@ -8,7 +8,7 @@
 //! 3. read the key from the configured sources ([`KeySource`]); reject a malformed,
 //!    oversized or ambiguous credential (400) or a missing one (401, unless anonymous
 //!    requests are allowed);
-//! 4. hash it with the store's [`KeyHasher`](crate::KeyHasher) and remove it from the
+//! 4. hash it with the store's [`KeyHasher`](crate::keys::KeyHasher) and remove it from the
 //!    request;
 //! 5. look the digest up; a store fault or timeout fails closed (503);
 //! 6. compare digests in constant time, check status and validity window (401);
@@ -35,14 +35,14 @@ use tokio::time::Sleep;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::body::ResponseBody;
-use crate::future::{Next, Resumable, Resume};
+use crate::clock::{Clock, SystemClock};
 use crate::identity::Identity;
-use crate::keys::format::{Checksum, KeyDigest, KeyFormat};
-use crate::keys::record::{KeyRecord, KeyUnusable, Scopes};
+use crate::keys::{Checksum, KeyDigest, KeyFormat};
+use crate::keys::{KeyRecord, KeyUnusable, Scopes};
 use crate::rejection::{Rejection, RejectionKind};
+use crate::response::ResponseBody;
 use crate::store::{KeyStore, LookupResult, StoreError};
-use crate::time::{Clock, SystemClock};
+use crate::wait_then_call::{Next, Resumable, Resume};
 
 pub use scope::{RequireScopes, RequireScopesLayer};
 pub use source::{KeySource, ParseKeySourceError};
@@ -64,7 +64,9 @@ pub const DEFAULT_STORE_TIMEOUT: Duration = Duration::from_secs(5);
 /// use std::convert::Infallible;
 /// use http::{Request, Response, StatusCode};
 /// use tower::{ServiceBuilder, ServiceExt};
-/// use tower_gateway_auth::{Identity, InboundApiKeyLayer, KeyId, KeyRecord, KeyStore, MemoryStore};
+/// use tower_gateway_auth::{Identity, InboundApiKeyLayer};
+/// use tower_gateway_auth::keys::{KeyId, KeyRecord};
+/// use tower_gateway_auth::store::{KeyStore, MemoryStore};
 ///
 /// # tokio_test();
 /// # fn tokio_test() { tokio::runtime::Runtime::new().unwrap().block_on(async {
@@ -664,13 +666,13 @@ where
 {
     fn inner(future: S::Future) -> Self {
         ResponseFuture {
-            inner: Resumable::decided(crate::future::ResponseFuture::inner(future)),
+            inner: Resumable::decided(crate::response::ResponseFuture::inner(future)),
         }
     }
 
     fn rejected(response: Response<Bytes>) -> Self {
         ResponseFuture {
-            inner: Resumable::decided(crate::future::ResponseFuture::rejected(response)),
+            inner: Resumable::decided(crate::response::ResponseFuture::rejected(response)),
         }
     }
 }

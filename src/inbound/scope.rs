@@ -9,11 +9,11 @@ use http::{Request, Response};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::body::ResponseBody;
-use crate::future::ResponseFuture;
 use crate::identity::Identity;
-use crate::keys::record::Scopes;
+use crate::keys::Scopes;
 use crate::rejection::{Rejection, RejectionKind};
+use crate::response::ResponseBody;
+use crate::response::ResponseFuture;
 
 /// Requires the [`Identity`] put in place by
 /// [`InboundApiKeyLayer`](super::InboundApiKeyLayer) to hold every one of some scopes: a key
@@ -23,7 +23,8 @@ use crate::rejection::{Rejection, RejectionKind};
 ///
 /// ```
 /// use axum::{Router, routing::post};
-/// use tower_gateway_auth::{InboundApiKeyLayer, MemoryStore, RequireScopesLayer};
+/// use tower_gateway_auth::{InboundApiKeyLayer, RequireScopesLayer};
+/// use tower_gateway_auth::store::MemoryStore;
 ///
 /// let app: Router = Router::new()
 ///     .route("/v1/chat/completions", post(|| async { "ok" }))

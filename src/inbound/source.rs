@@ -8,7 +8,7 @@ use std::sync::Arc;
 use http::header::AUTHORIZATION;
 use http::{HeaderMap, HeaderName, Uri};
 
-use crate::query;
+use crate::query_string;
 use crate::rejection::{Rejection, RejectionKind};
 
 /// One place a client may put its key.
@@ -16,7 +16,7 @@ use crate::rejection::{Rejection, RejectionKind};
 /// Sources parse from strings, as a configuration file would name them:
 ///
 /// ```
-/// use tower_gateway_auth::KeySource;
+/// use tower_gateway_auth::inbound::KeySource;
 ///
 /// let sources: Vec<KeySource> = ["header:x-api-key", "bearer", "query:key"]
 ///     .iter()
@@ -175,12 +175,12 @@ pub(crate) fn find<'r>(
             }
             KeySource::Query(name) => {
                 let Some(q) = uri.query() else { continue };
-                for raw in query::raw_values(q, name) {
+                for raw in query_string::raw_values(q, name) {
                     // Encoded, a key is at most three times its length: a cheap early bound.
                     if raw.len() > max_len.saturating_mul(3) {
                         return Err(too_long(source, max_len));
                     }
-                    let decoded = query::decode(raw);
+                    let decoded = query_string::decode(raw);
                     if decoded.is_empty() {
                         continue;
                     }
@@ -286,9 +286,9 @@ pub(crate) fn hide<B>(req: &mut http::Request<B>, sources: &[KeySource], carrier
     if let Some(rest) = req
         .uri()
         .query()
-        .and_then(|q| query::without(q, &query_names))
+        .and_then(|q| query_string::without(q, &query_names))
     {
-        *req.uri_mut() = query::set_query(req.uri(), &rest);
+        *req.uri_mut() = query_string::set_query(req.uri(), &rest);
     }
 }
 

@@ -37,7 +37,8 @@ pub use rules::{HeaderRule, RequestHead};
 /// use std::convert::Infallible;
 /// use http::{HeaderName, HeaderValue, Request, Response};
 /// use tower::{ServiceBuilder, ServiceExt};
-/// use tower_gateway_auth::{HeaderInjectLayer, RequestId};
+/// use tower_gateway_auth::HeaderInjectLayer;
+/// use tower_gateway_auth::inject::RequestId;
 ///
 /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
 /// let service = ServiceBuilder::new()

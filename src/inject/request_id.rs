@@ -12,7 +12,7 @@ pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 ///
 /// ```
 /// use http::HeaderName;
-/// use tower_gateway_auth::RequestId;
+/// use tower_gateway_auth::inject::RequestId;
 ///
 /// let ids = RequestId::new()
 ///     .header(HeaderName::from_static("x-correlation-id"))

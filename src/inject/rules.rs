@@ -41,7 +41,8 @@ impl<'a> RequestHead<'a> {
 ///
 /// ```
 /// use http::{HeaderName, HeaderValue};
-/// use tower_gateway_auth::{HeaderRule, Identity};
+/// use tower_gateway_auth::Identity;
+/// use tower_gateway_auth::inject::HeaderRule;
 ///
 /// let rules = [
 ///     HeaderRule::overwrite(HeaderName::from_static("x-gateway"), HeaderValue::from_static("1")),

@@ -12,13 +12,13 @@ use http::StatusCode;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::clock::{Clock, SystemClock, Timestamp};
 use crate::identity::Identity;
 use crate::inbound::RequireScopesLayer;
 use crate::keys::manager::{IssuedKey, KeyManager, Lifetime, ManageError, NewKey};
 use crate::keys::record::{KeyId, KeyRecord, KeyStatus, KeyUnusable, Metadata, Scopes};
 use crate::rejection::{Rejection, RejectionKind};
 use crate::store::KeyAdmin;
-use crate::time::{Clock, SystemClock, Timestamp};
 
 /// The key-management API: JSON in and out; every error a [`Rejection`], rendered in the
 /// dialect of the [`RejectionLayer`](crate::RejectionLayer) around it (OpenAI's without one).
@@ -54,7 +54,9 @@ use crate::time::{Clock, SystemClock, Timestamp};
 /// ```
 /// use std::sync::Arc;
 /// use axum::Router;
-/// use tower_gateway_auth::{InboundApiKeyLayer, KeyManager, ManagementApi, MemoryStore};
+/// use tower_gateway_auth::{InboundApiKeyLayer, ManagementApi};
+/// use tower_gateway_auth::keys::KeyManager;
+/// use tower_gateway_auth::store::MemoryStore;
 ///
 /// let store = Arc::new(MemoryStore::new());
 /// let app: Router = Router::new()

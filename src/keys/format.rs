@@ -123,10 +123,10 @@ impl fmt::Debug for Fingerprint {
 /// Turns a presented key into the [`KeyDigest`] a store looks up.
 ///
 /// Every component that issues or verifies keys for one store must use the same hasher; a
-/// store carries its own (see [`KeyStore::hasher`](crate::KeyStore::hasher)).
+/// store carries its own (see [`KeyStore::hasher`](crate::store::KeyStore::hasher)).
 ///
 /// ```
-/// use tower_gateway_auth::KeyHasher;
+/// use tower_gateway_auth::keys::KeyHasher;
 ///
 /// let plain = KeyHasher::sha256();
 /// let peppered = KeyHasher::with_pepper(b"server-side secret, 32 bytes or more!");
@@ -296,7 +296,7 @@ impl fmt::Debug for ApiKey {
 /// and the prefix makes secret scanning exact.
 ///
 /// ```
-/// use tower_gateway_auth::{Checksum, KeyFormat};
+/// use tower_gateway_auth::keys::{Checksum, KeyFormat};
 ///
 /// let format = KeyFormat::new("gw").unwrap();
 /// let key = format.generate();

@@ -7,11 +7,11 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::clock::{Clock, SystemClock, Timestamp};
 use crate::identity::Identity;
 use crate::keys::format::{ApiKey, KeyFormat};
 use crate::keys::record::{KeyId, KeyRecord, KeyStatus, KeyUnusable, Metadata, Scopes};
 use crate::store::{KeyAdmin, StoreError, Write, WriteError};
-use crate::time::{Clock, SystemClock, Timestamp};
 
 /// How long a generated key lives unless told otherwise: 90 days.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(90 * 24 * 60 * 60);
@@ -47,7 +47,7 @@ pub enum Lifetime {
 ///
 /// ```
 /// use std::time::Duration;
-/// use tower_gateway_auth::NewKey;
+/// use tower_gateway_auth::keys::NewKey;
 ///
 /// let spec = NewKey::named("ci-runner")
 ///     .scopes(["openai"])
@@ -186,7 +186,8 @@ impl From<StoreError> for ManageError {
 /// ```
 /// use std::sync::Arc;
 /// use std::time::Duration;
-/// use tower_gateway_auth::{KeyManager, MemoryStore, NewKey};
+/// use tower_gateway_auth::keys::{KeyManager, NewKey};
+/// use tower_gateway_auth::store::MemoryStore;
 ///
 /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
 /// let manager = KeyManager::new(Arc::new(MemoryStore::new()));

@@ -1,9 +1,19 @@
-//! Key management, in the order a key lives: its format and digest ([`format`]), what a
-//! store keeps of it ([`record`]), the lifecycle operations on a store ([`manager`]), and
-//! the HTTP API over them ([`api`], feature `axum`).
+//! Key management, in the order a key lives: its format and digest ([`ApiKey`],
+//! [`KeyFormat`], [`KeyHasher`], [`KeyDigest`]), what a store keeps of it ([`KeyRecord`]),
+//! the lifecycle operations on a store ([`KeyManager`]: issue, rotate, revoke, mint
+//! ephemeral keys), and the HTTP API over them ([`ManagementApi`], feature `axum`).
 
 #[cfg(feature = "axum")]
-pub(crate) mod api;
-pub(crate) mod format;
-pub(crate) mod manager;
-pub(crate) mod record;
+mod api;
+mod format;
+mod manager;
+mod record;
+
+#[cfg(feature = "axum")]
+pub use api::ManagementApi;
+pub use format::{ApiKey, Checksum, Fingerprint, InvalidPrefix, KeyDigest, KeyFormat, KeyHasher};
+pub use manager::{
+    DEFAULT_EPHEMERAL_TTL, DEFAULT_MAX_EPHEMERAL_TTL, DEFAULT_MAX_LIVE_EPHEMERAL, DEFAULT_TTL,
+    IssuedKey, KeyManager, Lifetime, ManageError, NewKey,
+};
+pub use record::{KeyId, KeyRecord, KeyStatus, KeyUnusable, Metadata, ParseKeyIdError, Scopes};

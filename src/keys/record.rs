@@ -10,15 +10,15 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::clock::Timestamp;
 use crate::keys::format::{KeyDigest, base62_fixed, base62_parse};
-use crate::time::Timestamp;
 
 /// A key's public id, safe to log and to show: `key_` and 11 base62 digits.
 ///
 /// It is random and says nothing about the key itself.
 ///
 /// ```
-/// use tower_gateway_auth::KeyId;
+/// use tower_gateway_auth::keys::KeyId;
 ///
 /// let id = KeyId::random();
 /// let shown = id.to_string();
@@ -122,7 +122,7 @@ pub enum KeyStatus {
 /// A set of scope names (e.g. `openai`, `admin`). Cheap to clone.
 ///
 /// ```
-/// use tower_gateway_auth::Scopes;
+/// use tower_gateway_auth::keys::Scopes;
 ///
 /// let s = Scopes::new(["chat", "admin", "chat"]);
 /// assert!(s.contains("admin"));
@@ -253,7 +253,8 @@ impl fmt::Display for KeyUnusable {
 /// Records are immutable once shared; the `with_*` methods build a changed copy.
 ///
 /// ```
-/// use tower_gateway_auth::{KeyHasher, KeyId, KeyRecord, Timestamp};
+/// use tower_gateway_auth::clock::Timestamp;
+/// use tower_gateway_auth::keys::{KeyHasher, KeyId, KeyRecord};
 ///
 /// let digest = KeyHasher::sha256().digest(b"gw_example-key");
 /// let record = KeyRecord::new(KeyId::random(), digest)
@@ -504,7 +505,7 @@ impl KeyRecord {
 
     /// The first key of the line this key continues: its parent's origin for an ephemeral
     /// key, its predecessor's for a rotated successor, its own id otherwise. Per-caller
-    /// choices (such as [`PerIdentity`](crate::PerIdentity)'s bring-your-own-key) made for
+    /// choices (such as [`PerIdentity`](crate::upstream::PerIdentity)'s bring-your-own-key) made for
     /// a key follow it through rotations and to the keys it mints.
     pub fn origin(&self) -> KeyId {
         self.lineage

@@ -32,8 +32,8 @@ pub(super) fn drop_hop_by_hop(headers: &mut HeaderMap, named: bool) {
         .get(header::TE)
         .is_none_or(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     if !named || !headers.contains_key(header::CONNECTION) {
-        // Usually there are none: one pass over the names says so (see `headers::remove_all`).
-        crate::headers::remove_all(headers, &FIXED);
+        // Usually there are none: one pass over the names says so (see `remove_headers::remove_all`).
+        crate::remove_headers::remove_all(headers, &FIXED);
     } else {
         let listed: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)

@@ -23,7 +23,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use super::{BoxError, OutBody};
-use crate::time::{Clock, SystemClock, Timestamp};
+use crate::clock::{Clock, SystemClock, Timestamp};
 
 type Conn = Connection<TokioIo<TcpStream>, OutBody>;
 

@@ -32,8 +32,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tower_service::Service;
 
-use crate::body::ResponseBody;
 use crate::rejection::{Rejection, RejectionKind};
+use crate::response::ResponseBody;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type OutBody = UnsyncBoxBody<Bytes, BoxError>;
@@ -165,7 +165,7 @@ impl ForwardBuilder {
 
     /// The request header whose value a 502/504 body quotes, so that a client can report
     /// the failure and the operator find it in the log (default: `x-request-id`, the one
-    /// [`RequestId`](crate::RequestId) sets).
+    /// [`RequestId`](crate::inject::RequestId) sets).
     pub fn request_id_header(mut self, name: HeaderName) -> Self {
         self.request_id_header = name;
         self

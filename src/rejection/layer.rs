@@ -12,7 +12,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::{ErrorFormat, Realm, Rejection, is_grpc};
-use crate::body::ResponseBody;
+use crate::response::ResponseBody;
 
 /// Renders every [`Rejection`] that the layers inside it (and the service at the bottom)
 /// answer with in one dialect and realm: set them here, once per route.
@@ -26,7 +26,9 @@ use crate::body::ResponseBody;
 ///
 /// ```
 /// use tower::{ServiceBuilder, ServiceExt};
-/// use tower_gateway_auth::{ErrorFormat, InboundApiKeyLayer, MemoryStore, Rejection, RejectionLayer};
+/// use tower_gateway_auth::{InboundApiKeyLayer, Rejection, RejectionLayer};
+/// use tower_gateway_auth::rejection::ErrorFormat;
+/// use tower_gateway_auth::store::MemoryStore;
 ///
 /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
 /// let service = ServiceBuilder::new()

@@ -170,9 +170,9 @@ impl RejectionKind {
     }
 }
 
-impl From<crate::keys::record::KeyUnusable> for RejectionKind {
-    fn from(why: crate::keys::record::KeyUnusable) -> Self {
-        use crate::keys::record::KeyUnusable;
+impl From<crate::keys::KeyUnusable> for RejectionKind {
+    fn from(why: crate::keys::KeyUnusable) -> Self {
+        use crate::keys::KeyUnusable;
         match why {
             KeyUnusable::Revoked => RejectionKind::RevokedKey,
             KeyUnusable::Disabled => RejectionKind::DisabledKey,
@@ -329,7 +329,7 @@ type CustomFn = dyn Fn(&Rejection) -> Response<Bytes> + Send + Sync;
 /// trailers-only gRPC status instead, so tonic clients see a proper `Status`.
 ///
 /// ```
-/// use tower_gateway_auth::ErrorFormat;
+/// use tower_gateway_auth::rejection::ErrorFormat;
 ///
 /// let format: ErrorFormat = "anthropic".parse().unwrap();
 /// assert!(matches!(format, ErrorFormat::Anthropic));

@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use tokio::sync::OnceCell;
 
-use crate::future::ReadyOrBoxed;
-use crate::keys::format::{KeyDigest, KeyHasher};
-use crate::keys::record::{KeyId, KeyRecord};
+use crate::clock::{Clock, SystemClock};
+use crate::keys::{KeyDigest, KeyHasher};
+use crate::keys::{KeyId, KeyRecord};
+use crate::ready_or_boxed::ReadyOrBoxed;
 use crate::store::table::{self, Keyed, Sharded};
 use crate::store::{KeyAdmin, KeyStore, LookupResult, StoreError, Write, WriteError};
-use crate::time::{Clock, SystemClock};
 
 /// A [`KeyStore`] that answers from a bounded local cache and asks the store behind it only
 /// when it must.
@@ -35,12 +35,13 @@ use crate::time::{Clock, SystemClock};
 /// - A hit is a probe of a sharded hash table under a read lock, like [`MemoryStore`]'s
 ///   lookup, and costs about as much.
 ///
-/// [`MemoryStore`]: crate::MemoryStore
+/// [`MemoryStore`]: crate::store::MemoryStore
 ///
 /// ```
 /// use std::sync::Arc;
 /// use std::time::Duration;
-/// use tower_gateway_auth::{CachedStore, InboundApiKeyLayer, MemoryStore};
+/// use tower_gateway_auth::InboundApiKeyLayer;
+/// use tower_gateway_auth::store::{CachedStore, MemoryStore};
 ///
 /// let store = CachedStore::builder(MemoryStore::new())
 ///     .ttl(Duration::from_secs(10))
@@ -188,7 +189,7 @@ impl<V: Keyed + Clone> Table<V> {
 ///
 /// ```
 /// use std::time::Duration;
-/// use tower_gateway_auth::{CachedStore, MemoryStore};
+/// use tower_gateway_auth::store::{CachedStore, MemoryStore};
 ///
 /// let store = CachedStore::builder(MemoryStore::new())
 ///     .ttl(Duration::from_secs(10))
@@ -433,8 +434,10 @@ impl<K: KeyStore> Shared<K> {
     }
 }
 
-/// The lookup future of a [`CachedStore`]: ready at once on a hit.
-pub type CachedLookup = ReadyOrBoxed<LookupResult>;
+opaque_ready_or_boxed! {
+    /// The lookup future of a [`CachedStore`]: ready at once on a hit.
+    pub struct CachedLookup => LookupResult;
+}
 
 impl<K: KeyStore> KeyStore for CachedStore<K> {
     type Lookup = CachedLookup;
@@ -446,14 +449,14 @@ impl<K: KeyStore> KeyStore for CachedStore<K> {
         if let Some((record, fetched)) = shared.known.get(digest)
             && now.saturating_sub(fetched) < shared.ttl
         {
-            return ReadyOrBoxed::ready(Ok(Some(record)));
+            return CachedLookup(ReadyOrBoxed::ready(Ok(Some(record))));
         }
         if let Some((_, fetched)) = shared.unknown.get(digest)
             && now.saturating_sub(fetched) < shared.negative_ttl
         {
-            return ReadyOrBoxed::ready(Ok(None));
+            return CachedLookup(ReadyOrBoxed::ready(Ok(None)));
         }
-        ReadyOrBoxed::boxed(shared.clone().fetch(*digest, now))
+        CachedLookup(ReadyOrBoxed::boxed(shared.clone().fetch(*digest, now)))
     }
 
     fn hasher(&self) -> &KeyHasher {

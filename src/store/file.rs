@@ -8,8 +8,8 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use crate::keys::format::{KeyDigest, KeyHasher};
-use crate::keys::record::{KeyId, KeyRecord};
+use crate::keys::{KeyDigest, KeyHasher};
+use crate::keys::{KeyId, KeyRecord};
 use crate::store::{KeyAdmin, KeyStore, MemoryStore, StoreError, Write, WriteError};
 
 const FORMAT: &str = "tower-gateway-auth/keys";
@@ -32,7 +32,8 @@ const VERSION: u32 = 1;
 ///
 /// ```
 /// use std::sync::Arc;
-/// use tower_gateway_auth::{FileStore, KeyManager, NewKey};
+/// use tower_gateway_auth::keys::{KeyManager, NewKey};
+/// use tower_gateway_auth::store::FileStore;
 ///
 /// # let dir = std::env::temp_dir().join(format!("tga-doc-{}", std::process::id()));
 /// # std::fs::create_dir_all(&dir).unwrap();

@@ -4,11 +4,11 @@ use std::collections::{HashMap, HashSet};
 use std::future::{Ready, ready};
 use std::sync::{Arc, Mutex};
 
-use crate::keys::format::{KeyDigest, KeyHasher};
-use crate::keys::record::{KeyId, KeyRecord, Scopes};
+use crate::clock::Timestamp;
+use crate::keys::{KeyDigest, KeyHasher};
+use crate::keys::{KeyId, KeyRecord, Scopes};
 use crate::store::table::{self, Sharded, shard_index};
 use crate::store::{KeyAdmin, KeyStore, LookupResult, StoreError, Write, WriteError};
-use crate::time::Timestamp;
 
 /// An in-memory [`KeyStore`]: records found by digest in a sharded hash table.
 ///
@@ -16,7 +16,8 @@ use crate::time::Timestamp;
 /// I/O, so its future is ready at once. It holds a million keys comfortably.
 ///
 /// ```
-/// use tower_gateway_auth::{KeyId, KeyRecord, KeyStore, MemoryStore};
+/// use tower_gateway_auth::keys::{KeyId, KeyRecord};
+/// use tower_gateway_auth::store::{KeyStore, MemoryStore};
 ///
 /// let store = MemoryStore::new();
 /// let digest = store.hasher().digest(b"gw_secret-key");

@@ -6,10 +6,10 @@ use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
 
-use crate::fault::Fault;
-use crate::keys::format::{KeyDigest, KeyHasher};
-use crate::keys::record::KeyRecord;
-use crate::time::Timestamp;
+use crate::clock::Timestamp;
+use crate::error_detail::ErrorDetail;
+use crate::keys::KeyRecord;
+use crate::keys::{KeyDigest, KeyHasher};
 
 mod cached;
 mod file;
@@ -24,7 +24,7 @@ pub use memory::MemoryStore;
 #[cfg(feature = "redis")]
 pub use redis::{InvalidationListener, RedisStore, RedisStoreBuilder, listen_for_invalidations};
 
-use crate::keys::record::KeyId;
+use crate::keys::KeyId;
 
 /// What a lookup finds: the record, `None` for an unknown key, or a store fault.
 pub type LookupResult = Result<Option<Arc<KeyRecord>>, StoreError>;
@@ -39,13 +39,14 @@ static SHA256: KeyHasher = KeyHasher::sha256();
 ///
 /// The lookup returns a named future so that the layer's future needs no allocation for
 /// in-process stores; a remote store can set `type Lookup = BoxLookup` and box. The future
-/// is `Unpin` (as [`CredentialSource::Future`](crate::CredentialSource::Future) is) so that
+/// is `Unpin` (as [`CredentialSource::Future`](crate::upstream::CredentialSource::Future) is) so that
 /// the layers can poll it in place; an `async` block becomes one with `Box::pin`.
 ///
 /// ```
 /// use std::future::{Ready, ready};
 /// use std::sync::Arc;
-/// use tower_gateway_auth::{KeyDigest, KeyRecord, KeyStore, LookupResult};
+/// use tower_gateway_auth::keys::{KeyDigest, KeyRecord};
+/// use tower_gateway_auth::store::{KeyStore, LookupResult};
 ///
 /// /// A store that knows exactly one key.
 /// struct OneKey(Arc<KeyRecord>);
@@ -172,7 +173,7 @@ impl From<StoreError> for WriteError {
 }
 
 /// A store that can be managed: listed, read by id and changed. What
-/// [`KeyManager`](crate::KeyManager), the management API and the keygen example work on.
+/// [`KeyManager`](crate::keys::KeyManager), the management API and the keygen example work on.
 pub trait KeyAdmin: KeyStore {
     /// The record with public id `id`.
     fn get(
@@ -210,12 +211,12 @@ pub type BoxLookup = std::pin::Pin<Box<dyn Future<Output = LookupResult> + Send 
 /// A store fault: the store could not answer (unreachable, timed out, corrupt).
 ///
 /// Its message must never contain a key or a digest; it may be logged.
-pub struct StoreError(Box<Fault>);
+pub struct StoreError(Box<ErrorDetail>);
 
 impl StoreError {
     /// A fault described by `message`.
     pub fn new(message: impl Into<Cow<'static, str>>) -> Self {
-        StoreError(Fault::new(message, None))
+        StoreError(ErrorDetail::new(message, None))
     }
 
     /// A fault described by `message`, caused by `source`.
@@ -223,7 +224,7 @@ impl StoreError {
         message: impl Into<Cow<'static, str>>,
         source: impl Into<Box<dyn Error + Send + Sync + 'static>>,
     ) -> Self {
-        StoreError(Fault::new(message, Some(source.into())))
+        StoreError(ErrorDetail::new(message, Some(source.into())))
     }
 
     /// The description.

@@ -9,8 +9,8 @@ use futures_core::Stream;
 use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-use crate::keys::format::{KeyDigest, KeyHasher};
-use crate::keys::record::{KeyId, KeyRecord};
+use crate::keys::{KeyDigest, KeyHasher};
+use crate::keys::{KeyId, KeyRecord};
 use crate::store::{BoxLookup, CachedStore, KeyAdmin, KeyStore, StoreError, Write, WriteError};
 
 /// Checks every write against what is stored, then applies them all and announces each
@@ -113,8 +113,9 @@ pub struct RedisStore {
 /// Options for a [`RedisStore`], from [`RedisStore::builder`].
 ///
 /// ```no_run
-/// # async fn doc() -> Result<(), tower_gateway_auth::StoreError> {
-/// use tower_gateway_auth::{KeyHasher, RedisStore};
+/// # async fn doc() -> Result<(), tower_gateway_auth::store::StoreError> {
+/// use tower_gateway_auth::keys::KeyHasher;
+/// use tower_gateway_auth::store::RedisStore;
 ///
 /// let store = RedisStore::builder("redis://127.0.0.1:6379")
 ///     .namespace("gateway-eu")
@@ -208,7 +209,7 @@ impl RedisStore {
     /// settings, build the `CachedStore` yourself, then start the listener.
     ///
     /// ```no_run
-    /// # async fn doc() -> Result<(), tower_gateway_auth::StoreError> {
+    /// # async fn doc() -> Result<(), tower_gateway_auth::store::StoreError> {
     /// use std::time::Duration;
     /// use tower_gateway_auth::store::{CachedStore, RedisStore, listen_for_invalidations};
     ///
@@ -484,7 +485,7 @@ impl KeyAdmin for RedisStore {
                     String::new(),
                 ),
             };
-            let score = if record.status() == crate::keys::record::KeyStatus::Revoked {
+            let score = if record.status() == crate::keys::KeyStatus::Revoked {
                 String::new()
             } else {
                 record

@@ -6,8 +6,8 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use hashbrown::HashTable;
 use hashbrown::hash_table::Entry;
 
-use crate::keys::format::KeyDigest;
-use crate::keys::record::KeyRecord;
+use crate::keys::KeyDigest;
+use crate::keys::KeyRecord;
 
 /// Shards keep writers from stalling every reader, and keep each rehash small.
 pub(crate) const SHARDS: usize = 16;

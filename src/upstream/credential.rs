@@ -7,7 +7,7 @@ use std::sync::Arc;
 use http::HeaderValue;
 
 use crate::identity::Identity;
-use crate::keys::format::{Fingerprint, KeyHasher};
+use crate::keys::{Fingerprint, KeyHasher};
 use crate::rejection::Rejection;
 
 /// A provider credential (API key or access token), ready to be placed in a request.
@@ -20,7 +20,7 @@ use crate::rejection::Rejection;
 /// what a header value and a `Bearer` token can carry unchanged.
 ///
 /// ```
-/// use tower_gateway_auth::Credential;
+/// use tower_gateway_auth::upstream::Credential;
 ///
 /// let credential = Credential::new("sk-live-123").unwrap();
 /// assert!(!format!("{credential:?}").contains("sk-live-123"));
@@ -81,7 +81,7 @@ impl Credential {
     /// error names the variable, never its value.
     ///
     /// ```
-    /// use tower_gateway_auth::Credential;
+    /// use tower_gateway_auth::upstream::Credential;
     ///
     /// let missing = Credential::from_env("SURELY_NOT_SET_ANYWHERE_42").unwrap_err();
     /// assert_eq!(
@@ -206,12 +206,14 @@ impl std::error::Error for CredentialError {}
 /// credential and calls the inner service in `call`, with no allocation and no clone of the
 /// inner service. A source that must wait can box its future.
 ///
-/// [`NoUpstreamCredential`]: crate::RejectionKind::NoUpstreamCredential
-/// [`UpstreamCredentialUnavailable`]: crate::RejectionKind::UpstreamCredentialUnavailable
+/// [`NoUpstreamCredential`]: crate::rejection::RejectionKind::NoUpstreamCredential
+/// [`UpstreamCredentialUnavailable`]: crate::rejection::RejectionKind::UpstreamCredentialUnavailable
 ///
 /// ```
 /// use std::future::{Ready, ready};
-/// use tower_gateway_auth::{Credential, CredentialSource, Identity, Rejection, RejectionKind};
+/// use tower_gateway_auth::{Identity, Rejection};
+/// use tower_gateway_auth::rejection::RejectionKind;
+/// use tower_gateway_auth::upstream::{Credential, CredentialSource};
 ///
 /// /// Only keys with the `premium` scope may use the provider.
 /// struct PremiumOnly(Credential);

@@ -22,7 +22,7 @@
 //!    service.
 //!
 //! Credentials are sensitive header values throughout; logs name the provider, the source
-//! and the credential's [`Fingerprint`](crate::Fingerprint), never the credential.
+//! and the credential's [`Fingerprint`](crate::keys::Fingerprint), never the credential.
 
 mod credential;
 mod per_identity;
@@ -42,12 +42,12 @@ use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::body::ResponseBody;
-use crate::future::{Next, Resumable, Resume};
 use crate::identity::Identity;
 use crate::inbound::InboundApiKeyLayer;
-use crate::query;
+use crate::query_string;
 use crate::rejection::{Rejection, RejectionKind};
+use crate::response::ResponseBody;
+use crate::wait_then_call::{Next, Resumable, Resume};
 
 pub use credential::{Credential, CredentialError, CredentialSource};
 pub use per_identity::{PerIdentity, PerIdentityFuture};
@@ -82,9 +82,11 @@ pub const DEFAULT_STRIPPED_QUERY: [&str; 1] = ["key"];
 /// use std::convert::Infallible;
 /// use http::{Request, Response, StatusCode};
 /// use tower::{ServiceBuilder, ServiceExt};
-/// use tower_gateway_auth::{Credential, InboundApiKeyLayer, MemoryStore, Provider, UpstreamAuthLayer};
+/// use tower_gateway_auth::{InboundApiKeyLayer, UpstreamAuthLayer};
+/// use tower_gateway_auth::store::MemoryStore;
+/// use tower_gateway_auth::upstream::{Credential, Provider};
 /// # use std::sync::Arc;
-/// # use tower_gateway_auth::{Identity, KeyHasher, KeyId, KeyRecord};
+/// # use tower_gateway_auth::{Identity, keys::KeyHasher, keys::KeyId, keys::KeyRecord};
 ///
 /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
 /// let inbound = InboundApiKeyLayer::new(MemoryStore::new());
@@ -386,7 +388,7 @@ where
             );
             let response = rejection.to_response(req.headers());
             return ResponseFuture {
-                inner: Resumable::decided(crate::future::ResponseFuture::rejected(response)),
+                inner: Resumable::decided(crate::response::ResponseFuture::rejected(response)),
             };
         }
         let credential = self.config.source.credential(identity);
@@ -424,7 +426,7 @@ impl<C: CredentialSource, B> Resume<B> for Config<C> {
 impl<C: CredentialSource> Config<C> {
     /// Steps 3–5 of the data path: strip, apply the provider's extras, place.
     fn rewrite<B>(&self, req: &mut Request<B>, credential: &Credential) {
-        crate::headers::remove_all(req.headers_mut(), &self.removed);
+        crate::remove_headers::remove_all(req.headers_mut(), &self.removed);
         if let Some(uri) = self.rewrite_query(req.uri(), credential) {
             *req.uri_mut() = uri;
         }
@@ -449,7 +451,7 @@ impl<C: CredentialSource> Config<C> {
     /// nothing to change.
     fn rewrite_query(&self, uri: &Uri, credential: &Credential) -> Option<Uri> {
         let original = uri.query();
-        let mut query = original.and_then(|q| query::without(q, &self.strip_query));
+        let mut query = original.and_then(|q| query_string::without(q, &self.strip_query));
         let params = self
             .provider
             .query_params()
@@ -461,9 +463,9 @@ impl<C: CredentialSource> Config<C> {
         };
         for (name, value) in params.chain(placed) {
             let current = query.as_deref().or(original).unwrap_or("");
-            query = Some(query::with_param(current, name, value));
+            query = Some(query_string::with_param(current, name, value));
         }
-        query.map(|query| query::set_query(uri, &query))
+        query.map(|query| query_string::set_query(uri, &query))
     }
 }
 

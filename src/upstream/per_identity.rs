@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use crate::identity::Identity;
-use crate::keys::record::KeyId;
+use crate::keys::KeyId;
 use crate::rejection::{Rejection, RejectionKind};
 use crate::upstream::credential::{Credential, CredentialSource};
 
@@ -18,7 +18,7 @@ use crate::upstream::credential::{Credential, CredentialSource};
 /// 1. the caller's key id ([`for_key`](Self::for_key)): bring-your-own-key, where a client's
 ///    gateway key maps to that client's own provider key. An entry for a key also serves
 ///    the ephemeral keys minted from it and its rotated successors (tried in this order:
-///    the key's own id, its parent's, its [`origin`](crate::KeyRecord::origin));
+///    the key's own id, its parent's, its [`origin`](crate::keys::KeyRecord::origin));
 /// 2. a metadata field of the key, e.g. `tenant` ([`by_metadata`](Self::by_metadata),
 ///    [`for_value`](Self::for_value));
 /// 3. the [`fallback`](Self::fallback).
@@ -29,7 +29,8 @@ use crate::upstream::credential::{Credential, CredentialSource};
 /// [`Credential`]; a [`KeyPool`](super::KeyPool) per tenant works too).
 ///
 /// ```
-/// use tower_gateway_auth::{Credential, KeyId, PerIdentity};
+/// use tower_gateway_auth::keys::KeyId;
+/// use tower_gateway_auth::upstream::{Credential, PerIdentity};
 ///
 /// let byok_client: KeyId = "key_0000000000A".parse().unwrap();
 /// let source = PerIdentity::new()

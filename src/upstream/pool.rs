@@ -15,7 +15,7 @@ use crate::upstream::credential::{Credential, CredentialError, CredentialSource,
 /// however many requests run at once.
 ///
 /// ```
-/// use tower_gateway_auth::{Credential, CredentialSource, KeyPool};
+/// use tower_gateway_auth::upstream::{Credential, CredentialSource, KeyPool};
 ///
 /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
 /// let pool = KeyPool::new(["sk-one", "sk-two"].map(|k| Credential::new(k).unwrap())).unwrap();

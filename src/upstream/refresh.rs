@@ -10,11 +10,11 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::fault::Fault;
-use crate::future::ReadyOrBoxed;
+use crate::clock::{Clock, SystemClock, Timestamp};
+use crate::error_detail::ErrorDetail;
 use crate::identity::Identity;
+use crate::ready_or_boxed::ReadyOrBoxed;
 use crate::rejection::{Rejection, RejectionKind};
-use crate::time::{Clock, SystemClock, Timestamp};
 use crate::upstream::credential::{Credential, CredentialSource};
 
 /// How long before expiry a token is refreshed, by default.
@@ -52,7 +52,7 @@ impl Token {
     ///
     /// ```
     /// use std::time::Duration;
-    /// use tower_gateway_auth::Token;
+    /// use tower_gateway_auth::upstream::Token;
     ///
     /// let body = br#"{"access_token":"eyJ0eXAi.x.y","token_type":"bearer","expires_in":"3599"}"#;
     /// let token = Token::from_oauth2_json(body, Duration::from_secs(300)).unwrap();
@@ -118,7 +118,7 @@ impl Token {
 ///
 /// ```
 /// use std::time::Duration;
-/// use tower_gateway_auth::{Credential, FetchError, RefreshingToken, Token, TokenFetcher};
+/// use tower_gateway_auth::upstream::{Credential, FetchError, RefreshingToken, Token, TokenFetcher};
 ///
 /// struct ClientCredentials { token_url: String, client_id: String, client_secret: String }
 ///
@@ -152,12 +152,12 @@ where
 }
 
 /// Why a token could not be fetched. It is logged: its message must not hold a secret.
-pub struct FetchError(Box<Fault>);
+pub struct FetchError(Box<ErrorDetail>);
 
 impl FetchError {
     /// A failure described by `message`.
     pub fn new(message: impl Into<Cow<'static, str>>) -> Self {
-        FetchError(Fault::new(message, None))
+        FetchError(ErrorDetail::new(message, None))
     }
 
     /// A failure described by `message`, caused by `source`.
@@ -165,7 +165,7 @@ impl FetchError {
         message: impl Into<Cow<'static, str>>,
         source: impl Into<Box<dyn Error + Send + Sync + 'static>>,
     ) -> Self {
-        FetchError(Fault::new(message, Some(source.into())))
+        FetchError(ErrorDetail::new(message, Some(source.into())))
     }
 
     /// The description.
@@ -216,7 +216,7 @@ impl Error for FetchError {
 ///
 /// ```
 /// use std::time::Duration;
-/// use tower_gateway_auth::{Credential, CredentialSource, RefreshingToken, Token};
+/// use tower_gateway_auth::upstream::{Credential, CredentialSource, RefreshingToken, Token};
 ///
 /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
 /// let source = RefreshingToken::builder(|| async {
@@ -512,7 +512,7 @@ impl<F: TokenFetcher> CredentialSource for RefreshingToken<F> {
         if start {
             shared.start_fetch();
         }
-        answer
+        RefreshFuture(answer)
     }
 
     fn label(&self) -> &str {
@@ -543,8 +543,10 @@ impl<F> fmt::Debug for RefreshingTokenBuilder<F> {
     }
 }
 
-/// The future of a [`RefreshingToken`]: ready at once unless a fetch must be waited for.
-pub type RefreshFuture = ReadyOrBoxed<Result<Credential, Rejection>>;
+opaque_ready_or_boxed! {
+    /// The future of a [`RefreshingToken`]: ready at once unless a fetch must be waited for.
+    pub struct RefreshFuture => Result<Credential, Rejection>;
+}
 
 #[cfg(test)]
 mod tests {
@@ -553,7 +555,7 @@ mod tests {
     use std::task::{Context, Poll, Waker};
 
     use super::*;
-    use crate::time::ManualClock;
+    use crate::clock::ManualClock;
 
     /// A source whose fetches are counted and issue `tok-1`, `tok-2` … valid for 60 s.
     fn counted(clock: &ManualClock) -> (RefreshingToken<impl TokenFetcher>, Arc<AtomicUsize>) {

@@ -12,10 +12,10 @@ use http::{Method, Request, StatusCode};
 use http_body_util::Full;
 use serde_json::{Value, json};
 use support::{Answer, HttpClient, client, send, spawn_axum};
-use tower_gateway_auth::{
-    ErrorFormat, Identity, InboundApiKeyLayer, KeyFormat, KeyManager, ManagementApi, MemoryStore,
-    NewKey, RejectionLayer,
-};
+use tower_gateway_auth::keys::{KeyFormat, KeyManager, NewKey};
+use tower_gateway_auth::rejection::ErrorFormat;
+use tower_gateway_auth::store::MemoryStore;
+use tower_gateway_auth::{Identity, InboundApiKeyLayer, ManagementApi, RejectionLayer};
 
 /// Unix seconds of an RFC 3339 time in an answer (the API shows times that way).
 fn secs(time: &Value) -> i64 {

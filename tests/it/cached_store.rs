@@ -9,10 +9,9 @@ use std::time::Duration;
 
 use http::StatusCode;
 use tokio::sync::Notify;
-use tower_gateway_auth::{
-    BoxLookup, CachedStore, KeyDigest, KeyHasher, KeyId, KeyRecord, KeyStatus, KeyStore,
-    ManualClock, MemoryStore, StoreError, Timestamp,
-};
+use tower_gateway_auth::clock::{ManualClock, Timestamp};
+use tower_gateway_auth::keys::{KeyDigest, KeyHasher, KeyId, KeyRecord, KeyStatus};
+use tower_gateway_auth::store::{BoxLookup, CachedStore, KeyStore, MemoryStore, StoreError};
 
 /// A store behind a switch: counted, optionally failing, optionally held at a gate.
 #[derive(Clone, Default)]

@@ -11,9 +11,8 @@ use std::time::{Duration, Instant};
 
 use http::StatusCode;
 use support::TempDir;
-use tower_gateway_auth::{
-    ApiKey, FileStore, KeyAdmin, KeyHasher, KeyManager, KeyStatus, KeyStore, NewKey,
-};
+use tower_gateway_auth::keys::{ApiKey, KeyHasher, KeyManager, KeyStatus, NewKey};
+use tower_gateway_auth::store::{FileStore, KeyAdmin, KeyStore};
 
 async fn status_of<K>(store: K, key: &ApiKey) -> StatusCode
 where

@@ -19,7 +19,8 @@ use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use support::{Answer, ReceiverStream, TempDir, client, send, spawn_axum, spawn_upstream};
 use tokio::sync::{Notify, mpsc};
-use tower_gateway_auth::{ApiKey, FileStore, KeyManager, NewKey};
+use tower_gateway_auth::keys::{ApiKey, KeyManager, NewKey};
+use tower_gateway_auth::store::FileStore;
 
 const OPENAI_SECRET: &str = "sk-provider-openai-0123456789";
 const ANTHROPIC_SECRET: &str = "sk-ant-provider-abcdefghij";
@@ -608,7 +609,7 @@ async fn with_redis_a_key_revoked_by_keygen_is_rejected_within_a_second() {
     );
     // What keygen --redis-url does: a plain RedisStore and a KeyManager.
     let keygen = Arc::new(
-        tower_gateway_auth::RedisStore::builder(&url)
+        tower_gateway_auth::store::RedisStore::builder(&url)
             .namespace(&ns)
             .connect()
             .await

@@ -13,11 +13,12 @@ use http::{HeaderName, Request, Response, StatusCode};
 use serde_json::json;
 use support::{Recorder, read, store_with};
 use tower::{Service, ServiceBuilder, ServiceExt};
-use tower_gateway_auth::{
-    BoxLookup, ErrorFormat, InboundApiKeyLayer, KeyDigest, KeyId, KeyRecord, KeySource, KeyStatus,
-    KeyStore, LookupResult, ManualClock, MemoryStore, RejectionKind, RejectionLayer,
-    RequireScopesLayer, StoreError, Timestamp,
-};
+use tower_gateway_auth::clock::{ManualClock, Timestamp};
+use tower_gateway_auth::inbound::KeySource;
+use tower_gateway_auth::keys::{KeyDigest, KeyId, KeyRecord, KeyStatus};
+use tower_gateway_auth::rejection::{ErrorFormat, RejectionKind};
+use tower_gateway_auth::store::{BoxLookup, KeyStore, LookupResult, MemoryStore, StoreError};
+use tower_gateway_auth::{InboundApiKeyLayer, RejectionLayer, RequireScopesLayer};
 
 const KEY: &str = "gw_test-key-0001";
 
@@ -627,7 +628,8 @@ async fn a_store_that_answers_for_another_digest_is_not_trusted() {
 
 #[tokio::test]
 async fn every_refusal_carries_its_typed_rejection_and_the_layer_outside_renders_it() {
-    use tower_gateway_auth::{Credential, Provider, Rejection, UpstreamAuthLayer};
+    use tower_gateway_auth::upstream::{Credential, Provider};
+    use tower_gateway_auth::{Rejection, UpstreamAuthLayer};
     let rec = Recorder::default();
     let stack = || {
         ServiceBuilder::new()

@@ -9,10 +9,9 @@ use support::{
     store_with,
 };
 use tower::ServiceBuilder;
-use tower_gateway_auth::{
-    Credential, HeaderInjectLayer, HeaderRule, Identity, InboundApiKeyLayer, Provider, RequestId,
-    UpstreamAuthLayer,
-};
+use tower_gateway_auth::inject::{HeaderRule, RequestId};
+use tower_gateway_auth::upstream::{Credential, Provider};
+use tower_gateway_auth::{HeaderInjectLayer, Identity, InboundApiKeyLayer, UpstreamAuthLayer};
 
 fn name(n: &'static str) -> HeaderName {
     HeaderName::from_static(n)

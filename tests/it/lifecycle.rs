@@ -10,11 +10,13 @@ use std::time::Duration;
 use http::{Request, StatusCode};
 use support::{Recorder, read};
 use tower::{ServiceBuilder, ServiceExt};
-use tower_gateway_auth::{
-    ApiKey, Identity, InboundApiKeyLayer, KeyAdmin, KeyDigest, KeyFormat, KeyHasher, KeyManager,
-    KeyStatus, KeyStore, Lifetime, ManageError, ManualClock, MemoryStore, NewKey, Scopes,
-    Timestamp,
+use tower_gateway_auth::clock::{ManualClock, Timestamp};
+use tower_gateway_auth::keys::{
+    ApiKey, KeyDigest, KeyFormat, KeyHasher, KeyManager, KeyStatus, Lifetime, ManageError, NewKey,
+    Scopes,
 };
+use tower_gateway_auth::store::{KeyAdmin, KeyStore, MemoryStore};
+use tower_gateway_auth::{Identity, InboundApiKeyLayer};
 
 const T0: u64 = 1_800_000_000;
 const DAY: u64 = 86_400;
@@ -419,14 +421,14 @@ async fn a_stale_write_is_a_conflict_not_a_lost_update() {
     // A writer still holding the old record cannot overwrite the newer one.
     let result = f
         .store
-        .apply(vec![tower_gateway_auth::Write::Replace {
+        .apply(vec![tower_gateway_auth::store::Write::Replace {
             old: stale.clone(),
             new: (*stale).clone().with_name("renamed"),
         }])
         .await;
     assert!(matches!(
         result,
-        Err(tower_gateway_auth::WriteError::Conflict)
+        Err(tower_gateway_auth::store::WriteError::Conflict)
     ));
     assert_eq!(
         f.store.by_id(stale.id()).unwrap().status(),
@@ -441,9 +443,9 @@ async fn parent_and_child(
     f: &Fixture,
     scopes: &[&str],
 ) -> (
-    tower_gateway_auth::IssuedKey,
+    tower_gateway_auth::keys::IssuedKey,
     Identity,
-    tower_gateway_auth::IssuedKey,
+    tower_gateway_auth::keys::IssuedKey,
 ) {
     let parent = f
         .manager
@@ -463,13 +465,13 @@ async fn parent_and_child(
 /// Changes a stored record behind the manager's back, as a write that cascades nowhere.
 async fn overwrite(
     f: &Fixture,
-    id: tower_gateway_auth::KeyId,
-    change: impl Fn(tower_gateway_auth::KeyRecord) -> tower_gateway_auth::KeyRecord,
+    id: tower_gateway_auth::keys::KeyId,
+    change: impl Fn(tower_gateway_auth::keys::KeyRecord) -> tower_gateway_auth::keys::KeyRecord,
 ) {
     let old = f.store.by_id(id).unwrap();
     let new = change((*old).clone());
     f.store
-        .apply(vec![tower_gateway_auth::Write::Replace { old, new }])
+        .apply(vec![tower_gateway_auth::store::Write::Replace { old, new }])
         .await
         .unwrap();
 }
@@ -602,7 +604,7 @@ async fn rotating_a_disabled_key_gives_a_disabled_successor() {
 
 #[tokio::test]
 async fn bring_your_own_key_follows_ephemeral_children_and_rotated_successors() {
-    use tower_gateway_auth::{Credential, CredentialSource, PerIdentity};
+    use tower_gateway_auth::upstream::{Credential, CredentialSource, PerIdentity};
     let f = fixture();
     let (parent, _, child) = parent_and_child(&f, &[]).await;
     let source = PerIdentity::new()
@@ -616,10 +618,12 @@ async fn bring_your_own_key_follows_ephemeral_children_and_rotated_successors() 
         }
     };
     let own = resolve(f.try_key(&parent.key).await.1.unwrap()).await;
-    let shared = resolve(Identity::new(Arc::new(tower_gateway_auth::KeyRecord::new(
-        tower_gateway_auth::KeyId::random(),
-        KeyHasher::sha256().digest(b"x"),
-    ))))
+    let shared = resolve(Identity::new(Arc::new(
+        tower_gateway_auth::keys::KeyRecord::new(
+            tower_gateway_auth::keys::KeyId::random(),
+            KeyHasher::sha256().digest(b"x"),
+        ),
+    )))
     .await;
     assert_ne!(own, shared);
     assert_eq!(
@@ -705,7 +709,7 @@ async fn keygen_issues_under_the_gateways_pepper_and_names_a_wrong_one() {
     .unwrap()
     .unwrap();
     // The gateway opens the file with the pepper it reads from `pepper_env`.
-    let store = tower_gateway_auth::FileStore::builder(&file)
+    let store = tower_gateway_auth::store::FileStore::builder(&file)
         .hasher(KeyHasher::with_pepper(pepper.as_bytes()))
         .reload_every(None)
         .open()

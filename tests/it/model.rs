@@ -16,11 +16,12 @@ use http::{Request, Response, StatusCode};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use tower::ServiceExt;
-use tower_gateway_auth::{
-    ApiKey, CachedStore, FileStore, Identity, InboundApiKeyLayer, KeyAdmin, KeyDigest, KeyHasher,
-    KeyManager, KeyStore, ManageError, ManualClock, MemoryStore, NewKey, RequireScopesLayer,
-    Scopes, Timestamp,
+use tower_gateway_auth::clock::{ManualClock, Timestamp};
+use tower_gateway_auth::keys::{
+    ApiKey, KeyDigest, KeyHasher, KeyManager, ManageError, NewKey, Scopes,
 };
+use tower_gateway_auth::store::{CachedStore, FileStore, KeyAdmin, KeyStore, MemoryStore};
+use tower_gateway_auth::{Identity, InboundApiKeyLayer, RequireScopesLayer};
 
 /// Far enough ahead of the real clock that Redis never expires a record before the model
 /// says it has expired (Redis expires ephemeral records at their expiry, in real time).
@@ -218,7 +219,7 @@ where
                 let Some(p) = model.pick(from) else { continue };
                 // What the caller's request was verified as, maybe long ago: the manager
                 // must read the parent again.
-                let who = Identity::new(Arc::new(tower_gateway_auth::KeyRecord::new(
+                let who = Identity::new(Arc::new(tower_gateway_auth::keys::KeyRecord::new(
                     ids[p],
                     model.keys[p].digest,
                 )));
@@ -558,9 +559,9 @@ fn cached_redis_store_follows_the_model() {
 }
 
 /// A store on a namespace of its own.
-async fn redis(url: &str) -> tower_gateway_auth::RedisStore {
+async fn redis(url: &str) -> tower_gateway_auth::store::RedisStore {
     let ns = support::redis::namespace();
-    tower_gateway_auth::RedisStore::builder(url)
+    tower_gateway_auth::store::RedisStore::builder(url)
         .namespace(ns)
         .connect()
         .await

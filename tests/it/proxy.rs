@@ -17,8 +17,8 @@ use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use support::{client, get, send, spawn_axum};
 use tokio::sync::{Notify, mpsc};
-use tower_gateway_auth::ErrorFormat;
 use tower_gateway_auth::proxy::{Forward, StripHopByHopLayer};
+use tower_gateway_auth::rejection::ErrorFormat;
 
 /// An upstream that answers with JSON of what it received.
 async fn echo_upstream() -> std::net::SocketAddr {
@@ -461,9 +461,9 @@ const PROVIDER_SECRET: &str = "sk-provider-secret-0123";
 /// id, and goes to `upstream` through `Forward`.
 async fn credentialed_stack(upstream: std::net::SocketAddr) -> std::net::SocketAddr {
     use tower::ServiceBuilder;
-    use tower_gateway_auth::{
-        Credential, HeaderInjectLayer, Provider, RequestId, UpstreamAuthLayer,
-    };
+    use tower_gateway_auth::inject::RequestId;
+    use tower_gateway_auth::upstream::{Credential, Provider};
+    use tower_gateway_auth::{HeaderInjectLayer, UpstreamAuthLayer};
     let provider = Provider::openai()
         .organization(http::HeaderValue::from_static("org-gateway"))
         .project(http::HeaderValue::from_static("proj-gateway"));
@@ -559,7 +559,8 @@ async fn forward_refuses_a_path_that_would_leave_its_base() {
 #[tokio::test]
 async fn upstream_failures_name_the_request_id_and_not_the_upstream() {
     use tower::ServiceBuilder;
-    use tower_gateway_auth::{HeaderInjectLayer, RequestId};
+    use tower_gateway_auth::HeaderInjectLayer;
+    use tower_gateway_auth::inject::RequestId;
     let closed = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap()

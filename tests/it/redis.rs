@@ -14,11 +14,10 @@ use std::time::{Duration, Instant};
 use http::StatusCode;
 use redis::AsyncCommands;
 use support::redis::{RedisServer, namespace, redis_url};
+use tower_gateway_auth::clock::{ManualClock, Timestamp};
+use tower_gateway_auth::keys::{KeyHasher, KeyManager, KeyStatus, NewKey, Scopes};
 use tower_gateway_auth::store::listen_for_invalidations;
-use tower_gateway_auth::{
-    CachedStore, KeyAdmin, KeyHasher, KeyManager, KeyStatus, KeyStore, ManualClock, NewKey,
-    RedisStore, Scopes, Timestamp, Write, WriteError,
-};
+use tower_gateway_auth::store::{CachedStore, KeyAdmin, KeyStore, RedisStore, Write, WriteError};
 
 async fn connect(url: &str, ns: &str) -> RedisStore {
     RedisStore::builder(url)

@@ -19,9 +19,10 @@ use support::{
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tower::{Service, ServiceBuilder, ServiceExt};
-use tower_gateway_auth::{
-    Credential, CredentialSource, FetchError, ManualClock, Provider, RefreshingToken, Timestamp,
-    Token, TokenFetcher, UpstreamAuthLayer,
+use tower_gateway_auth::UpstreamAuthLayer;
+use tower_gateway_auth::clock::{ManualClock, Timestamp};
+use tower_gateway_auth::upstream::{
+    Credential, CredentialSource, FetchError, Provider, RefreshingToken, Token, TokenFetcher,
 };
 
 const CLIENT_ID: &str = "gateway";

@@ -13,9 +13,10 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tower::ServiceBuilder;
-use tower_gateway_auth::{
-    ErrorFormat, Identity, InboundApiKeyLayer, KeySource, MemoryStore, RequireScopesLayer,
-};
+use tower_gateway_auth::inbound::KeySource;
+use tower_gateway_auth::rejection::ErrorFormat;
+use tower_gateway_auth::store::MemoryStore;
+use tower_gateway_auth::{Identity, InboundApiKeyLayer, RequireScopesLayer};
 
 const ALICE: &str = "gw_alice-key-1234";
 const BOB: &str = "gw_bob-key-5678";

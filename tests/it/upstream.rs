@@ -16,11 +16,14 @@ use support::{
 };
 use tokio::task::JoinSet;
 use tower::{Service, ServiceBuilder, ServiceExt};
-use tower_gateway_auth::{
-    Credential, CredentialSource, ErrorFormat, InboundApiKeyLayer, KeyId, KeyPool, KeyRecord,
-    KeySource, KeyStore, MemoryStore, Metadata, PerIdentity, Provider, RefreshingToken,
-    RejectionKind, Token, UpstreamAuthLayer,
+use tower_gateway_auth::inbound::KeySource;
+use tower_gateway_auth::keys::{KeyId, KeyRecord, Metadata};
+use tower_gateway_auth::rejection::{ErrorFormat, RejectionKind};
+use tower_gateway_auth::store::{KeyStore, MemoryStore};
+use tower_gateway_auth::upstream::{
+    Credential, CredentialSource, KeyPool, PerIdentity, Provider, RefreshingToken, Token,
 };
+use tower_gateway_auth::{InboundApiKeyLayer, UpstreamAuthLayer};
 
 /// A gateway on loopback: `upstream` over a proxy to a fresh recording provider.
 async fn gateway<C: CredentialSource>(

@@ -9,8 +9,11 @@ use std::time::Duration;
 
 use http::{HeaderName, HeaderValue};
 use serde::Deserialize;
+use tower_gateway_auth::inbound::KeySource;
+use tower_gateway_auth::keys::{KeyFormat, KeyHasher};
+use tower_gateway_auth::rejection::ErrorFormat;
+use tower_gateway_auth::upstream::Credential;
 use tower_gateway_auth::upstream::Provider;
-use tower_gateway_auth::{Credential, ErrorFormat, KeyFormat, KeyHasher, KeySource};
 
 use super::serve::Limits;
 
@@ -170,7 +173,7 @@ fn default_reload_ms() -> u64 {
     1000
 }
 fn default_max_ephemeral_per_key() -> usize {
-    tower_gateway_auth::DEFAULT_MAX_LIVE_EPHEMERAL
+    tower_gateway_auth::keys::DEFAULT_MAX_LIVE_EPHEMERAL
 }
 fn default_connect_timeout() -> u64 {
     10

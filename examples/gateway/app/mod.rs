@@ -17,13 +17,16 @@ use std::sync::Arc;
 
 use axum::Router;
 use tower::ServiceBuilder;
+use tower_gateway_auth::inject::RequestId;
+use tower_gateway_auth::keys::{ApiKey, KeyManager, NewKey};
 use tower_gateway_auth::proxy::{Forward, StripHopByHopLayer};
+use tower_gateway_auth::rejection::{ErrorFormat, RejectionKind};
 use tower_gateway_auth::store::listen_for_invalidations;
+use tower_gateway_auth::store::{CachedStore, FileStore, KeyAdmin, MemoryStore, RedisStore};
 use tower_gateway_auth::upstream::UpstreamAuthLayer;
 use tower_gateway_auth::{
-    ApiKey, CachedStore, ErrorFormat, FileStore, HeaderInjectLayer, InboundApiKeyLayer, KeyAdmin,
-    KeyManager, ManagementApi, MemoryStore, NewKey, RedisStore, Rejection, RejectionKind,
-    RejectionLayer, RequestId, RequireScopesLayer,
+    HeaderInjectLayer, InboundApiKeyLayer, ManagementApi, Rejection, RejectionLayer,
+    RequireScopesLayer,
 };
 
 pub use config::{Config, ConfigError, Plan};

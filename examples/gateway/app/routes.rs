@@ -29,7 +29,8 @@ use tower::Service;
 use tower::ServiceExt;
 use tower::util::Oneshot;
 use tower_gateway_auth::proxy::has_dot_segment;
-use tower_gateway_auth::{Rejection, RejectionKind, RejectionLayer};
+use tower_gateway_auth::rejection::RejectionKind;
+use tower_gateway_auth::{Rejection, RejectionLayer};
 
 /// The routes and the router for everything else; cheap to clone (hyper clones the service
 /// it is given once per request).

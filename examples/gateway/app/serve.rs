@@ -46,7 +46,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tower::ServiceExt;
-use tower_gateway_auth::{Rejection, RejectionKind, RejectionLayer};
+use tower_gateway_auth::rejection::RejectionKind;
+use tower_gateway_auth::{Rejection, RejectionLayer};
 
 use super::GatewayService;
 

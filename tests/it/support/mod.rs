@@ -14,7 +14,9 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use tower_gateway_auth::{Identity, KeyId, KeyRecord, KeyStore, MemoryStore};
+use tower_gateway_auth::Identity;
+use tower_gateway_auth::keys::{KeyId, KeyRecord};
+use tower_gateway_auth::store::{KeyStore, MemoryStore};
 
 /// What an inner service saw of one request.
 #[derive(Debug, Clone)]
@@ -302,7 +304,7 @@ impl Drop for TempDir {
 /// The status a request with `key` in `x-api-key` gets from the inbound layer over `store`.
 pub async fn key_status<K>(store: K, key: &str) -> StatusCode
 where
-    K: tower_gateway_auth::KeyStore,
+    K: tower_gateway_auth::store::KeyStore,
 {
     use tower::ServiceExt;
     let svc = tower::ServiceBuilder::new()

@@ -4,7 +4,7 @@ use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tower_gateway_auth::KeyId;
+use tower_gateway_auth::keys::KeyId;
 
 use super::TempDir;
 

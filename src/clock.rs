@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 ///
 /// ```
 /// use std::time::Duration;
-/// use tower_gateway_auth::Timestamp;
+/// use tower_gateway_auth::clock::Timestamp;
 ///
 /// let t = Timestamp::from_unix_secs(1_700_000_000);
 /// assert_eq!((t + Duration::from_secs(60)).as_unix_secs(), 1_700_000_060);
@@ -155,7 +155,7 @@ fn coarse_now() -> Timestamp {
 ///
 /// ```
 /// use std::time::Duration;
-/// use tower_gateway_auth::{Clock, ManualClock, Timestamp};
+/// use tower_gateway_auth::clock::{Clock, ManualClock, Timestamp};
 ///
 /// let clock = ManualClock::new(Timestamp::from_unix_secs(100));
 /// clock.advance(Duration::from_secs(5));

@@ -8,14 +8,14 @@ type Source = Box<dyn Error + Send + Sync + 'static>;
 
 /// Boxed inside each error type, so that results carrying one stay small (a lookup result
 /// is moved on every request).
-pub(crate) struct Fault {
+pub(crate) struct ErrorDetail {
     message: Cow<'static, str>,
     source: Option<Source>,
 }
 
-impl Fault {
+impl ErrorDetail {
     pub(crate) fn new(message: impl Into<Cow<'static, str>>, source: Option<Source>) -> Box<Self> {
-        Box::new(Fault {
+        Box::new(ErrorDetail {
             message: message.into(),
             source,
         })
@@ -38,7 +38,7 @@ impl Fault {
     }
 }
 
-impl fmt::Display for Fault {
+impl fmt::Display for ErrorDetail {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.source {
             Some(source) => write!(f, "{}: {source}", self.message),

@@ -1,5 +1,6 @@
-//! The futures of the layers: one that either answers at once or passes the request on,
-//! and one that first waits on an answer (a key lookup, an upstream credential).
+//! How a layer that must wait on an answer (a key lookup, an upstream credential) before it
+//! can decide finishes the request: [`Resume`] says what the answer means, [`Resumable`] is
+//! the future that waits, decides and then calls the inner service.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -11,68 +12,8 @@ use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
-use crate::body::{ResponseBody, full_response};
-
-pin_project! {
-    /// Response future of the layers whose decision is made before the inner service is
-    /// called: either the inner service's future, or a rejection ready at once.
-    pub struct ResponseFuture<F> {
-        #[pin]
-        kind: Kind<F>,
-    }
-}
-
-pin_project! {
-    #[project = KindProj]
-    enum Kind<F> {
-        Inner {
-            #[pin]
-            future: F,
-        },
-        Rejected {
-            response: Option<Response<Bytes>>,
-        },
-    }
-}
-
-impl<F> ResponseFuture<F> {
-    #[inline]
-    pub(crate) fn inner(future: F) -> Self {
-        ResponseFuture {
-            kind: Kind::Inner { future },
-        }
-    }
-
-    #[inline]
-    pub(crate) fn rejected(response: Response<Bytes>) -> Self {
-        ResponseFuture {
-            kind: Kind::Rejected {
-                response: Some(response),
-            },
-        }
-    }
-}
-
-impl<F, B, E> Future for ResponseFuture<F>
-where
-    F: Future<Output = Result<Response<B>, E>>,
-{
-    type Output = Result<Response<ResponseBody<B>>, E>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().kind.project() {
-            KindProj::Inner { future } => {
-                let response = ready!(future.poll(cx))?;
-                Poll::Ready(Ok(response.map(ResponseBody::inner)))
-            }
-            KindProj::Rejected { response } => Poll::Ready(Ok(full_response(
-                response
-                    .take()
-                    .expect("ResponseFuture polled after completion"),
-            ))),
-        }
-    }
-}
+use crate::response::ResponseBody;
+use crate::response::future::ResponseFuture;
 
 /// What a layer does once an answer it waited for has come.
 pub(crate) enum Next<W> {
@@ -218,45 +159,5 @@ where
                 .state
                 .set(ResumableState::Decided { future: next });
         }
-    }
-}
-
-/// The future of a source that usually answers from memory: ready at once, or boxed while
-/// it waits on something (a store call, a token fetch).
-pub struct ReadyOrBoxed<T>(Answer<T>);
-
-enum Answer<T> {
-    Ready(Option<T>),
-    Boxed(Pin<Box<dyn Future<Output = T> + Send>>),
-}
-
-impl<T> ReadyOrBoxed<T> {
-    pub(crate) fn ready(value: T) -> Self {
-        ReadyOrBoxed(Answer::Ready(Some(value)))
-    }
-
-    pub(crate) fn boxed(future: impl Future<Output = T> + Send + 'static) -> Self {
-        ReadyOrBoxed(Answer::Boxed(Box::pin(future)))
-    }
-}
-
-impl<T: Unpin> Future for ReadyOrBoxed<T> {
-    type Output = T;
-
-    #[inline]
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
-        match &mut self.get_mut().0 {
-            Answer::Ready(value) => Poll::Ready(value.take().expect("polled after completion")),
-            Answer::Boxed(future) => future.as_mut().poll(cx),
-        }
-    }
-}
-
-impl<T> std::fmt::Debug for ReadyOrBoxed<T> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self.0 {
-            Answer::Ready(_) => "ReadyOrBoxed::Ready",
-            Answer::Boxed(_) => "ReadyOrBoxed::Boxed",
-        })
     }
 }
