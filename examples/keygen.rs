@@ -7,7 +7,11 @@
 //! cargo run --example keygen -- --keys-file keys.json --revoke key_XXXXXXXXXXX
 //! cargo run --example keygen -- --redis-url redis://127.0.0.1:6379 --name alice   # shared store
 //! cargo run --example keygen -- --keys-file keys.json --pepper-env GATEWAY_KEY_PEPPER --name bob
+//! cargo run --example keygen -- --keys-file keys.json --audit-file audit.jsonl --revoke key_XXXXXXXXXXX
 //! ```
+//!
+//! Every issue and revoke is an audit event with actor `keygen`; `--audit-file` appends it
+//! to the same JSON-lines file the gateway's `audit_file` names.
 //!
 //! With `pepper_env` in the gateway's config, give keygen the same `--pepper-env`: keys are
 //! then digested under the same pepper. A store written under another pepper (or none) is
@@ -22,10 +26,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tower_gateway_auth::clock::Timestamp;
-use tower_gateway_auth::keys::{ApiKey, KeyFormat, KeyHasher, KeyManager, KeyRecord, NewKey};
+use tower_gateway_auth::keys::{
+    Actor, ApiKey, AuditFile, KeyFormat, KeyHasher, KeyManager, KeyRecord, NewKey,
+};
 use tower_gateway_auth::store::{FileStore, KeyAdmin, RedisStore};
 
-const USAGE: &str = "usage: keygen (--keys-file FILE | --redis-url URL [--redis-namespace NS]) [--pepper-env VAR] (--name NAME [--ttl-days N | --no-expiry] [--scope S]... [--prefix P] | --list | --revoke ID)";
+const USAGE: &str = "usage: keygen (--keys-file FILE | --redis-url URL [--redis-namespace NS]) [--pepper-env VAR] [--audit-file FILE] (--name NAME [--ttl-days N | --no-expiry] [--scope S]... [--prefix P] | --list | --revoke ID)";
 
 #[derive(Default)]
 pub struct Args {
@@ -33,6 +39,7 @@ pub struct Args {
     redis_url: Option<String>,
     redis_namespace: Option<String>,
     pepper_env: Option<String>,
+    audit_file: Option<String>,
     name: Option<String>,
     ttl_days: Option<u64>,
     no_expiry: bool,
@@ -51,6 +58,7 @@ pub fn parse(mut raw: impl Iterator<Item = String>) -> Result<Args, String> {
             "--redis-url" => args.redis_url = Some(value()?),
             "--redis-namespace" => args.redis_namespace = Some(value()?),
             "--pepper-env" => args.pepper_env = Some(value()?),
+            "--audit-file" => args.audit_file = Some(value()?),
             "--name" => args.name = Some(value()?),
             "--ttl-days" => {
                 let v = value()?;
@@ -147,7 +155,13 @@ async fn manage<S: KeyAdmin>(
     args: Args,
     place: &str,
 ) -> Result<Option<ApiKey>, String> {
-    let mut manager = KeyManager::new(store);
+    // What keygen does is in the audit trail as done by `keygen`: on stderr's log when a
+    // subscriber is set, and in the gateway's audit file when given.
+    let mut manager = KeyManager::new(store).acting_as(Actor::named("keygen"));
+    if let Some(path) = &args.audit_file {
+        let file = AuditFile::open(path).map_err(|e| format!("cannot open {path}: {e}"))?;
+        manager = manager.audit_to(file);
+    }
     if let Some(prefix) = &args.prefix {
         manager = manager.key_format(KeyFormat::new(prefix).map_err(|e| e.to_string())?);
     }

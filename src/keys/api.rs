@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::clock::{Clock, SystemClock, Timestamp};
 use crate::identity::Identity;
 use crate::inbound::RequireScopesLayer;
+use crate::keys::audit::{Actor, AuditAction};
 use crate::keys::manager::{IssuedKey, KeyManager, Lifetime, ManageError, NewKey};
 use crate::keys::record::{KeyId, KeyRecord, KeyStatus, KeyUnusable, Metadata, Scopes};
 use crate::rejection::{Rejection, RejectionKind};
@@ -204,6 +205,14 @@ const RETRY_AFTER: Duration = crate::keys::manager::DEFAULT_EPHEMERAL_TTL;
 type Answer = Result<Response, Rejection>;
 
 impl<A> ApiState<A> {
+    /// The manager, acting for the caller (in the audit trail).
+    fn by(&self, who: &Option<Identity>) -> KeyManager<A>
+    where
+        A: KeyAdmin,
+    {
+        self.manager.acting_as(Actor::of(who.as_ref()))
+    }
+
     fn fail(&self, e: ManageError) -> Rejection {
         let message = e.to_string();
         match e {
@@ -308,7 +317,7 @@ impl TimeInput {
     }
 }
 
-async fn create<A: KeyAdmin>(State(s): Shared<A>, body: Bytes) -> Answer {
+async fn create<A: KeyAdmin>(State(s): Shared<A>, who: Option<Identity>, body: Bytes) -> Answer {
     let body: CreateBody = s.parse(&body)?;
     let not_before = match &body.not_before {
         None => None,
@@ -346,7 +355,7 @@ async fn create<A: KeyAdmin>(State(s): Shared<A>, body: Bytes) -> Answer {
     if let Some(t) = not_before {
         spec = spec.not_before(t);
     }
-    let issued = s.manager.issue(spec).await.map_err(|e| s.fail(e))?;
+    let issued = s.by(&who).issue(spec).await.map_err(|e| s.fail(e))?;
     Ok(s.issued(issued))
 }
 
@@ -375,28 +384,44 @@ async fn show<A: KeyAdmin>(State(s): Shared<A>, Path(id): Path<String>) -> Answe
     Ok(s.view(&record).await)
 }
 
-async fn revoke<A: KeyAdmin>(State(s): Shared<A>, Path(id): Path<String>) -> Answer {
-    let record = s.manager.revoke(s.id(&id)?).await.map_err(|e| s.fail(e))?;
+async fn revoke<A: KeyAdmin>(
+    State(s): Shared<A>,
+    who: Option<Identity>,
+    Path(id): Path<String>,
+) -> Answer {
+    let record = s.by(&who).revoke(s.id(&id)?).await.map_err(|e| s.fail(e))?;
     Ok(s.view(&record).await)
 }
 
-async fn delete<A: KeyAdmin>(State(s): Shared<A>, Path(id): Path<String>) -> Answer {
-    s.manager.delete(s.id(&id)?).await.map_err(|e| s.fail(e))?;
+async fn delete<A: KeyAdmin>(
+    State(s): Shared<A>,
+    who: Option<Identity>,
+    Path(id): Path<String>,
+) -> Answer {
+    s.by(&who).delete(s.id(&id)?).await.map_err(|e| s.fail(e))?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-async fn disable<A: KeyAdmin>(State(s): Shared<A>, Path(id): Path<String>) -> Answer {
+async fn disable<A: KeyAdmin>(
+    State(s): Shared<A>,
+    who: Option<Identity>,
+    Path(id): Path<String>,
+) -> Answer {
     let record = s
-        .manager
+        .by(&who)
         .set_enabled(s.id(&id)?, false)
         .await
         .map_err(|e| s.fail(e))?;
     Ok(s.view(&record).await)
 }
 
-async fn enable<A: KeyAdmin>(State(s): Shared<A>, Path(id): Path<String>) -> Answer {
+async fn enable<A: KeyAdmin>(
+    State(s): Shared<A>,
+    who: Option<Identity>,
+    Path(id): Path<String>,
+) -> Answer {
     let record = s
-        .manager
+        .by(&who)
         .set_enabled(s.id(&id)?, true)
         .await
         .map_err(|e| s.fail(e))?;
@@ -414,11 +439,16 @@ fn default_grace() -> u64 {
     3600
 }
 
-async fn rotate<A: KeyAdmin>(State(s): Shared<A>, Path(id): Path<String>, body: Bytes) -> Answer {
+async fn rotate<A: KeyAdmin>(
+    State(s): Shared<A>,
+    who: Option<Identity>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Answer {
     let id = s.id(&id)?;
     let body: RotateBody = s.parse(&body)?;
     let grace = Duration::from_secs(body.grace_seconds);
-    let issued = s.manager.rotate(id, grace).await.map_err(|e| s.fail(e))?;
+    let issued = s.by(&who).rotate(id, grace).await.map_err(|e| s.fail(e))?;
     Ok(s.issued(issued))
 }
 
@@ -436,11 +466,14 @@ async fn ephemeral<A: KeyAdmin>(State(s): Shared<A>, who: Option<Identity>, body
             "This endpoint requires an API key.",
         ));
     };
+    let manager = s.by(&Some(who.clone()));
+    let refuse = |why: String| {
+        let refusal = ManageError::Forbidden(why);
+        manager.audit_refusal(AuditAction::MintEphemeral, &refusal);
+        s.fail(refusal)
+    };
     if who.parent().is_some() {
-        return Err(Rejection::new(
-            RejectionKind::Forbidden,
-            "An ephemeral key cannot mint another key.",
-        ));
+        return Err(refuse("An ephemeral key cannot mint another key.".into()));
     }
     let body: EphemeralBody = s.parse(&body)?;
     if body
@@ -449,21 +482,17 @@ async fn ephemeral<A: KeyAdmin>(State(s): Shared<A>, who: Option<Identity>, body
         .flatten()
         .any(|scope| *scope == s.admin_scope)
     {
-        return Err(Rejection::new(
-            RejectionKind::Forbidden,
-            format!(
-                "An ephemeral key cannot have the {} scope: ephemeral keys never manage keys.",
-                s.admin_scope
-            ),
-        ));
+        return Err(refuse(format!(
+            "An ephemeral key cannot have the {} scope: ephemeral keys never manage keys.",
+            s.admin_scope
+        )));
     }
     let scopes = Some(match body.scopes {
         Some(asked) => Scopes::new(asked),
         None => Scopes::new(who.scopes().iter().filter(|scope| *scope != s.admin_scope)),
     });
     let ttl = body.ttl_seconds.map(Duration::from_secs);
-    let issued = s
-        .manager
+    let issued = manager
         .mint_ephemeral(&who, scopes, ttl)
         .await
         .map_err(|e| s.fail(e))?;

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use crate::clock::{Clock, SystemClock, Timestamp};
 use crate::identity::Identity;
+use crate::keys::audit::{self, Actor, AuditAction, AuditEvent, AuditOutcome, AuditSink};
 use crate::keys::format::{ApiKey, KeyFormat};
 use crate::keys::record::{KeyId, KeyRecord, KeyStatus, KeyUnusable, Metadata, Scopes};
 use crate::store::{KeyAdmin, StoreError, Write, WriteError};
@@ -205,6 +206,8 @@ pub struct KeyManager<A> {
     default_ttl: Option<Duration>,
     max_ephemeral_ttl: Duration,
     max_live_ephemeral: usize,
+    actor: Actor,
+    sinks: Vec<Arc<dyn AuditSink>>,
 }
 
 /// One round of a compare-and-swap change: done without writing, or these writes, after
@@ -223,6 +226,8 @@ impl<A> Clone for KeyManager<A> {
             default_ttl: self.default_ttl,
             max_ephemeral_ttl: self.max_ephemeral_ttl,
             max_live_ephemeral: self.max_live_ephemeral,
+            actor: self.actor.clone(),
+            sinks: self.sinks.clone(),
         }
     }
 }
@@ -232,6 +237,8 @@ impl<A> fmt::Debug for KeyManager<A> {
         f.debug_struct("KeyManager")
             .field("format", &self.format)
             .field("default_ttl", &self.default_ttl)
+            .field("actor", &self.actor)
+            .field("audit_sinks", &self.sinks.len())
             .finish_non_exhaustive()
     }
 }
@@ -246,6 +253,68 @@ impl<A: KeyAdmin> KeyManager<A> {
             default_ttl: Some(DEFAULT_TTL),
             max_ephemeral_ttl: DEFAULT_MAX_EPHEMERAL_TTL,
             max_live_ephemeral: DEFAULT_MAX_LIVE_EPHEMERAL,
+            actor: Actor::Unknown,
+            sinks: Vec::new(),
+        }
+    }
+
+    /// Hands every audit event to `sink` as well as to the log (see [`AuditSink`]).
+    pub fn audit_to(mut self, sink: impl AuditSink) -> Self {
+        self.sinks.push(Arc::new(sink));
+        self
+    }
+
+    /// This manager, with its changes attributed to `actor` in the audit trail.
+    pub fn acting_as(&self, actor: Actor) -> Self {
+        KeyManager {
+            actor,
+            ..self.clone()
+        }
+    }
+
+    /// Records one attempt in the audit trail.
+    fn audit<T>(
+        &self,
+        action: AuditAction,
+        target: Option<KeyId>,
+        successor: Option<KeyId>,
+        result: &Result<T, ManageError>,
+    ) {
+        let outcome = AuditOutcome::of(result);
+        self.audit_by(self.actor.clone(), action, target, successor, outcome);
+    }
+
+    /// Records an attempt refused before it reached the manager (by the management API's
+    /// own rules).
+    pub(crate) fn audit_refusal(&self, action: AuditAction, refusal: &ManageError) {
+        self.audit_by(
+            self.actor.clone(),
+            action,
+            None,
+            None,
+            AuditOutcome::of_error(refusal),
+        );
+    }
+
+    fn audit_by(
+        &self,
+        actor: Actor,
+        action: AuditAction,
+        target: Option<KeyId>,
+        successor: Option<KeyId>,
+        outcome: AuditOutcome,
+    ) {
+        let event = AuditEvent {
+            time: self.clock.now(),
+            actor,
+            action,
+            target,
+            successor,
+            outcome,
+        };
+        audit::log(&event);
+        for sink in &self.sinks {
+            sink.record(&event);
         }
     }
 
@@ -325,9 +394,13 @@ impl<A: KeyAdmin> KeyManager<A> {
     pub async fn issue(&self, spec: NewKey) -> Result<IssuedKey, ManageError> {
         let now = self.clock.now();
         let (key, record) = self.generate(spec, now);
-        let record = self.insert(record).await?;
-        tracing::info!(target: "tower_gateway_auth::lifecycle", key_id = %record.id(), "key issued");
-        Ok(IssuedKey { key, record })
+        let result = self.insert(record).await;
+        let target = result.as_ref().ok().map(|r| r.id());
+        self.audit(AuditAction::Issue, target, None, &result);
+        Ok(IssuedKey {
+            key,
+            record: result?,
+        })
     }
 
     /// Stores a key issued elsewhere (any shape), by digest. Its hint is its first four
@@ -335,9 +408,10 @@ impl<A: KeyAdmin> KeyManager<A> {
     pub async fn import(&self, key: &ApiKey, spec: NewKey) -> Result<Arc<KeyRecord>, ManageError> {
         let hint = key.expose().get(..4).filter(|_| key.expose().len() >= 20);
         let record = self.record(key, hint.unwrap_or("").to_owned(), spec, self.clock.now());
-        let record = self.insert(record).await?;
-        tracing::info!(target: "tower_gateway_auth::lifecycle", key_id = %record.id(), "key imported");
-        Ok(record)
+        let result = self.insert(record).await;
+        let target = result.as_ref().ok().map(|r| r.id());
+        self.audit(AuditAction::Import, target, None, &result);
+        result
     }
 
     async fn insert(&self, record: KeyRecord) -> Result<Arc<KeyRecord>, ManageError> {
@@ -366,7 +440,7 @@ impl<A: KeyAdmin> KeyManager<A> {
     /// Revokes the key for good, and every ephemeral key minted from it. (A key minted
     /// while this runs is refused anyway: the inbound layer checks every key's parent.)
     pub async fn revoke(&self, id: KeyId) -> Result<Arc<KeyRecord>, ManageError> {
-        let revoked = self
+        let result = self
             .retry(async || {
                 let all = self.store.list().await?;
                 let target = all
@@ -389,15 +463,15 @@ impl<A: KeyAdmin> KeyManager<A> {
                     Attempt::Write(writes, revoked)
                 })
             })
-            .await?;
-        tracing::info!(target: "tower_gateway_auth::lifecycle", key_id = %id, "key revoked");
-        Ok(revoked)
+            .await;
+        self.audit(AuditAction::Revoke, Some(id), None, &result);
+        result
     }
 
     /// Removes the key's record, and those of the ephemeral keys minted from it. Prefer
     /// [`revoke`](Self::revoke), which keeps the record for the audit trail.
     pub async fn delete(&self, id: KeyId) -> Result<Arc<KeyRecord>, ManageError> {
-        let deleted = self
+        let result = self
             .retry(async || {
                 let all = self.store.list().await?;
                 let target = all
@@ -412,9 +486,9 @@ impl<A: KeyAdmin> KeyManager<A> {
                     .collect();
                 Ok(Attempt::Write(writes, target))
             })
-            .await?;
-        tracing::info!(target: "tower_gateway_auth::lifecycle", key_id = %id, "key deleted");
-        Ok(deleted)
+            .await;
+        self.audit(AuditAction::Delete, Some(id), None, &result);
+        result
     }
 
     /// Disables (`false`) or re-enables (`true`) a key. A revoked key stays revoked.
@@ -423,18 +497,26 @@ impl<A: KeyAdmin> KeyManager<A> {
         id: KeyId,
         enabled: bool,
     ) -> Result<Arc<KeyRecord>, ManageError> {
-        self.change(id, |r| {
-            if r.status() == KeyStatus::Revoked {
-                return Err(ManageError::Invalid(format!("key {id} is revoked")));
-            }
-            let status = if enabled {
-                KeyStatus::Active
-            } else {
-                KeyStatus::Disabled
-            };
-            Ok(r.clone().with_status(status))
-        })
-        .await
+        let result = self
+            .change(id, |r| {
+                if r.status() == KeyStatus::Revoked {
+                    return Err(ManageError::Invalid(format!("key {id} is revoked")));
+                }
+                let status = if enabled {
+                    KeyStatus::Active
+                } else {
+                    KeyStatus::Disabled
+                };
+                Ok(r.clone().with_status(status))
+            })
+            .await;
+        let action = if enabled {
+            AuditAction::Enable
+        } else {
+            AuditAction::Disable
+        };
+        self.audit(action, Some(id), None, &result);
+        result
     }
 
     /// Issues a successor to key `id` with the same name, scopes, metadata, status and
@@ -443,7 +525,7 @@ impl<A: KeyAdmin> KeyManager<A> {
     /// key's successor is disabled too; revoked and ephemeral keys cannot be rotated. The
     /// successor continues the old key's line ([`KeyRecord::origin`]).
     pub async fn rotate(&self, id: KeyId, grace: Duration) -> Result<IssuedKey, ManageError> {
-        let issued = self
+        let result = self
             .retry(async || {
                 let old = self.get(id).await?;
                 if old.parent().is_some() {
@@ -485,9 +567,10 @@ impl<A: KeyAdmin> KeyManager<A> {
                 ];
                 Ok(Attempt::Write(writes, IssuedKey { key, record }))
             })
-            .await?;
-        tracing::info!(target: "tower_gateway_auth::lifecycle", key_id = %id, successor = %issued.record.id(), grace_secs = grace.as_secs(), "key rotated");
-        Ok(issued)
+            .await;
+        let successor = result.as_ref().ok().map(|issued| issued.record.id());
+        self.audit(AuditAction::Rotate, Some(id), successor, &result);
+        result
     }
 
     /// Mints a short-lived key for `parent` (an authenticated caller): `scopes` must be a
@@ -506,7 +589,29 @@ impl<A: KeyAdmin> KeyManager<A> {
         scopes: Option<Scopes>,
         ttl: Option<Duration>,
     ) -> Result<IssuedKey, ManageError> {
-        let parent_id = parent.id();
+        let result = self.mint(parent.id(), scopes, ttl).await;
+        // The parent is the caller by definition, when the manager was not told otherwise.
+        let actor = match &self.actor {
+            Actor::Unknown => Actor::Key(parent.id()),
+            named => named.clone(),
+        };
+        let target = result.as_ref().ok().map(|issued| issued.record.id());
+        self.audit_by(
+            actor,
+            AuditAction::MintEphemeral,
+            target,
+            None,
+            AuditOutcome::of(&result),
+        );
+        result
+    }
+
+    async fn mint(
+        &self,
+        parent_id: KeyId,
+        scopes: Option<Scopes>,
+        ttl: Option<Duration>,
+    ) -> Result<IssuedKey, ManageError> {
         let ttl = ttl.unwrap_or(DEFAULT_EPHEMERAL_TTL);
         if ttl.is_zero() || ttl > self.max_ephemeral_ttl {
             return Err(ManageError::Invalid(format!(
@@ -561,7 +666,6 @@ impl<A: KeyAdmin> KeyManager<A> {
                 Ok(Attempt::Write(vec![mint], IssuedKey { key, record }))
             })
             .await?;
-        tracing::info!(target: "tower_gateway_auth::lifecycle", key_id = %issued.record.id(), parent = %parent_id, "ephemeral key minted");
         Ok(issued)
     }
 

@@ -1,16 +1,18 @@
 //! Key management, in the order a key lives: its format and digest ([`ApiKey`],
 //! [`KeyFormat`], [`KeyHasher`], [`KeyDigest`]), what a store keeps of it ([`KeyRecord`]),
 //! the lifecycle operations on a store ([`KeyManager`]: issue, rotate, revoke, mint
-//! ephemeral keys), and the HTTP API over them ([`ManagementApi`], feature `axum`).
+//! ephemeral keys) with its audit trail ([`AuditEvent`]), and the HTTP API over them ([`ManagementApi`], feature `axum`).
 
 #[cfg(feature = "axum")]
 mod api;
+mod audit;
 mod format;
 mod manager;
 mod record;
 
 #[cfg(feature = "axum")]
 pub use api::ManagementApi;
+pub use audit::{Actor, AuditAction, AuditEvent, AuditFile, AuditOutcome, AuditSink};
 pub use format::{ApiKey, Checksum, Fingerprint, InvalidPrefix, KeyDigest, KeyFormat, KeyHasher};
 pub use manager::{
     DEFAULT_EPHEMERAL_TTL, DEFAULT_MAX_EPHEMERAL_TTL, DEFAULT_MAX_LIVE_EPHEMERAL, DEFAULT_TTL,

@@ -1317,3 +1317,130 @@ async fn every_refusal_of_a_route_names_one_realm_and_carries_its_reason() {
     assert!(!a.headers.contains_key("www-authenticate"));
     assert_eq!(seen.count(), 0);
 }
+
+/// The audit file's events, one JSON object per line.
+fn audit_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(path).unwrap();
+    assert!(text.ends_with('\n'), "every event is a whole line");
+    text.lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{line}: {e}")))
+        .collect()
+}
+
+#[tokio::test]
+async fn every_management_action_is_in_the_audit_file_with_who_did_it_and_no_key_material() {
+    let dir = TempDir::new("gw-audit");
+    let audit = dir.0.join("audit.jsonl");
+    let (upstream, _seen) = spawn_upstream().await;
+    let (admin, admin_id) = issue(&dir.file(), "root", &["admin", "openai"]).await;
+    let with_audit = format!(
+        "audit_file = \"{}\"\n{}",
+        audit.display(),
+        config(&dir.file(), upstream)
+    );
+    let gw = start(&with_audit).await;
+    let admin_call = |method: Method, path: String, body: &'static str| {
+        let admin = admin.expose().to_owned();
+        async move { call(gw.addr, method, &path, &[("x-api-key", &admin)], body).await }
+    };
+
+    let created = admin_call(Method::POST, "/admin/keys".into(), r#"{"name":"alice"}"#).await;
+    assert_eq!(created.status, StatusCode::CREATED);
+    let alice_key = created.json()["key"].as_str().unwrap().to_owned();
+    let alice = created.json()["id"].as_str().unwrap().to_owned();
+    for action in ["disable", "enable"] {
+        let a = admin_call(Method::POST, format!("/admin/keys/{alice}/{action}"), "").await;
+        assert_eq!(a.status, StatusCode::OK, "{action}");
+    }
+    let rotated = admin_call(Method::POST, format!("/admin/keys/{alice}/rotate"), "{}").await;
+    assert_eq!(rotated.status, StatusCode::CREATED);
+    let successor = rotated.json()["id"].as_str().unwrap().to_owned();
+    let successor_key = rotated.json()["key"].as_str().unwrap().to_owned();
+    let minted = admin_call(Method::POST, "/admin/ephemeral".into(), "{}").await;
+    assert_eq!(minted.status, StatusCode::CREATED);
+    let child = minted.json()["id"].as_str().unwrap().to_owned();
+    let child_key = minted.json()["key"].as_str().unwrap().to_owned();
+    // An ephemeral key may not mint: refused by the API's own rule, and still audited.
+    let refused = call(
+        gw.addr,
+        Method::POST,
+        "/admin/ephemeral",
+        &[("x-api-key", &child_key)],
+        "{}",
+    )
+    .await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
+    let revoked = admin_call(Method::POST, format!("/admin/keys/{successor}/revoke"), "").await;
+    assert_eq!(revoked.status, StatusCode::OK);
+    let deleted = admin_call(Method::DELETE, format!("/admin/keys/{alice}"), "").await;
+    assert_eq!(deleted.status, StatusCode::NO_CONTENT);
+    let unknown = "key_00000000000";
+    let missing = admin_call(Method::POST, format!("/admin/keys/{unknown}/revoke"), "").await;
+    assert_eq!(missing.status, StatusCode::NOT_FOUND);
+
+    let events = audit_lines(&audit);
+    let summary: Vec<(String, String, String, String)> = events
+        .iter()
+        .map(|e| {
+            let text = |field: &str| e[field].as_str().unwrap_or("null").to_owned();
+            (
+                text("actor"),
+                text("action"),
+                text("target"),
+                text("outcome"),
+            )
+        })
+        .collect();
+    let by_admin = format!("key:{admin_id}");
+    let row = |actor: &str, action: &str, target: &str, outcome: &str| {
+        (
+            actor.to_owned(),
+            action.to_owned(),
+            target.to_owned(),
+            outcome.to_owned(),
+        )
+    };
+    assert_eq!(
+        summary,
+        vec![
+            row(&by_admin, "issue", &alice, "ok"),
+            row(&by_admin, "disable", &alice, "ok"),
+            row(&by_admin, "enable", &alice, "ok"),
+            row(&by_admin, "rotate", &alice, "ok"),
+            row(&by_admin, "mint_ephemeral", &child, "ok"),
+            row(&format!("key:{child}"), "mint_ephemeral", "null", "refused"),
+            row(&by_admin, "revoke", &successor, "ok"),
+            row(&by_admin, "delete", &alice, "ok"),
+            row(&by_admin, "revoke", unknown, "refused"),
+        ]
+    );
+    assert_eq!(events[3]["successor"], successor.as_str());
+    assert_eq!(events[5]["reason"], "forbidden");
+    assert_eq!(events[8]["reason"], "not_found");
+    for event in &events {
+        let time = event["time"].as_str().unwrap();
+        assert!(
+            time.ends_with('Z') && time.len() == 20,
+            "RFC 3339 UTC: {time}"
+        );
+    }
+
+    // No key, digest or hint of any key involved is in the trail.
+    let trail = std::fs::read_to_string(&audit).unwrap();
+    let store = FileStore::builder(dir.file())
+        .reload_every(None)
+        .open()
+        .unwrap();
+    for key in [admin.expose(), &alice_key, &successor_key, &child_key] {
+        use tower_gateway_auth::store::KeyStore;
+        let digest = store.hasher().digest(key.as_bytes());
+        for secret in [
+            key.to_owned(),
+            digest.to_hex(),
+            format!("{digest:?}"),
+            key[..12].to_owned(),
+        ] {
+            assert!(!trail.contains(&secret), "the audit file holds {secret}");
+        }
+    }
+}

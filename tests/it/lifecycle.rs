@@ -728,3 +728,102 @@ async fn keygen_issues_under_the_gateways_pepper_and_names_a_wrong_one() {
         .unwrap_err();
     assert!(error.contains("UNSET"), "{error}");
 }
+
+#[tokio::test]
+async fn keygen_actions_are_audited_as_keygen() {
+    let dir = support::TempDir::new("keygen-audit");
+    let path = dir.file().to_str().unwrap().to_owned();
+    let audit = dir.0.join("audit.jsonl");
+    let audit_path = audit.to_str().unwrap().to_owned();
+    let args = |extra: &[&str]| {
+        let mut all = vec!["--keys-file", &path, "--audit-file", &audit_path];
+        all.extend_from_slice(extra);
+        keygen::parse(all.into_iter().map(str::to_owned)).unwrap()
+    };
+    let no_env = |_: &str| None;
+    let key = keygen::run(args(&["--name", "alice"]), &no_env)
+        .await
+        .unwrap()
+        .unwrap();
+    let store = tower_gateway_auth::store::FileStore::builder(dir.file())
+        .reload_every(None)
+        .open()
+        .unwrap();
+    let id = tower_gateway_auth::store::KeyAdmin::list(&store)
+        .await
+        .unwrap()[0]
+        .id()
+        .to_string();
+    keygen::run(args(&["--revoke", &id]), &no_env)
+        .await
+        .unwrap();
+
+    let text = std::fs::read_to_string(&audit).unwrap();
+    let events: Vec<serde_json::Value> = text
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(events.len(), 2, "{text}");
+    for (event, action) in events.iter().zip(["issue", "revoke"]) {
+        assert_eq!(event["actor"], "keygen");
+        assert_eq!(event["action"], action);
+        assert_eq!(event["target"], id.as_str());
+        assert_eq!(event["outcome"], "ok");
+    }
+    assert!(!text.contains(key.expose()));
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn imports_and_refusals_reach_every_sink_and_the_log_without_the_key() {
+    use std::sync::Mutex;
+    use tower_gateway_auth::keys::{Actor, ApiKey, AuditEvent, AuditOutcome};
+
+    let seen = Arc::new(Mutex::new(Vec::<AuditEvent>::new()));
+    let trail = seen.clone();
+    let clock = ManualClock::new(Timestamp::from_unix_secs(1_800_000_000));
+    let manager = KeyManager::new(Arc::new(MemoryStore::new()))
+        .clock(clock)
+        .audit_to(move |event: &AuditEvent| trail.lock().unwrap().push(event.clone()))
+        .acting_as(Actor::named("migration"));
+    let key = ApiKey::new("sk-legacy-key-from-another-system-0001");
+    let (logs, guard) = support::capture_logs();
+    let record = manager.import(&key, NewKey::named("legacy")).await.unwrap();
+    let again = manager.import(&key, NewKey::named("legacy")).await;
+    assert!(again.is_err(), "the same key twice is refused");
+    let unknown = manager
+        .revoke(tower_gateway_auth::keys::KeyId::random())
+        .await;
+    assert!(unknown.is_err());
+    drop(guard);
+
+    let seen = seen.lock().unwrap();
+    let outcomes: Vec<_> = seen
+        .iter()
+        .map(|e| (e.action.as_str(), e.outcome))
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            ("import", AuditOutcome::Ok),
+            ("import", AuditOutcome::Refused("invalid")),
+            ("revoke", AuditOutcome::Refused("not_found")),
+        ]
+    );
+    assert_eq!(seen[0].target, Some(record.id()));
+    assert_eq!(seen[1].target, None, "no key was created");
+    assert!(seen.iter().all(|e| e.actor == Actor::named("migration")));
+    assert_eq!(seen[0].time, Timestamp::from_unix_secs(1_800_000_000));
+
+    let logs = logs.text();
+    assert_eq!(logs.matches("key management").count(), 3, "{logs}");
+    for event in [
+        "actor=migration",
+        "action=\"import\"",
+        "outcome=\"refused\"",
+        "reason=\"not_found\"",
+    ] {
+        assert!(logs.contains(event), "{event} not in {logs}");
+    }
+    assert!(!logs.contains(key.expose()), "{logs}");
+    assert!(!logs.contains(&record.digest().to_hex()), "{logs}");
+}

@@ -18,7 +18,8 @@ use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use tower::ServiceExt;
 use tower_gateway_auth::clock::{ManualClock, Timestamp};
 use tower_gateway_auth::keys::{
-    ApiKey, KeyDigest, KeyHasher, KeyManager, ManageError, NewKey, Scopes,
+    ApiKey, AuditAction, AuditEvent, AuditOutcome, KeyDigest, KeyHasher, KeyManager, ManageError,
+    NewKey, Scopes,
 };
 use tower_gateway_auth::store::{CachedStore, FileStore, KeyAdmin, KeyStore, MemoryStore};
 use tower_gateway_auth::{Identity, InboundApiKeyLayer, RequireScopesLayer};
@@ -182,6 +183,10 @@ where
         clock,
         invalidate,
     } = system;
+    let trail = Arc::new(std::sync::Mutex::new(Vec::<AuditEvent>::new()));
+    let sink = trail.clone();
+    let manager =
+        manager.audit_to(move |event: &AuditEvent| sink.lock().unwrap().push(event.clone()));
     let mut model = Model {
         now: T0,
         keys: Vec::new(),
@@ -278,6 +283,8 @@ where
                 Ok(None)
             }
         };
+        let events = std::mem::take(&mut *trail.lock().unwrap());
+        audited(op, &got, &events, step)?;
         apply(&mut model, op, got, step)?;
         for i in 0..model.keys.len() {
             let req = Request::builder()
@@ -301,6 +308,34 @@ where
 }
 
 /// Checks the manager's outcome against the model's and moves the model along.
+/// Every management action is one audit event, naming the outcome it had; nothing else
+/// (time passing, purges, cache invalidation) is.
+fn audited<T>(
+    op: &Op,
+    got: &Result<T, ManageError>,
+    events: &[AuditEvent],
+    step: usize,
+) -> Result<(), TestCaseError> {
+    let action = match op {
+        Op::Issue { .. } => Some(AuditAction::Issue),
+        Op::Import { .. } => Some(AuditAction::Import),
+        Op::Mint { .. } => Some(AuditAction::MintEphemeral),
+        Op::Revoke(_) => Some(AuditAction::Revoke),
+        Op::Disable(_) => Some(AuditAction::Disable),
+        Op::Enable(_) => Some(AuditAction::Enable),
+        Op::Rotate { .. } => Some(AuditAction::Rotate),
+        Op::Delete(_) => Some(AuditAction::Delete),
+        Op::Advance(_) | Op::Purge | Op::Invalidate(_) | Op::InvalidateAll => None,
+    };
+    let seen: Vec<_> = events
+        .iter()
+        .map(|e| (e.action, e.outcome == AuditOutcome::Ok))
+        .collect();
+    let expected: Vec<_> = action.map(|a| (a, got.is_ok())).into_iter().collect();
+    prop_assert_eq!(seen, expected, "audit trail after step {} ({:?})", step, op);
+    Ok(())
+}
+
 fn apply(
     model: &mut Model,
     op: &Op,

@@ -48,6 +48,9 @@ pub struct Config {
     /// How many live ephemeral keys one key may have at a time (`POST /admin/ephemeral`).
     #[serde(default = "default_max_ephemeral_per_key")]
     pub max_ephemeral_per_key: usize,
+    /// A JSON-lines file the key-management audit trail is appended to (besides the log).
+    #[serde(default)]
+    pub audit_file: Option<PathBuf>,
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout_secs: u64,
     #[serde(default = "default_timeout")]
@@ -215,6 +218,7 @@ pub struct Plan {
     pub key_format: KeyFormat,
     pub reload: Duration,
     pub max_ephemeral_per_key: usize,
+    pub audit_file: Option<PathBuf>,
     pub limits: Limits,
     pub routes: Vec<RoutePlan>,
 }
@@ -291,6 +295,7 @@ impl Config {
             key_prefix: default_key_prefix(),
             reload_ms: default_reload_ms(),
             max_ephemeral_per_key: default_max_ephemeral_per_key(),
+            audit_file: None,
             connect_timeout_secs: default_connect_timeout(),
             timeout_secs: default_timeout(),
             workers: None,
@@ -420,6 +425,7 @@ impl Config {
             key_format,
             reload: Duration::from_millis(self.reload_ms),
             max_ephemeral_per_key: self.max_ephemeral_per_key,
+            audit_file: self.audit_file,
             limits,
             routes,
         })

@@ -18,7 +18,9 @@ use std::sync::Arc;
 use axum::Router;
 use tower::ServiceBuilder;
 use tower_gateway_auth::inject::RequestId;
-use tower_gateway_auth::keys::{ApiKey, KeyManager, NewKey};
+use tower_gateway_auth::keys::{
+    Actor, ApiKey, AuditEvent, AuditFile, AuditSink, KeyManager, NewKey,
+};
 use tower_gateway_auth::proxy::{Forward, StripHopByHopLayer};
 use tower_gateway_auth::rejection::{ErrorFormat, RejectionKind};
 use tower_gateway_auth::store::listen_for_invalidations;
@@ -87,6 +89,12 @@ pub async fn build(
         field: field.into(),
         message: e.to_string(),
     };
+    let audit = match &plan.audit_file {
+        Some(path) => Some(Arc::new(
+            AuditFile::open(path).map_err(|e| failed("audit_file", &e))?,
+        )),
+        None => None,
+    };
     match &plan.keys {
         Keys::File(path) => {
             let store = FileStore::builder(path)
@@ -94,7 +102,7 @@ pub async fn build(
                 .reload_every(Some(plan.reload))
                 .open()
                 .map_err(|e| failed("keys_file", &e))?;
-            compose(Arc::new(store), plan, None).await
+            compose(Arc::new(store), plan, audit, None).await
         }
         Keys::Redis { url, namespace } => {
             let redis = RedisStore::builder(url)
@@ -106,34 +114,49 @@ pub async fn build(
             let store = CachedStore::new(redis);
             // Serve only once revocations announced by other replicas reach this one.
             listen_for_invalidations(&store).subscribed().await;
-            compose(Arc::new(store), plan, None).await
+            compose(Arc::new(store), plan, audit, None).await
         }
         Keys::Memory => {
             let store = Arc::new(MemoryStore::with_hasher(plan.hasher.clone()));
             let scopes = ["admin".to_owned()]
                 .into_iter()
                 .chain(plan.routes.iter().filter_map(|r| r.scope.clone()));
-            let first = KeyManager::new(store.clone())
-                .key_format(plan.key_format.clone())
+            let first = key_manager(store.clone(), &plan, &audit)
+                .acting_as(Actor::named("gateway"))
                 .issue(NewKey::named("first-key").scopes(scopes))
                 .await
                 .map_err(|e| failed("keys", &e))?;
-            compose(store, plan, Some(first.key)).await
+            compose(store, plan, audit, Some(first.key)).await
         }
+    }
+}
+
+/// The key manager of the management API (and of the demo's first key), writing its audit
+/// trail to the log and, when configured, the audit file.
+fn key_manager<S: KeyAdmin>(
+    store: Arc<S>,
+    plan: &Plan,
+    audit: &Option<Arc<AuditFile>>,
+) -> KeyManager<S> {
+    let manager = KeyManager::new(store)
+        .key_format(plan.key_format.clone())
+        .max_live_ephemeral(plan.max_ephemeral_per_key);
+    match audit.clone() {
+        Some(file) => manager.audit_to(move |event: &AuditEvent| file.record(event)),
+        None => manager,
     }
 }
 
 async fn compose<S>(
     store: Arc<S>,
     plan: Plan,
+    audit: Option<Arc<AuditFile>>,
     first_key: Option<ApiKey>,
 ) -> Result<Gateway, ConfigError>
 where
     S: KeyAdmin,
 {
-    let manager = KeyManager::new(store.clone())
-        .key_format(plan.key_format.clone())
-        .max_live_ephemeral(plan.max_ephemeral_per_key);
+    let manager = key_manager(store.clone(), &plan, &audit);
     let inbound = || {
         InboundApiKeyLayer::from_shared(store.clone())
             .sources(plan.sources.clone())
