@@ -112,8 +112,8 @@ impl<A: KeyAdmin> ManagementApi<A> {
             .route("/keys", post(create::<A>).get(list::<A>))
             .route("/keys/{id}", get(show::<A>).delete(delete::<A>))
             .route("/keys/{id}/revoke", post(revoke::<A>))
-            .route("/keys/{id}/disable", post(disable::<A>))
-            .route("/keys/{id}/enable", post(enable::<A>))
+            .route("/keys/{id}/disable", post(set_enabled::<A, false>))
+            .route("/keys/{id}/enable", post(set_enabled::<A, true>))
             .route("/keys/{id}/rotate", post(rotate::<A>))
             .route_layer(RequireScopesLayer::new([self.admin_scope]).refuse_ephemeral(true));
         Router::new()
@@ -402,27 +402,15 @@ async fn delete<A: KeyAdmin>(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-async fn disable<A: KeyAdmin>(
+/// `POST /keys/{id}/enable` (`ENABLE`) and `/disable`.
+async fn set_enabled<A: KeyAdmin, const ENABLE: bool>(
     State(s): Shared<A>,
     who: Option<Identity>,
     Path(id): Path<String>,
 ) -> Answer {
     let record = s
         .by(&who)
-        .set_enabled(s.id(&id)?, false)
-        .await
-        .map_err(|e| s.fail(e))?;
-    Ok(s.view(&record).await)
-}
-
-async fn enable<A: KeyAdmin>(
-    State(s): Shared<A>,
-    who: Option<Identity>,
-    Path(id): Path<String>,
-) -> Answer {
-    let record = s
-        .by(&who)
-        .set_enabled(s.id(&id)?, true)
+        .set_enabled(s.id(&id)?, ENABLE)
         .await
         .map_err(|e| s.fail(e))?;
     Ok(s.view(&record).await)

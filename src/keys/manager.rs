@@ -442,15 +442,10 @@ impl<A: KeyAdmin> KeyManager<A> {
     pub async fn revoke(&self, id: KeyId) -> Result<Arc<KeyRecord>, ManageError> {
         let result = self
             .retry(async || {
-                let all = self.store.list().await?;
-                let target = all
+                let (target, family) = self.family(id).await?;
+                let revoked = Arc::new((*target).clone().with_status(KeyStatus::Revoked));
+                let writes: Vec<Write> = family
                     .iter()
-                    .find(|r| r.id() == id)
-                    .ok_or(ManageError::NotFound(id))?;
-                let revoked = Arc::new((**target).clone().with_status(KeyStatus::Revoked));
-                let writes: Vec<Write> = all
-                    .iter()
-                    .filter(|r| r.id() == id || r.parent() == Some(id))
                     .filter(|r| r.status() != KeyStatus::Revoked)
                     .map(|r| Write::Replace {
                         old: r.clone(),
@@ -468,22 +463,32 @@ impl<A: KeyAdmin> KeyManager<A> {
         result
     }
 
+    /// Key `id` and its family (itself and the ephemeral keys minted from it), read in one
+    /// listing.
+    async fn family(
+        &self,
+        id: KeyId,
+    ) -> Result<(Arc<KeyRecord>, Vec<Arc<KeyRecord>>), ManageError> {
+        let all = self.store.list().await?;
+        let target = all
+            .iter()
+            .find(|r| r.id() == id)
+            .cloned()
+            .ok_or(ManageError::NotFound(id))?;
+        let family = all
+            .into_iter()
+            .filter(|r| r.id() == id || r.parent() == Some(id))
+            .collect();
+        Ok((target, family))
+    }
+
     /// Removes the key's record, and those of the ephemeral keys minted from it. Prefer
     /// [`revoke`](Self::revoke), which keeps the record for the audit trail.
     pub async fn delete(&self, id: KeyId) -> Result<Arc<KeyRecord>, ManageError> {
         let result = self
             .retry(async || {
-                let all = self.store.list().await?;
-                let target = all
-                    .iter()
-                    .find(|r| r.id() == id)
-                    .cloned()
-                    .ok_or(ManageError::NotFound(id))?;
-                let writes = all
-                    .into_iter()
-                    .filter(|r| r.id() == id || r.parent() == Some(id))
-                    .map(Write::Remove)
-                    .collect();
+                let (target, family) = self.family(id).await?;
+                let writes = family.into_iter().map(Write::Remove).collect();
                 Ok(Attempt::Write(writes, target))
             })
             .await;
