@@ -13,6 +13,9 @@
 //! - `full_stack`: the reference gateway's route stack on the same store: inbound, then
 //!   `UpstreamAuthLayer` (OpenAI preset, a fixed credential), then `HeaderInjectLayer` (a
 //!   request id and an organization header).
+//! - `gateway_route`: `full_stack` inside the `RejectionLayer` every gateway route has, as
+//!   `cargo run --example gateway` builds it (no `before` exists for it: the layers rendered
+//!   their own rejections before there was a `RejectionLayer`).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -30,7 +33,7 @@ use tower_gateway_auth::inject::RequestId;
 use tower_gateway_auth::keys::{KeyFormat, KeyHasher, KeyId, KeyRecord};
 use tower_gateway_auth::store::MemoryStore;
 use tower_gateway_auth::upstream::{Credential, Provider};
-use tower_gateway_auth::{HeaderInjectLayer, InboundApiKeyLayer, UpstreamAuthLayer};
+use tower_gateway_auth::{HeaderInjectLayer, InboundApiKeyLayer, RejectionLayer, UpstreamAuthLayer};
 
 const STORE_KEYS: usize = 1_000_000;
 /// Requests are built in batches small enough to stay in cache, as a request a server just
@@ -205,13 +208,23 @@ fn inbound(c: &mut Criterion) {
             HeaderName::from_static("openai-organization"),
             HeaderValue::from_static("org-bench"),
         );
-    let mut svc = ServiceBuilder::new()
+    let stack = ServiceBuilder::new()
         .layer(inbound)
         .layer(upstream)
         .layer(inject)
         .service(Bare);
+    let mut svc = stack.clone();
     let mut i = 0;
     group.bench_function("full_stack", |b| {
+        b.iter_batched(
+            || next(&f.requests, &mut i),
+            |req| assert_eq!(serve(&mut svc, req), 200),
+            BATCH,
+        )
+    });
+
+    let mut svc = RejectionLayer::new().realm("gateway").layer(stack);
+    group.bench_function("gateway_route", |b| {
         b.iter_batched(
             || next(&f.requests, &mut i),
             |req| assert_eq!(serve(&mut svc, req), 200),
