@@ -221,7 +221,9 @@ where
         let mut response = ready!(this.inner.poll(cx))?;
         if let Some((id, echo)) = this.id.take() {
             if let Some(name) = echo {
-                response.headers_mut().insert(name, id.header_value().clone());
+                response
+                    .headers_mut()
+                    .insert(name, id.header_value().clone());
             }
             response.extensions_mut().insert(id);
         }

@@ -204,13 +204,21 @@ mod tests {
 
     /// One request with `sent` as its `x-request-id` values through a layer with `ids`;
     /// what the inner service saw, and the response.
-    async fn through(ids: RequestId, sent: &[HeaderValue]) -> (Vec<HeaderValue>, RequestIdValue, Response<()>) {
+    async fn through(
+        ids: RequestId,
+        sent: &[HeaderValue],
+    ) -> (Vec<HeaderValue>, RequestIdValue, Response<()>) {
         let seen: Seen = Arc::default();
         let recorder = seen.clone();
         let service = ServiceBuilder::new()
             .layer(HeaderInjectLayer::new().request_id(ids))
             .service_fn(move |req: Request<()>| {
-                let ids = req.headers().get_all(X_REQUEST_ID).iter().cloned().collect();
+                let ids = req
+                    .headers()
+                    .get_all(X_REQUEST_ID)
+                    .iter()
+                    .cloned()
+                    .collect();
                 let ext = req.extensions().get::<RequestIdValue>().cloned();
                 *recorder.lock().unwrap() = Some((ids, ext));
                 async { Ok::<_, Infallible>(Response::new(())) }
@@ -220,8 +228,16 @@ mod tests {
             req.headers_mut().append(X_REQUEST_ID, value.clone());
         }
         let response = service.oneshot(req).await.unwrap();
-        let (headers, ext) = seen.lock().unwrap().take().expect("the inner service was called");
-        (headers, ext.expect("the id is in the request's extensions"), response)
+        let (headers, ext) = seen
+            .lock()
+            .unwrap()
+            .take()
+            .expect("the inner service was called");
+        (
+            headers,
+            ext.expect("the id is in the request's extensions"),
+            response,
+        )
     }
 
     fn is_fresh(id: &str) -> bool {
@@ -231,12 +247,25 @@ mod tests {
     #[tokio::test]
     async fn a_well_formed_client_id_is_kept_passed_on_echoed_and_in_both_extensions() {
         let keep = || RequestId::new().keep_client_id(true).echo(true);
-        for id in ["req_01HZX:7.a-b", "a", "0f0e0d0c-0b0a-4908-8706-050403020100", &"x".repeat(128)] {
-            let (upstream, ext, response) = through(keep(), &[HeaderValue::from_str(id).unwrap()]).await;
+        for id in [
+            "req_01HZX:7.a-b",
+            "a",
+            "0f0e0d0c-0b0a-4908-8706-050403020100",
+            &"x".repeat(128),
+        ] {
+            let (upstream, ext, response) =
+                through(keep(), &[HeaderValue::from_str(id).unwrap()]).await;
             assert_eq!(upstream, [id], "the inner service got another id");
             assert_eq!(ext.as_str(), id);
             assert_eq!(ext.to_string(), id);
-            assert_eq!(response.headers().get_all(X_REQUEST_ID).iter().collect::<Vec<_>>(), [id]);
+            assert_eq!(
+                response
+                    .headers()
+                    .get_all(X_REQUEST_ID)
+                    .iter()
+                    .collect::<Vec<_>>(),
+                [id]
+            );
             assert_eq!(response.extensions().get::<RequestIdValue>(), Some(&ext));
         }
     }
@@ -245,7 +274,16 @@ mod tests {
     async fn a_malformed_or_oversized_client_id_is_replaced_and_never_passed_on() {
         let long = "x".repeat(MAX_CLIENT_ID_LEN + 1);
         let cases: Vec<Vec<HeaderValue>> = [
-            "", "two words", "a/b", "a\"b", "a,b", "a;b", "a=b", "a\tb", "%41", long.as_str(),
+            "",
+            "two words",
+            "a/b",
+            "a\"b",
+            "a,b",
+            "a;b",
+            "a=b",
+            "a\tb",
+            "%41",
+            long.as_str(),
         ]
         .iter()
         .map(|s| vec![HeaderValue::from_str(s).unwrap()])

@@ -475,7 +475,10 @@ impl RouteConfig {
             return Err(bad(field("prefix"), "/admin is the management API's"));
         }
         if [super::probes::HEALTHZ, super::probes::READYZ].contains(&prefix.as_str()) {
-            return Err(bad(field("prefix"), format!("{prefix} is a health probe's")));
+            return Err(bad(
+                field("prefix"),
+                format!("{prefix} is a health probe's"),
+            ));
         }
         let upstream = if self.upstream == "echo" {
             Upstream::Echo
