@@ -54,7 +54,7 @@ async fn serve(config: app::Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // Handlers first: a SIGTERM that comes once we listen must not kill the process.
+    // Before the address is announced: from then on a SIGTERM must drain, not kill.
     let signalled = match shutdown_signal() {
         Ok(signalled) => signalled,
         Err(e) => {

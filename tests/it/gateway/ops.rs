@@ -58,7 +58,6 @@ impl Process {
             .arg("--config")
             .arg(&path)
             .env("OPENAI_API_KEY", super::OPENAI_SECRET)
-            .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
