@@ -33,7 +33,9 @@ use tower_gateway_auth::inject::RequestId;
 use tower_gateway_auth::keys::{KeyFormat, KeyHasher, KeyId, KeyRecord};
 use tower_gateway_auth::store::MemoryStore;
 use tower_gateway_auth::upstream::{Credential, Provider};
-use tower_gateway_auth::{HeaderInjectLayer, InboundApiKeyLayer, RejectionLayer, UpstreamAuthLayer};
+use tower_gateway_auth::{
+    HeaderInjectLayer, InboundApiKeyLayer, RejectionLayer, UpstreamAuthLayer,
+};
 
 const STORE_KEYS: usize = 1_000_000;
 /// Requests are built in batches small enough to stay in cache, as a request a server just

@@ -54,7 +54,19 @@ async fn serve(config: app::Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let base = format!("http://{}", gateway.listen);
+    // Before the address is announced: from then on a SIGTERM must drain, not kill.
+    let signalled = match shutdown_signal() {
+        Ok(signalled) => signalled,
+        Err(e) => {
+            eprintln!("gateway: cannot handle shutdown signals: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // The bound address, not the configured one: `listen = "127.0.0.1:0"` picks a port.
+    let base = match listener.local_addr() {
+        Ok(addr) => format!("http://{addr}"),
+        Err(_) => format!("http://{}", gateway.listen),
+    };
     println!("gateway listening on {base}");
     if let Some(echo) = gateway.echo {
         println!("built-in echo upstream on http://{echo}");
@@ -74,10 +86,8 @@ async fn serve(config: app::Config) -> ExitCode {
         );
         println!("    curl -s {base}/openai/v1/models                     # no key: 401\n");
     }
-    // Ctrl-C stops accepting and lets requests in progress finish. A SIGTERM handler would
-    // join this future.
     let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
+        signalled.await;
         println!("gateway: shutting down");
     };
     match app::serve(listener, gateway.serving(), shutdown).await {
@@ -87,4 +97,26 @@ async fn serve(config: app::Config) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Completes at the first SIGTERM (what orchestrators send) or SIGINT (Ctrl-C); `serve`
+/// then stops accepting and drains within the grace period.
+#[cfg(unix)]
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
+}
+
+#[cfg(not(unix))]
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
 }

@@ -4,10 +4,11 @@
 //! The data path of one request, top to bottom:
 //!
 //! 1. the request id, if configured: the client's kept (when allowed and well formed) or a
-//!    fresh UUID v4, so the rules below can read it;
+//!    fresh UUID v4, so the rules below can read it; it also goes into the request's
+//!    extensions as a [`RequestIdValue`];
 //! 2. every [`HeaderRule`], in the order given;
 //! 3. the inner service; on the way back, the request id is echoed on the response when
-//!    configured.
+//!    configured, and put in the response's extensions.
 //!
 //! The same [`HeaderRule`]s carry the extra headers of the provider presets
 //! ([`Provider`](crate::upstream::Provider)), so both layers treat headers alike.
@@ -28,7 +29,7 @@ use crate::upstream::provider::{anthropic_rules, openai_rules};
 mod request_id;
 mod rules;
 
-pub use request_id::{RequestId, X_REQUEST_ID};
+pub use request_id::{RequestId, RequestIdValue, X_REQUEST_ID};
 pub use rules::{HeaderRule, RequestHead};
 
 /// A layer that edits request headers on their way to the inner service.
@@ -184,27 +185,28 @@ where
     }
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
-        let echo = self.config.request_id.as_ref().and_then(|ids| {
-            let id = ids.assign(req.headers_mut())?;
-            Some((ids.header.clone(), id))
+        let id = self.config.request_id.as_ref().map(|ids| {
+            let id = ids.assign(req.headers_mut());
+            req.extensions_mut().insert(id.clone());
+            (id, ids.echoes().then(|| ids.header.clone()))
         });
         for rule in &self.config.rules {
             rule.apply(&mut req);
         }
         ResponseFuture {
             inner: self.inner.call(req),
-            echo,
+            id,
         }
     }
 }
 
 pin_project! {
-    /// The response future of [`HeaderInject`]: the inner future, with the request id set on
-    /// its response when echoing.
+    /// The response future of [`HeaderInject`]: the inner future, with the request id in
+    /// its response's extensions, and in its headers when echoing.
     pub struct ResponseFuture<F> {
         #[pin]
         inner: F,
-        echo: Option<(HeaderName, HeaderValue)>,
+        id: Option<(RequestIdValue, Option<HeaderName>)>,
     }
 }
 
@@ -217,8 +219,13 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let mut response = ready!(this.inner.poll(cx))?;
-        if let Some((name, id)) = this.echo.take() {
-            response.headers_mut().insert(name, id);
+        if let Some((id, echo)) = this.id.take() {
+            if let Some(name) = echo {
+                response
+                    .headers_mut()
+                    .insert(name, id.header_value().clone());
+            }
+            response.extensions_mut().insert(id);
         }
         Poll::Ready(Ok(response))
     }
@@ -329,23 +336,24 @@ mod tests {
 
         let keep = RequestId::new().keep_client_id(true).echo(true);
         let mut p = parts(&[("x-request-id", "client-1")]);
-        assert_eq!(keep.assign(p.headers_mut()).unwrap(), "client-1");
+        assert_eq!(keep.assign(p.headers_mut()).as_str(), "client-1");
         for bad in [
             &[("x-request-id", "a b")][..],
             &[("x-request-id", "a"), ("x-request-id", "b")],
         ] {
             let mut p = parts(bad);
-            let id = keep.assign(p.headers_mut()).unwrap();
-            assert_eq!(id.len(), 36);
-            assert_eq!(values(&p, "x-request-id"), [id.to_str().unwrap()]);
+            let id = keep.assign(p.headers_mut());
+            assert_eq!(id.as_str().len(), 36);
+            assert_eq!(values(&p, "x-request-id"), [id.as_str()]);
         }
         let long = "x".repeat(MAX_CLIENT_ID_LEN + 1);
         let mut p = parts(&[("x-request-id", &long)]);
-        assert_eq!(keep.assign(p.headers_mut()).unwrap().len(), 36);
+        assert_eq!(keep.assign(p.headers_mut()).as_str().len(), 36);
 
         let replace = RequestId::new();
         let mut p = parts(&[("x-request-id", "client-1")]);
-        assert_eq!(replace.assign(p.headers_mut()), None, "not echoed");
+        assert!(!replace.echoes());
+        assert_ne!(replace.assign(p.headers_mut()).as_str(), "client-1");
         assert_ne!(values(&p, "x-request-id"), ["client-1"]);
         assert_eq!(values(&p, "x-request-id")[0].len(), 36);
     }

@@ -10,6 +10,16 @@ pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Default: header `x-request-id`, always a fresh UUID v4 (a client's id is replaced, so
 /// clients cannot plant ids in the gateway's logs), not echoed on the response.
 ///
+/// With [`keep_client_id`](Self::keep_client_id), a client's id is kept when it is
+/// *well formed*: exactly one value of 1 to 128 characters, each an ASCII letter, digit,
+/// `.`, `_`, `:` or `-` (a UUID, a ULID, `req_abc:42` all pass). Anything else (spaces,
+/// quotes, `/`, non-ASCII, two values, too long) is replaced by a fresh id and never passed
+/// on: what is kept can go into a log line or a header as it is.
+///
+/// Whichever id the request ends up with is also put in the request's extensions, and the
+/// response's, as a [`RequestIdValue`]: a `TraceLayer`, a handler or an access log reads it
+/// there.
+///
 /// ```
 /// use http::HeaderName;
 /// use tower_gateway_auth::inject::RequestId;
@@ -46,8 +56,8 @@ impl RequestId {
         self
     }
 
-    /// Keeps an id the client sent, when it is one value of at most 128 visible ASCII
-    /// characters; otherwise a fresh one replaces it (default: always replace).
+    /// Keeps an id the client sent when it is well formed (see above); otherwise a fresh
+    /// one replaces it (default: always replace).
     pub fn keep_client_id(mut self, keep: bool) -> Self {
         self.keep_client_id = keep;
         self
@@ -60,14 +70,14 @@ impl RequestId {
         self
     }
 
-    /// Sets the request's id (or keeps the client's); returns it when it is to be echoed.
-    pub(super) fn assign(&self, headers: &mut http::HeaderMap) -> Option<HeaderValue> {
+    /// Sets the request's id (or keeps the client's) and returns it.
+    pub(super) fn assign(&self, headers: &mut http::HeaderMap) -> RequestIdValue {
         if self.keep_client_id {
             let mut sent = headers.get_all(&self.header).iter();
             if let (Some(id), None) = (sent.next(), sent.next())
                 && is_acceptable_id(id)
             {
-                return self.echo.then(|| id.clone());
+                return RequestIdValue(id.clone());
             }
         }
         let id = new_request_id();
@@ -76,9 +86,13 @@ impl RequestId {
         let value = || {
             HeaderValue::from_bytes(&id).expect("hex digits and dashes are a valid header value")
         };
-        let echoed = self.echo.then(value);
         headers.insert(self.header.clone(), value());
-        echoed
+        RequestIdValue(value())
+    }
+
+    /// Whether the id is to be set on the response.
+    pub(super) fn echoes(&self) -> bool {
+        self.echo
     }
 }
 
@@ -88,9 +102,64 @@ impl Default for RequestId {
     }
 }
 
+/// The well-formed ids of [`RequestId`]'s docs: no character that means something in a
+/// log line, a header list, a URL or JSON, so a kept id needs no escaping anywhere.
 fn is_acceptable_id(id: &HeaderValue) -> bool {
     let id = id.as_bytes();
-    !id.is_empty() && id.len() <= MAX_CLIENT_ID_LEN && id.iter().all(u8::is_ascii_graphic)
+    !id.is_empty()
+        && id.len() <= MAX_CLIENT_ID_LEN
+        && id
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+/// The id a request was given by a [`RequestId`]: the client's, kept, or a fresh UUID v4.
+///
+/// [`HeaderInjectLayer`](super::HeaderInjectLayer) puts it in the request's extensions (for
+/// the layers and the handler inside it) and in the response's (for the layers outside it,
+/// such as a `TraceLayer` or an access log, which see the response only). Always 1 to 128
+/// characters from `[A-Za-z0-9._:-]`.
+///
+/// ```
+/// use std::convert::Infallible;
+/// use http::{Request, Response};
+/// use tower::{ServiceBuilder, ServiceExt};
+/// use tower_gateway_auth::HeaderInjectLayer;
+/// use tower_gateway_auth::inject::{RequestId, RequestIdValue};
+///
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let service = ServiceBuilder::new()
+///     .layer(HeaderInjectLayer::new().request_id(RequestId::new().keep_client_id(true)))
+///     .service_fn(|req: Request<()>| async move {
+///         let id = req.extensions().get::<RequestIdValue>().unwrap();
+///         assert_eq!(id.as_str(), "req-42");
+///         Ok::<_, Infallible>(Response::new(()))
+///     });
+/// let req = Request::builder().header("x-request-id", "req-42").body(()).unwrap();
+/// let response = service.oneshot(req).await.unwrap();
+/// assert_eq!(response.extensions().get::<RequestIdValue>().unwrap().as_str(), "req-42");
+/// # });
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RequestIdValue(HeaderValue);
+
+impl RequestIdValue {
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        // Only ASCII ever gets in (see `is_acceptable_id` and `new_request_id`).
+        self.0.to_str().unwrap_or_default()
+    }
+
+    /// The id as the header value it travels in.
+    pub fn header_value(&self) -> &HeaderValue {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for RequestIdValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// A random-looking (version 4) UUID, lower-case hex, formatted by the `uuid` crate.
@@ -117,4 +186,130 @@ pub(super) fn new_request_id() -> [u8; 36] {
         .hyphenated()
         .encode_lower(&mut text);
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::sync::{Arc, Mutex};
+
+    use http::{Request, Response};
+    use tower::{ServiceBuilder, ServiceExt};
+
+    use super::*;
+    use crate::HeaderInjectLayer;
+
+    /// What the inner service saw: the `x-request-id` values and the extension.
+    type Seen = Arc<Mutex<Option<(Vec<HeaderValue>, Option<RequestIdValue>)>>>;
+
+    /// One request with `sent` as its `x-request-id` values through a layer with `ids`;
+    /// what the inner service saw, and the response.
+    async fn through(
+        ids: RequestId,
+        sent: &[HeaderValue],
+    ) -> (Vec<HeaderValue>, RequestIdValue, Response<()>) {
+        let seen: Seen = Arc::default();
+        let recorder = seen.clone();
+        let service = ServiceBuilder::new()
+            .layer(HeaderInjectLayer::new().request_id(ids))
+            .service_fn(move |req: Request<()>| {
+                let ids = req
+                    .headers()
+                    .get_all(X_REQUEST_ID)
+                    .iter()
+                    .cloned()
+                    .collect();
+                let ext = req.extensions().get::<RequestIdValue>().cloned();
+                *recorder.lock().unwrap() = Some((ids, ext));
+                async { Ok::<_, Infallible>(Response::new(())) }
+            });
+        let mut req = Request::new(());
+        for value in sent {
+            req.headers_mut().append(X_REQUEST_ID, value.clone());
+        }
+        let response = service.oneshot(req).await.unwrap();
+        let (headers, ext) = seen
+            .lock()
+            .unwrap()
+            .take()
+            .expect("the inner service was called");
+        (
+            headers,
+            ext.expect("the id is in the request's extensions"),
+            response,
+        )
+    }
+
+    fn is_fresh(id: &str) -> bool {
+        id.len() == 36 && id.as_bytes()[14] == b'4'
+    }
+
+    #[tokio::test]
+    async fn a_well_formed_client_id_is_kept_passed_on_echoed_and_in_both_extensions() {
+        let keep = || RequestId::new().keep_client_id(true).echo(true);
+        for id in [
+            "req_01HZX:7.a-b",
+            "a",
+            "0f0e0d0c-0b0a-4908-8706-050403020100",
+            &"x".repeat(128),
+        ] {
+            let (upstream, ext, response) =
+                through(keep(), &[HeaderValue::from_str(id).unwrap()]).await;
+            assert_eq!(upstream, [id], "the inner service got another id");
+            assert_eq!(ext.as_str(), id);
+            assert_eq!(ext.to_string(), id);
+            assert_eq!(
+                response
+                    .headers()
+                    .get_all(X_REQUEST_ID)
+                    .iter()
+                    .collect::<Vec<_>>(),
+                [id]
+            );
+            assert_eq!(response.extensions().get::<RequestIdValue>(), Some(&ext));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_malformed_or_oversized_client_id_is_replaced_and_never_passed_on() {
+        let long = "x".repeat(MAX_CLIENT_ID_LEN + 1);
+        let cases: Vec<Vec<HeaderValue>> = [
+            "",
+            "two words",
+            "a/b",
+            "a\"b",
+            "a,b",
+            "a;b",
+            "a=b",
+            "a\tb",
+            "%41",
+            long.as_str(),
+        ]
+        .iter()
+        .map(|s| vec![HeaderValue::from_str(s).unwrap()])
+        .chain([
+            vec![HeaderValue::from_bytes(b"caf\xc3\xa9").unwrap()],
+            vec![HeaderValue::from_static("a"), HeaderValue::from_static("b")],
+        ])
+        .collect();
+        for sent in cases {
+            let (upstream, ext, response) =
+                through(RequestId::new().keep_client_id(true).echo(true), &sent).await;
+            assert_eq!(upstream.len(), 1, "{sent:?}: one id goes on");
+            assert!(is_fresh(ext.as_str()), "{sent:?} was kept as {ext}");
+            assert_eq!(upstream[0], ext.as_str());
+            assert!(!sent.contains(&upstream[0]), "{sent:?} passed on");
+            assert_eq!(response.headers()[X_REQUEST_ID], ext.as_str());
+        }
+    }
+
+    #[tokio::test]
+    async fn by_default_the_client_id_is_replaced_not_echoed_but_still_in_the_extensions() {
+        let (upstream, ext, response) =
+            through(RequestId::new(), &[HeaderValue::from_static("client-1")]).await;
+        assert!(is_fresh(ext.as_str()), "{ext}");
+        assert_eq!(upstream, [ext.as_str()]);
+        assert!(response.headers().get(X_REQUEST_ID).is_none());
+        assert_eq!(response.extensions().get::<RequestIdValue>(), Some(&ext));
+    }
 }

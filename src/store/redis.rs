@@ -351,6 +351,29 @@ impl InvalidationListener {
         let _ = self.subscribed.wait_for(|s| *s).await;
     }
 
+    /// Whether the listener has subscribed at least once, without waiting.
+    pub fn is_subscribed(&self) -> bool {
+        *self.subscribed.borrow()
+    }
+
+    /// A receiver that turns `true` once the listener has subscribed (and stays so through
+    /// later reconnections): cloneable, for a readiness probe that outlives this handle.
+    ///
+    /// ```no_run
+    /// # async fn doc() -> Result<(), tower_gateway_auth::store::StoreError> {
+    /// use tower_gateway_auth::store::{RedisStore, CachedStore, listen_for_invalidations};
+    ///
+    /// let cache = CachedStore::new(RedisStore::connect("redis://127.0.0.1:6379").await?);
+    /// let ready = listen_for_invalidations(&cache).subscription();
+    /// // In the readiness probe:
+    /// let status = if *ready.borrow() { 200 } else { 503 };
+    /// # let _ = status;
+    /// # Ok(()) }
+    /// ```
+    pub fn subscription(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.subscribed.clone()
+    }
+
     /// Stops listening.
     pub fn abort(&self) {
         self.task.abort();

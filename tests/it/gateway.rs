@@ -4,6 +4,7 @@
 #[allow(dead_code)]
 #[path = "../../examples/gateway/app/mod.rs"]
 mod app;
+mod ops;
 use crate::support;
 
 use std::collections::HashMap;
@@ -620,6 +621,8 @@ async fn with_redis_a_key_revoked_by_keygen_is_rejected_within_a_second() {
         .await
         .unwrap();
     let gw = start(&text).await;
+    // Keys are served once revocations can reach this replica.
+    ops::wait_until_ready(gw.addr, Duration::from_secs(5)).await;
     let key = issued.key.expose();
     let a = get_key(gw.addr, "/openai/v1/models", key).await;
     assert_eq!(a.status, StatusCode::OK);

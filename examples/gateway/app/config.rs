@@ -55,6 +55,11 @@ pub struct Config {
     pub connect_timeout_secs: u64,
     #[serde(default = "default_timeout")]
     pub timeout_secs: u64,
+    /// Keeps a client's well-formed `x-request-id` (1 to 128 of `[A-Za-z0-9._:-]`), so that
+    /// one id follows a request through the client's logs, ours and the provider's; `false`
+    /// always makes a fresh one. A malformed id is replaced either way.
+    #[serde(default = "default_keep_client_request_id")]
+    pub keep_client_request_id: bool,
     /// Worker threads. `1` runs the whole gateway on one thread (tokio's current-thread
     /// runtime, like nginx's `worker_processes 1`); unset, one per CPU.
     pub workers: Option<usize>,
@@ -84,6 +89,9 @@ pub struct ServerConfig {
     pub max_header_bytes: usize,
     /// Header fields in a request; more is answered 431.
     pub max_headers: usize,
+    /// After SIGTERM or SIGINT, how long requests in progress (streams too) may take to
+    /// finish before their connections are closed.
+    pub shutdown_grace_secs: u64,
 }
 
 impl Default for ServerConfig {
@@ -97,6 +105,7 @@ impl Default for ServerConfig {
             max_connections: limits.max_connections,
             max_header_bytes: limits.max_header_bytes,
             max_headers: limits.max_headers,
+            shutdown_grace_secs: limits.shutdown_grace.as_secs(),
         }
     }
 }
@@ -134,6 +143,13 @@ impl ServerConfig {
                 1 << 20,
             )? as usize,
             max_headers: within("max_headers", self.max_headers as u64, 8, 10_000)? as usize,
+            // 0 is allowed: close everything at once.
+            shutdown_grace: Duration::from_secs(within(
+                "shutdown_grace_secs",
+                self.shutdown_grace_secs,
+                0,
+                3600,
+            )?),
         })
     }
 }
@@ -178,6 +194,9 @@ fn default_reload_ms() -> u64 {
 fn default_max_ephemeral_per_key() -> usize {
     tower_gateway_auth::keys::DEFAULT_MAX_LIVE_EPHEMERAL
 }
+fn default_keep_client_request_id() -> bool {
+    true
+}
 fn default_connect_timeout() -> u64 {
     10
 }
@@ -219,6 +238,7 @@ pub struct Plan {
     pub reload: Duration,
     pub max_ephemeral_per_key: usize,
     pub audit_file: Option<PathBuf>,
+    pub keep_client_request_id: bool,
     pub limits: Limits,
     pub routes: Vec<RoutePlan>,
 }
@@ -298,6 +318,7 @@ impl Config {
             audit_file: None,
             connect_timeout_secs: default_connect_timeout(),
             timeout_secs: default_timeout(),
+            keep_client_request_id: default_keep_client_request_id(),
             workers: None,
             server: ServerConfig::default(),
             routes: vec![route("/openai", "openai"), route("/anthropic", "anthropic")],
@@ -426,6 +447,7 @@ impl Config {
             reload: Duration::from_millis(self.reload_ms),
             max_ephemeral_per_key: self.max_ephemeral_per_key,
             audit_file: self.audit_file,
+            keep_client_request_id: self.keep_client_request_id,
             limits,
             routes,
         })
@@ -457,6 +479,12 @@ impl RouteConfig {
         }
         if prefix == "/admin" {
             return Err(bad(field("prefix"), "/admin is the management API's"));
+        }
+        if [super::probes::HEALTHZ, super::probes::READYZ].contains(&prefix.as_str()) {
+            return Err(bad(
+                field("prefix"),
+                format!("{prefix} is a health probe's"),
+            ));
         }
         let upstream = if self.upstream == "echo" {
             Upstream::Echo

@@ -1,14 +1,16 @@
 //! The reference gateway, composed from the crate's layers:
 //!
 //! ```text
-//! client ─► StripHopByHopLayer ─► Routes ─► InboundApiKeyLayer ─► RequireScopesLayer ─► UpstreamAuthLayer ─► HeaderInjectLayer ─► Forward ─► provider
+//! client ─► Probes ─► StripHopByHopLayer ─► Routes ─► InboundApiKeyLayer ─► RequireScopesLayer ─► UpstreamAuthLayer ─► HeaderInjectLayer ─► Forward ─► provider
 //! ```
 //!
 //! One such stack per `[[route]]`, so that every rejection speaks the route's dialect; the
 //! management API at `/admin` sits behind its own inbound layer on the same store.
+//! `Probes` answers `/healthz` and `/readyz` before any of them (see `probes.rs`).
 
 pub mod config;
 pub mod echo;
+pub mod probes;
 pub mod routes;
 pub mod serve;
 
@@ -33,6 +35,7 @@ use tower_gateway_auth::{
 
 pub use config::{Config, ConfigError, Plan};
 use config::{Keys, Upstream};
+pub use probes::Readiness;
 pub use serve::{Limits, Serving, serve};
 
 /// The gateway as one service, whatever its key store.
@@ -56,6 +59,8 @@ pub struct Gateway {
     pub first_key: Option<ApiKey>,
     /// The built-in echo upstream's address, when a route uses it.
     pub echo: Option<SocketAddr>,
+    /// What `/readyz` answers; [`serve`] marks it at shutdown.
+    pub readiness: Readiness,
     /// Background work (expired ephemeral keys purge) that ends with the gateway.
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -67,6 +72,7 @@ impl Gateway {
             service: self.service.clone(),
             limits: self.limits.clone(),
             responder: self.responder.clone(),
+            readiness: self.readiness.clone(),
         }
     }
 }
@@ -102,7 +108,7 @@ pub async fn build(
                 .reload_every(Some(plan.reload))
                 .open()
                 .map_err(|e| failed("keys_file", &e))?;
-            compose(Arc::new(store), plan, audit, None).await
+            compose(Arc::new(store), plan, audit, None, None).await
         }
         Keys::Redis { url, namespace } => {
             let redis = RedisStore::builder(url)
@@ -112,9 +118,10 @@ pub async fn build(
                 .await
                 .map_err(|e| failed("redis_url", &e))?;
             let store = CachedStore::new(redis);
-            // Serve only once revocations announced by other replicas reach this one.
-            listen_for_invalidations(&store).subscribed().await;
-            compose(Arc::new(store), plan, audit, None).await
+            // Keys are served only once revocations announced by other replicas reach this
+            // one; until then `/readyz` says why not (see `probes.rs`).
+            let subscribed = listen_for_invalidations(&store).subscription();
+            compose(Arc::new(store), plan, audit, None, Some(subscribed)).await
         }
         Keys::Memory => {
             let store = Arc::new(MemoryStore::with_hasher(plan.hasher.clone()));
@@ -126,7 +133,7 @@ pub async fn build(
                 .issue(NewKey::named("first-key").scopes(scopes))
                 .await
                 .map_err(|e| failed("keys", &e))?;
-            compose(store, plan, audit, Some(first.key)).await
+            compose(store, plan, audit, Some(first.key), None).await
         }
     }
 }
@@ -152,6 +159,7 @@ async fn compose<S>(
     plan: Plan,
     audit: Option<Arc<AuditFile>>,
     first_key: Option<ApiKey>,
+    subscribed: Option<tokio::sync::watch::Receiver<bool>>,
 ) -> Result<Gateway, ConfigError>
 where
     S: KeyAdmin,
@@ -198,7 +206,11 @@ where
         let upstream =
             UpstreamAuthLayer::new(route.provider, route.credential).strip_inbound(&inbound);
         let inject = route.headers.into_iter().fold(
-            HeaderInjectLayer::new().request_id(RequestId::new().echo(true)),
+            HeaderInjectLayer::new().request_id(
+                RequestId::new()
+                    .keep_client_id(plan.keep_client_request_id)
+                    .echo(true),
+            ),
             |layer, (name, value)| layer.overwrite(name, value),
         );
         let scopes = RequireScopesLayer::new(route.scope);
@@ -235,23 +247,29 @@ where
         })
         .layer(default_responder.clone());
     let tasks = vec![manager.spawn_purge(std::time::Duration::from_secs(60))];
+    let readiness = Readiness::new(subscribed);
+    // The headers a client names in `Connection` go before any layer runs, so it cannot
+    // name away what the layers set (the credential, the organization).
+    let routed = ServiceBuilder::new()
+        .layer(StripHopByHopLayer::new())
+        .service(routes::Routes::new(
+            routes,
+            router,
+            default_responder.clone(),
+        ));
     Ok(Gateway {
-        // Outermost: the headers a client names in `Connection` go before any layer runs, so
-        // it cannot name away what the layers set (the credential, the organization).
-        service: GatewayService::new(
-            ServiceBuilder::new()
-                .layer(StripHopByHopLayer::new())
-                .service(routes::Routes::new(
-                    routes,
-                    router,
-                    default_responder.clone(),
-                )),
-        ),
+        // Outermost: a probe is answered before any layer (and any count of refusals) sees it.
+        service: GatewayService::new(probes::Probes {
+            inner: routed,
+            readiness: readiness.clone(),
+            responder: default_responder.clone(),
+        }),
         listen: plan.listen,
         limits: plan.limits,
         responder: default_responder,
         first_key,
         echo,
+        readiness,
         tasks,
     })
 }

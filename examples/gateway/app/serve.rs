@@ -21,6 +21,10 @@
 //! sum. A request being served (the upstream thinking, a response streaming) is not idle:
 //! no limit here cuts a long answer short.
 //!
+//! At shutdown the listener closes (new connections are refused), idle keep-alive
+//! connections close at once, and requests in progress (streams too) have the shutdown
+//! grace period to finish; then the connections still open are closed.
+//!
 //! HTTP/1.1 only: h2c (cleartext HTTP/2 with prior knowledge) is not served, as its streams
 //! need limits of their own; put a TLS terminator in front for HTTP/2.
 
@@ -61,6 +65,8 @@ pub struct Limits {
     pub max_connections: usize,
     pub max_header_bytes: usize,
     pub max_headers: usize,
+    /// How long requests in progress may take to finish once shutdown begins.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for Limits {
@@ -73,6 +79,7 @@ impl Default for Limits {
             max_connections: 1024,
             max_header_bytes: 16 * 1024,
             max_headers: 100,
+            shutdown_grace: Duration::from_secs(30),
         }
     }
 }
@@ -83,10 +90,13 @@ pub struct Serving {
     pub limits: Limits,
     /// The dialect and realm of the server's own answers (408 for a stalled body).
     pub responder: RejectionLayer,
+    /// Told when shutdown begins, so that `/readyz` answers 503 from then on.
+    pub readiness: super::Readiness,
 }
 
 /// Serves `serving` on `listener` until `shutdown` completes; then stops accepting, lets
-/// every connection finish the request it is serving (idle ones close at once), and returns.
+/// every connection finish the request it is serving (idle ones close at once) within the
+/// shutdown grace period, closes the connections still open after it, and returns.
 pub async fn serve(
     listener: TcpListener,
     serving: Serving,
@@ -96,11 +106,15 @@ pub async fn serve(
         service,
         limits,
         responder,
+        readiness,
     } = serving;
     let limits = Arc::new(limits);
     let responder = Arc::new(responder);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
+    // Turns `true` when the grace period is over: every connection task then drops its
+    // connection. (Dropping this sender when `serve` returns does the same.)
+    let (cut, cut_off) = tokio::sync::watch::channel(false);
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.idle_timeout + limits.header_read_timeout)
@@ -148,8 +162,13 @@ pub async fn serve(
         });
         let conn = graceful.watch(http.serve_connection(io, service));
         let limits = limits.clone();
+        let mut cut_off = cut_off.clone();
         tokio::spawn(async move {
-            match watchdog(conn, &activity, &limits).await {
+            let ended = tokio::select! {
+                ended = watchdog(conn, &activity, &limits) => ended,
+                _ = cut_off.wait_for(|cut| *cut) => Err("shutdown grace period over"),
+            };
+            match ended {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::debug!(%peer, error = %e, "connection ended with an error"),
                 Err(why) => tracing::debug!(%peer, why, "connection closed"),
@@ -157,8 +176,22 @@ pub async fn serve(
             drop(slot);
         });
     }
+    readiness.shutting_down();
     drop(listener);
-    graceful.shutdown().await;
+    tracing::info!(
+        grace_secs = limits.shutdown_grace.as_secs(),
+        "shutting down: no new connections; requests in progress may finish"
+    );
+    if tokio::time::timeout(limits.shutdown_grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            grace_secs = limits.shutdown_grace.as_secs(),
+            "shutdown grace period over: closing the connections still open"
+        );
+        let _ = cut.send(true);
+    }
     Ok(())
 }
 
