@@ -8,7 +8,7 @@
 //!    extensions as a [`RequestIdValue`];
 //! 2. every [`HeaderRule`], in the order given;
 //! 3. the inner service; on the way back, the request id is echoed on the response when
-//!    configured, and put in the response's extensions.
+//!    configured.
 //!
 //! The same [`HeaderRule`]s carry the extra headers of the provider presets
 //! ([`Provider`](crate::upstream::Provider)), so both layers treat headers alike.
@@ -185,28 +185,31 @@ where
     }
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
-        let id = self.config.request_id.as_ref().map(|ids| {
+        let echo = self.config.request_id.as_ref().and_then(|ids| {
             let id = ids.assign(req.headers_mut());
-            req.extensions_mut().insert(id.clone());
-            (id, ids.echoes().then(|| ids.header.clone()))
+            let echo = ids
+                .echoes()
+                .then(|| (ids.header.clone(), id.to_header_value()));
+            req.extensions_mut().insert(id);
+            echo
         });
         for rule in &self.config.rules {
             rule.apply(&mut req);
         }
         ResponseFuture {
             inner: self.inner.call(req),
-            id,
+            echo,
         }
     }
 }
 
 pin_project! {
     /// The response future of [`HeaderInject`]: the inner future, with the request id in
-    /// its response's extensions, and in its headers when echoing.
+    /// its response's headers when echoing.
     pub struct ResponseFuture<F> {
         #[pin]
         inner: F,
-        id: Option<(RequestIdValue, Option<HeaderName>)>,
+        echo: Option<(HeaderName, HeaderValue)>,
     }
 }
 
@@ -219,13 +222,8 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let mut response = ready!(this.inner.poll(cx))?;
-        if let Some((id, echo)) = this.id.take() {
-            if let Some(name) = echo {
-                response
-                    .headers_mut()
-                    .insert(name, id.header_value().clone());
-            }
-            response.extensions_mut().insert(id);
+        if let Some((name, id)) = this.echo.take() {
+            response.headers_mut().insert(name, id);
         }
         Poll::Ready(Ok(response))
     }

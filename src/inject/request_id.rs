@@ -77,17 +77,12 @@ impl RequestId {
             if let (Some(id), None) = (sent.next(), sent.next())
                 && is_acceptable_id(id)
             {
-                return RequestIdValue(id.clone());
+                return RequestIdValue(Kept::Client(id.clone()));
             }
         }
-        let id = new_request_id();
-        // Two values rather than a clone: a clone of a fresh value makes it shared (one more
-        // allocation, and reference counting on every clone and drop after that).
-        let value = || {
-            HeaderValue::from_bytes(&id).expect("hex digits and dashes are a valid header value")
-        };
-        headers.insert(self.header.clone(), value());
-        RequestIdValue(value())
+        let id = RequestIdValue(Kept::Fresh(new_request_id()));
+        headers.insert(self.header.clone(), id.to_header_value());
+        id
     }
 
     /// Whether the id is to be set on the response.
@@ -115,9 +110,10 @@ fn is_acceptable_id(id: &HeaderValue) -> bool {
 
 /// The id a request was given by a [`RequestId`]: the client's, kept, or a fresh UUID v4.
 ///
-/// [`HeaderInjectLayer`](super::HeaderInjectLayer) puts it in the request's extensions (for
-/// the layers and the handler inside it) and in the response's (for the layers outside it,
-/// such as a `TraceLayer` or an access log, which see the response only). Always 1 to 128
+/// [`HeaderInjectLayer`](super::HeaderInjectLayer) puts it in the request's extensions, for
+/// the layers and the handler inside it. Layers outside it (a `TraceLayer`, an access log)
+/// read the id the response echoes ([`RequestId::echo`]): putting it in every response's
+/// extensions too would cost each request an extensions map of its own. Always 1 to 128
 /// characters from `[A-Za-z0-9._:-]`.
 ///
 /// ```
@@ -137,22 +133,51 @@ fn is_acceptable_id(id: &HeaderValue) -> bool {
 ///     });
 /// let req = Request::builder().header("x-request-id", "req-42").body(()).unwrap();
 /// let response = service.oneshot(req).await.unwrap();
-/// assert_eq!(response.extensions().get::<RequestIdValue>().unwrap().as_str(), "req-42");
+/// assert!(response.extensions().get::<RequestIdValue>().is_none());
 /// # });
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct RequestIdValue(HeaderValue);
+#[derive(Debug, Clone)]
+pub struct RequestIdValue(Kept);
+
+/// A fresh id is kept inline, so that putting it in the extensions allocates nothing; a
+/// client's is the header value it came in (a reference count on the connection's buffer).
+#[derive(Debug, Clone)]
+enum Kept {
+    Fresh([u8; 36]),
+    Client(HeaderValue),
+}
 
 impl RequestIdValue {
     /// The id as text.
     pub fn as_str(&self) -> &str {
         // Only ASCII ever gets in (see `is_acceptable_id` and `new_request_id`).
-        self.0.to_str().unwrap_or_default()
+        match &self.0 {
+            Kept::Fresh(text) => std::str::from_utf8(text).unwrap_or_default(),
+            Kept::Client(value) => value.to_str().unwrap_or_default(),
+        }
     }
 
     /// The id as the header value it travels in.
-    pub fn header_value(&self) -> &HeaderValue {
-        &self.0
+    pub fn to_header_value(&self) -> HeaderValue {
+        match &self.0 {
+            Kept::Fresh(text) => HeaderValue::from_bytes(text)
+                .expect("hex digits and dashes are a valid header value"),
+            Kept::Client(value) => value.clone(),
+        }
+    }
+}
+
+impl PartialEq for RequestIdValue {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for RequestIdValue {}
+
+impl std::hash::Hash for RequestIdValue {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
     }
 }
 
@@ -266,7 +291,7 @@ mod tests {
                     .collect::<Vec<_>>(),
                 [id]
             );
-            assert_eq!(response.extensions().get::<RequestIdValue>(), Some(&ext));
+            assert!(response.extensions().get::<RequestIdValue>().is_none());
         }
     }
 
@@ -310,6 +335,5 @@ mod tests {
         assert!(is_fresh(ext.as_str()), "{ext}");
         assert_eq!(upstream, [ext.as_str()]);
         assert!(response.headers().get(X_REQUEST_ID).is_none());
-        assert_eq!(response.extensions().get::<RequestIdValue>(), Some(&ext));
     }
 }
