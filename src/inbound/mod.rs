@@ -20,6 +20,7 @@
 //!    call the inner service.
 
 mod scope;
+mod slot;
 mod source;
 
 use std::future::Future;
@@ -45,6 +46,7 @@ use crate::store::{KeyStore, LookupResult, StoreError};
 use crate::wait_then_call::{Next, Resumable, Resume};
 
 pub use scope::{RequireScopes, RequireScopesLayer};
+pub use slot::KeyIdSlot;
 pub use source::{KeySource, ParseKeySourceError};
 
 /// The longest key accepted by default, in bytes.
@@ -400,6 +402,8 @@ const MAX_ANCESTORS: u8 = 4;
 impl<K: KeyStore> Config<K> {
     fn lookup(&self, digest: KeyDigest, lineage: Option<Lineage>) -> TimedLookup<K::Lookup> {
         TimedLookup {
+            #[cfg(feature = "metrics")]
+            started: std::time::Instant::now(),
             lookup: self.store.lookup(&digest),
             digest,
             limit: self.store_timeout,
@@ -423,7 +427,8 @@ impl<K: KeyStore> Config<K> {
         } = answer;
         let (key, record, depth) = match lineage {
             None => {
-                let record = self.judge_key(found, &digest)?;
+                let slot = req.extensions().get::<KeyIdSlot>();
+                let record = self.judge_key(found, &digest, slot)?;
                 (record.clone(), record, 0)
             }
             Some(Lineage { key, child, depth }) => {
@@ -446,6 +451,7 @@ impl<K: KeyStore> Config<K> {
         &self,
         found: LookupResult,
         digest: &KeyDigest,
+        slot: Option<&KeyIdSlot>,
     ) -> Result<Arc<KeyRecord>, Rejection> {
         let record = match found {
             Ok(Some(record)) if record.digest().ct_eq(digest) => record,
@@ -461,6 +467,9 @@ impl<K: KeyStore> Config<K> {
                 return Err(unavailable());
             }
         };
+        if let Some(slot) = slot {
+            slot.fill(record.id());
+        }
         if let Err(why) = record.usable_at(self.clock.now()) {
             let rejection = unusable(why, false);
             tracing::info!(target: "tower_gateway_auth::inbound", key_id = %record.id(), reason = rejection.code(), "API key rejected");
@@ -608,6 +617,9 @@ struct Checked {
 
 /// A store lookup under the layer's timeout, carrying the digest it is for.
 struct TimedLookup<L> {
+    /// For `gateway_auth_store_lookup_seconds`.
+    #[cfg(feature = "metrics")]
+    started: std::time::Instant,
     lookup: L,
     digest: KeyDigest,
     limit: Option<Duration>,
@@ -639,6 +651,15 @@ impl<L: Future<Output = LookupResult> + Unpin> Future for TimedLookup<L> {
 
 impl<L> TimedLookup<L> {
     fn checked(&mut self, found: LookupResult) -> Checked {
+        #[cfg(feature = "metrics")]
+        crate::metrics::store_lookup(
+            self.started.elapsed(),
+            match &found {
+                Ok(Some(_)) => "found",
+                Ok(None) => "unknown",
+                Err(_) => "error",
+            },
+        );
         Checked {
             found,
             digest: self.digest,
