@@ -6,6 +6,9 @@
 mod app;
 use crate::support;
 
+/// Metrics and the access log, end to end.
+mod telemetry;
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;

@@ -5,19 +5,25 @@
 //! ```
 //!
 //! One such stack per `[[route]]`, so that every rejection speaks the route's dialect; the
-//! management API at `/admin` sits behind its own inbound layer on the same store.
+//! management API at `/admin` sits behind its own inbound layer on the same store. Each
+//! route's stack (and the router for everything else, as route `-`) is wrapped in the
+//! access log and the metrics layer, outermost, named for the route (`/openai` → `openai`);
+//! see `telemetry.rs` for where they go.
 
 pub mod config;
 pub mod echo;
 pub mod routes;
 pub mod serve;
+pub mod telemetry;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
 use tower::ServiceBuilder;
+use tower_gateway_auth::access_log::{AccessLogLayer, CountingBody};
 use tower_gateway_auth::inject::RequestId;
+use tower_gateway_auth::metrics::MetricsLayer;
 use tower_gateway_auth::keys::{ApiKey, KeyManager, NewKey};
 use tower_gateway_auth::proxy::{Forward, StripHopByHopLayer};
 use tower_gateway_auth::rejection::{ErrorFormat, RejectionKind};
@@ -54,6 +60,8 @@ pub struct Gateway {
     pub first_key: Option<ApiKey>,
     /// The built-in echo upstream's address, when a route uses it.
     pub echo: Option<SocketAddr>,
+    /// Where `GET /metrics` is served, when `metrics_listen` is set.
+    pub metrics: Option<SocketAddr>,
     /// Background work (expired ephemeral keys purge) that ends with the gateway.
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -146,6 +154,41 @@ where
             .realm("gateway")
     };
 
+    // Outermost of a route: the access log sees the final status and every body byte, the
+    // metrics count the outcome whichever layer decided it.
+    let telemetry = |route: &str| {
+        let metrics = MetricsLayer::new().route(route);
+        let metrics = match plan.metrics_key_labels {
+            Some(limit) => metrics.per_key_labels(limit),
+            None => metrics,
+        };
+        ServiceBuilder::new()
+            .layer(AccessLogLayer::new().route(route))
+            .layer(metrics)
+    };
+    let mut tasks = Vec::new();
+    let metrics = match plan.metrics_listen {
+        None => None,
+        Some(addr) => {
+            let handle = telemetry::prometheus().map_err(|e| ConfigError {
+                field: "metrics_listen".into(),
+                message: e,
+            })?;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| ConfigError {
+                    field: "metrics_listen".into(),
+                    message: format!("cannot listen on {addr}: {e}"),
+                })?;
+            let bound = listener.local_addr().map_err(|e| ConfigError {
+                field: "metrics_listen".into(),
+                message: e.to_string(),
+            })?;
+            tasks.push(tokio::spawn(telemetry::serve_metrics(listener, handle)));
+            Some(bound)
+        }
+    };
+
     let mut echo = None;
     let mut routes = Vec::new();
     for route in plan.routes {
@@ -181,6 +224,7 @@ where
         let scopes = RequireScopesLayer::new(route.scope);
         let responder = responder(&route.error_format);
         let stack = ServiceBuilder::new()
+            .layer(telemetry(route.prefix.trim_start_matches('/')))
             .layer(responder.clone())
             .layer(inbound)
             .layer(scopes)
@@ -210,8 +254,14 @@ where
                 format!("No route for {}.", uri.path()),
             )
         })
-        .layer(default_responder.clone());
-    let tasks = vec![manager.spawn_purge(std::time::Duration::from_secs(60))];
+        .layer(default_responder.clone())
+        .layer(
+            // The router's own services take axum's body: the counted one is turned back.
+            telemetry("-").map_request(|req: http::Request<CountingBody<axum::body::Body>>| {
+                req.map(axum::body::Body::new)
+            }),
+        );
+    tasks.push(manager.spawn_purge(std::time::Duration::from_secs(60)));
     Ok(Gateway {
         // Outermost: the headers a client names in `Connection` go before any layer runs, so
         // it cannot name away what the layers set (the credential, the organization).
@@ -229,6 +279,7 @@ where
         responder: default_responder,
         first_key,
         echo,
+        metrics,
         tasks,
     })
 }
