@@ -19,7 +19,7 @@
 //! | `method`, `path` | the request's method and path as this layer saw them; never the query, which may carry a key |
 //! | `outcome` | `allowed`, [`RejectionKind::outcome`](crate::rejection::RejectionKind::outcome) of the refusal, or `error` |
 //! | `reason` | the refusal's [`code`](crate::Rejection::code) (`invalid_api_key` …), else `-` |
-//! | `status` | the status sent to the client |
+//! | `status` | the status sent to the client (absent when the service failed and none was) |
 //! | `upstream_status` | what the upstream answered ([`UpstreamOutcome`]): its status, `error` when it was unreachable or timed out, `-` when the request never reached it |
 //! | `duration_ms` | from the request reaching this layer to the end of its response body |
 //! | `bytes_in`, `bytes_out` | request and response body bytes, counted as they stream |
@@ -148,6 +148,7 @@ impl<S> AccessLog<S> {
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for AccessLog<S>
 where
     S: Service<Request<CountingBody<ReqBody>>, Response = Response<ResBody>>,
+    ResBody: Body,
 {
     type Response = Response<LoggedBody<ResBody>>;
     type Error = S::Error;
@@ -159,7 +160,9 @@ where
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         if !tracing::enabled!(target: TARGET, tracing::Level::INFO) {
-            let future = self.inner.call(req.map(|body| CountingBody { body, read: None }));
+            let future = self
+                .inner
+                .call(req.map(|body| CountingBody { body, read: None }));
             return AccessLogFuture {
                 future,
                 started: None,
@@ -216,6 +219,7 @@ impl<F> fmt::Debug for AccessLogFuture<F> {
 impl<F, B, E> Future for AccessLogFuture<F>
 where
     F: Future<Output = Result<Response<B>, E>>,
+    B: Body,
 {
     type Output = Result<Response<LoggedBody<B>>, E>;
 
@@ -253,7 +257,8 @@ where
                 .cloned(),
             started,
             written: 0,
-            complete: false,
+            // An empty body may never be polled: it ended before it began.
+            complete: response.body().is_end_stream(),
         };
         Poll::Ready(Ok(response.map(|body| LoggedBody {
             body,
@@ -295,7 +300,7 @@ impl Drop for Entry {
             path = &*started.path,
             outcome = self.outcome,
             reason = self.reason,
-            status = %Dash(self.status.map(|s| s.as_u16())),
+            status = self.status.map(|s| s.as_u16()),
             upstream_status = %Upstream(self.upstream),
             duration_ms = started.at.elapsed().as_secs_f64() * 1000.0,
             bytes_in = started.read.load(Ordering::Relaxed),
@@ -407,13 +412,18 @@ impl<B: Body<Data = Bytes>> Body for LoggedBody<B> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let this = self.project();
-        let frame = ready!(this.body.poll_frame(cx));
+        let mut this = self.project();
+        let frame = ready!(this.body.as_mut().poll_frame(cx));
         if let Some(entry) = this.entry {
             match &frame {
                 Some(Ok(frame)) => {
                     if let Some(data) = frame.data_ref() {
                         entry.written += data.len() as u64;
+                    }
+                    // hyper stops at `is_end_stream` and drops the body unpolled.
+                    if this.body.is_end_stream() {
+                        entry.complete = true;
+                        *this.entry = None;
                     }
                 }
                 None => {
@@ -492,7 +502,9 @@ mod tests {
                 response
                     .extensions_mut()
                     .insert(UpstreamOutcome::answered(StatusCode::CREATED, None));
-                response.headers_mut().insert("x-request-id", HeaderValue::from_static("rid-1"));
+                response
+                    .headers_mut()
+                    .insert("x-request-id", HeaderValue::from_static("rid-1"));
                 Ok::<_, Infallible>(response)
             });
         let req = Request::builder()
@@ -502,7 +514,10 @@ mod tests {
             .body(Full::new(Bytes::from("12345")))
             .unwrap();
         let response = service.clone().oneshot(req).await.unwrap();
-        assert!(lines.0.lock().unwrap().is_empty(), "logged before the body ended");
+        assert!(
+            lines.0.lock().unwrap().is_empty(),
+            "logged before the body ended"
+        );
         let body = response.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(body, "answer: 12345");
         let refused = service
@@ -526,7 +541,7 @@ mod tests {
         assert_eq!(ok["method"], "POST");
         assert_eq!(ok["path"], "/v1/chat");
         assert_eq!(ok["outcome"], "allowed");
-        assert_eq!(ok["status"], "200");
+        assert_eq!(ok["status"], 200);
         assert_eq!(ok["upstream_status"], "201");
         assert_eq!(ok["bytes_in"], 5);
         assert_eq!(ok["bytes_out"], 13);
@@ -536,10 +551,10 @@ mod tests {
             (&refused["key_id"], &refused["outcome"], &refused["reason"]),
             (&"-".into(), &"missing".into(), &"missing_api_key".into())
         );
-        assert_eq!(refused["status"], "401");
+        assert_eq!(refused["status"], 401);
         assert_eq!(refused["upstream_status"], "-");
         assert_eq!(refused["request_id"], "-");
-        assert_eq!(refused["complete"], false);
+        assert_eq!(refused["complete"], false, "dropped unread");
         assert!(!text.contains("gw_log-key"), "{text}");
     }
 }

@@ -69,8 +69,8 @@ use std::sync::{Arc, PoisonError, RwLock};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use http::{Request, Response};
 use ::metrics::SharedString;
+use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
@@ -242,7 +242,12 @@ where
                 if let Some(upstream) = response.extensions().get::<UpstreamOutcome>() {
                     record_upstream(&config.route, upstream);
                 }
-                outcome(response.extensions().get::<Rejection>().map(Rejection::kind))
+                outcome(
+                    response
+                        .extensions()
+                        .get::<Rejection>()
+                        .map(Rejection::kind),
+                )
             }
             Err(_) => "error",
         };
@@ -374,17 +379,17 @@ mod tests {
             .collect()
     }
 
-    fn ok_service() -> impl Service<
-        Request<()>,
-        Response = Response<String>,
-        Error = Infallible,
-        Future: Send,
-    > + Clone {
+    fn ok_service()
+    -> impl Service<Request<()>, Response = Response<String>, Error = Infallible, Future: Send> + Clone
+    {
         tower::service_fn(|_req: Request<()>| async { Ok(Response::new(String::new())) })
     }
 
     fn with_key(key: &str) -> Request<()> {
-        Request::builder().header("x-api-key", key).body(()).unwrap()
+        Request::builder()
+            .header("x-api-key", key)
+            .body(())
+            .unwrap()
     }
 
     #[test]
@@ -402,9 +407,8 @@ mod tests {
                     .with_status(KeyStatus::Disabled),
             );
             store.insert(KeyRecord::new(KeyId::random(), digest("gw_unscoped")));
-            store.insert(
-                KeyRecord::new(KeyId::random(), digest("gw_scoped")).with_scopes(["chat"]),
-            );
+            store
+                .insert(KeyRecord::new(KeyId::random(), digest("gw_scoped")).with_scopes(["chat"]));
             let service = ServiceBuilder::new()
                 .layer(MetricsLayer::new().route("r"))
                 .layer(crate::RejectionLayer::new())
@@ -492,7 +496,11 @@ mod tests {
                 service.clone().oneshot(with_key(key)).await.unwrap();
             }
             // No record matched: nothing by key.
-            service.clone().oneshot(with_key("gw_nobody")).await.unwrap();
+            service
+                .clone()
+                .oneshot(with_key("gw_nobody"))
+                .await
+                .unwrap();
         });
         let by_key: HashMap<&str, u64> = counted
             .iter()
@@ -512,8 +520,7 @@ mod tests {
             format!("{KEY_REQUESTS_TOTAL}{{route=r,key=other,outcome=allowed}}"),
             2,
         );
-        let expected: HashMap<&str, u64> =
-            expected.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        let expected: HashMap<&str, u64> = expected.iter().map(|(k, v)| (k.as_str(), *v)).collect();
         assert_eq!(by_key, expected);
         assert_eq!(by_key.len(), BOUND + 1);
         assert_eq!(
@@ -526,20 +533,23 @@ mod tests {
     fn upstream_answers_count_by_class() {
         let counted = counters(async || {
             let upstream = |outcome: UpstreamOutcome| {
-                MetricsLayer::new()
-                    .route("u")
-                    .layer(tower::service_fn(move |_req: Request<()>| async move {
+                MetricsLayer::new().route("u").layer(tower::service_fn(
+                    move |_req: Request<()>| async move {
                         let mut response = Response::new(());
                         response.extensions_mut().insert(outcome);
                         Ok::<_, Infallible>(response)
-                    }))
+                    },
+                ))
             };
             for status in [200, 201, 404, 503] {
                 let status = http::StatusCode::from_u16(status).unwrap();
-                upstream(UpstreamOutcome::answered(status, Some(Duration::from_millis(3))))
-                    .oneshot(Request::new(()))
-                    .await
-                    .unwrap();
+                upstream(UpstreamOutcome::answered(
+                    status,
+                    Some(Duration::from_millis(3)),
+                ))
+                .oneshot(Request::new(()))
+                .await
+                .unwrap();
             }
             upstream(UpstreamOutcome::failed(None))
                 .oneshot(Request::new(()))

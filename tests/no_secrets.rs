@@ -447,7 +447,11 @@ scope = "chat"
         ("/chat/v1/models", vec![]),
         ("/nowhere", vec![("x-api-key", good_key)]),
     ] {
-        answers.push(support::send(&client, support::get(addr, path, &headers)).await.status);
+        answers.push(
+            support::send(&client, support::get(addr, path, &headers))
+                .await
+                .status,
+        );
     }
     assert_eq!(answers, [200, 200, 200, 401, 401, 401, 404]);
     assert_eq!(seen.count(), 3);
@@ -488,16 +492,32 @@ scope = "chat"
         // The digests in every encoding the crate writes them (lower-case hex for stores and
         // serde; `Debug` is redacted), upper-case too, and a prefix of each; and the plain
         // SHA-256, had the pepper been skipped somewhere.
-        for digest in [hasher.digest(key.as_bytes()), KeyHasher::sha256().digest(key.as_bytes())] {
+        for digest in [
+            hasher.digest(key.as_bytes()),
+            KeyHasher::sha256().digest(key.as_bytes()),
+        ] {
             let hex = digest.to_hex();
             secrets.push(hex.to_uppercase());
             secrets.push(hex[..16].to_owned());
             secrets.push(hex);
-            secrets.push(serde_json::to_string(&KeyRecord::new(KeyId::random(), digest)).unwrap()
-                .split("\"digest\":\"").nth(1).unwrap().split('"').next().unwrap().to_owned());
+            secrets.push(
+                serde_json::to_string(&KeyRecord::new(KeyId::random(), digest))
+                    .unwrap()
+                    .split("\"digest\":\"")
+                    .nth(1)
+                    .unwrap()
+                    .split('"')
+                    .next()
+                    .unwrap()
+                    .to_owned(),
+            );
         }
     }
-    for (what, captured) in [("metrics", &metrics), ("text logs", &text), ("json logs", &json)] {
+    for (what, captured) in [
+        ("metrics", &metrics),
+        ("text logs", &text),
+        ("json logs", &json),
+    ] {
         for secret in &secrets {
             assert!(
                 !captured.contains(secret.as_str()),

@@ -232,7 +232,6 @@ pub struct Plan {
     pub routes: Vec<RoutePlan>,
     pub metrics_listen: Option<SocketAddr>,
     pub metrics_key_labels: Option<usize>,
-    pub log_format: LogFormat,
 }
 
 /// `log_format`.
@@ -403,7 +402,7 @@ impl Config {
         };
         let key_format = KeyFormat::new(&self.key_prefix).map_err(|e| bad("key_prefix", e))?;
         let limits = self.server.plan()?;
-        let log_format = self.log_format()?;
+        self.log_format()?;
         let metrics_listen = self
             .metrics_listen
             .as_deref()
@@ -480,7 +479,6 @@ impl Config {
             routes,
             metrics_listen,
             metrics_key_labels: self.metrics_key_labels,
-            log_format,
         })
     }
 }

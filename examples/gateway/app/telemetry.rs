@@ -90,7 +90,10 @@ fn answer<B>(req: &Request<B>, handle: &PrometheusHandle) -> Response<Full<Bytes
     let plain = |status: StatusCode, body: String| {
         Response::builder()
             .status(status)
-            .header(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")
+            .header(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )
             .body(Full::new(Bytes::from(body)))
             .expect("static status and headers are valid")
     };

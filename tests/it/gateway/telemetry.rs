@@ -140,7 +140,11 @@ async fn metrics_count_each_refusal_and_each_allowed_request_under_the_route() {
         .filter(|(labels, _)| labels.get("route").map(String::as_str) == Some(route))
         .map(|(_, n)| n)
         .sum();
-    assert_eq!(counted, (ALLOWED + refused) as f64, "no other outcome: {text}");
+    assert_eq!(
+        counted,
+        (ALLOWED + refused) as f64,
+        "no other outcome: {text}"
+    );
 
     // What the upstream answered, and by key: the allowed ones under the key's id.
     assert_eq!(
@@ -163,7 +167,11 @@ async fn metrics_count_each_refusal_and_each_allowed_request_under_the_route() {
         sample(
             &text,
             "gateway_auth_key_requests_total",
-            &[("route", route), ("key", &revoked_id), ("outcome", "revoked")]
+            &[
+                ("route", route),
+                ("key", &revoked_id),
+                ("outcome", "revoked")
+            ]
         ),
         Some(2.0)
     );
@@ -180,8 +188,33 @@ async fn metrics_count_each_refusal_and_each_allowed_request_under_the_route() {
     assert_eq!(scrape(metrics, "/").await.0, StatusCode::NOT_FOUND);
     assert_eq!(scrape(metrics, "/metrics/x").await.0, StatusCode::NOT_FOUND);
     // And the client listener does not serve it.
+    assert_eq!(scrape(gw.addr, "/metrics").await.0, StatusCode::NOT_FOUND);
+}
+
+#[test]
+fn telemetry_mistakes_name_the_field() {
+    let base = r#"
+[[route]]
+prefix = "/x"
+upstream = "echo"
+provider = "openai"
+"#;
+    for (line, field) in [
+        (r#"log_format = "xml""#, "log_format"),
+        (r#"metrics_listen = "localhost""#, "metrics_listen"),
+        ("metrics_key_labels = 10", "metrics_key_labels"),
+    ] {
+        let config = super::app::Config::from_toml(&format!("{line}\n{base}")).unwrap();
+        let error = config.plan(&|_| None).err().expect(line);
+        assert_eq!(error.field, field, "{line}: {}", error.message);
+    }
+    let config = super::app::Config::from_toml(&format!(
+        "log_format = \"json\"\nmetrics_listen = \"127.0.0.1:9464\"\n{base}"
+    ))
+    .unwrap();
     assert_eq!(
-        scrape(gw.addr, "/metrics").await.0,
-        StatusCode::NOT_FOUND
+        config.log_format().unwrap(),
+        super::app::config::LogFormat::Json
     );
+    assert!(config.plan(&|_| None).is_ok());
 }
