@@ -331,6 +331,9 @@ pub(crate) fn store_lookup(elapsed: Duration, result: &'static str) {
 }
 
 /// One token fetch of a `RefreshingToken`.
+// The `Cow` itself, so that a borrowed name (the usual, `'static` one) becomes a label
+// without a copy.
+#[allow(clippy::ptr_arg)]
 pub(crate) fn credential_refresh(source: &Cow<'static, str>, ok: bool) {
     let result = if ok { "ok" } else { "error" };
     ::metrics::counter!(CREDENTIAL_REFRESHES_TOTAL, "source" => source.clone(), "result" => result)
