@@ -557,4 +557,53 @@ mod tests {
         assert_eq!(refused["complete"], false, "dropped unread");
         assert!(!text.contains("gw_log-key"), "{text}");
     }
+
+    #[tokio::test]
+    async fn a_stream_is_logged_when_it_ends_with_every_byte_that_went_out() {
+        use http_body_util::channel::Channel;
+
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_writer(move || writer.clone())
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let logged = || {
+            String::from_utf8(lines.0.lock().unwrap().clone())
+                .unwrap()
+                .lines()
+                .filter(|l| l.contains(TARGET))
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["fields"].clone())
+                .collect::<Vec<_>>()
+        };
+
+        let (mut sender, body) = Channel::<Bytes, Infallible>::new(4);
+        let body = Mutex::new(Some(body));
+        let service = AccessLogLayer::new().route("sse").layer(tower::service_fn(
+            move |_req: Request<CountingBody<Full<Bytes>>>| {
+                let body = body.lock().unwrap().take().unwrap();
+                async move { Ok::<_, Infallible>(Response::new(body)) }
+            },
+        ));
+        let response = service
+            .oneshot(Request::new(Full::new(Bytes::new())))
+            .await
+            .unwrap();
+        let mut body = response.into_body();
+        sender.send_data(Bytes::from("data: 1\n\n")).await.unwrap();
+        let first = body.frame().await.unwrap().unwrap();
+        assert_eq!(first.into_data().unwrap(), "data: 1\n\n");
+        assert!(logged().is_empty(), "logged while the stream runs");
+        sender.send_data(Bytes::from("data: 22\n\n")).await.unwrap();
+        drop(sender);
+        while body.frame().await.is_some() {}
+        let events = logged();
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0]["route"], "sse");
+        assert_eq!(events[0]["bytes_out"], 19);
+        assert_eq!(events[0]["complete"], true);
+        drop(body);
+        assert_eq!(logged().len(), 1, "logged once");
+    }
 }

@@ -567,4 +567,58 @@ mod tests {
             );
         }
     }
+
+    #[test]
+    fn the_cache_and_token_refreshes_count_their_events() {
+        use crate::store::CachedStore;
+        use crate::upstream::{Credential, CredentialSource, FetchError, RefreshingToken, Token};
+
+        let counted = counters(async || {
+            let backing = MemoryStore::new();
+            let known = backing.hasher().digest(b"gw_known");
+            let unknown = backing.hasher().digest(b"gw_unknown");
+            backing.insert(KeyRecord::new(KeyId::random(), known));
+            let cache = CachedStore::new(backing);
+            for digest in [known, known, known, unknown, unknown] {
+                cache.lookup(&digest).await.unwrap();
+            }
+            cache.invalidate(&known);
+            cache.lookup(&known).await.unwrap();
+
+            let token = RefreshingToken::builder(|| async {
+                Ok(Token::new(
+                    Credential::new("tok")?,
+                    Duration::from_secs(3600),
+                ))
+            })
+            .name("idp")
+            .build();
+            token.credential(None).await.unwrap();
+            token.credential(None).await.unwrap();
+            let down =
+                RefreshingToken::builder(|| async { Err::<Token, _>(FetchError::new("down")) })
+                    .name("down-idp")
+                    .build();
+            assert!(down.credential(None).await.is_err());
+        });
+        let event = |e: &str| {
+            counted
+                .get(&format!("{CACHE_EVENTS_TOTAL}{{event={e}}}"))
+                .copied()
+        };
+        assert_eq!(event("miss"), Some(3));
+        assert_eq!(event("hit"), Some(2));
+        assert_eq!(event("negative_hit"), Some(1));
+        assert_eq!(event("invalidation"), Some(1));
+        assert_eq!(event("stale"), None);
+        let refresh = |source: &str, result: &str| {
+            counted
+                .get(&format!(
+                    "{CREDENTIAL_REFRESHES_TOTAL}{{source={source},result={result}}}"
+                ))
+                .copied()
+        };
+        assert_eq!(refresh("idp", "ok"), Some(1), "one fetch serves both");
+        assert_eq!(refresh("down-idp", "error"), Some(1));
+    }
 }

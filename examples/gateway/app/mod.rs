@@ -8,7 +8,7 @@
 //! management API at `/admin` sits behind its own inbound layer on the same store. Each
 //! route's stack (and the router for everything else, as route `-`) is wrapped in the
 //! access log and the metrics layer, outermost, named for the route (`/openai` → `openai`);
-//! see `telemetry.rs` for where they go.
+//! `telemetry.rs` serves the metrics (`metrics_listen`) and sets up the log (`log_format`).
 
 pub mod config;
 pub mod echo;
