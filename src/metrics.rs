@@ -17,8 +17,11 @@
 //!   stale serves and invalidations, [`RefreshingToken`](crate::upstream::RefreshingToken)
 //!   its fetches.
 //!
-//! With the feature off none of this code exists: no clock reads, no extensions lookups,
-//! no label building.
+//! With the feature off none of this code exists: no clock reads, no label building, no
+//! extensions lookups for metrics. (The inbound layer's look for a [`KeyIdSlot`] stays,
+//! since the access log uses it too: one failed extensions lookup a request when no outer
+//! layer asked for the key id; and `Forward` always records its [`UpstreamOutcome`], one
+//! small extensions insert per forwarded request.)
 //!
 //! # The metrics
 //!
@@ -28,7 +31,7 @@
 //! | `gateway_auth_key_requests_total` | counter | `route`, `key`, `outcome` | the same, by key id, for requests whose key matched a record; only with [`per_key_labels`](MetricsLayer::per_key_labels) |
 //! | `gateway_auth_upstream_responses_total` | counter | `route`, `class` | what the upstream answered: `class` is `1xx` … `5xx`, or `error` (unreachable, timed out) |
 //! | `gateway_auth_upstream_seconds` | histogram | `route` | from sending a request upstream to its response head (or failure) |
-//! | `gateway_auth_store_lookup_seconds` | histogram | `result` | one key-store lookup of the inbound layer, cache hits included; `result` is `found`, `unknown` or `error` (failed or timed out) |
+//! | `gateway_auth_store_lookup_seconds` | histogram | `result` | one key-store lookup of the inbound layer that had to wait (a store a network hop away, a cache miss); answers ready at once (an in-memory store, a cache hit) are not timed, and show as cache hits; `result` is `found`, `unknown` or `error` (failed or timed out) |
 //! | `gateway_auth_cache_events_total` | counter | `event` | [`CachedStore`](crate::store::CachedStore): `hit`, `negative_hit` (a cached unknown key), `miss` (the store is asked, or a call under way joined), `stale` (a held record served while the store fails), `invalidation` (one digest or all) |
 //! | `gateway_auth_credential_refreshes_total` | counter | `source`, `result` | token fetches of a [`RefreshingToken`](crate::upstream::RefreshingToken) named `source`; `result` is `ok` or `error` |
 //!
@@ -65,11 +68,11 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use ::metrics::SharedString;
+use ::metrics::{Counter, Histogram, SharedString};
 use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tower_layer::Layer;
@@ -106,6 +109,11 @@ pub const OTHER_KEYS: &str = "other";
 /// [`RejectionLayer`](crate::RejectionLayer), either side). Cheap to clone; clones share
 /// the per-key label set.
 ///
+/// A layer registers each of its series with the recorder once, at the first request that
+/// needs it, and keeps the handle: install the recorder (exporter) before serving, or
+/// build the layer inside [`metrics::with_local_recorder`](::metrics::with_local_recorder)
+/// when testing.
+///
 /// ```
 /// use std::convert::Infallible;
 /// use metrics_util::debugging::DebuggingRecorder;
@@ -140,6 +148,70 @@ pub struct MetricsLayer {
 struct Config {
     route: SharedString,
     keys: Option<Arc<KeyLabels>>,
+    handles: Arc<Handles>,
+}
+
+/// Every `outcome` label, each with a slot for its counter.
+const OUTCOMES: [&str; 19] = [
+    "allowed",
+    "error",
+    "missing",
+    "malformed",
+    "invalid",
+    "expired",
+    "not_yet_valid",
+    "revoked",
+    "disabled",
+    "forbidden",
+    "rate_limited",
+    "store_unavailable",
+    "upstream_credential",
+    "upstream_error",
+    "upstream_timeout",
+    "bad_request",
+    "not_found",
+    "conflict",
+    "request_timeout",
+];
+
+/// Every upstream `class` label.
+const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "error"];
+
+/// One counter per label value, registered on first use and kept: looking a counter up in
+/// the recorder (building its label list, hashing name and labels) costs more than the rest
+/// of a request's accounting, so a layer does it once per series, not once per request.
+/// The handles belong to the recorder in force when they were registered.
+struct Slots<const N: usize>([OnceLock<Counter>; N]);
+
+impl<const N: usize> Default for Slots<N> {
+    fn default() -> Self {
+        Slots(std::array::from_fn(|_| OnceLock::new()))
+    }
+}
+
+impl<const N: usize> Slots<N> {
+    /// Increments the counter of `value` (one of `values`), registering it with `register`
+    /// the first time; a value not in `values` is looked up every time.
+    fn increment(&self, values: &[&str; N], value: &'static str, register: impl Fn() -> Counter) {
+        match values.iter().position(|v| *v == value) {
+            Some(i) => self.0[i].get_or_init(&register).increment(1),
+            None => register().increment(1),
+        }
+    }
+}
+
+/// The handles of one layer's series.
+#[derive(Default)]
+struct Handles {
+    requests: Slots<{ OUTCOMES.len() }>,
+    upstream: Slots<{ CLASSES.len() }>,
+    upstream_seconds: OnceLock<Histogram>,
+}
+
+impl std::fmt::Debug for Handles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handles").finish_non_exhaustive()
+    }
 }
 
 impl MetricsLayer {
@@ -150,7 +222,9 @@ impl MetricsLayer {
 
     /// The `route` label of this stack's metrics (default: empty).
     pub fn route(mut self, name: impl Into<String>) -> Self {
-        Arc::make_mut(&mut self.config).route = SharedString::from_owned(name.into());
+        let config = Arc::make_mut(&mut self.config);
+        config.route = SharedString::from_owned(name.into());
+        config.handles = Arc::default();
         self
     }
 
@@ -240,7 +314,7 @@ where
         let outcome = match &result {
             Ok(response) => {
                 if let Some(upstream) = response.extensions().get::<UpstreamOutcome>() {
-                    record_upstream(&config.route, upstream);
+                    config.record_upstream(upstream);
                 }
                 outcome(
                     response
@@ -251,17 +325,23 @@ where
             }
             Err(_) => "error",
         };
-        ::metrics::counter!(REQUESTS_TOTAL, "route" => config.route.clone(), "outcome" => outcome)
-            .increment(1);
+        let route = &config.route;
+        config.handles.requests.increment(
+            &OUTCOMES,
+            outcome,
+            || ::metrics::counter!(REQUESTS_TOTAL, "route" => route.clone(), "outcome" => outcome),
+        );
         if let (Some(keys), Some(id)) = (&config.keys, this.slot.as_ref().and_then(KeyIdSlot::get))
         {
-            ::metrics::counter!(
-                KEY_REQUESTS_TOTAL,
-                "route" => config.route.clone(),
-                "key" => keys.label(id),
-                "outcome" => outcome,
-            )
-            .increment(1);
+            let key = keys.counters(id);
+            key.requests.increment(&OUTCOMES, outcome, || {
+                ::metrics::counter!(
+                    KEY_REQUESTS_TOTAL,
+                    "route" => route.clone(),
+                    "key" => key.label.clone(),
+                    "outcome" => outcome,
+                )
+            });
         }
         Poll::Ready(result)
     }
@@ -272,19 +352,51 @@ fn outcome(rejection: Option<RejectionKind>) -> &'static str {
     rejection.map_or("allowed", RejectionKind::outcome)
 }
 
-fn record_upstream(route: &SharedString, upstream: &UpstreamOutcome) {
-    ::metrics::counter!(UPSTREAM_RESPONSES_TOTAL, "route" => route.clone(), "class" => upstream.class())
-        .increment(1);
-    if let Some(elapsed) = upstream.elapsed() {
-        ::metrics::histogram!(UPSTREAM_SECONDS, "route" => route.clone()).record(elapsed);
+impl Config {
+    fn record_upstream(&self, upstream: &UpstreamOutcome) {
+        let route = &self.route;
+        let class = upstream.class();
+        self.handles.upstream.increment(&CLASSES, class, || {
+            ::metrics::counter!(UPSTREAM_RESPONSES_TOTAL, "route" => route.clone(), "class" => class)
+        });
+        if let Some(elapsed) = upstream.elapsed() {
+            self.handles
+                .upstream_seconds
+                .get_or_init(|| ::metrics::histogram!(UPSTREAM_SECONDS, "route" => route.clone()))
+                .record(elapsed);
+        }
     }
 }
 
-/// The key ids that have a label of their own, at most `limit` of them.
+/// The key ids that have a label of their own, at most `limit` of them, and their counters.
 #[derive(Debug)]
 struct KeyLabels {
     limit: usize,
-    seen: RwLock<HashMap<KeyId, SharedString>>,
+    seen: RwLock<HashMap<KeyId, Arc<KeyCounters>>>,
+    other: Arc<KeyCounters>,
+}
+
+/// One `key` label's counters, by outcome.
+struct KeyCounters {
+    label: SharedString,
+    requests: Slots<{ OUTCOMES.len() }>,
+}
+
+impl std::fmt::Debug for KeyCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyCounters")
+            .field("label", &self.label)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KeyCounters {
+    fn new(label: SharedString) -> Arc<Self> {
+        Arc::new(KeyCounters {
+            label,
+            requests: Slots::default(),
+        })
+    }
 }
 
 impl KeyLabels {
@@ -292,31 +404,32 @@ impl KeyLabels {
         KeyLabels {
             limit,
             seen: RwLock::new(HashMap::new()),
+            other: KeyCounters::new(SharedString::const_str(OTHER_KEYS)),
         }
     }
 
-    /// `id`'s label, or [`OTHER_KEYS`] once `limit` others have one.
-    fn label(&self, id: KeyId) -> SharedString {
-        // Labels are handed out as shared strings: a seen key costs a read lock and a
-        // reference count, not a formatting of its id.
-        if let Some(label) = self
+    /// `id`'s counters, or those of [`OTHER_KEYS`] once `limit` other ids have their own.
+    fn counters(&self, id: KeyId) -> Arc<KeyCounters> {
+        // A key seen before costs a read lock and a reference count, not a formatting of
+        // its id or a recorder lookup.
+        if let Some(counters) = self
             .seen
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .get(&id)
         {
-            return label.clone();
+            return counters.clone();
         }
         let mut seen = self.seen.write().unwrap_or_else(PoisonError::into_inner);
-        if let Some(label) = seen.get(&id) {
-            return label.clone();
+        if let Some(counters) = seen.get(&id) {
+            return counters.clone();
         }
         if seen.len() >= self.limit {
-            return SharedString::const_str(OTHER_KEYS);
+            return self.other.clone();
         }
-        let label = SharedString::from(Arc::<str>::from(id.to_string()));
-        seen.insert(id, label.clone());
-        label
+        let counters = KeyCounters::new(SharedString::from(Arc::<str>::from(id.to_string())));
+        seen.insert(id, counters.clone());
+        counters
     }
 }
 
@@ -476,6 +589,42 @@ mod tests {
             assert_eq!(outcome(Some(kind)), label, "{kind:?}");
         }
         assert_eq!(outcome(None), "allowed");
+        // Every outcome has a counter slot of its own (else it is looked up per request).
+        let every_kind = [
+            MissingKey,
+            MalformedKey,
+            AmbiguousKey,
+            KeyTooLong,
+            InvalidKey,
+            ExpiredKey,
+            KeyNotYetValid,
+            RevokedKey,
+            DisabledKey,
+            InsufficientScope,
+            StoreUnavailable,
+            NoUpstreamCredential,
+            UpstreamCredentialUnavailable,
+            InvalidPath,
+            UpstreamUnreachable,
+            UpstreamTimeout,
+            NotFound,
+            KeyNotFound,
+            InvalidJson,
+            InvalidRequest,
+            Forbidden,
+            Conflict,
+            TooManyEphemeralKeys,
+            RequestBodyTimeout,
+        ];
+        for kind in every_kind {
+            assert!(OUTCOMES.contains(&kind.outcome()), "{kind:?}");
+        }
+        let labels: std::collections::HashSet<_> = every_kind.iter().map(|k| k.outcome()).collect();
+        assert_eq!(
+            labels.len() + 2,
+            OUTCOMES.len(),
+            "allowed and error besides"
+        );
     }
 
     #[test]

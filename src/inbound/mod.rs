@@ -403,7 +403,7 @@ impl<K: KeyStore> Config<K> {
     fn lookup(&self, digest: KeyDigest, lineage: Option<Lineage>) -> TimedLookup<K::Lookup> {
         TimedLookup {
             #[cfg(feature = "metrics")]
-            started: std::time::Instant::now(),
+            started: None,
             lookup: self.store.lookup(&digest),
             digest,
             limit: self.store_timeout,
@@ -617,9 +617,9 @@ struct Checked {
 
 /// A store lookup under the layer's timeout, carrying the digest it is for.
 struct TimedLookup<L> {
-    /// For `gateway_auth_store_lookup_seconds`.
+    /// For `gateway_auth_store_lookup_seconds`: set when the lookup first has to wait.
     #[cfg(feature = "metrics")]
-    started: std::time::Instant,
+    started: Option<std::time::Instant>,
     lookup: L,
     digest: KeyDigest,
     limit: Option<Duration>,
@@ -636,6 +636,10 @@ impl<L: Future<Output = LookupResult> + Unpin> Future for TimedLookup<L> {
         if let Poll::Ready(found) = Pin::new(&mut this.lookup).poll(cx) {
             return Poll::Ready(this.checked(found));
         }
+        // Only lookups that wait are timed: an answer ready at once (an in-memory store, a
+        // cache hit) costs no clock read, and is counted by the cache's own events.
+        #[cfg(feature = "metrics")]
+        this.started.get_or_insert_with(std::time::Instant::now);
         let Some(limit) = this.limit else {
             return Poll::Pending;
         };
@@ -652,14 +656,16 @@ impl<L: Future<Output = LookupResult> + Unpin> Future for TimedLookup<L> {
 impl<L> TimedLookup<L> {
     fn checked(&mut self, found: LookupResult) -> Checked {
         #[cfg(feature = "metrics")]
-        crate::metrics::store_lookup(
-            self.started.elapsed(),
-            match &found {
-                Ok(Some(_)) => "found",
-                Ok(None) => "unknown",
-                Err(_) => "error",
-            },
-        );
+        if let Some(started) = self.started {
+            crate::metrics::store_lookup(
+                started.elapsed(),
+                match &found {
+                    Ok(Some(_)) => "found",
+                    Ok(None) => "unknown",
+                    Err(_) => "error",
+                },
+            );
+        }
         Checked {
             found,
             digest: self.digest,
