@@ -13,9 +13,9 @@
 //!   fills. It records nothing at body end: a streamed answer counts when its head is
 //!   produced, whatever happens to the stream after.
 //! - The crate's own parts record where the event happens: the inbound layer times each
-//!   store lookup, [`CachedStore`](crate::store::CachedStore) counts its hits, misses,
-//!   stale serves and invalidations, [`RefreshingToken`](crate::upstream::RefreshingToken)
-//!   its fetches.
+//!   store lookup that has to wait, [`CachedStore`](crate::store::CachedStore) counts its
+//!   hits, misses, stale serves and invalidations,
+//!   [`RefreshingToken`](crate::upstream::RefreshingToken) its fetches.
 //!
 //! With the feature off none of this code exists: no clock reads, no label building, no
 //! extensions lookups for metrics. (The inbound layer's look for a [`KeyIdSlot`] stays,

@@ -58,7 +58,7 @@ pub struct Config {
     /// Serves Prometheus metrics at `GET /metrics` on this address (a listener of its own);
     /// unset, no metrics listener.
     pub metrics_listen: Option<String>,
-    /// Also counts requests by key id, for at most this many keys (later ones as
+    /// Also counts requests by key id, for at most this many keys a route (later ones as
     /// `key="other"`); unset, no per-key series.
     pub metrics_key_labels: Option<usize>,
     /// `text` (default) or `json`: the format of every log line, the access log's included.
