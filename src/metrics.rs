@@ -111,7 +111,7 @@ pub const OTHER_KEYS: &str = "other";
 ///
 /// A layer registers each of its series with the recorder once, at the first request that
 /// needs it, and keeps the handle: install the recorder (exporter) before serving, or
-/// build the layer inside [`metrics::with_local_recorder`](::metrics::with_local_recorder)
+/// build the layer inside [`metrics::with_local_recorder`]
 /// when testing.
 ///
 /// ```
