@@ -16,6 +16,17 @@
 //! - `gateway_route`: `full_stack` inside the `RejectionLayer` every gateway route has, as
 //!   `cargo run --example gateway` builds it (no `before` exists for it: the layers rendered
 //!   their own rejections before there was a `RejectionLayer`).
+//! - `access_log_filtered`: `AccessLogLayer` around `inbound_1m`, its target filtered out (no
+//!   subscriber): what the layer costs when nobody reads the log.
+//!
+//! Benches build the crate with feature `metrics` (the dev-dependencies enable it), so the
+//! cases above include the store-lookup timing, recorded into the facade's no-op recorder.
+//! Then a Prometheus recorder (the gateway's exporter) is installed, process-wide, and:
+//!
+//! - `inbound_1m_prometheus`: `inbound_1m` again, its lookup histogram now recorded;
+//! - `metrics_layer`: `MetricsLayer` (route name, no per-key labels) around that;
+//! - `metrics_layer_per_key`: the same with per-key labels bounded at 1,000 (the 10,000 keys
+//!   cycle, so most fold into `other`).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -24,13 +35,17 @@ use std::hint::black_box;
 use std::pin::pin;
 use std::task::{Context, Poll, Waker};
 
+use bytes::Bytes;
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use http::header::AUTHORIZATION;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, Uri};
+use http_body_util::Empty;
 use sha2::{Digest, Sha256};
 use tower::{Layer, Service, ServiceBuilder};
+use tower_gateway_auth::access_log::AccessLogLayer;
 use tower_gateway_auth::inject::RequestId;
 use tower_gateway_auth::keys::{KeyFormat, KeyHasher, KeyId, KeyRecord};
+use tower_gateway_auth::metrics::MetricsLayer;
 use tower_gateway_auth::store::MemoryStore;
 use tower_gateway_auth::upstream::{Credential, Provider};
 use tower_gateway_auth::{
@@ -43,22 +58,23 @@ const STORE_KEYS: usize = 1_000_000;
 const BATCH: BatchSize = BatchSize::NumIterations(256);
 const ACTIVE_KEYS: usize = 10_000;
 
-/// The inner service: answers at once, as cheaply as a service can.
+/// The inner service: answers at once, as cheaply as a service can (an empty body, which
+/// the access log needs to be a `Body`; any request body, which it wraps).
 #[derive(Clone, Copy)]
 struct Bare;
 
-impl Service<Request<()>> for Bare {
-    type Response = Response<()>;
+impl<B> Service<Request<B>> for Bare {
+    type Response = Response<Empty<Bytes>>;
     type Error = Infallible;
-    type Future = Ready<Result<Response<()>, Infallible>>;
+    type Future = Ready<Result<Response<Empty<Bytes>>, Infallible>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<()>) -> Self::Future {
+    fn call(&mut self, req: Request<B>) -> Self::Future {
         black_box(&req);
-        ready(Ok(Response::new(())))
+        ready(Ok(Response::new(Empty::new())))
     }
 }
 
@@ -233,6 +249,58 @@ fn inbound(c: &mut Criterion) {
             BATCH,
         )
     });
+
+    assert!(
+        !tracing::enabled!(target: tower_gateway_auth::access_log::TARGET, tracing::Level::INFO)
+    );
+    let mut svc = ServiceBuilder::new()
+        .layer(AccessLogLayer::new().route("bench"))
+        .layer(InboundApiKeyLayer::from_shared(store.clone()))
+        .service(Bare);
+    let mut i = 0;
+    group.bench_function("access_log_filtered", |b| {
+        b.iter_batched(
+            || next(&f.requests, &mut i),
+            |req| assert_eq!(serve(&mut svc, req), 200),
+            BATCH,
+        )
+    });
+
+    // From here on, every metric is recorded, as in the gateway with `metrics_listen`.
+    let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .unwrap();
+    let mut svc = InboundApiKeyLayer::from_shared(store.clone()).layer(Bare);
+    let mut i = 0;
+    group.bench_function("inbound_1m_prometheus", |b| {
+        b.iter_batched(
+            || next(&f.requests, &mut i),
+            |req| assert_eq!(serve(&mut svc, req), 200),
+            BATCH,
+        )
+    });
+    for (name, layer) in [
+        ("metrics_layer", MetricsLayer::new().route("bench")),
+        (
+            "metrics_layer_per_key",
+            MetricsLayer::new().route("bench").per_key_labels(1_000),
+        ),
+    ] {
+        let mut svc = ServiceBuilder::new()
+            .layer(layer)
+            .layer(InboundApiKeyLayer::from_shared(store.clone()))
+            .service(Bare);
+        let mut i = 0;
+        group.bench_function(name, |b| {
+            b.iter_batched(
+                || next(&f.requests, &mut i),
+                |req| assert_eq!(serve(&mut svc, req), 200),
+                BATCH,
+            )
+        });
+    }
+    // The histograms were drained as they would be by a scrape: what was recorded is there.
+    assert!(prometheus.render().contains("gateway_auth_requests_total"));
     group.finish();
 }
 

@@ -13,7 +13,9 @@
 //! | [`upstream`] | [`UpstreamAuthLayer`]: strips every client credential and sets the provider's ([`Provider`](upstream::Provider)) from a [`CredentialSource`](upstream::CredentialSource) |
 //! | [`inject`] | [`HeaderInjectLayer`]: header rules and request ids |
 //! | [`proxy`] (feature `proxy`) | [`Forward`](proxy::Forward), innermost: the streaming forwarding proxy |
-//! | [`response`], [`clock`] | what every layer answers with; the injectable clock key validity reads |
+//! | [`response`], [`clock`] | what every layer answers with (and [`UpstreamOutcome`](response::UpstreamOutcome), what the upstream answered); the injectable clock key validity reads |
+//! | [`access_log`] | [`AccessLogLayer`](access_log::AccessLogLayer), outermost of a route: one `tracing` event per request, when its response body ends |
+//! | `metrics` (feature `metrics`) | `MetricsLayer`, beside the [`RejectionLayer`]: requests by route and outcome through the `metrics` facade; the other layers' counters and histograms |
 //!
 //! A gateway stacks them in that order: client → hop-by-hop → rejections → inbound → upstream
 //! → inject → proxy.
@@ -57,6 +59,9 @@
 //!   and [`proxy::StripHopByHopLayer`].
 //! - `redis`: `store::RedisStore`, keys shared by several replicas, with revocation fan-out to
 //!   their [`CachedStore`](store::CachedStore)s.
+//! - `metrics`: `metrics::MetricsLayer` and the crate's counters and histograms (store
+//!   lookups, cache events, token refreshes, upstream answers) through the `metrics` facade,
+//!   for any exporter. Off, none of that code is compiled in.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 #![deny(unreachable_pub)]
@@ -66,12 +71,15 @@
 #[macro_use]
 mod macros;
 
+pub mod access_log;
 pub mod clock;
 mod error_detail;
 mod identity;
 pub mod inbound;
 pub mod inject;
 pub mod keys;
+#[cfg(feature = "metrics")]
+pub mod metrics;
 #[cfg(feature = "proxy")]
 pub mod proxy;
 mod query_string;

@@ -344,3 +344,185 @@ async fn an_upstream_failure_is_logged_with_the_upstream_and_told_with_the_reque
     assert!(!body.contains(&closed.to_string()), "{body}");
     assert!(!logged.contains(UPSTREAM_SECRET) && !body.contains(UPSTREAM_SECRET));
 }
+
+/// The reference gateway, as `cargo run --example gateway` builds it.
+#[allow(dead_code)]
+#[path = "../examples/gateway/app/mod.rs"]
+mod app;
+
+#[tokio::test]
+async fn the_gateways_metrics_and_access_log_hold_no_key_digest_pepper_or_credential() {
+    use tracing_subscriber::layer::SubscriberExt;
+
+    const PEPPER: &str = "pepper-of-the-metrics-test-0123";
+    const UPSTREAM_SECRET: &str = "sk-upstream-metrics-test-9876543210";
+    let text_logs = support::LogBuffer::default();
+    let json_logs = support::LogBuffer::default();
+    let (text_writer, json_writer) = (text_logs.clone(), json_logs.clone());
+    // Both formats the gateway writes (`log_format`), at every level.
+    let subscriber = tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(false)
+                .with_writer(move || text_writer.clone()),
+        )
+        .with(
+            tracing_subscriber::fmt::layer()
+                .json()
+                .with_writer(move || json_writer.clone()),
+        )
+        .with(tracing_subscriber::filter::LevelFilter::TRACE);
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let dir = support::TempDir::new("no-secrets-gateway");
+    let hasher = KeyHasher::with_pepper(PEPPER.as_bytes());
+    let keys = Arc::new(
+        tower_gateway_auth::store::FileStore::builder(dir.file())
+            .hasher(hasher.clone())
+            .reload_every(None)
+            .open()
+            .unwrap(),
+    );
+    let manager = tower_gateway_auth::keys::KeyManager::new(keys);
+    let issue = |name: &'static str| {
+        let manager = manager.clone();
+        async move {
+            manager
+                .issue(tower_gateway_auth::keys::NewKey::named(name).scopes(["chat"]))
+                .await
+                .unwrap()
+        }
+    };
+    let good = issue("good").await;
+    let revoked = issue("revoked").await;
+    manager.revoke(revoked.record.id()).await.unwrap();
+    let unknown = "gw_unknown-key-of-the-metrics-test";
+
+    let (upstream, seen) = support::spawn_upstream().await;
+    let config = format!(
+        r#"
+listen = "127.0.0.1:0"
+keys_file = "{keys}"
+pepper_env = "PEPPER"
+sources = ["header:x-api-key", "bearer", "query:key"]
+metrics_listen = "127.0.0.1:0"
+metrics_key_labels = 10
+log_format = "json"
+
+[[route]]
+prefix = "/chat"
+upstream = "http://{upstream}"
+provider = "openai"
+credential_env = "UPSTREAM_KEY"
+scope = "chat"
+"#,
+        keys = dir.file().display()
+    );
+    let env = |var: &str| match var {
+        "PEPPER" => Some(PEPPER.to_owned()),
+        "UPSTREAM_KEY" => Some(UPSTREAM_SECRET.to_owned()),
+        _ => None,
+    };
+    let gateway = app::build(app::Config::from_toml(&config).unwrap(), &env)
+        .await
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(app::serve(listener, gateway.serving(), async {
+        let _ = stopped.await;
+    }));
+
+    let client = support::client();
+    let good_key = good.key.expose();
+    let bearer = format!("Bearer {good_key}");
+    let with_query = format!("/chat/v1/chat?key={good_key}&stream=true");
+    let mut answers = Vec::new();
+    for (path, headers) in [
+        ("/chat/v1/models", vec![("x-api-key", good_key)]),
+        ("/chat/v1/models", vec![("authorization", bearer.as_str())]),
+        (with_query.as_str(), vec![]),
+        ("/chat/v1/models", vec![("x-api-key", revoked.key.expose())]),
+        ("/chat/v1/models", vec![("x-api-key", unknown)]),
+        ("/chat/v1/models", vec![]),
+        ("/nowhere", vec![("x-api-key", good_key)]),
+    ] {
+        answers.push(
+            support::send(&client, support::get(addr, path, &headers))
+                .await
+                .status,
+        );
+    }
+    assert_eq!(answers, [200, 200, 200, 401, 401, 401, 404]);
+    assert_eq!(seen.count(), 3);
+    assert!(
+        seen.all()
+            .iter()
+            .all(|s| s.everything().contains(UPSTREAM_SECRET)),
+        "the upstream got its credential"
+    );
+
+    let metrics_addr = gateway.metrics.expect("metrics_listen is set");
+    let scraped = support::send(&client, support::get(metrics_addr, "/metrics", &[])).await;
+    assert_eq!(scraped.status, 200);
+    let metrics = scraped.text().to_owned();
+    let _ = stop.send(());
+    served.await.unwrap().unwrap();
+    drop(gateway);
+
+    let text = text_logs.text();
+    let json = json_logs.text();
+    // What was captured is the run: every request's access line, and the metrics.
+    let access = json
+        .lines()
+        .filter(|l| l.contains(r#""target":"gateway_auth::access""#))
+        .count();
+    assert_eq!(access, 7, "{json}");
+    assert!(json.contains(&format!(r#""key_id":"{}""#, good.record.id())));
+    assert!(metrics.contains("gateway_auth_requests_total"));
+    assert!(metrics.contains(&good.record.id().to_string()));
+
+    let mut secrets = vec![
+        PEPPER.to_owned(),
+        UPSTREAM_SECRET.to_owned(),
+        unknown.to_owned(),
+    ];
+    for key in [good_key, revoked.key.expose(), unknown] {
+        secrets.push(key.to_owned());
+        // The digests in every encoding the crate writes them (lower-case hex for stores and
+        // serde; `Debug` is redacted), upper-case too, and a prefix of each; and the plain
+        // SHA-256, had the pepper been skipped somewhere.
+        for digest in [
+            hasher.digest(key.as_bytes()),
+            KeyHasher::sha256().digest(key.as_bytes()),
+        ] {
+            let hex = digest.to_hex();
+            secrets.push(hex.to_uppercase());
+            secrets.push(hex[..16].to_owned());
+            secrets.push(hex);
+            secrets.push(
+                serde_json::to_string(&KeyRecord::new(KeyId::random(), digest))
+                    .unwrap()
+                    .split("\"digest\":\"")
+                    .nth(1)
+                    .unwrap()
+                    .split('"')
+                    .next()
+                    .unwrap()
+                    .to_owned(),
+            );
+        }
+    }
+    for (what, captured) in [
+        ("metrics", &metrics),
+        ("text logs", &text),
+        ("json logs", &json),
+    ] {
+        for secret in &secrets {
+            assert!(
+                !captured.contains(secret.as_str()),
+                "{what} hold `{secret}`:\n{captured}"
+            );
+        }
+    }
+}

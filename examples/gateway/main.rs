@@ -14,7 +14,6 @@ use std::process::ExitCode;
 const USAGE: &str = "usage: gateway [--config FILE]";
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt().with_target(false).init();
     let mut args = std::env::args().skip(1);
     let config = match (args.next().as_deref(), args.next(), args.next()) {
         (None, _, _) => Ok(app::Config::demo()),
@@ -24,6 +23,11 @@ fn main() -> ExitCode {
         _ => Err(USAGE.to_owned()),
     };
     let started = config.and_then(|config| {
+        // Logging first, in the configured format: the rest of start-up logs.
+        let format = config
+            .log_format()
+            .map_err(|e| format!("configuration error: {e}"))?;
+        app::telemetry::init_logging(format);
         let runtime = config
             .runtime()
             .map_err(|e| format!("configuration error: {e}"))?;
@@ -68,6 +72,9 @@ async fn serve(config: app::Config) -> ExitCode {
         Err(_) => format!("http://{}", gateway.listen),
     };
     println!("gateway listening on {base}");
+    if let Some(metrics) = gateway.metrics {
+        println!("metrics for Prometheus on http://{metrics}/metrics");
+    }
     if let Some(echo) = gateway.echo {
         println!("built-in echo upstream on http://{echo}");
     }

@@ -20,6 +20,7 @@
 //!    call the inner service.
 
 mod scope;
+mod slot;
 mod source;
 
 use std::future::Future;
@@ -45,6 +46,7 @@ use crate::store::{KeyStore, LookupResult, StoreError};
 use crate::wait_then_call::{Next, Resumable, Resume};
 
 pub use scope::{RequireScopes, RequireScopesLayer};
+pub use slot::KeyIdSlot;
 pub use source::{KeySource, ParseKeySourceError};
 
 /// The longest key accepted by default, in bytes.
@@ -400,6 +402,8 @@ const MAX_ANCESTORS: u8 = 4;
 impl<K: KeyStore> Config<K> {
     fn lookup(&self, digest: KeyDigest, lineage: Option<Lineage>) -> TimedLookup<K::Lookup> {
         TimedLookup {
+            #[cfg(feature = "metrics")]
+            started: None,
             lookup: self.store.lookup(&digest),
             digest,
             limit: self.store_timeout,
@@ -423,7 +427,8 @@ impl<K: KeyStore> Config<K> {
         } = answer;
         let (key, record, depth) = match lineage {
             None => {
-                let record = self.judge_key(found, &digest)?;
+                let slot = req.extensions().get::<KeyIdSlot>();
+                let record = self.judge_key(found, &digest, slot)?;
                 (record.clone(), record, 0)
             }
             Some(Lineage { key, child, depth }) => {
@@ -446,6 +451,7 @@ impl<K: KeyStore> Config<K> {
         &self,
         found: LookupResult,
         digest: &KeyDigest,
+        slot: Option<&KeyIdSlot>,
     ) -> Result<Arc<KeyRecord>, Rejection> {
         let record = match found {
             Ok(Some(record)) if record.digest().ct_eq(digest) => record,
@@ -461,6 +467,9 @@ impl<K: KeyStore> Config<K> {
                 return Err(unavailable());
             }
         };
+        if let Some(slot) = slot {
+            slot.fill(record.id());
+        }
         if let Err(why) = record.usable_at(self.clock.now()) {
             let rejection = unusable(why, false);
             tracing::info!(target: "tower_gateway_auth::inbound", key_id = %record.id(), reason = rejection.code(), "API key rejected");
@@ -608,6 +617,9 @@ struct Checked {
 
 /// A store lookup under the layer's timeout, carrying the digest it is for.
 struct TimedLookup<L> {
+    /// For `gateway_auth_store_lookup_seconds`: set when the lookup first has to wait.
+    #[cfg(feature = "metrics")]
+    started: Option<std::time::Instant>,
     lookup: L,
     digest: KeyDigest,
     limit: Option<Duration>,
@@ -624,6 +636,10 @@ impl<L: Future<Output = LookupResult> + Unpin> Future for TimedLookup<L> {
         if let Poll::Ready(found) = Pin::new(&mut this.lookup).poll(cx) {
             return Poll::Ready(this.checked(found));
         }
+        // Only lookups that wait are timed: an answer ready at once (an in-memory store, a
+        // cache hit) costs no clock read, and is counted by the cache's own events.
+        #[cfg(feature = "metrics")]
+        this.started.get_or_insert_with(std::time::Instant::now);
         let Some(limit) = this.limit else {
             return Poll::Pending;
         };
@@ -639,6 +655,17 @@ impl<L: Future<Output = LookupResult> + Unpin> Future for TimedLookup<L> {
 
 impl<L> TimedLookup<L> {
     fn checked(&mut self, found: LookupResult) -> Checked {
+        #[cfg(feature = "metrics")]
+        if let Some(started) = self.started {
+            crate::metrics::store_lookup(
+                started.elapsed(),
+                match &found {
+                    Ok(Some(_)) => "found",
+                    Ok(None) => "unknown",
+                    Err(_) => "error",
+                },
+            );
+        }
         Checked {
             found,
             digest: self.digest,

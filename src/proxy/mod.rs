@@ -33,7 +33,7 @@ use hyper_util::rt::TokioExecutor;
 use tower_service::Service;
 
 use crate::rejection::{Rejection, RejectionKind};
-use crate::response::ResponseBody;
+use crate::response::{ResponseBody, UpstreamOutcome};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type OutBody = UnsyncBoxBody<Bytes, BoxError>;
@@ -59,6 +59,8 @@ type OutBody = UnsyncBoxBody<Bytes, BoxError>;
 ///   driven by the request using it (no connection task, no hand-over per request);
 ///   `https://` upstreams go through hyper-util's client, HTTP/2 when the upstream offers it
 ///   over ALPN.
+/// - Every response it makes carries an [`UpstreamOutcome`] in its extensions (the
+///   upstream's status, or that it failed), for the access log and metrics outside.
 /// - Upstream answers, errors included, come back as they are. An unreachable upstream gives
 ///   502 and one that does not answer within the response timeout 504, as a
 ///   [`Rejection`] (rendered in the stack's dialect by a
@@ -362,10 +364,12 @@ where
         let outgoing = Request::from_parts(parts, body.map_err(Into::into).boxed_unsync());
         let inner = self.inner.clone();
         Box::pin(async move {
-            // Reading the clock twice a request is measurable here: only when it is logged.
-            let started =
-                tracing::enabled!(target: "tower_gateway_auth::proxy", tracing::Level::DEBUG)
-                    .then(Instant::now);
+            // Reading the clock twice a request is measurable here: only when it is logged
+            // or measured.
+            let started = (cfg!(feature = "metrics")
+                || tracing::enabled!(target: "tower_gateway_auth::proxy", tracing::Level::DEBUG))
+            .then(Instant::now);
+            let elapsed = || started.map(|s| s.elapsed());
             let sent = async {
                 match &inner.transport {
                     Transport::Http1(pool, _) => pool.send(outgoing).await.map_err(|e| Failure {
@@ -389,7 +393,9 @@ where
             let response = match result {
                 Ok(Ok(mut response)) => {
                     drop_hop_by_hop(response.headers_mut(), true);
-                    tracing::debug!(target: "tower_gateway_auth::proxy", upstream = %inner.authority, status = response.status().as_u16(), elapsed = ?started.map(|s| s.elapsed()).unwrap_or_default(), "forwarded");
+                    let outcome = UpstreamOutcome::answered(response.status(), elapsed());
+                    tracing::debug!(target: "tower_gateway_auth::proxy", upstream = %inner.authority, status = response.status().as_u16(), elapsed = ?outcome.elapsed().unwrap_or_default(), "forwarded");
+                    response.extensions_mut().insert(outcome);
                     return Ok(response.map(ResponseBody::inner));
                 }
                 Ok(Err(Failure { connect, error })) => {
@@ -415,9 +421,11 @@ where
                     )
                 }
             };
-            Ok(response
-                .to_response(&HeaderMap::new())
-                .map(ResponseBody::full))
+            let mut response = response.to_response(&HeaderMap::new());
+            response
+                .extensions_mut()
+                .insert(UpstreamOutcome::failed(elapsed()));
+            Ok(response.map(ResponseBody::full))
         })
     }
 }

@@ -129,6 +129,61 @@ impl RejectionKind {
         }
     }
 
+    /// The coarse outcome that metrics and the access log name this refusal by, e.g.
+    /// `missing`, `invalid`, `revoked`, `forbidden`, `store_unavailable`; an accepted
+    /// request is `allowed`. Several kinds share one outcome (a malformed, ambiguous or
+    /// oversized credential are all `malformed`), so that a dashboard has few series;
+    /// [`code`](Self::code) tells them apart.
+    ///
+    /// | outcome | kinds |
+    /// |---|---|
+    /// | `missing` | `MissingKey` |
+    /// | `malformed` | `MalformedKey`, `AmbiguousKey`, `KeyTooLong` |
+    /// | `invalid` | `InvalidKey` |
+    /// | `expired` | `ExpiredKey` |
+    /// | `not_yet_valid` | `KeyNotYetValid` |
+    /// | `revoked` | `RevokedKey` |
+    /// | `disabled` | `DisabledKey` |
+    /// | `forbidden` | `InsufficientScope`, `Forbidden` |
+    /// | `rate_limited` | `TooManyEphemeralKeys` |
+    /// | `store_unavailable` | `StoreUnavailable` |
+    /// | `upstream_credential` | `NoUpstreamCredential`, `UpstreamCredentialUnavailable` |
+    /// | `upstream_error` | `UpstreamUnreachable` |
+    /// | `upstream_timeout` | `UpstreamTimeout` |
+    /// | `bad_request` | `InvalidPath`, `InvalidJson`, `InvalidRequest` |
+    /// | `not_found` | `NotFound`, `KeyNotFound` |
+    /// | `conflict` | `Conflict` |
+    /// | `request_timeout` | `RequestBodyTimeout` |
+    ///
+    /// ```
+    /// use tower_gateway_auth::rejection::RejectionKind;
+    ///
+    /// assert_eq!(RejectionKind::InsufficientScope.outcome(), "forbidden");
+    /// assert_eq!(RejectionKind::KeyTooLong.outcome(), "malformed");
+    /// ```
+    pub fn outcome(self) -> &'static str {
+        use RejectionKind::*;
+        match self {
+            MissingKey => "missing",
+            MalformedKey | AmbiguousKey | KeyTooLong => "malformed",
+            InvalidKey => "invalid",
+            ExpiredKey => "expired",
+            KeyNotYetValid => "not_yet_valid",
+            RevokedKey => "revoked",
+            DisabledKey => "disabled",
+            InsufficientScope | Forbidden => "forbidden",
+            TooManyEphemeralKeys => "rate_limited",
+            StoreUnavailable => "store_unavailable",
+            NoUpstreamCredential | UpstreamCredentialUnavailable => "upstream_credential",
+            UpstreamUnreachable => "upstream_error",
+            UpstreamTimeout => "upstream_timeout",
+            InvalidPath | InvalidJson | InvalidRequest => "bad_request",
+            NotFound | KeyNotFound => "not_found",
+            Conflict => "conflict",
+            RequestBodyTimeout => "request_timeout",
+        }
+    }
+
     /// The RFC 6750 challenge for `WWW-Authenticate`: `None` for refusals that are not
     /// about the credential, `Some(None)` for a challenge without an `error` attribute.
     fn challenge(self) -> Option<Option<&'static str>> {

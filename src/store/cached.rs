@@ -323,6 +323,8 @@ impl<K: KeyStore> CachedStore<K> {
 
     /// Forgets `digest`, known or unknown: the next lookup asks the store.
     pub fn invalidate(&self, digest: &KeyDigest) {
+        #[cfg(feature = "metrics")]
+        crate::metrics::cache_event("invalidation");
         self.shared.epoch.fetch_add(1, Ordering::SeqCst);
         // The flight first, then the tables: see `Table::put_unless`.
         if let Some(flight) = self.shared.flights().remove(digest) {
@@ -334,6 +336,8 @@ impl<K: KeyStore> CachedStore<K> {
 
     /// Forgets everything (e.g. after missing invalidations while disconnected).
     pub fn invalidate_all(&self) {
+        #[cfg(feature = "metrics")]
+        crate::metrics::cache_event("invalidation");
         self.shared.epoch.fetch_add(1, Ordering::SeqCst);
         for (_, flight) in self.shared.flights().drain() {
             flight.stale.store(true, Ordering::SeqCst);
@@ -422,6 +426,8 @@ impl<K: KeyStore> Shared<K> {
                         if now.saturating_sub(fetched) <= self.max_staleness =>
                     {
                         tracing::warn!(target: "tower_gateway_auth::store", key_id = %record.id(), %error, age_secs = now.saturating_sub(fetched), "key store failed: serving the cached record");
+                        #[cfg(feature = "metrics")]
+                        crate::metrics::cache_event("stale");
                         Ok(Some(record))
                     }
                     _ => Err(StoreError::new(error.message().to_owned())),
@@ -449,13 +455,19 @@ impl<K: KeyStore> KeyStore for CachedStore<K> {
         if let Some((record, fetched)) = shared.known.get(digest)
             && now.saturating_sub(fetched) < shared.ttl
         {
+            #[cfg(feature = "metrics")]
+            crate::metrics::cache_event("hit");
             return CachedLookup(ReadyOrBoxed::ready(Ok(Some(record))));
         }
         if let Some((_, fetched)) = shared.unknown.get(digest)
             && now.saturating_sub(fetched) < shared.negative_ttl
         {
+            #[cfg(feature = "metrics")]
+            crate::metrics::cache_event("negative_hit");
             return CachedLookup(ReadyOrBoxed::ready(Ok(None)));
         }
+        #[cfg(feature = "metrics")]
+        crate::metrics::cache_event("miss");
         CachedLookup(ReadyOrBoxed::boxed(shared.clone().fetch(*digest, now)))
     }
 

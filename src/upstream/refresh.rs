@@ -387,6 +387,8 @@ impl<F> Shared<F> {
                 Ok(token)
             }
         });
+        #[cfg(feature = "metrics")]
+        crate::metrics::credential_refresh(&settings.name, result.is_ok());
         let mut state = self.state();
         state.fetching = false;
         match result {

@@ -7,6 +7,9 @@ mod app;
 mod ops;
 use crate::support;
 
+/// Metrics and the access log, end to end.
+mod telemetry;
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;

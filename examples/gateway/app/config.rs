@@ -63,6 +63,15 @@ pub struct Config {
     /// Worker threads. `1` runs the whole gateway on one thread (tokio's current-thread
     /// runtime, like nginx's `worker_processes 1`); unset, one per CPU.
     pub workers: Option<usize>,
+    /// Serves Prometheus metrics at `GET /metrics` on this address (a listener of its own);
+    /// unset, no metrics listener.
+    pub metrics_listen: Option<String>,
+    /// Also counts requests by key id, for at most this many keys a route (later ones as
+    /// `key="other"`); unset, no per-key series.
+    pub metrics_key_labels: Option<usize>,
+    /// `text` (default) or `json`: the format of every log line, the access log's included.
+    #[serde(default = "default_log_format")]
+    pub log_format: String,
     /// Limits on client connections.
     #[serde(default)]
     pub server: ServerConfig,
@@ -182,6 +191,10 @@ fn default_sources() -> Vec<String> {
 fn default_error_format() -> String {
     "openai".into()
 }
+fn default_log_format() -> String {
+    "text".into()
+}
+
 fn default_redis_namespace() -> String {
     "tga".into()
 }
@@ -241,6 +254,17 @@ pub struct Plan {
     pub keep_client_request_id: bool,
     pub limits: Limits,
     pub routes: Vec<RoutePlan>,
+    pub metrics_listen: Option<SocketAddr>,
+    pub metrics_key_labels: Option<usize>,
+}
+
+/// `log_format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object a line.
+    Json,
 }
 
 /// Where client keys live.
@@ -320,8 +344,24 @@ impl Config {
             timeout_secs: default_timeout(),
             keep_client_request_id: default_keep_client_request_id(),
             workers: None,
+            metrics_listen: None,
+            metrics_key_labels: None,
+            log_format: default_log_format(),
             server: ServerConfig::default(),
             routes: vec![route("/openai", "openai"), route("/anthropic", "anthropic")],
+        }
+    }
+
+    /// The log format `log_format` names; read before the rest of the plan, as logging
+    /// starts first.
+    pub fn log_format(&self) -> Result<LogFormat, ConfigError> {
+        match self.log_format.as_str() {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(bad(
+                "log_format",
+                format!("`{other}`: expected text or json"),
+            )),
         }
     }
 
@@ -388,6 +428,21 @@ impl Config {
         };
         let key_format = KeyFormat::new(&self.key_prefix).map_err(|e| bad("key_prefix", e))?;
         let limits = self.server.plan()?;
+        self.log_format()?;
+        let metrics_listen = self
+            .metrics_listen
+            .as_deref()
+            .map(|addr| {
+                addr.parse()
+                    .map_err(|e| bad("metrics_listen", format!("`{addr}`: {e}")))
+            })
+            .transpose()?;
+        if self.metrics_key_labels.is_some() && metrics_listen.is_none() {
+            return Err(bad(
+                "metrics_key_labels",
+                "needs metrics_listen: without it no metric is exported",
+            ));
+        }
         if self.routes.is_empty() {
             return Err(bad("route", "add at least one [[route]]"));
         }
@@ -450,6 +505,8 @@ impl Config {
             keep_client_request_id: self.keep_client_request_id,
             limits,
             routes,
+            metrics_listen,
+            metrics_key_labels: self.metrics_key_labels,
         })
     }
 }

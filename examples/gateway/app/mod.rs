@@ -5,7 +5,10 @@
 //! ```
 //!
 //! One such stack per `[[route]]`, so that every rejection speaks the route's dialect; the
-//! management API at `/admin` sits behind its own inbound layer on the same store.
+//! management API at `/admin` sits behind its own inbound layer on the same store. Each
+//! route's stack (and the router for everything else, as route `-`) is wrapped in the
+//! access log and the metrics layer, outermost, named for the route (`/openai` → `openai`);
+//! `telemetry.rs` serves the metrics (`metrics_listen`) and sets up the log (`log_format`).
 //! `Probes` answers `/healthz` and `/readyz` before any of them (see `probes.rs`).
 
 pub mod config;
@@ -13,16 +16,19 @@ pub mod echo;
 pub mod probes;
 pub mod routes;
 pub mod serve;
+pub mod telemetry;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
 use tower::ServiceBuilder;
+use tower_gateway_auth::access_log::{AccessLogLayer, CountingBody};
 use tower_gateway_auth::inject::RequestId;
 use tower_gateway_auth::keys::{
     Actor, ApiKey, AuditEvent, AuditFile, AuditSink, KeyManager, NewKey,
 };
+use tower_gateway_auth::metrics::MetricsLayer;
 use tower_gateway_auth::proxy::{Forward, StripHopByHopLayer};
 use tower_gateway_auth::rejection::{ErrorFormat, RejectionKind};
 use tower_gateway_auth::store::listen_for_invalidations;
@@ -61,6 +67,8 @@ pub struct Gateway {
     pub echo: Option<SocketAddr>,
     /// What `/readyz` answers; [`serve`] marks it at shutdown.
     pub readiness: Readiness,
+    /// Where `GET /metrics` is served, when `metrics_listen` is set.
+    pub metrics: Option<SocketAddr>,
     /// Background work (expired ephemeral keys purge) that ends with the gateway.
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -177,6 +185,41 @@ where
             .realm("gateway")
     };
 
+    // Outermost of a route: the access log sees the final status and every body byte, the
+    // metrics count the outcome whichever layer decided it.
+    let telemetry = |route: &str| {
+        let metrics = MetricsLayer::new().route(route);
+        let metrics = match plan.metrics_key_labels {
+            Some(limit) => metrics.per_key_labels(limit),
+            None => metrics,
+        };
+        ServiceBuilder::new()
+            .layer(AccessLogLayer::new().route(route))
+            .layer(metrics)
+    };
+    let mut tasks = Vec::new();
+    let metrics = match plan.metrics_listen {
+        None => None,
+        Some(addr) => {
+            let handle = telemetry::prometheus().map_err(|e| ConfigError {
+                field: "metrics_listen".into(),
+                message: e,
+            })?;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| ConfigError {
+                    field: "metrics_listen".into(),
+                    message: format!("cannot listen on {addr}: {e}"),
+                })?;
+            let bound = listener.local_addr().map_err(|e| ConfigError {
+                field: "metrics_listen".into(),
+                message: e.to_string(),
+            })?;
+            tasks.push(tokio::spawn(telemetry::serve_metrics(listener, handle)));
+            Some(bound)
+        }
+    };
+
     let mut echo = None;
     let mut routes = Vec::new();
     for route in plan.routes {
@@ -216,6 +259,7 @@ where
         let scopes = RequireScopesLayer::new(route.scope);
         let responder = responder(&route.error_format);
         let stack = ServiceBuilder::new()
+            .layer(telemetry(route.prefix.trim_start_matches('/')))
             .layer(responder.clone())
             .layer(inbound)
             .layer(scopes)
@@ -245,8 +289,14 @@ where
                 format!("No route for {}.", uri.path()),
             )
         })
-        .layer(default_responder.clone());
-    let tasks = vec![manager.spawn_purge(std::time::Duration::from_secs(60))];
+        .layer(default_responder.clone())
+        .layer(
+            // The router's own services take axum's body: the counted one is turned back.
+            telemetry("-").map_request(|req: http::Request<CountingBody<axum::body::Body>>| {
+                req.map(axum::body::Body::new)
+            }),
+        );
+    tasks.push(manager.spawn_purge(std::time::Duration::from_secs(60)));
     let readiness = Readiness::new(subscribed);
     // The headers a client names in `Connection` go before any layer runs, so it cannot
     // name away what the layers set (the credential, the organization).
@@ -270,6 +320,7 @@ where
         first_key,
         echo,
         readiness,
+        metrics,
         tasks,
     })
 }
