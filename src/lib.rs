@@ -6,6 +6,8 @@
 //! | module | what it holds |
 //! |---|---|
 //! | [`proxy`] (feature `proxy`) | [`StripHopByHopLayer`](proxy::StripHopByHopLayer), outermost: a client's `Connection` header cannot remove what the layers below set |
+//! | [`access_log`] | [`AccessLogLayer`](access_log::AccessLogLayer), outermost of a route: one `tracing` event per request, when its response body ends |
+//! | `metrics` (feature `metrics`) | `MetricsLayer`, beside the [`RejectionLayer`]: requests by route and outcome through the `metrics` facade; the other layers' counters and histograms |
 //! | [`rejection`] | [`RejectionLayer`]: renders every refusal of the layers inside it in one dialect ([`ErrorFormat`](rejection::ErrorFormat)) and realm; the typed [`Rejection`] |
 //! | [`inbound`] | [`InboundApiKeyLayer`]: finds the client's key (header, `Authorization: Bearer`, query), verifies it against a [`KeyStore`](store::KeyStore) and hands the caller's [`Identity`] on; [`RequireScopesLayer`] for per-route scopes |
 //! | [`store`] | where keys live, as digests only: [`MemoryStore`](store::MemoryStore), [`FileStore`](store::FileStore), [`CachedStore`](store::CachedStore) and, with feature `redis`, `RedisStore` |
@@ -14,11 +16,9 @@
 //! | [`inject`] | [`HeaderInjectLayer`]: header rules and request ids |
 //! | [`proxy`] (feature `proxy`) | [`Forward`](proxy::Forward), innermost: the streaming forwarding proxy |
 //! | [`response`], [`clock`] | what every layer answers with (and [`UpstreamOutcome`](response::UpstreamOutcome), what the upstream answered); the injectable clock key validity reads |
-//! | [`access_log`] | [`AccessLogLayer`](access_log::AccessLogLayer), outermost of a route: one `tracing` event per request, when its response body ends |
-//! | `metrics` (feature `metrics`) | `MetricsLayer`, beside the [`RejectionLayer`]: requests by route and outcome through the `metrics` facade; the other layers' counters and histograms |
 //!
-//! A gateway stacks them in that order: client → hop-by-hop → rejections → inbound → upstream
-//! → inject → proxy.
+//! A gateway stacks them in that order: client → hop-by-hop → access log → metrics →
+//! rejections → inbound → upstream → inject → proxy.
 //!
 //! # One way to refuse a request
 //!
