@@ -64,15 +64,21 @@
 //! shared by replicas comes next: one atomic Lua script per decision over hash-tagged keys
 //! (`{ns:key_id}`), so that it runs on Redis Cluster.
 
+mod access;
 mod body;
 mod gcra;
 mod layer;
 mod memory;
 mod model;
+mod scan;
 
 pub use body::LimitBody;
 pub use layer::{RateLimit, RateLimitFuture, RateLimitLayer};
 pub use memory::{MemoryLimiter, MemoryPermit};
+pub use access::{
+    BoxError, DEFAULT_MAX_BUFFER, ModelAccess, ModelAccessFuture, ModelAccessLayer, ReplayBody,
+    UnknownModel,
+};
 pub use model::ModelList;
 
 use std::fmt;
