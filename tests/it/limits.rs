@@ -447,3 +447,302 @@ async fn clock_is_the_one_the_limiter_was_given() {
     assert_eq!(clock.now_nanos(), T0 * 1_000_000_000 + 1_500_000_000);
     assert_eq!(clock.now(), Timestamp::from_unix_secs(T0 + 1));
 }
+
+// ---- model access ----
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use tower_gateway_auth::limit::{ModelAccessLayer, ModelList, ReplayBody, UnknownModel};
+
+/// A request body handed over in the given chunks.
+struct Chunks(VecDeque<Bytes>);
+
+impl http_body::Body for Chunks {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Poll::Ready(self.0.pop_front().map(|c| Ok(Frame::data(c))))
+    }
+}
+
+fn chunks<I: IntoIterator<Item = Vec<u8>>>(parts: I) -> Chunks {
+    Chunks(parts.into_iter().map(Bytes::from).collect())
+}
+
+/// What the upstream received: each request's body, whole.
+#[derive(Clone, Default)]
+struct Bodies(Arc<Mutex<Vec<Result<Bytes, String>>>>);
+
+impl Bodies {
+    fn all(&self) -> Vec<Result<Bytes, String>> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+fn restricted(models: &[&str]) -> Arc<KeyRecord> {
+    Arc::new(
+        KeyRecord::new(
+            KeyId::random(),
+            MemoryStore::new().hasher().digest(KEY.as_bytes()),
+        )
+        .with_models(ModelList::new(models.iter().copied())),
+    )
+}
+
+/// Sends `body` through a [`ModelAccessLayer`] (`layer`) to an upstream that reads the
+/// whole body, as the key `record`, with rejections in `format`.
+async fn through(
+    layer: ModelAccessLayer,
+    format: ErrorFormat,
+    record: &Arc<KeyRecord>,
+    uri: &str,
+    headers: &[(&str, &str)],
+    body: Chunks,
+) -> (support::Answer, Bodies) {
+    let bodies = Bodies::default();
+    let seen = bodies.clone();
+    let svc = ServiceBuilder::new()
+        .layer(RejectionLayer::new().error_format(format))
+        .layer(layer)
+        .service_fn(move |req: Request<ReplayBody<Chunks>>| {
+            let seen = seen.clone();
+            async move {
+                let body = req.into_body().collect().await;
+                let body = body.map(|b| b.to_bytes()).map_err(|e| e.to_string());
+                seen.0.lock().unwrap().push(body);
+                Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from_static(b"ok"))))
+            }
+        });
+    let mut req = Request::post(uri);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let mut req = req.body(body).unwrap();
+    req.extensions_mut().insert(Identity::new(record.clone()));
+    (read(svc.oneshot(req).await.unwrap()).await, bodies)
+}
+
+const CHAT: &str = "/v1/chat/completions";
+
+#[tokio::test]
+async fn a_model_the_key_may_not_use_is_403_in_each_dialect_and_reaches_nothing() {
+    let key = restricted(&["gpt-4o-mini", "claude-3-5-haiku*"]);
+    let body = || chunks([br#"{"model":"gpt-4o","messages":[]}"#.to_vec()]);
+    let (openai, seen) = through(ModelAccessLayer::new(), ErrorFormat::OpenAi, &key, CHAT, &[], body()).await;
+    assert_eq!(openai.status, StatusCode::FORBIDDEN);
+    assert_eq!(openai.json()["error"]["code"], "model_not_allowed");
+    assert_eq!(
+        openai.json()["error"]["message"],
+        "This API key may not use the model `gpt-4o`."
+    );
+    assert!(seen.all().is_empty(), "the upstream saw nothing");
+
+    let claude = || chunks([br#"{"max_tokens":5,"model":"claude-3-opus-latest"}"#.to_vec()]);
+    let (anthropic, seen) = through(ModelAccessLayer::new(), ErrorFormat::Anthropic, &key, "/v1/messages", &[], claude()).await;
+    assert_eq!(anthropic.status, StatusCode::FORBIDDEN);
+    assert_eq!(anthropic.json()["error"]["type"], "permission_error");
+    assert!(seen.all().is_empty());
+
+    let grpc = [("content-type", "application/grpc")];
+    let (status, seen) = through(ModelAccessLayer::new(), ErrorFormat::OpenAi, &key, CHAT, &grpc, body()).await;
+    assert_eq!(status.headers["grpc-status"], "7", "PERMISSION_DENIED");
+    assert!(seen.all().is_empty());
+}
+
+#[tokio::test]
+async fn an_allowed_model_arrives_byte_for_byte_however_it_is_chunked() {
+    let key = restricted(&["claude-3-5-haiku*"]);
+    let text: &[u8] = b" {\"stream\" : true,\n \"mod\\u0065l\":\"claude-3-5-haiku-latest\" ,\"messages\":[{\"model\":\"x\"}]}\r\n";
+    for cut in 1..text.len() {
+        let body = chunks([text[..cut].to_vec(), text[cut..].to_vec()]);
+        let (answer, seen) = through(ModelAccessLayer::new(), ErrorFormat::Anthropic, &key, "/v1/messages", &[], body).await;
+        assert_eq!(answer.status, 200, "cut at {cut}");
+        assert_eq!(seen.all(), [Ok(Bytes::from_static(text))], "cut at {cut}");
+    }
+}
+
+#[tokio::test]
+async fn models_in_gemini_and_azure_paths_are_checked_without_reading_the_body() {
+    let key = restricted(&["gemini-2.0-flash", "prod-gpt4o"]);
+    let layer = ModelAccessLayer::new;
+    let empty = || chunks([]);
+    let gemini = "/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse";
+    let (ok, seen) = through(layer(), ErrorFormat::OpenAi, &key, gemini, &[], empty()).await;
+    assert_eq!(ok.status, 200);
+    assert_eq!(seen.all().len(), 1);
+    let (refused, seen) = through(layer(), ErrorFormat::OpenAi, &key, "/v1beta/models/gemini-1.5-pro:generateContent", &[], empty()).await;
+    assert_eq!(refused.status, 403);
+    assert!(seen.all().is_empty());
+    let azure = "/openai/deployments/prod-gpt4o/chat/completions?api-version=2024-10-21";
+    let (ok, _) = through(layer(), ErrorFormat::OpenAi, &key, azure, &[], empty()).await;
+    assert_eq!(ok.status, 200);
+    let (refused, _) = through(layer(), ErrorFormat::OpenAi, &key, "/openai/deployments/other/chat/completions", &[], empty()).await;
+    assert_eq!(refused.status, 403);
+}
+
+#[tokio::test]
+async fn unreadable_models_follow_the_configured_rule() {
+    let key = restricted(&["gpt-4o-mini"]);
+    let unrestricted = Arc::new(KeyRecord::new(KeyId::random(), MemoryStore::new().hasher().digest(b"x")));
+    let filler = format!(r#"{{"messages":"{}","#, "a".repeat(70 * 1024));
+    let late = |model: &str| chunks([filler.clone().into_bytes(), format!(r#""model":"{model}"}}"#).into_bytes()]);
+    let not_json = || chunks([b"--boundary\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ngpt-4o-mini".to_vec()]);
+    let no_model = || chunks([br#"{"input":"hello"}"#.to_vec()]);
+
+    // Default: a restricted key must name a readable model within the bound.
+    for body in [late("gpt-4o-mini"), not_json(), no_model()] {
+        let (a, seen) = through(ModelAccessLayer::new(), ErrorFormat::OpenAi, &key, CHAT, &[], body).await;
+        assert_eq!(a.status, 403, "{}", a.text());
+        assert!(seen.all().is_empty());
+    }
+    // A key without a list passes untouched, whatever the body.
+    let (a, seen) = through(ModelAccessLayer::new(), ErrorFormat::OpenAi, &unrestricted, CHAT, &[], not_json()).await;
+    assert_eq!(a.status, 200);
+    assert_eq!(seen.all()[0].as_ref().unwrap().len(), not_json().0.iter().map(Bytes::len).sum::<usize>());
+
+    // Allowed when configured: past the bound the body streams on, still watched.
+    let allow = || ModelAccessLayer::new().unknown_model(UnknownModel::Allow);
+    let (a, seen) = through(allow(), ErrorFormat::OpenAi, &key, CHAT, &[], late("gpt-4o-mini")).await;
+    assert_eq!(a.status, 200);
+    let expected = [filler.clone().into_bytes(), br#""model":"gpt-4o-mini"}"#.to_vec()].concat();
+    assert_eq!(seen.all(), [Ok(Bytes::from(expected))]);
+    let (a, seen) = through(allow(), ErrorFormat::OpenAi, &key, CHAT, &[], not_json()).await;
+    assert_eq!(a.status, 200);
+    assert!(seen.all()[0].is_ok());
+    // A forbidden model past the bound breaks the body before the upstream has all of it.
+    let (_, seen) = through(allow(), ErrorFormat::OpenAi, &key, CHAT, &[], late("gpt-4o")).await;
+    assert!(seen.all()[0].as_ref().unwrap_err().contains("may not use"), "{:?}", seen.all());
+}
+
+#[tokio::test]
+async fn a_second_model_key_is_refused() {
+    let key = restricted(&["gpt-4o-mini"]);
+    let twice = chunks([br#"{"model":"gpt-4o-mini","model":"gpt-4o"}"#.to_vec()]);
+    let (a, seen) = through(ModelAccessLayer::new(), ErrorFormat::OpenAi, &key, CHAT, &[], twice).await;
+    assert_eq!(a.status, 400);
+    assert!(seen.all().is_empty());
+    // Found after the model was decided, in the streamed rest: the body breaks.
+    let late = chunks([
+        br#"{"model":"gpt-4o-mini","#.to_vec(),
+        br#""messages":[],"model":"gpt-4o"}"#.to_vec(),
+    ]);
+    let (_, seen) = through(ModelAccessLayer::new(), ErrorFormat::OpenAi, &key, CHAT, &[], late).await;
+    assert!(seen.all()[0].as_ref().unwrap_err().contains("more than once"));
+}
+
+#[tokio::test]
+async fn a_large_body_streams_past_its_model() {
+    // The client sends the model and the first part of 1 MiB, then waits until the upstream
+    // has read that part before sending the rest: a layer that buffered the body would never
+    // let the upstream see it, and the test would time out.
+    let (first_seen_tx, first_seen) = tokio::sync::oneshot::channel::<usize>();
+    let first_seen_tx = Arc::new(Mutex::new(Some(first_seen_tx)));
+    let total = Arc::new(Mutex::new(None));
+    let total_seen = total.clone();
+    let store = MemoryStore::new();
+    store.insert(
+        KeyRecord::new(KeyId::random(), store.hasher().digest(KEY.as_bytes()))
+            .with_models(ModelList::new(["gpt-4o*"])),
+    );
+    let app = Router::new()
+        .route(
+            CHAT,
+            post(move |req: axum::extract::Request| {
+                let first_seen_tx = first_seen_tx.clone();
+                let total = total_seen.clone();
+                async move {
+                    let mut body = req.into_body();
+                    let mut n = 0;
+                    let mut hash = crc32fast::Hasher::new();
+                    while let Some(frame) = body.frame().await {
+                        let data = frame.unwrap().into_data().unwrap();
+                        n += data.len();
+                        hash.update(&data);
+                        if let Some(tx) = first_seen_tx.lock().unwrap().take() {
+                            tx.send(n).unwrap();
+                        }
+                    }
+                    *total.lock().unwrap() = Some((n, hash.finalize()));
+                    "ok"
+                }
+            }),
+        )
+        .layer(ModelAccessLayer::new())
+        .layer(InboundApiKeyLayer::new(store))
+        .layer(RejectionLayer::new());
+    let gw = support::spawn_axum(app).await;
+
+    let (tx, rx) = mpsc::channel::<Bytes>(4);
+    let head = Bytes::from(format!(r#"{{"model":"gpt-4o-mini","input":"{}"#, "x".repeat(16 * 1024)));
+    let tail = Bytes::from(format!(r#"{}"}}"#, "y".repeat(1024 * 1024)));
+    let mut whole = crc32fast::Hasher::new();
+    whole.update(&head);
+    whole.update(&tail);
+    let len = head.len() + tail.len();
+    let req = Request::post(format!("http://{gw}{CHAT}"))
+        .header("authorization", format!("Bearer {KEY}"))
+        .header("content-type", "application/json")
+        .body(axum::body::Body::new(ChannelBody(rx)))
+        .unwrap();
+    let client: hyper_util::client::legacy::Client<_, axum::body::Body> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let response = tokio::spawn(async move { client.request(req).await.unwrap().status() });
+    tx.send(head).await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(5), first_seen)
+        .await
+        .expect("the upstream saw the first bytes before the client sent the last")
+        .unwrap();
+    assert!(first < len, "{first} of {len} bytes");
+    tx.send(tail).await.unwrap();
+    drop(tx);
+    assert_eq!(response.await.unwrap(), 200);
+    assert_eq!(*total.lock().unwrap(), Some((len, whole.finalize())), "byte for byte");
+}
+
+mod fuzz {
+    use super::*;
+    use proptest::arbitrary::any;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+        /// Whatever the bytes and however they are cut, the layer neither panics nor changes
+        /// what it passes on: the upstream gets the bytes exactly, or nothing at all.
+        #[test]
+        fn any_bytes_pass_unchanged_or_not_at_all(
+            bytes in prop_oneof![
+                proptest::collection::vec(any::<u8>(), 0..300),
+                "[ {}\\[\\]\":,\\\\a-z0-9]{0,120}".prop_map(String::into_bytes),
+                "\\{\"model\":\"gpt-4o[a-z\\-\\\\\"]{0,8}\"[ ,a-z\":{}]{0,40}".prop_map(String::into_bytes),
+            ],
+            cuts in proptest::collection::vec(any::<usize>(), 0..5),
+            allow in any::<bool>(),
+            bound in 64usize..128,
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let mut points: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
+            points.sort_unstable();
+            let mut parts = Vec::new();
+            let mut from = 0;
+            for p in points.into_iter().chain([bytes.len()]) {
+                parts.push(bytes[from..p].to_vec());
+                from = p;
+            }
+            let rule = if allow { UnknownModel::Allow } else { UnknownModel::Refuse };
+            let layer = ModelAccessLayer::new().unknown_model(rule).max_buffer(bound);
+            let key = restricted(&["gpt-4o*"]);
+            let (answer, seen) = rt.block_on(through(layer, ErrorFormat::OpenAi, &key, CHAT, &[], chunks(parts)));
+            match seen.all().as_slice() {
+                [] => prop_assert!(answer.status == 403 || answer.status == 400),
+                [Ok(body)] => prop_assert_eq!(&body[..], &bytes[..]),
+                // A body broken mid-stream: a model found late, or twice.
+                [Err(e)] => prop_assert!(e.contains("model"), "{}", e),
+                more => prop_assert!(false, "{} requests", more.len()),
+            }
+        }
+    }
+}
