@@ -572,9 +572,7 @@ impl KeyRecord {
     /// choices (such as [`PerIdentity`](crate::upstream::PerIdentity)'s bring-your-own-key) made for
     /// a key follow it through rotations and to the keys it mints.
     pub fn origin(&self) -> KeyId {
-        self.lineage()
-            .and_then(|l| l.origin)
-            .unwrap_or(self.id)
+        self.lineage().and_then(|l| l.origin).unwrap_or(self.id)
     }
 
     /// Whether the key still takes up one of its parent's ephemeral slots at `now`: it is
@@ -872,9 +870,14 @@ mod tests {
     #[test]
     fn limits_and_models_round_trip_and_old_records_keep_their_bytes() {
         use crate::limit::Rate;
-        let plain = record().with_name("n").with_created_at(Timestamp::from_unix_secs(5));
+        let plain = record()
+            .with_name("n")
+            .with_created_at(Timestamp::from_unix_secs(5));
         let json = serde_json::to_string(&plain).unwrap();
-        assert!(!json.contains("limits") && !json.contains("models"), "{json}");
+        assert!(
+            !json.contains("limits") && !json.contains("models"),
+            "{json}"
+        );
         // A record written before limits existed loads, and is written back unchanged.
         let back: KeyRecord = serde_json::from_str(&json).unwrap();
         assert_eq!(serde_json::to_string(&back).unwrap(), json);

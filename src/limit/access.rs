@@ -168,7 +168,12 @@ fn path_model(path: &str) -> Option<Option<String>> {
             segment == "models" || (segment == "deployments" && previous == "openai");
         if is_model_slot && let Some(next) = segments.clone().next() {
             let name = next.split(':').next().unwrap_or(next);
-            return Some(percent_decode_str(name).decode_utf8().ok().map(String::from));
+            return Some(
+                percent_decode_str(name)
+                    .decode_utf8()
+                    .ok()
+                    .map(String::from),
+            );
         }
         previous = segment;
     }
@@ -579,7 +584,11 @@ mod tests {
         );
         assert_eq!(m("/v1/models/gpt%2D4o").as_deref(), Some("gpt-4o"));
         assert_eq!(path_model("/v1/chat/completions"), None);
-        assert_eq!(path_model("/v1/models"), None, "the list of models names none");
+        assert_eq!(
+            path_model("/v1/models"),
+            None,
+            "the list of models names none"
+        );
         assert_eq!(path_model("/deployments/x/chat"), None);
         assert_eq!(path_model("/v1/models/%FF"), Some(None));
     }

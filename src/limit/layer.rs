@@ -336,10 +336,7 @@ where
                         quota_headers(&mut parts.headers, quota);
                     }
                     let body = LimitBody::new(body, permit.take());
-                    return Poll::Ready(Ok(Response::from_parts(
-                        parts,
-                        ResponseBody::inner(body),
-                    )));
+                    return Poll::Ready(Ok(Response::from_parts(parts, ResponseBody::inner(body))));
                 }
                 StateProj::Rejected { response } => {
                     let response = response.take().expect("polled after completion");

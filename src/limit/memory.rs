@@ -14,7 +14,7 @@ use crate::clock::{Clock, SystemClock, Timestamp};
 use crate::keys::KeyId;
 
 /// Entries a shard holds before its first sweep of idle keys.
-const FIRST_SWEEP: usize = 1024;
+const FIRST_SWEEP: usize = 256;
 
 /// The in-memory [`Limiter`]: GCRA and in-flight counts per key, exact within one process.
 ///
@@ -169,15 +169,17 @@ impl<C: Clock> MemoryLimiter<C> {
 fn lock(shard: &Shard) -> MutexGuard<'_, Entries> {
     // A panic while a shard was held leaves counts that are still consistent (every write
     // is one field), so the table stays usable.
-    shard.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    shard
+        .0
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Entries {
     /// The key's entry, made when missing; sweeps idle entries first when the shard has
     /// grown to twice its size after the last sweep.
     fn entry(&mut self, key: u64, hash: u64, now: u64) -> &mut Entry {
-        if self.table.find(hash, |e| e.key == key).is_none() && self.table.len() >= self.sweep_at
-        {
+        if self.table.find(hash, |e| e.key == key).is_none() && self.table.len() >= self.sweep_at {
             self.table.retain(|e| e.tat > now || e.in_flight > 0);
             self.sweep_at = (self.table.len() * 2).max(FIRST_SWEEP);
         }
@@ -233,5 +235,48 @@ impl fmt::Debug for MemoryPermit {
         f.debug_struct("MemoryPermit")
             .field("key", &KeyId::from_u64(self.key))
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::limit::Rate;
+
+    #[test]
+    fn idle_keys_are_swept_and_keys_in_flight_are_kept() {
+        let clock = ManualClock::new(Timestamp::from_unix_secs(1_000));
+        let limiter = MemoryLimiter::with_clock(clock.clone());
+        let shards = limiter.table.shards.len();
+        let rate = Limits::new().with_rate(Rate::per_second(1));
+        let held = Limits::new().with_max_concurrent(1);
+        let permit = match limiter.decide(KeyId::from_u64(u64::MAX), &held) {
+            Admission::Allowed { permit, .. } => permit.unwrap(),
+            other => panic!("{other:?}"),
+        };
+        // 100 waves of keys that each go idle a second after their one request.
+        for wave in 0..100u64 {
+            for k in 0..(shards as u64 * 64) {
+                let id = KeyId::from_u64(wave << 32 | k);
+                assert!(matches!(
+                    limiter.decide(id, &rate),
+                    Admission::Allowed { .. }
+                ));
+            }
+            clock.advance(Duration::from_secs(2));
+        }
+        let bound = 2 * shards * FIRST_SWEEP + shards * 64;
+        assert!(limiter.len() <= bound, "{} > {bound}", limiter.len());
+        // The key in flight kept its entry through every sweep.
+        assert!(matches!(
+            limiter.decide(KeyId::from_u64(u64::MAX), &held),
+            Admission::ConcurrencyLimited { max: 1 }
+        ));
+        drop(permit);
+        assert!(matches!(
+            limiter.decide(KeyId::from_u64(u64::MAX), &held),
+            Admission::Allowed { .. }
+        ));
     }
 }

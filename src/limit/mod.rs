@@ -72,13 +72,13 @@ mod memory;
 mod model;
 mod scan;
 
-pub use body::LimitBody;
-pub use layer::{RateLimit, RateLimitFuture, RateLimitLayer};
-pub use memory::{MemoryLimiter, MemoryPermit};
 pub use access::{
     BoxError, DEFAULT_MAX_BUFFER, ModelAccess, ModelAccessFuture, ModelAccessLayer, ReplayBody,
     UnknownModel,
 };
+pub use body::LimitBody;
+pub use layer::{RateLimit, RateLimitFuture, RateLimitLayer};
+pub use memory::{MemoryLimiter, MemoryPermit};
 pub use model::ModelList;
 
 use std::fmt;

@@ -369,7 +369,10 @@ mod tests {
     fn finds_the_top_level_model_only() {
         let m = |s: &str| Found::Model(s.to_owned());
         assert_eq!(scan(r#"{"model":"gpt-4o"}"#), m("gpt-4o"));
-        assert_eq!(scan(r#" { "a" : [1,{"model":"x"}], "model" : "y" } "#), m("y"));
+        assert_eq!(
+            scan(r#" { "a" : [1,{"model":"x"}], "model" : "y" } "#),
+            m("y")
+        );
         assert_eq!(scan(r#"{"a":{"model":"x"},"b":"model"}"#), Found::NoModel);
         assert_eq!(scan(r#"{"mod\u0065l":"g\u00e9\ud83d\ude00"}"#), m("gé😀"));
         assert_eq!(scan(r#"{"model\u0000":"x"}"#), Found::NoModel);
@@ -425,7 +428,12 @@ mod tests {
         }
 
         fn key() -> impl Strategy<Value = String> {
-            prop_oneof![Just("model".to_owned()), Just("Model".to_owned()), Just("models".to_owned()), text()]
+            prop_oneof![
+                Just("model".to_owned()),
+                Just("Model".to_owned()),
+                Just("models".to_owned()),
+                text()
+            ]
         }
 
         /// Any JSON value, with `model` keys likely in nested objects.
@@ -447,7 +455,12 @@ mod tests {
         }
 
         /// How the top-level `model` key is written: escapes that mean the same key.
-        const MODEL_KEYS: [&str; 4] = [r#""model""#, r#""\u006dodel""#, r#""mod\u0065l""#, r#""m\u006Fdel""#];
+        const MODEL_KEYS: [&str; 4] = [
+            r#""model""#,
+            r#""\u006dodel""#,
+            r#""mod\u0065l""#,
+            r#""m\u006Fdel""#,
+        ];
 
         proptest! {
             #[test]

@@ -63,7 +63,9 @@ async fn gateway(
                 }
             }),
         )
-        .layer(RateLimitLayer::new(MemoryLimiter::with_clock(clock.clone())))
+        .layer(RateLimitLayer::new(MemoryLimiter::with_clock(
+            clock.clone(),
+        )))
         .layer(InboundApiKeyLayer::new(store).clock(clock.clone()))
         .layer(RejectionLayer::new().error_format(format));
     support::spawn_axum(app).await
@@ -116,7 +118,11 @@ async fn an_openai_client_gets_exactly_its_burst_then_429_with_retry_after_and_o
     }
     let statuses: Vec<u16> = answers.iter().map(|a| a.status.as_u16()).collect();
     assert_eq!(statuses, [200, 200, 200, 200, 200, 429, 429, 429]);
-    assert_eq!(rec.count(), 5, "the refused requests never reached the upstream");
+    assert_eq!(
+        rec.count(),
+        5,
+        "the refused requests never reached the upstream"
+    );
 
     // Allowed answers count down.
     for (i, a) in answers[..5].iter().enumerate() {
@@ -174,7 +180,10 @@ async fn an_anthropic_client_gets_rate_limit_error_with_anthropic_headers() {
             (4 - i).to_string().as_str()
         );
         let reset = Timestamp::from_unix_secs(T0 + 12 * (i as u64 + 1)).to_string();
-        assert_eq!(a.headers["anthropic-ratelimit-requests-reset"], reset.as_str());
+        assert_eq!(
+            a.headers["anthropic-ratelimit-requests-reset"],
+            reset.as_str()
+        );
     }
     let refused = &answers[7];
     assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
@@ -198,7 +207,8 @@ async fn retry_after_rounds_up_to_whole_seconds() {
     let clock = clock();
     let rec = Recorder::default();
     // 7 per 10 s: one every 1.428… s.
-    let (store, _) = store(Limits::new().with_rate(Rate::new(7, Duration::from_secs(10)).with_burst(1)));
+    let (store, _) =
+        store(Limits::new().with_rate(Rate::new(7, Duration::from_secs(10)).with_burst(1)));
     let gw = gateway(ErrorFormat::OpenAi, store, &clock, &rec).await;
     let client = client();
     assert_eq!(send(&client, openai_request(gw)).await.status, 200);
@@ -211,8 +221,11 @@ async fn retry_after_rounds_up_to_whole_seconds() {
 async fn grpc_requests_get_resource_exhausted() {
     let clock = clock();
     let record = Arc::new(
-        KeyRecord::new(KeyId::random(), MemoryStore::new().hasher().digest(KEY.as_bytes()))
-            .with_limits(Limits::new().with_rate(Rate::per_minute(1))),
+        KeyRecord::new(
+            KeyId::random(),
+            MemoryStore::new().hasher().digest(KEY.as_bytes()),
+        )
+        .with_limits(Limits::new().with_rate(Rate::per_minute(1))),
     );
     let rec = Recorder::default();
     let svc = ServiceBuilder::new()
@@ -265,7 +278,14 @@ async fn layer_defaults_apply_to_keys_without_limits_and_the_kind_is_in_the_exte
     assert_eq!(why.kind(), RejectionKind::RateLimited);
     // A request without an identity (anonymous pass-through) is not limited here.
     for _ in 0..5 {
-        assert_eq!(svc.clone().oneshot(Request::new(())).await.unwrap().status(), 200);
+        assert_eq!(
+            svc.clone()
+                .oneshot(Request::new(()))
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
     }
     assert_eq!(rec.count(), 7);
 }
@@ -329,7 +349,9 @@ impl http_body::Body for ChannelBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        self.0.poll_recv(cx).map(|chunk| chunk.map(|c| Ok(Frame::data(c))))
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|c| Ok(Frame::data(c))))
     }
 }
 
@@ -338,7 +360,10 @@ impl http_body::Body for ChannelBody {
 async fn streaming_gateway(
     max: u32,
     clock: &ManualClock,
-) -> (std::net::SocketAddr, mpsc::UnboundedReceiver<mpsc::Sender<Bytes>>) {
+) -> (
+    std::net::SocketAddr,
+    mpsc::UnboundedReceiver<mpsc::Sender<Bytes>>,
+) {
     let (streams_tx, streams) = mpsc::unbounded_channel();
     let (store, _) = store(Limits::new().with_max_concurrent(max));
     let app = Router::new()
@@ -359,7 +384,9 @@ async fn streaming_gateway(
                 }
             }),
         )
-        .layer(RateLimitLayer::new(MemoryLimiter::with_clock(clock.clone())))
+        .layer(RateLimitLayer::new(MemoryLimiter::with_clock(
+            clock.clone(),
+        )))
         .layer(InboundApiKeyLayer::new(store).clock(clock.clone()))
         .layer(RejectionLayer::new());
     (support::spawn_axum(app).await, streams)
@@ -369,7 +396,9 @@ fn stream_request(addr: std::net::SocketAddr) -> Request<Full<Bytes>> {
     Request::post(format!("http://{addr}/v1/chat/completions"))
         .header("authorization", format!("Bearer {KEY}"))
         .header("accept", "text/event-stream")
-        .body(Full::new(Bytes::from_static(br#"{"model":"m","stream":true}"#)))
+        .body(Full::new(Bytes::from_static(
+            br#"{"model":"m","stream":true}"#,
+        )))
         .unwrap()
 }
 
@@ -397,7 +426,10 @@ async fn open_streams_hold_their_permits_until_they_end_or_the_client_leaves() {
 
     let first = client.request(stream_request(gw)).await.unwrap();
     let second = client.request(stream_request(gw)).await.unwrap();
-    assert_eq!((first.status(), second.status()), (StatusCode::OK, StatusCode::OK));
+    assert_eq!(
+        (first.status(), second.status()),
+        (StatusCode::OK, StatusCode::OK)
+    );
     let (feed_first, feed_second) = (streams.recv().await.unwrap(), streams.recv().await.unwrap());
     let mut first = first.into_body();
     let event = first.frame().await.unwrap().unwrap().into_data().unwrap();
@@ -514,7 +546,9 @@ async fn through(
                 let body = req.into_body().collect().await;
                 let body = body.map(|b| b.to_bytes()).map_err(|e| e.to_string());
                 seen.0.lock().unwrap().push(body);
-                Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from_static(b"ok"))))
+                Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                    Bytes::from_static(b"ok"),
+                )))
             }
         });
     let mut req = Request::post(uri);
@@ -532,7 +566,15 @@ const CHAT: &str = "/v1/chat/completions";
 async fn a_model_the_key_may_not_use_is_403_in_each_dialect_and_reaches_nothing() {
     let key = restricted(&["gpt-4o-mini", "claude-3-5-haiku*"]);
     let body = || chunks([br#"{"model":"gpt-4o","messages":[]}"#.to_vec()]);
-    let (openai, seen) = through(ModelAccessLayer::new(), ErrorFormat::OpenAi, &key, CHAT, &[], body()).await;
+    let (openai, seen) = through(
+        ModelAccessLayer::new(),
+        ErrorFormat::OpenAi,
+        &key,
+        CHAT,
+        &[],
+        body(),
+    )
+    .await;
     assert_eq!(openai.status, StatusCode::FORBIDDEN);
     assert_eq!(openai.json()["error"]["code"], "model_not_allowed");
     assert_eq!(
@@ -542,13 +584,29 @@ async fn a_model_the_key_may_not_use_is_403_in_each_dialect_and_reaches_nothing(
     assert!(seen.all().is_empty(), "the upstream saw nothing");
 
     let claude = || chunks([br#"{"max_tokens":5,"model":"claude-3-opus-latest"}"#.to_vec()]);
-    let (anthropic, seen) = through(ModelAccessLayer::new(), ErrorFormat::Anthropic, &key, "/v1/messages", &[], claude()).await;
+    let (anthropic, seen) = through(
+        ModelAccessLayer::new(),
+        ErrorFormat::Anthropic,
+        &key,
+        "/v1/messages",
+        &[],
+        claude(),
+    )
+    .await;
     assert_eq!(anthropic.status, StatusCode::FORBIDDEN);
     assert_eq!(anthropic.json()["error"]["type"], "permission_error");
     assert!(seen.all().is_empty());
 
     let grpc = [("content-type", "application/grpc")];
-    let (status, seen) = through(ModelAccessLayer::new(), ErrorFormat::OpenAi, &key, CHAT, &grpc, body()).await;
+    let (status, seen) = through(
+        ModelAccessLayer::new(),
+        ErrorFormat::OpenAi,
+        &key,
+        CHAT,
+        &grpc,
+        body(),
+    )
+    .await;
     assert_eq!(status.headers["grpc-status"], "7", "PERMISSION_DENIED");
     assert!(seen.all().is_empty());
 }
@@ -559,7 +617,15 @@ async fn an_allowed_model_arrives_byte_for_byte_however_it_is_chunked() {
     let text: &[u8] = b" {\"stream\" : true,\n \"mod\\u0065l\":\"claude-3-5-haiku-latest\" ,\"messages\":[{\"model\":\"x\"}]}\r\n";
     for cut in 1..text.len() {
         let body = chunks([text[..cut].to_vec(), text[cut..].to_vec()]);
-        let (answer, seen) = through(ModelAccessLayer::new(), ErrorFormat::Anthropic, &key, "/v1/messages", &[], body).await;
+        let (answer, seen) = through(
+            ModelAccessLayer::new(),
+            ErrorFormat::Anthropic,
+            &key,
+            "/v1/messages",
+            &[],
+            body,
+        )
+        .await;
         assert_eq!(answer.status, 200, "cut at {cut}");
         assert_eq!(seen.all(), [Ok(Bytes::from_static(text))], "cut at {cut}");
     }
@@ -574,55 +640,135 @@ async fn models_in_gemini_and_azure_paths_are_checked_without_reading_the_body()
     let (ok, seen) = through(layer(), ErrorFormat::OpenAi, &key, gemini, &[], empty()).await;
     assert_eq!(ok.status, 200);
     assert_eq!(seen.all().len(), 1);
-    let (refused, seen) = through(layer(), ErrorFormat::OpenAi, &key, "/v1beta/models/gemini-1.5-pro:generateContent", &[], empty()).await;
+    let (refused, seen) = through(
+        layer(),
+        ErrorFormat::OpenAi,
+        &key,
+        "/v1beta/models/gemini-1.5-pro:generateContent",
+        &[],
+        empty(),
+    )
+    .await;
     assert_eq!(refused.status, 403);
     assert!(seen.all().is_empty());
     let azure = "/openai/deployments/prod-gpt4o/chat/completions?api-version=2024-10-21";
     let (ok, _) = through(layer(), ErrorFormat::OpenAi, &key, azure, &[], empty()).await;
     assert_eq!(ok.status, 200);
-    let (refused, _) = through(layer(), ErrorFormat::OpenAi, &key, "/openai/deployments/other/chat/completions", &[], empty()).await;
+    let (refused, _) = through(
+        layer(),
+        ErrorFormat::OpenAi,
+        &key,
+        "/openai/deployments/other/chat/completions",
+        &[],
+        empty(),
+    )
+    .await;
     assert_eq!(refused.status, 403);
 }
 
 #[tokio::test]
 async fn unreadable_models_follow_the_configured_rule() {
     let key = restricted(&["gpt-4o-mini"]);
-    let unrestricted = Arc::new(KeyRecord::new(KeyId::random(), MemoryStore::new().hasher().digest(b"x")));
+    let unrestricted = Arc::new(KeyRecord::new(
+        KeyId::random(),
+        MemoryStore::new().hasher().digest(b"x"),
+    ));
     let filler = format!(r#"{{"messages":"{}","#, "a".repeat(70 * 1024));
-    let late = |model: &str| chunks([filler.clone().into_bytes(), format!(r#""model":"{model}"}}"#).into_bytes()]);
-    let not_json = || chunks([b"--boundary\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ngpt-4o-mini".to_vec()]);
+    let late = |model: &str| {
+        chunks([
+            filler.clone().into_bytes(),
+            format!(r#""model":"{model}"}}"#).into_bytes(),
+        ])
+    };
+    let not_json = || {
+        chunks([
+            b"--boundary\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ngpt-4o-mini"
+                .to_vec(),
+        ])
+    };
     let no_model = || chunks([br#"{"input":"hello"}"#.to_vec()]);
 
     // Default: a restricted key must name a readable model within the bound.
     for body in [late("gpt-4o-mini"), not_json(), no_model()] {
-        let (a, seen) = through(ModelAccessLayer::new(), ErrorFormat::OpenAi, &key, CHAT, &[], body).await;
+        let (a, seen) = through(
+            ModelAccessLayer::new(),
+            ErrorFormat::OpenAi,
+            &key,
+            CHAT,
+            &[],
+            body,
+        )
+        .await;
         assert_eq!(a.status, 403, "{}", a.text());
         assert!(seen.all().is_empty());
     }
     // A key without a list passes untouched, whatever the body.
-    let (a, seen) = through(ModelAccessLayer::new(), ErrorFormat::OpenAi, &unrestricted, CHAT, &[], not_json()).await;
+    let (a, seen) = through(
+        ModelAccessLayer::new(),
+        ErrorFormat::OpenAi,
+        &unrestricted,
+        CHAT,
+        &[],
+        not_json(),
+    )
+    .await;
     assert_eq!(a.status, 200);
-    assert_eq!(seen.all()[0].as_ref().unwrap().len(), not_json().0.iter().map(Bytes::len).sum::<usize>());
+    assert_eq!(
+        seen.all()[0].as_ref().unwrap().len(),
+        not_json().0.iter().map(Bytes::len).sum::<usize>()
+    );
 
     // Allowed when configured: past the bound the body streams on, still watched.
     let allow = || ModelAccessLayer::new().unknown_model(UnknownModel::Allow);
-    let (a, seen) = through(allow(), ErrorFormat::OpenAi, &key, CHAT, &[], late("gpt-4o-mini")).await;
+    let (a, seen) = through(
+        allow(),
+        ErrorFormat::OpenAi,
+        &key,
+        CHAT,
+        &[],
+        late("gpt-4o-mini"),
+    )
+    .await;
     assert_eq!(a.status, 200);
-    let expected = [filler.clone().into_bytes(), br#""model":"gpt-4o-mini"}"#.to_vec()].concat();
+    let expected = [
+        filler.clone().into_bytes(),
+        br#""model":"gpt-4o-mini"}"#.to_vec(),
+    ]
+    .concat();
     assert_eq!(seen.all(), [Ok(Bytes::from(expected))]);
     let (a, seen) = through(allow(), ErrorFormat::OpenAi, &key, CHAT, &[], not_json()).await;
     assert_eq!(a.status, 200);
     assert!(seen.all()[0].is_ok());
     // A forbidden model past the bound breaks the body before the upstream has all of it.
-    let (_, seen) = through(allow(), ErrorFormat::OpenAi, &key, CHAT, &[], late("gpt-4o")).await;
-    assert!(seen.all()[0].as_ref().unwrap_err().contains("may not use"), "{:?}", seen.all());
+    let (_, seen) = through(
+        allow(),
+        ErrorFormat::OpenAi,
+        &key,
+        CHAT,
+        &[],
+        late("gpt-4o"),
+    )
+    .await;
+    assert!(
+        seen.all()[0].as_ref().unwrap_err().contains("may not use"),
+        "{:?}",
+        seen.all()
+    );
 }
 
 #[tokio::test]
 async fn a_second_model_key_is_refused() {
     let key = restricted(&["gpt-4o-mini"]);
     let twice = chunks([br#"{"model":"gpt-4o-mini","model":"gpt-4o"}"#.to_vec()]);
-    let (a, seen) = through(ModelAccessLayer::new(), ErrorFormat::OpenAi, &key, CHAT, &[], twice).await;
+    let (a, seen) = through(
+        ModelAccessLayer::new(),
+        ErrorFormat::OpenAi,
+        &key,
+        CHAT,
+        &[],
+        twice,
+    )
+    .await;
     assert_eq!(a.status, 400);
     assert!(seen.all().is_empty());
     // Found after the model was decided, in the streamed rest: the body breaks.
@@ -630,8 +776,21 @@ async fn a_second_model_key_is_refused() {
         br#"{"model":"gpt-4o-mini","#.to_vec(),
         br#""messages":[],"model":"gpt-4o"}"#.to_vec(),
     ]);
-    let (_, seen) = through(ModelAccessLayer::new(), ErrorFormat::OpenAi, &key, CHAT, &[], late).await;
-    assert!(seen.all()[0].as_ref().unwrap_err().contains("more than once"));
+    let (_, seen) = through(
+        ModelAccessLayer::new(),
+        ErrorFormat::OpenAi,
+        &key,
+        CHAT,
+        &[],
+        late,
+    )
+    .await;
+    assert!(
+        seen.all()[0]
+            .as_ref()
+            .unwrap_err()
+            .contains("more than once")
+    );
 }
 
 #[tokio::test]
@@ -677,7 +836,10 @@ async fn a_large_body_streams_past_its_model() {
     let gw = support::spawn_axum(app).await;
 
     let (tx, rx) = mpsc::channel::<Bytes>(4);
-    let head = Bytes::from(format!(r#"{{"model":"gpt-4o-mini","input":"{}"#, "x".repeat(16 * 1024)));
+    let head = Bytes::from(format!(
+        r#"{{"model":"gpt-4o-mini","input":"{}"#,
+        "x".repeat(16 * 1024)
+    ));
     let tail = Bytes::from(format!(r#"{}"}}"#, "y".repeat(1024 * 1024)));
     let mut whole = crc32fast::Hasher::new();
     whole.update(&head);
@@ -689,7 +851,8 @@ async fn a_large_body_streams_past_its_model() {
         .body(axum::body::Body::new(ChannelBody(rx)))
         .unwrap();
     let client: hyper_util::client::legacy::Client<_, axum::body::Body> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
     let response = tokio::spawn(async move { client.request(req).await.unwrap().status() });
     tx.send(head).await.unwrap();
     let first = tokio::time::timeout(Duration::from_secs(5), first_seen)
@@ -700,7 +863,11 @@ async fn a_large_body_streams_past_its_model() {
     tx.send(tail).await.unwrap();
     drop(tx);
     assert_eq!(response.await.unwrap(), 200);
-    assert_eq!(*total.lock().unwrap(), Some((len, whole.finalize())), "byte for byte");
+    assert_eq!(
+        *total.lock().unwrap(),
+        Some((len, whole.finalize())),
+        "byte for byte"
+    );
 }
 
 mod fuzz {
