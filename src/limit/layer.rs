@@ -254,8 +254,8 @@ where
         req: Request<B>,
     ) -> Self {
         match admitted(result, key, req.headers()) {
-            Ok((permit, quota)) => Self::called(inner.call(req), permit, quota),
-            Err(response) => RateLimitFuture {
+            Verdict::Go(permit, quota) => Self::called(inner.call(req), permit, quota),
+            Verdict::Refuse(response) => RateLimitFuture {
                 state: State::Rejected {
                     response: Some(response),
                 },
@@ -264,16 +264,21 @@ where
     }
 }
 
-type Admitted<P> = (Option<P>, Option<Quota>);
+/// What a decision means for the request.
+enum Verdict<P> {
+    /// Go on, holding this permit, telling this quota.
+    Go(Option<P>, Option<Quota>),
+    /// Answer with this.
+    Refuse(Response<Bytes>),
+}
 
-/// What the decision means: go on with a permit and quota, or this response.
 fn admitted<P>(
     result: Result<Admission<P>, LimiterError>,
     key: KeyId,
     headers: &HeaderMap,
-) -> Result<Admitted<P>, Response<Bytes>> {
+) -> Verdict<P> {
     let (rejection, quota) = match result {
-        Ok(Admission::Allowed { permit, quota }) => return Ok((permit, quota)),
+        Ok(Admission::Allowed { permit, quota }) => return Verdict::Go(permit, quota),
         Ok(Admission::RateLimited { quota, retry_after }) => {
             tracing::info!(target: "tower_gateway_auth::limit", key_id = %key, reason = "rate_limited", "request refused");
             let secs = retry_after.as_nanos().div_ceil(1_000_000_000);
@@ -312,7 +317,7 @@ fn admitted<P>(
     if let Some(quota) = quota {
         quota_headers(response.headers_mut(), &quota);
     }
-    Err(response)
+    Verdict::Refuse(response)
 }
 
 impl<S, L, B, ResBody> Future for RateLimitFuture<S, L, B>
@@ -346,12 +351,12 @@ where
                     let result = ready!(Pin::new(admit).poll(cx));
                     let (mut inner, req) = *parked.take().expect("polled after completion");
                     match admitted(result, *key, req.headers()) {
-                        Ok((permit, quota)) => State::Called {
+                        Verdict::Go(permit, quota) => State::Called {
                             future: inner.call(req),
                             permit,
                             quota,
                         },
-                        Err(response) => State::Rejected {
+                        Verdict::Refuse(response) => State::Rejected {
                             response: Some(response),
                         },
                     }
