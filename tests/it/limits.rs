@@ -913,3 +913,120 @@ mod fuzz {
         }
     }
 }
+
+// ---- the service that was polled ready is the one called ----
+
+mod readiness {
+    use super::*;
+    use std::future::{Future, Ready};
+    use tower::Service;
+    use tower_gateway_auth::limit::{Admission, Limiter, LimiterError, MemoryPermit};
+
+    /// A limiter whose decisions take one wake-up, as a networked backend's do.
+    struct SlowLimiter(MemoryLimiter<ManualClock>);
+
+    struct Slow<F> {
+        inner: F,
+        yielded: bool,
+    }
+
+    impl<F: Future + Unpin> Future for Slow<F> {
+        type Output = F::Output;
+
+        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+            if !self.yielded {
+                self.yielded = true;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            Pin::new(&mut self.inner).poll(cx)
+        }
+    }
+
+    impl Limiter for SlowLimiter {
+        type Permit = MemoryPermit;
+        type Future = Slow<Ready<Result<Admission<MemoryPermit>, LimiterError>>>;
+
+        fn admit(&self, key: KeyId, limits: &Limits) -> Self::Future {
+            Slow {
+                inner: self.0.admit(key, limits),
+                yielded: false,
+            }
+        }
+    }
+
+    fn with_identity<B>(mut req: Request<B>, record: &Arc<KeyRecord>) -> Request<B> {
+        req.extensions_mut().insert(Identity::new(record.clone()));
+        req
+    }
+
+    #[tokio::test]
+    async fn a_limiter_that_waits_calls_the_readied_service_and_still_limits() {
+        let (mock, mut handle) =
+            tower_test::mock::pair::<Request<()>, http::Response<Full<Bytes>>>();
+        let mut svc = ServiceBuilder::new()
+            .layer(RateLimitLayer::new(SlowLimiter(MemoryLimiter::with_clock(
+                clock(),
+            ))))
+            .service(mock);
+        let record = Arc::new(
+            KeyRecord::new(KeyId::random(), MemoryStore::new().hasher().digest(b"k")).with_limits(
+                Limits::new()
+                    .with_rate(Rate::per_minute(1))
+                    .with_max_concurrent(1),
+            ),
+        );
+        let first = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(with_identity(Request::new(()), &record));
+        let upstream = tokio::spawn(async move {
+            let (_, respond) = handle.next_request().await.unwrap();
+            respond.send_response(http::Response::new(Full::new(Bytes::from_static(b"ok"))));
+            handle
+        });
+        let first = first.await.unwrap();
+        assert_eq!(first.status(), 200);
+        assert_eq!(first.headers()["x-ratelimit-remaining-requests"], "0");
+        let mut handle = upstream.await.unwrap();
+        let second = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(with_identity(Request::new(()), &record))
+            .await
+            .unwrap();
+        assert_eq!(second.status(), 429);
+        drop(first);
+        drop(svc);
+        assert!(
+            handle.next_request().await.is_none(),
+            "one request reached the upstream"
+        );
+    }
+
+    #[tokio::test]
+    async fn model_access_calls_the_readied_service() {
+        let (mock, mut handle) =
+            tower_test::mock::pair::<Request<ReplayBody<Chunks>>, http::Response<Full<Bytes>>>();
+        let mut svc = ServiceBuilder::new()
+            .layer(ModelAccessLayer::new())
+            .service(mock);
+        let record = restricted(&["gpt-4o-mini"]);
+        let body = chunks([br#"{"model":"gpt-4o-mini"}"#.to_vec()]);
+        let call = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(with_identity(Request::new(body), &record));
+        let upstream = tokio::spawn(async move {
+            let (req, respond) = handle.next_request().await.unwrap();
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            respond.send_response(http::Response::new(Full::new(Bytes::new())));
+            body
+        });
+        assert_eq!(call.await.unwrap().status(), 200);
+        assert_eq!(upstream.await.unwrap(), r#"{"model":"gpt-4o-mini"}"#);
+    }
+}
