@@ -27,10 +27,10 @@ const NANOS: u64 = 1_000_000_000;
 
 impl Rate {
     /// The emission interval in nanoseconds: the time one request's share takes to come
-    /// back. Rounded down (at least 1 ns), so rounding never makes a limit stricter.
+    /// back.
     #[inline]
     pub(crate) fn interval_nanos(&self) -> u64 {
-        (u64::from(self.period_secs) * NANOS / u64::from(self.requests.max(1))).max(1)
+        self.interval
     }
 }
 
