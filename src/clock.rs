@@ -117,6 +117,13 @@ impl fmt::Display for Timestamp {
 pub trait Clock: Send + Sync + 'static {
     /// The current time.
     fn now(&self) -> Timestamp;
+
+    /// The current time in nanoseconds since the Unix epoch, for what needs more than
+    /// seconds (rate limits). The default is [`now`](Self::now) in whole seconds; the
+    /// clocks here give finer reads.
+    fn now_nanos(&self) -> u64 {
+        self.now().as_unix_secs().saturating_mul(1_000_000_000)
+    }
 }
 
 /// The system's wall clock, read cheaply and with no thread of the crate's own.
@@ -134,24 +141,37 @@ pub struct SystemClock;
 impl Clock for SystemClock {
     #[inline]
     fn now(&self) -> Timestamp {
-        coarse_now()
+        Timestamp(coarse_now_nanos() / 1_000_000_000)
+    }
+
+    #[inline]
+    fn now_nanos(&self) -> u64 {
+        coarse_now_nanos()
     }
 }
 
 #[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
 #[inline]
-fn coarse_now() -> Timestamp {
+fn coarse_now_nanos() -> u64 {
     let t = rustix::time::clock_gettime(rustix::time::ClockId::RealtimeCoarse);
-    Timestamp(u64::try_from(t.tv_sec).unwrap_or(0))
+    u64::try_from(t.tv_sec)
+        .unwrap_or(0)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(u64::try_from(t.tv_nsec).unwrap_or(0))
 }
 
 #[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
 #[inline]
-fn coarse_now() -> Timestamp {
-    Timestamp::now()
+fn coarse_now_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 /// A clock that stands still until told to move; clones share the same time.
+///
+/// It keeps nanoseconds, so that rate limits can be tested at sub-second steps: moves
+/// shorter than a second add up (two of 500 ms move [`now`](Clock::now) by one second).
 ///
 /// ```
 /// use std::time::Duration;
@@ -163,31 +183,37 @@ fn coarse_now() -> Timestamp {
 /// ```
 #[derive(Debug, Clone)]
 pub struct ManualClock {
-    secs: Arc<AtomicU64>,
+    nanos: Arc<AtomicU64>,
 }
 
 impl ManualClock {
     /// A clock showing `start`.
     pub fn new(start: Timestamp) -> Self {
         ManualClock {
-            secs: Arc::new(AtomicU64::new(start.0)),
+            nanos: Arc::new(AtomicU64::new(start.0.saturating_mul(1_000_000_000))),
         }
     }
 
     /// Show `t` from now on.
     pub fn set(&self, t: Timestamp) {
-        self.secs.store(t.0, Ordering::SeqCst);
+        self.nanos
+            .store(t.0.saturating_mul(1_000_000_000), Ordering::SeqCst);
     }
 
     /// Move forward by `d`.
     pub fn advance(&self, d: Duration) {
-        self.secs.fetch_add(d.as_secs(), Ordering::SeqCst);
+        let d = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.nanos.fetch_add(d, Ordering::SeqCst);
     }
 }
 
 impl Clock for ManualClock {
     fn now(&self) -> Timestamp {
-        Timestamp(self.secs.load(Ordering::SeqCst))
+        Timestamp(self.nanos.load(Ordering::SeqCst) / 1_000_000_000)
+    }
+
+    fn now_nanos(&self) -> u64 {
+        self.nanos.load(Ordering::SeqCst)
     }
 }
 

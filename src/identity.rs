@@ -67,6 +67,17 @@ impl Identity {
         self.0.parent()
     }
 
+    /// The key's own limits, if any (see [`RateLimitLayer`](crate::RateLimitLayer)).
+    pub fn limits(&self) -> Option<&crate::limit::Limits> {
+        self.0.limits()
+    }
+
+    /// The models the key is restricted to, if any (see
+    /// [`ModelAccessLayer`](crate::limit::ModelAccessLayer)).
+    pub fn models(&self) -> Option<&crate::limit::ModelList> {
+        self.0.models()
+    }
+
     /// The first key of the line this key continues, through rotations and minting (see
     /// [`KeyRecord::origin`]); its own id for a key that continues none.
     pub fn origin(&self) -> KeyId {

@@ -11,6 +11,7 @@
 //! | [`rejection`] | [`RejectionLayer`]: renders every refusal of the layers inside it in one dialect ([`ErrorFormat`](rejection::ErrorFormat)) and realm; the typed [`Rejection`] |
 //! | [`inbound`] | [`InboundApiKeyLayer`]: finds the client's key (header, `Authorization: Bearer`, query), verifies it against a [`KeyStore`](store::KeyStore) and hands the caller's [`Identity`] on; [`RequireScopesLayer`] for per-route scopes |
 //! | [`store`] | where keys live, as digests only: [`MemoryStore`](store::MemoryStore), [`FileStore`](store::FileStore), [`CachedStore`](store::CachedStore) and, with feature `redis`, `RedisStore` |
+//! | [`limit`] | [`RateLimitLayer`]: each key's request rate (GCRA) and requests in flight, 429 with the providers' rate-limit headers; [`ModelAccessLayer`](limit::ModelAccessLayer): the models a key may use (403) |
 //! | [`keys`] | a key's life: its format and digest, the [`KeyRecord`](keys::KeyRecord) a store keeps, [`KeyManager`](keys::KeyManager) (issue, rotate, revoke, ephemeral keys) and, with feature `axum`, the [`ManagementApi`] |
 //! | [`upstream`] | [`UpstreamAuthLayer`]: strips every client credential and sets the provider's ([`Provider`](upstream::Provider)) from a [`CredentialSource`](upstream::CredentialSource) |
 //! | [`inject`] | [`HeaderInjectLayer`]: header rules and request ids |
@@ -18,7 +19,7 @@
 //! | [`response`], [`clock`] | what every layer answers with (and [`UpstreamOutcome`](response::UpstreamOutcome), what the upstream answered); the injectable clock key validity reads |
 //!
 //! A gateway stacks them in that order: client → hop-by-hop → access log → metrics →
-//! rejections → inbound → upstream → inject → proxy.
+//! rejections → inbound → limits → upstream → inject → proxy.
 //!
 //! # One way to refuse a request
 //!
@@ -78,6 +79,7 @@ mod identity;
 pub mod inbound;
 pub mod inject;
 pub mod keys;
+pub mod limit;
 #[cfg(feature = "metrics")]
 pub mod metrics;
 #[cfg(feature = "proxy")]
@@ -98,6 +100,7 @@ pub use inbound::{InboundApiKeyLayer, RequireScopesLayer};
 pub use inject::HeaderInjectLayer;
 #[cfg(feature = "axum")]
 pub use keys::ManagementApi;
+pub use limit::RateLimitLayer;
 pub use rejection::{Rejection, RejectionLayer};
 pub use upstream::UpstreamAuthLayer;
 

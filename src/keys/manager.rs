@@ -12,6 +12,7 @@ use crate::identity::Identity;
 use crate::keys::audit::{self, Actor, AuditAction, AuditEvent, AuditOutcome, AuditSink};
 use crate::keys::format::{ApiKey, KeyFormat};
 use crate::keys::record::{KeyId, KeyRecord, KeyStatus, KeyUnusable, Metadata, Scopes};
+use crate::limit::{Limits, ModelList};
 use crate::store::{KeyAdmin, StoreError, Write, WriteError};
 
 /// How long a generated key lives unless told otherwise: 90 days.
@@ -44,7 +45,7 @@ pub enum Lifetime {
     Until(Timestamp),
 }
 
-/// What to issue: a name, scopes, a lifetime, a not-before time and metadata.
+/// What to issue: a name, scopes, a lifetime, a not-before time, metadata, limits and models.
 ///
 /// ```
 /// use std::time::Duration;
@@ -62,6 +63,8 @@ pub struct NewKey {
     lifetime: Lifetime,
     not_before: Option<Timestamp>,
     metadata: Metadata,
+    limits: Option<Limits>,
+    models: Option<ModelList>,
 }
 
 impl NewKey {
@@ -114,6 +117,22 @@ impl NewKey {
     /// Replaces all metadata.
     pub fn metadata_map(mut self, metadata: Metadata) -> Self {
         self.metadata = metadata;
+        self
+    }
+
+    /// Sets the key's own limits (see [`KeyRecord::with_limits`]).
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.limits = Some(limits);
+        self
+    }
+
+    /// Restricts the key to `models` (see [`KeyRecord::with_models`]).
+    pub fn models<I, S>(mut self, models: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.models = Some(ModelList::new(models));
         self
     }
 }
@@ -380,6 +399,8 @@ impl<A: KeyAdmin> KeyManager<A> {
             .with_not_before(spec.not_before)
             .with_scope_set(spec.scopes)
             .with_metadata(spec.metadata)
+            .with_limits(spec.limits)
+            .with_models(spec.models)
     }
 
     /// A fresh key and its record, not yet stored.
@@ -557,6 +578,8 @@ impl<A: KeyAdmin> KeyManager<A> {
                     lifetime,
                     not_before: None,
                     metadata: old.metadata().clone(),
+                    limits: old.limits().copied(),
+                    models: old.models().cloned(),
                 };
                 let (key, successor) = self.generate(spec, now);
                 let successor = successor
@@ -658,6 +681,10 @@ impl<A: KeyAdmin> KeyManager<A> {
                     lifetime: Lifetime::Until(end),
                     not_before: None,
                     metadata: current.metadata().clone(),
+                    // Copied, so the child is never allowed more than its parent; it spends
+                    // its parent's allowance too (the rate limit keys on the origin).
+                    limits: current.limits().copied(),
+                    models: current.models().cloned(),
                 };
                 let (key, child) = self.generate(spec, now);
                 let child = child.with_parent(&current);

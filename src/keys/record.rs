@@ -12,6 +12,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::clock::Timestamp;
 use crate::keys::format::{KeyDigest, base62_fixed, base62_parse};
+use crate::limit::{Limits, ModelList};
 
 /// A key's public id, safe to log and to show: `key_` and 11 base62 digits.
 ///
@@ -282,13 +283,27 @@ pub struct KeyRecord {
     name: CompactString,
     hint: Hint,
     metadata: Option<Box<Metadata>>,
-    /// Where the key comes from, for the few keys that come from another: ephemeral keys
-    /// and rotated successors. Boxed, so that other keys pay one pointer for it.
-    lineage: Option<Box<Lineage>>,
+    /// What few keys have: where the key comes from (ephemeral keys and rotated
+    /// successors) and limits of its own. Boxed, so that other keys pay one pointer for it.
+    rare: Option<Box<Rare>>,
+}
+
+/// The parts of a record most keys lack.
+#[derive(Clone, PartialEq, Eq, Default)]
+struct Rare {
+    lineage: Lineage,
+    access: Access,
+}
+
+/// A key's own limits and models.
+#[derive(Clone, PartialEq, Eq, Default)]
+struct Access {
+    limits: Option<Limits>,
+    models: Option<ModelList>,
 }
 
 /// A key's ancestry.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Default)]
 struct Lineage {
     /// The key this one was minted from (ephemeral keys): its id, and its digest, by which
     /// the inbound layer looks the parent up on every request. `None` as the digest is a
@@ -347,7 +362,7 @@ impl KeyRecord {
             name: CompactString::default(),
             hint: Hint::new(""),
             metadata: None,
-            lineage: None,
+            rare: None,
         }
     }
 
@@ -424,14 +439,63 @@ impl KeyRecord {
     /// continues its predecessor's [`origin`](Self::origin)).
     pub fn with_origin(mut self, origin: KeyId) -> Self {
         self.lineage_mut().origin = (origin != self.id).then_some(origin);
-        if self.lineage.as_deref() == Some(&Lineage::NONE) {
-            self.lineage = None;
-        }
+        self.drop_empty_rare();
         self
     }
 
+    /// Sets the key's own limits ([`RateLimitLayer`](crate::RateLimitLayer)); `None`, or a
+    /// field left unset, takes the layer's default.
+    ///
+    /// ```
+    /// use tower_gateway_auth::keys::{KeyHasher, KeyId, KeyRecord};
+    /// use tower_gateway_auth::limit::{Limits, ModelList, Rate};
+    ///
+    /// let record = KeyRecord::new(KeyId::random(), KeyHasher::sha256().digest(b"k"))
+    ///     .with_limits(Some(Limits::new().with_rate(Rate::per_minute(60).with_burst(10))))
+    ///     .with_models(Some(ModelList::new(["gpt-4o*"])));
+    /// assert_eq!(record.limits().unwrap().rate().unwrap().burst(), 10);
+    /// assert!(record.models().unwrap().allows("gpt-4o-mini"));
+    /// ```
+    pub fn with_limits(mut self, limits: impl Into<Option<Limits>>) -> Self {
+        self.access_mut().limits = limits.into();
+        self.drop_empty_rare();
+        self
+    }
+
+    /// Sets the models the key may use ([`ModelAccessLayer`](crate::limit::ModelAccessLayer)):
+    /// `None` takes the layer's default (by default any model), an empty list allows none.
+    pub fn with_models(mut self, models: impl Into<Option<ModelList>>) -> Self {
+        self.access_mut().models = models.into();
+        self.drop_empty_rare();
+        self
+    }
+
+    fn access_mut(&mut self) -> &mut Access {
+        &mut self.rare.get_or_insert_with(Box::default).access
+    }
+
+    fn drop_empty_rare(&mut self) {
+        if self.rare.as_deref() == Some(&Rare::default()) {
+            self.rare = None;
+        }
+    }
+
+    /// The key's own limits, if it has any.
+    pub fn limits(&self) -> Option<&Limits> {
+        self.rare.as_ref()?.access.limits.as_ref()
+    }
+
+    /// The models the key may use, if it is restricted to some.
+    pub fn models(&self) -> Option<&ModelList> {
+        self.rare.as_ref()?.access.models.as_ref()
+    }
+
+    fn lineage(&self) -> Option<&Lineage> {
+        self.rare.as_ref().map(|r| &r.lineage)
+    }
+
     fn lineage_mut(&mut self) -> &mut Lineage {
-        self.lineage.get_or_insert_with(|| Box::new(Lineage::NONE))
+        &mut self.rare.get_or_insert_with(Box::default).lineage
     }
 
     /// Shares `scopes` when it holds the same names as this record's (interning).
@@ -493,13 +557,13 @@ impl KeyRecord {
 
     /// The key this one was minted from, for ephemeral keys.
     pub fn parent(&self) -> Option<KeyId> {
-        self.lineage.as_ref()?.parent.map(|(id, _)| id)
+        self.lineage()?.parent.map(|(id, _)| id)
     }
 
     /// The digest of the key this one was minted from: `Some(None)` for a child whose
     /// record predates parent digests (never usable), `None` for a key with no parent.
     pub(crate) fn parent_digest(&self) -> Option<Option<&KeyDigest>> {
-        let (_, digest) = self.lineage.as_ref()?.parent.as_ref()?;
+        let (_, digest) = self.lineage()?.parent.as_ref()?;
         Some(digest.as_ref())
     }
 
@@ -508,10 +572,7 @@ impl KeyRecord {
     /// choices (such as [`PerIdentity`](crate::upstream::PerIdentity)'s bring-your-own-key) made for
     /// a key follow it through rotations and to the keys it mints.
     pub fn origin(&self) -> KeyId {
-        self.lineage
-            .as_ref()
-            .and_then(|l| l.origin)
-            .unwrap_or(self.id)
+        self.lineage().and_then(|l| l.origin).unwrap_or(self.id)
     }
 
     /// Whether the key still takes up one of its parent's ephemeral slots at `now`: it is
@@ -553,6 +614,8 @@ impl fmt::Debug for KeyRecord {
             .field("metadata", self.metadata())
             .field("parent", &self.parent())
             .field("origin", &self.origin())
+            .field("limits", &self.limits())
+            .field("models", &self.models())
             .finish_non_exhaustive()
     }
 }
@@ -582,6 +645,12 @@ struct RecordOut<'a> {
     parent_digest: Option<&'a KeyDigest>,
     #[serde(skip_serializing_if = "Option::is_none")]
     origin: Option<KeyId>,
+    // Last, and left out when unset, so that a record without them is written byte for
+    // byte as before (Redis writes compare the stored JSON).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    limits: Option<&'a Limits>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    models: Option<&'a ModelList>,
 }
 
 #[derive(Deserialize)]
@@ -610,6 +679,10 @@ struct RecordIn {
     parent_digest: Option<KeyDigest>,
     #[serde(default)]
     origin: Option<KeyId>,
+    #[serde(default)]
+    limits: Option<Limits>,
+    #[serde(default)]
+    models: Option<ModelList>,
 }
 
 impl Serialize for KeyRecord {
@@ -627,7 +700,9 @@ impl Serialize for KeyRecord {
             metadata: self.metadata.as_deref(),
             parent: self.parent(),
             parent_digest: self.parent_digest().flatten(),
-            origin: self.lineage.as_ref().and_then(|l| l.origin),
+            origin: self.lineage().and_then(|l| l.origin),
+            limits: self.limits(),
+            models: self.models(),
         }
         .serialize(s)
     }
@@ -645,7 +720,9 @@ impl<'de> Deserialize<'de> for KeyRecord {
             .with_status(r.status)
             .with_scope_set(r.scopes)
             .with_metadata(r.metadata)
-            .with_lineage(r.parent.map(|id| (id, r.parent_digest)), r.origin))
+            .with_lineage(r.parent.map(|id| (id, r.parent_digest)), r.origin)
+            .with_limits(r.limits)
+            .with_models(r.models))
     }
 }
 
@@ -659,16 +736,10 @@ impl KeyRecord {
             parent,
             origin: origin.filter(|o| *o != self.id),
         };
-        self.lineage = (lineage != Lineage::NONE).then(|| Box::new(lineage));
+        *self.lineage_mut() = lineage;
+        self.drop_empty_rare();
         self
     }
-}
-
-impl Lineage {
-    const NONE: Lineage = Lineage {
-        parent: None,
-        origin: None,
-    };
 }
 
 mod opt_digest_hex {
@@ -794,6 +865,37 @@ mod tests {
         let json = serde_json::to_string(&r).unwrap();
         let back: KeyRecord = serde_json::from_str(&json).unwrap();
         assert!(back == r, "{json}");
+    }
+
+    #[test]
+    fn limits_and_models_round_trip_and_old_records_keep_their_bytes() {
+        use crate::limit::Rate;
+        let plain = record()
+            .with_name("n")
+            .with_created_at(Timestamp::from_unix_secs(5));
+        let json = serde_json::to_string(&plain).unwrap();
+        assert!(
+            !json.contains("limits") && !json.contains("models"),
+            "{json}"
+        );
+        // A record written before limits existed loads, and is written back unchanged.
+        let back: KeyRecord = serde_json::from_str(&json).unwrap();
+        assert_eq!(serde_json::to_string(&back).unwrap(), json);
+        assert_eq!(back.limits(), None);
+        let limited = plain
+            .clone()
+            .with_limits(Limits::new().with_rate(Rate::per_minute(60).with_burst(10)))
+            .with_models(ModelList::new(["gpt-4o*"]));
+        let json = serde_json::to_string(&limited).unwrap();
+        assert!(
+            json.ends_with(r#""limits":{"requests_per_period":60,"period":60,"burst":10},"models":["gpt-4o*"]}"#),
+            "{json}"
+        );
+        let back: KeyRecord = serde_json::from_str(&json).unwrap();
+        assert!(back == limited);
+        // Clearing both leaves the record as it was.
+        assert!(limited.with_limits(None).with_models(None) == plain);
+        assert!(std::mem::size_of::<KeyRecord>() <= 120);
     }
 
     #[test]

@@ -76,6 +76,18 @@ pub enum RejectionKind {
     TooManyEphemeralKeys,
     /// The request body stopped arriving (408).
     RequestBodyTimeout,
+    /// The key's request rate is used up for now (429, `rate_limit_exceeded`, with
+    /// `Retry-After`); see [`RateLimitLayer`](crate::RateLimitLayer).
+    RateLimited,
+    /// The key has as many requests in flight as it may (429,
+    /// `concurrency_limit_exceeded`); see [`RateLimitLayer`](crate::RateLimitLayer).
+    ConcurrencyLimited,
+    /// The key may not use the model the request names (403, `model_not_allowed`); see
+    /// [`ModelAccessLayer`](crate::limit::ModelAccessLayer).
+    ModelNotAllowed,
+    /// The rate limiter's backend failed, so no decision could be made (503,
+    /// `limiter_unavailable`): fails closed, as the key store does.
+    LimiterUnavailable,
 }
 
 impl RejectionKind {
@@ -85,15 +97,19 @@ impl RejectionKind {
         match self {
             MalformedKey | AmbiguousKey | KeyTooLong | InvalidPath | InvalidJson
             | InvalidRequest => StatusCode::BAD_REQUEST,
-            InsufficientScope | Forbidden => StatusCode::FORBIDDEN,
-            StoreUnavailable | UpstreamCredentialUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            InsufficientScope | Forbidden | ModelNotAllowed => StatusCode::FORBIDDEN,
+            StoreUnavailable | UpstreamCredentialUnavailable | LimiterUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             MissingKey | InvalidKey | ExpiredKey | KeyNotYetValid | RevokedKey | DisabledKey
             | NoUpstreamCredential => StatusCode::UNAUTHORIZED,
             UpstreamUnreachable => StatusCode::BAD_GATEWAY,
             UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             NotFound | KeyNotFound => StatusCode::NOT_FOUND,
             Conflict => StatusCode::CONFLICT,
-            TooManyEphemeralKeys => StatusCode::TOO_MANY_REQUESTS,
+            TooManyEphemeralKeys | RateLimited | ConcurrencyLimited => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             RequestBodyTimeout => StatusCode::REQUEST_TIMEOUT,
         }
     }
@@ -126,6 +142,10 @@ impl RejectionKind {
             Conflict => "conflict",
             TooManyEphemeralKeys => "too_many_ephemeral_keys",
             RequestBodyTimeout => "request_body_timeout",
+            RateLimited => "rate_limit_exceeded",
+            ConcurrencyLimited => "concurrency_limit_exceeded",
+            ModelNotAllowed => "model_not_allowed",
+            LimiterUnavailable => "limiter_unavailable",
         }
     }
 
@@ -144,9 +164,9 @@ impl RejectionKind {
     /// | `not_yet_valid` | `KeyNotYetValid` |
     /// | `revoked` | `RevokedKey` |
     /// | `disabled` | `DisabledKey` |
-    /// | `forbidden` | `InsufficientScope`, `Forbidden` |
-    /// | `rate_limited` | `TooManyEphemeralKeys` |
-    /// | `store_unavailable` | `StoreUnavailable` |
+    /// | `forbidden` | `InsufficientScope`, `Forbidden`, `ModelNotAllowed` |
+    /// | `rate_limited` | `RateLimited`, `ConcurrencyLimited`, `TooManyEphemeralKeys` |
+    /// | `store_unavailable` | `StoreUnavailable`, `LimiterUnavailable` |
     /// | `upstream_credential` | `NoUpstreamCredential`, `UpstreamCredentialUnavailable` |
     /// | `upstream_error` | `UpstreamUnreachable` |
     /// | `upstream_timeout` | `UpstreamTimeout` |
@@ -171,9 +191,9 @@ impl RejectionKind {
             KeyNotYetValid => "not_yet_valid",
             RevokedKey => "revoked",
             DisabledKey => "disabled",
-            InsufficientScope | Forbidden => "forbidden",
-            TooManyEphemeralKeys => "rate_limited",
-            StoreUnavailable => "store_unavailable",
+            InsufficientScope | Forbidden | ModelNotAllowed => "forbidden",
+            RateLimited | ConcurrencyLimited | TooManyEphemeralKeys => "rate_limited",
+            StoreUnavailable | LimiterUnavailable => "store_unavailable",
             NoUpstreamCredential | UpstreamCredentialUnavailable => "upstream_credential",
             UpstreamUnreachable => "upstream_error",
             UpstreamTimeout => "upstream_timeout",
@@ -206,7 +226,21 @@ impl RejectionKind {
             | Forbidden
             | Conflict
             | TooManyEphemeralKeys
-            | RequestBodyTimeout => None,
+            | RequestBodyTimeout
+            | RateLimited
+            | ConcurrencyLimited
+            | ModelNotAllowed
+            | LimiterUnavailable => None,
+        }
+    }
+
+    /// The `error.type` of an OpenAI-dialect body: OpenAI names the exhausted quota
+    /// (`requests`) for its own rate limits, and writes one type per status class otherwise.
+    fn openai_type(self) -> &'static str {
+        match self {
+            RejectionKind::RateLimited | RejectionKind::ConcurrencyLimited => "requests",
+            _ if self.status().is_server_error() => "server_error",
+            _ => "invalid_request_error",
         }
     }
 
@@ -448,6 +482,19 @@ impl ErrorFormat {
         let openai_missing =
             matches!(self, ErrorFormat::OpenAi) && rejection.kind() == RejectionKind::MissingKey;
         let code = (!openai_missing).then(|| rejection.code());
+        if let ErrorFormat::OpenAi = self {
+            let body = json!({"error": {
+                "message": rejection.message(),
+                "type": rejection.kind().openai_type(),
+                "param": null,
+                "code": code,
+            }});
+            return Response::builder()
+                .status(rejection.status())
+                .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+                .body(Bytes::from(body.to_string()))
+                .expect("static status and headers are valid");
+        }
         self.error_response(rejection.status(), code, rejection.message())
     }
 

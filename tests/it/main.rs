@@ -11,6 +11,7 @@ mod gateway;
 mod inbound;
 mod inject;
 mod lifecycle;
+mod limits;
 mod model;
 mod proxy;
 mod redis;

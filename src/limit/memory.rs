@@ -1,0 +1,282 @@
+//! [`MemoryLimiter`]: exact limits within one process, in sharded tables.
+
+use std::fmt;
+use std::future::{Ready, ready};
+use std::hash::BuildHasher;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use hashbrown::{DefaultHashBuilder, HashTable};
+
+use super::gcra;
+use super::{Admission, Limiter, LimiterError, Limits, Quota};
+use crate::clock::{Clock, SystemClock, Timestamp};
+use crate::keys::KeyId;
+
+/// Entries a shard holds before its first sweep of idle keys.
+const FIRST_SWEEP: usize = 256;
+
+/// The in-memory [`Limiter`]: GCRA and in-flight counts per key, exact within one process.
+///
+/// Keys are spread over shards (a few per core), each a table behind its own lock held
+/// for a few nanoseconds per decision. Memory follows the number of active keys: a key's
+/// entry is dropped once its allowance is whole again and nothing of it is in flight,
+/// swept lazily when a shard has doubled since its last sweep (no background task), which
+/// changes no answer (an idle entry means the same as none). Decisions are ready futures.
+///
+/// Time comes from a [`Clock`] ([`SystemClock`] by default, whose reads are a kernel tick
+/// coarse: rates up to a few hundred per second per key are exact).
+///
+/// ```
+/// use std::future::Future;
+/// use tower_gateway_auth::clock::{ManualClock, Timestamp};
+/// use tower_gateway_auth::keys::KeyId;
+/// use tower_gateway_auth::limit::{Admission, Limiter, Limits, MemoryLimiter, Rate};
+///
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let limiter = MemoryLimiter::with_clock(ManualClock::new(Timestamp::from_unix_secs(1_000)));
+/// let limits = Limits::new().with_rate(Rate::per_minute(2));
+/// let key = KeyId::random();
+/// assert!(matches!(limiter.admit(key, &limits).await, Ok(Admission::Allowed { .. })));
+/// assert!(matches!(limiter.admit(key, &limits).await, Ok(Admission::Allowed { .. })));
+/// assert!(matches!(limiter.admit(key, &limits).await, Ok(Admission::RateLimited { .. })));
+/// # });
+/// ```
+pub struct MemoryLimiter<C = SystemClock> {
+    table: Arc<Table>,
+    clock: C,
+}
+
+struct Table {
+    shards: Box<[Shard]>,
+    hasher: DefaultHashBuilder,
+    shift: u32,
+}
+
+/// Aligned to a cache line, so that two cores working on two shards do not share one.
+#[repr(align(64))]
+struct Shard(Mutex<Entries>);
+
+struct Entries {
+    table: HashTable<Entry>,
+    sweep_at: usize,
+}
+
+#[derive(Clone, Copy)]
+struct Entry {
+    key: u64,
+    /// Kept for the table to grow without rehashing (its hasher is random per limiter).
+    hash: u64,
+    /// The GCRA theoretical arrival time, ns since the epoch (0: none).
+    tat: u64,
+    in_flight: u32,
+}
+
+impl MemoryLimiter<SystemClock> {
+    /// A limiter on the system clock.
+    pub fn new() -> Self {
+        Self::with_clock(SystemClock)
+    }
+}
+
+impl Default for MemoryLimiter<SystemClock> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<C: Clock> MemoryLimiter<C> {
+    /// A limiter reading time from `clock` (e.g. a [`ManualClock`](crate::clock::ManualClock)
+    /// in tests).
+    pub fn with_clock(clock: C) -> Self {
+        let cores = std::thread::available_parallelism().map_or(4, |n| n.get());
+        let n = (cores * 4).next_power_of_two().clamp(8, 256);
+        let shards = (0..n)
+            .map(|_| {
+                Shard(Mutex::new(Entries {
+                    table: HashTable::new(),
+                    sweep_at: FIRST_SWEEP,
+                }))
+            })
+            .collect();
+        MemoryLimiter {
+            table: Arc::new(Table {
+                shards,
+                hasher: DefaultHashBuilder::default(),
+                shift: 64 - n.trailing_zeros(),
+            }),
+            clock,
+        }
+    }
+
+    /// How many keys have an entry now (active, or not yet swept).
+    pub fn len(&self) -> usize {
+        self.table.shards.iter().map(|s| lock(s).table.len()).sum()
+    }
+
+    /// Whether no key has an entry.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The decision, made synchronously.
+    fn decide(&self, key: KeyId, limits: &Limits) -> Admission<MemoryPermit> {
+        let key = key.as_u64();
+        let hash = self.table.hasher.hash_one(key);
+        let shard = &self.table.shards[(hash >> self.table.shift) as usize];
+        let now = self.clock.now_nanos();
+        let mut entries = lock(shard);
+        let entry = entries.entry(key, hash, now);
+        if let Some(max) = limits.max_concurrent
+            && entry.in_flight >= max
+        {
+            return Admission::ConcurrencyLimited { max };
+        }
+        let quota = match limits.rate {
+            None => None,
+            Some(rate) => {
+                let d = gcra::decide(entry.tat, now, &rate);
+                let quota = Quota {
+                    limit: rate.requests(),
+                    remaining: d.remaining,
+                    reset: Duration::from_nanos(d.reset),
+                    reset_at: Timestamp::from_unix_secs(
+                        now.saturating_add(d.reset).div_ceil(1_000_000_000),
+                    ),
+                };
+                if !d.allowed {
+                    return Admission::RateLimited {
+                        quota,
+                        retry_after: Duration::from_nanos(d.retry_after),
+                    };
+                }
+                entry.tat = d.tat;
+                Some(quota)
+            }
+        };
+        let permit = limits.max_concurrent.map(|_| {
+            entry.in_flight += 1;
+            MemoryPermit {
+                table: self.table.clone(),
+                key,
+                hash,
+            }
+        });
+        Admission::Allowed { permit, quota }
+    }
+}
+
+fn lock(shard: &Shard) -> MutexGuard<'_, Entries> {
+    // A panic while a shard was held leaves counts that are still consistent (every write
+    // is one field), so the table stays usable.
+    shard
+        .0
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Entries {
+    /// The key's entry, made when missing; sweeps idle entries first when the shard has
+    /// grown to twice its size after the last sweep.
+    fn entry(&mut self, key: u64, hash: u64, now: u64) -> &mut Entry {
+        if self.table.find(hash, |e| e.key == key).is_none() && self.table.len() >= self.sweep_at {
+            self.table.retain(|e| e.tat > now || e.in_flight > 0);
+            self.sweep_at = (self.table.len() * 2).max(FIRST_SWEEP);
+        }
+        self.table
+            .entry(hash, |e| e.key == key, |e| e.hash)
+            .or_insert(Entry {
+                key,
+                hash,
+                tat: 0,
+                in_flight: 0,
+            })
+            .into_mut()
+    }
+}
+
+impl<C: Clock> Limiter for MemoryLimiter<C> {
+    type Permit = MemoryPermit;
+    type Future = Ready<Result<Admission<MemoryPermit>, LimiterError>>;
+
+    #[inline]
+    fn admit(&self, key: KeyId, limits: &Limits) -> Self::Future {
+        ready(Ok(self.decide(key, limits)))
+    }
+}
+
+impl<C> fmt::Debug for MemoryLimiter<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryLimiter")
+            .field("shards", &self.table.shards.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// One request's slot of its key's concurrency limit; released when dropped.
+pub struct MemoryPermit {
+    table: Arc<Table>,
+    key: u64,
+    hash: u64,
+}
+
+impl Drop for MemoryPermit {
+    fn drop(&mut self) {
+        let shard = &self.table.shards[(self.hash >> self.table.shift) as usize];
+        let mut entries = lock(shard);
+        if let Some(e) = entries.table.find_mut(self.hash, |e| e.key == self.key) {
+            e.in_flight = e.in_flight.saturating_sub(1);
+        }
+    }
+}
+
+impl fmt::Debug for MemoryPermit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryPermit")
+            .field("key", &KeyId::from_u64(self.key))
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::limit::Rate;
+
+    #[test]
+    fn idle_keys_are_swept_and_keys_in_flight_are_kept() {
+        let clock = ManualClock::new(Timestamp::from_unix_secs(1_000));
+        let limiter = MemoryLimiter::with_clock(clock.clone());
+        let shards = limiter.table.shards.len();
+        let rate = Limits::new().with_rate(Rate::per_second(1));
+        let held = Limits::new().with_max_concurrent(1);
+        let permit = match limiter.decide(KeyId::from_u64(u64::MAX), &held) {
+            Admission::Allowed { permit, .. } => permit.unwrap(),
+            other => panic!("{other:?}"),
+        };
+        // 100 waves of keys that each go idle a second after their one request.
+        for wave in 0..100u64 {
+            for k in 0..(shards as u64 * 64) {
+                let id = KeyId::from_u64(wave << 32 | k);
+                assert!(matches!(
+                    limiter.decide(id, &rate),
+                    Admission::Allowed { .. }
+                ));
+            }
+            clock.advance(Duration::from_secs(2));
+        }
+        let bound = 2 * shards * FIRST_SWEEP + shards * 64;
+        assert!(limiter.len() <= bound, "{} > {bound}", limiter.len());
+        // The key in flight kept its entry through every sweep.
+        assert!(matches!(
+            limiter.decide(KeyId::from_u64(u64::MAX), &held),
+            Admission::ConcurrencyLimited { max: 1 }
+        ));
+        drop(permit);
+        assert!(matches!(
+            limiter.decide(KeyId::from_u64(u64::MAX), &held),
+            Admission::Allowed { .. }
+        ));
+    }
+}

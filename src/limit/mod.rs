@@ -1,0 +1,366 @@
+//! Per-key limits: request rate, requests in flight and model access.
+//!
+//! A [`KeyRecord`](crate::keys::KeyRecord) may carry [`Limits`] (a [`Rate`] and a maximum of
+//! concurrent requests) and a [`ModelList`]; a layer may set defaults for keys that carry
+//! none. Two layers enforce them, both inside the inbound layer (they read the
+//! [`Identity`](crate::Identity) it leaves in the request extensions):
+//!
+//! 1. [`RateLimitLayer`]: GCRA per key (one "theoretical arrival time" per key, as the
+//!    `governor` crate does, no background task) and a count of requests in flight, whose
+//!    permit is held until the response body has ended or been dropped, so that a stream
+//!    counts until it finishes or the client leaves. A refusal is 429 with `Retry-After`;
+//!    every answer carries the provider's rate-limit headers (see below).
+//! 2. [`ModelAccessLayer`]: reads the model from the path (Gemini, Azure) or from the
+//!    top-level `"model"` of a JSON body, buffering at most a bound and passing the body on
+//!    byte for byte, and refuses a model the key may not use with 403 `model_not_allowed`.
+//!
+//! Put the rate limit outside the model check: a client past its rate then costs no body
+//! buffering.
+//!
+//! ```
+//! use std::time::Duration;
+//! use axum::{Router, routing::post};
+//! use tower_gateway_auth::{InboundApiKeyLayer, RateLimitLayer};
+//! use tower_gateway_auth::limit::{Limits, MemoryLimiter, ModelAccessLayer, Rate};
+//! use tower_gateway_auth::store::MemoryStore;
+//!
+//! let app: Router = Router::new()
+//!     .route("/v1/chat/completions", post(|| async { "ok" }))
+//!     .layer(ModelAccessLayer::new())
+//!     .layer(
+//!         RateLimitLayer::new(MemoryLimiter::new())
+//!             .default_limits(Limits::new().with_rate(Rate::per_minute(60)).with_max_concurrent(4)),
+//!     )
+//!     .layer(InboundApiKeyLayer::new(MemoryStore::new()));
+//! ```
+//!
+//! # Whose allowance a request uses
+//!
+//! Requests count against the key's [`origin`](crate::Identity::origin): an ephemeral key
+//! uses its parent's allowance (a browser key must not multiply it), and a rotated key's
+//! successor continues its predecessor's. An ephemeral key is minted with copies of its
+//! parent's limits and models, so it can never be allowed more than its parent had at
+//! that time; a later change to the parent reaches children minted after it (children live
+//! a minute by default).
+//!
+//! # Headers
+//!
+//! Both families are sent on every answer of a rate-limited key, whatever the route's
+//! dialect: clients read the family they know and ignore the other, and a gateway fronting
+//! several providers then needs no setting for it.
+//!
+//! | header | value |
+//! |---|---|
+//! | `x-ratelimit-limit-requests`, `anthropic-ratelimit-requests-limit` | requests per period |
+//! | `x-ratelimit-remaining-requests`, `anthropic-ratelimit-requests-remaining` | requests that would pass now |
+//! | `x-ratelimit-reset-requests` | time until the allowance is whole again, as a Go duration (`1s`, `6m0s`) |
+//! | `anthropic-ratelimit-requests-reset` | the same as an RFC 3339 time |
+//! | `Retry-After` (429 only) | whole seconds, rounded up |
+//!
+//! # Backends
+//!
+//! A [`Limiter`] decides. [`MemoryLimiter`] is exact within one process and answers at
+//! once with a ready future, so the hot path neither boxes nor waits. A Redis backend
+//! shared by replicas comes next: one atomic Lua script per decision over hash-tagged keys
+//! (`{ns:key_id}`), so that it runs on Redis Cluster.
+
+mod access;
+mod body;
+mod gcra;
+mod layer;
+mod memory;
+mod model;
+mod scan;
+
+pub use access::{
+    BoxError, DEFAULT_MAX_BUFFER, ModelAccess, ModelAccessFuture, ModelAccessLayer, ReplayBody,
+    UnknownModel,
+};
+pub use body::LimitBody;
+pub use layer::{RateLimit, RateLimitFuture, RateLimitLayer};
+pub use memory::{MemoryLimiter, MemoryPermit};
+pub use model::ModelList;
+
+use std::fmt;
+use std::future::Future;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::clock::Timestamp;
+use crate::keys::KeyId;
+
+/// A request rate: `requests` per `period`, with up to `burst` at one instant.
+///
+/// Periods are whole seconds (they are stored so); the burst defaults to `requests`, so a
+/// fresh key may spend its whole allowance at once and then one request per
+/// `period / requests`.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_gateway_auth::limit::Rate;
+///
+/// let rate = Rate::per_minute(60).with_burst(10);
+/// assert_eq!(rate.requests(), 60);
+/// assert_eq!(rate.period(), Duration::from_secs(60));
+/// assert_eq!(rate.burst(), 10);
+/// ```
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Rate {
+    requests: u32,
+    period_secs: u32,
+    burst: u32,
+    /// The emission interval in ns, derived from the two above and kept: it saves a
+    /// division on every decision.
+    interval: u64,
+}
+
+impl Rate {
+    /// `requests` per `period` (rounded up to whole seconds, at least one). A rate of 0
+    /// requests refuses every request.
+    pub fn new(requests: u32, period: Duration) -> Self {
+        let secs = period.as_secs() + u64::from(period.subsec_nanos() > 0);
+        let period_secs = u32::try_from(secs.max(1)).unwrap_or(u32::MAX);
+        // Rounded down (at least 1 ns), so rounding never makes a limit stricter.
+        let interval = (u64::from(period_secs) * 1_000_000_000 / u64::from(requests.max(1))).max(1);
+        Rate {
+            requests,
+            period_secs,
+            burst: requests,
+            interval,
+        }
+    }
+
+    /// `requests` per second.
+    pub fn per_second(requests: u32) -> Self {
+        Self::new(requests, Duration::from_secs(1))
+    }
+
+    /// `requests` per minute.
+    pub fn per_minute(requests: u32) -> Self {
+        Self::new(requests, Duration::from_secs(60))
+    }
+
+    /// `requests` per hour.
+    pub fn per_hour(requests: u32) -> Self {
+        Self::new(requests, Duration::from_secs(3600))
+    }
+
+    /// At most `burst` requests at one instant (at least one).
+    pub fn with_burst(mut self, burst: u32) -> Self {
+        self.burst = burst.max(1);
+        self
+    }
+
+    /// Requests per period.
+    pub fn requests(&self) -> u32 {
+        self.requests
+    }
+
+    /// The period.
+    pub fn period(&self) -> Duration {
+        Duration::from_secs(self.period_secs.into())
+    }
+
+    /// The most requests at one instant.
+    pub fn burst(&self) -> u32 {
+        self.burst
+    }
+}
+
+impl fmt::Debug for Rate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Rate({}/{}s, burst {})",
+            self.requests, self.period_secs, self.burst
+        )
+    }
+}
+
+/// What a key may spend: a request [`Rate`] and a maximum of requests in flight, each
+/// optional. A field a key leaves unset falls back to the layer's default.
+///
+/// Stored (key files, Redis) as
+/// `{"requests_per_period":60,"period":60,"burst":10,"max_concurrent":2}`, `period` in
+/// seconds (default 60), `burst` defaulting to `requests_per_period`.
+///
+/// ```
+/// use tower_gateway_auth::limit::{Limits, Rate};
+///
+/// let limits = Limits::new().with_rate(Rate::per_minute(60)).with_max_concurrent(2);
+/// let json = serde_json::to_string(&limits).unwrap();
+/// assert_eq!(json, r#"{"requests_per_period":60,"period":60,"burst":60,"max_concurrent":2}"#);
+/// assert_eq!(serde_json::from_str::<Limits>(r#"{"requests_per_period":60}"#).unwrap().rate(),
+///            Some(Rate::per_minute(60)));
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Limits {
+    rate: Option<Rate>,
+    max_concurrent: Option<u32>,
+}
+
+impl Limits {
+    /// No limits.
+    pub const fn new() -> Self {
+        Limits {
+            rate: None,
+            max_concurrent: None,
+        }
+    }
+
+    /// Sets the request rate.
+    pub fn with_rate(mut self, rate: Rate) -> Self {
+        self.rate = Some(rate);
+        self
+    }
+
+    /// Sets the most requests in flight at once (0 refuses every request).
+    pub fn with_max_concurrent(mut self, max: u32) -> Self {
+        self.max_concurrent = Some(max);
+        self
+    }
+
+    /// The request rate, if limited.
+    pub fn rate(&self) -> Option<Rate> {
+        self.rate
+    }
+
+    /// The most requests in flight, if limited.
+    pub fn max_concurrent(&self) -> Option<u32> {
+        self.max_concurrent
+    }
+
+    /// Whether nothing is limited.
+    pub fn is_empty(&self) -> bool {
+        self.rate.is_none() && self.max_concurrent.is_none()
+    }
+
+    /// Each limit of `self`, or `defaults`' where `self` has none.
+    pub fn or(self, defaults: &Limits) -> Limits {
+        Limits {
+            rate: self.rate.or(defaults.rate),
+            max_concurrent: self.max_concurrent.or(defaults.max_concurrent),
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct LimitsForm {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    requests_per_period: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    period: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    burst: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    max_concurrent: Option<u32>,
+}
+
+impl Serialize for Limits {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        LimitsForm {
+            requests_per_period: self.rate.map(|r| r.requests),
+            period: self.rate.map(|r| r.period_secs),
+            burst: self.rate.map(|r| r.burst),
+            max_concurrent: self.max_concurrent,
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Limits {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let form = LimitsForm::deserialize(d)?;
+        let rate = form.requests_per_period.map(|n| {
+            let rate = Rate::new(n, Duration::from_secs(form.period.unwrap_or(60).into()));
+            form.burst.map_or(rate, |b| rate.with_burst(b))
+        });
+        Ok(Limits {
+            rate,
+            max_concurrent: form.max_concurrent,
+        })
+    }
+}
+
+/// Where a key stands against its rate, for the rate-limit headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    /// Requests per period.
+    pub limit: u32,
+    /// Requests that would pass now.
+    pub remaining: u32,
+    /// How long until the allowance is whole again.
+    pub reset: Duration,
+    /// When the allowance is whole again, by the limiter's clock (rounded up).
+    pub reset_at: Timestamp,
+}
+
+/// A limiter's decision on one request.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Admission<P> {
+    /// The request may go on. `permit` (when the key has a concurrency limit) is held until
+    /// the response body has ended or been dropped; `quota` (when it has a rate) is told to
+    /// the client.
+    Allowed {
+        /// Released on drop.
+        permit: Option<P>,
+        /// Where the key stands after this request.
+        quota: Option<Quota>,
+    },
+    /// The key's rate is used up: try again after `retry_after`.
+    RateLimited {
+        /// Where the key stands.
+        quota: Quota,
+        /// How long until one more request would pass.
+        retry_after: Duration,
+    },
+    /// The key has `max` requests in flight already.
+    ConcurrencyLimited {
+        /// The key's maximum.
+        max: u32,
+    },
+}
+
+/// A limiter backend failed; the request is refused (503), not let through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimiterError(pub String);
+
+impl fmt::Display for LimiterError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "rate limiter unavailable: {}", self.0)
+    }
+}
+
+impl std::error::Error for LimiterError {}
+
+/// Decides whether a key's request may go on, against its [`Limits`].
+///
+/// The decision is a future so that a shared backend (Redis) can wait on the network; an
+/// in-process backend returns a ready one (`std::future::Ready`) that the layer resolves in
+/// place, with no allocation and no clone of the inner service. Rate and concurrency are
+/// one decision, so that a shared backend decides both in one round trip: a request refused
+/// for concurrency spends no rate, and one refused for rate holds no permit.
+pub trait Limiter: Send + Sync + 'static {
+    /// Held while the request is in flight; releases its slot when dropped.
+    type Permit: Send + Sync + 'static;
+    /// The decision.
+    type Future: Future<Output = Result<Admission<Self::Permit>, LimiterError>>
+        + Send
+        + Unpin
+        + 'static;
+
+    /// Decides on one request of the key `key` under `limits` (not empty).
+    fn admit(&self, key: KeyId, limits: &Limits) -> Self::Future;
+}
+
+impl<L: Limiter> Limiter for std::sync::Arc<L> {
+    type Permit = L::Permit;
+    type Future = L::Future;
+
+    #[inline]
+    fn admit(&self, key: KeyId, limits: &Limits) -> Self::Future {
+        (**self).admit(key, limits)
+    }
+}
