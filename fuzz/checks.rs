@@ -14,6 +14,8 @@
 //! - [`parse`]: any bytes, read as (lossy) UTF-8 and fed to every parser.
 //! - [`admin_json`]: `route`, `caller`, `id`, then the body; when `id` picks a fuzzed id,
 //!   the body's first line is the path id.
+//! - [`model_body`]: `flags`, read cuts up to a `0xff`, then a request body sent by a key
+//!   limited to `gpt-4o*`.
 #![allow(dead_code)]
 
 use std::convert::Infallible;
@@ -1486,4 +1488,116 @@ fn check_issued(
         _ => unreachable!(),
     }
     key
+}
+
+/// A request body delivered in the given chunks, as a client's arrives in reads.
+struct Chunks(std::collections::VecDeque<Bytes>);
+
+impl http_body::Body for Chunks {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        std::task::Poll::Ready(
+            self.0
+                .pop_front()
+                .map(|chunk| Ok(http_body::Frame::data(chunk))),
+        )
+    }
+}
+
+/// `model_body`: `flags` (bit 0: unknown models allowed; bits 1–3: the buffer bound, 16 to
+/// 128 bytes), `cuts` (where the body is split into reads: each byte a cut at that offset
+/// modulo the length, up to the first `0xff`), then the body, sent by a key that may use
+/// only `gpt-4o*`. Whatever the bytes, the layer never panics and the upstream gets the body
+/// byte for byte, or nothing (403, 400), or a body broken with an error naming the model;
+/// when it gets a whole body, whatever the rule, that body names no top-level model the key
+/// may not use.
+pub fn model_body(data: &[u8]) {
+    use tower_gateway_auth::limit::{ModelAccessLayer, ModelList, ReplayBody, UnknownModel};
+    let [flags, rest @ ..] = data else {
+        return;
+    };
+    let (cuts, body) = match rest.iter().position(|&b| b == 0xff) {
+        Some(at) => (&rest[..at], &rest[at + 1..]),
+        None => (&[][..], rest),
+    };
+    let mut points: Vec<usize> = cuts
+        .iter()
+        .map(|&c| usize::from(c) % (body.len() + 1))
+        .collect();
+    points.sort_unstable();
+    let mut parts = std::collections::VecDeque::new();
+    let mut from = 0;
+    for p in points.into_iter().chain([body.len()]) {
+        parts.push_back(Bytes::copy_from_slice(&body[from..p]));
+        from = p;
+    }
+    let allow = flags & 1 == 1;
+    let bound = 16 * (1 + usize::from((flags >> 1) & 7));
+    let rule = if allow {
+        UnknownModel::Allow
+    } else {
+        UnknownModel::Refuse
+    };
+    let record = KeyRecord::new(
+        KeyId::random(),
+        tower_gateway_auth::keys::KeyHasher::sha256().digest(b"gw_fuzz"),
+    )
+    .with_models(ModelList::new(["gpt-4o*"]));
+    let mut req = Request::builder()
+        .method(Method::POST)
+        .uri("/v1/chat/completions")
+        .header(CONTENT_TYPE, "application/json")
+        .body(Chunks(parts))
+        .expect("a valid request");
+    req.extensions_mut()
+        .insert(tower_gateway_auth::Identity::new(Arc::new(record)));
+    let seen: Arc<Mutex<Vec<Result<Bytes, String>>>> = Arc::default();
+    let upstream = {
+        let seen = seen.clone();
+        tower::service_fn(move |req: Request<ReplayBody<Chunks>>| {
+            let seen = seen.clone();
+            async move {
+                let body = req.into_body().collect().await;
+                seen.lock()
+                    .unwrap()
+                    .push(body.map(|b| b.to_bytes()).map_err(|e| e.to_string()));
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+            }
+        })
+    };
+    let layer = ModelAccessLayer::new()
+        .unknown_model(rule)
+        .max_buffer(bound);
+    let response = block_on(layer.layer(upstream).oneshot(req)).expect("infallible");
+    let status = response.status();
+    match seen.lock().unwrap().as_slice() {
+        [] => assert!(
+            status == StatusCode::FORBIDDEN || status == StatusCode::BAD_REQUEST,
+            "refused with {status}"
+        ),
+        [Ok(passed)] => {
+            assert_eq!(&passed[..], body, "the body changed on its way");
+            // Whatever the rule for bodies without a readable model, a model the key may
+            // not use never gets through whole.
+            let model = serde_json::from_slice::<serde_json::Value>(body)
+                .ok()
+                .and_then(|v| v.get("model").and_then(|m| m.as_str()).map(str::to_owned));
+            if let Some(model) = model {
+                assert!(
+                    model.starts_with("gpt-4o"),
+                    "{model:?} reached the upstream"
+                );
+            }
+        }
+        [Err(error)] => assert!(
+            error.contains("model"),
+            "broken for another reason: {error}"
+        ),
+        more => panic!("{} upstream requests for one", more.len()),
+    }
 }

@@ -41,7 +41,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode};
-use http_body::{Body, Frame, SizeHint};
+use http_body::{Body, Frame};
 use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
@@ -373,13 +373,7 @@ impl<B: Body<Data = Bytes>> Body for CountingBody<B> {
         Poll::Ready(frame)
     }
 
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
-    }
+    delegate_body_hints!();
 }
 
 impl<B> fmt::Debug for CountingBody<B> {
@@ -438,13 +432,7 @@ impl<B: Body<Data = Bytes>> Body for LoggedBody<B> {
         Poll::Ready(frame)
     }
 
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
-    }
+    delegate_body_hints!();
 }
 
 impl<B> fmt::Debug for LoggedBody<B> {
@@ -479,15 +467,20 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn one_line_at_body_end_with_key_id_outcome_upstream_and_bytes() {
+    /// Every event of this thread as JSON lines, while the guard lives.
+    fn json_lines() -> (Lines, tracing::subscriber::DefaultGuard) {
         let lines = Lines::default();
         let writer = lines.clone();
         let subscriber = tracing_subscriber::fmt()
             .json()
             .with_writer(move || writer.clone())
             .finish();
-        let _guard = tracing::subscriber::set_default(subscriber);
+        (lines, tracing::subscriber::set_default(subscriber))
+    }
+
+    #[tokio::test]
+    async fn one_line_at_body_end_with_key_id_outcome_upstream_and_bytes() {
+        let (lines, _guard) = json_lines();
 
         let store = MemoryStore::new();
         let id = KeyId::random();
@@ -562,13 +555,7 @@ mod tests {
     async fn a_stream_is_logged_when_it_ends_with_every_byte_that_went_out() {
         use http_body_util::channel::Channel;
 
-        let lines = Lines::default();
-        let writer = lines.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .json()
-            .with_writer(move || writer.clone())
-            .finish();
-        let _guard = tracing::subscriber::set_default(subscriber);
+        let (lines, _guard) = json_lines();
         let logged = || {
             String::from_utf8(lines.0.lock().unwrap().clone())
                 .unwrap()

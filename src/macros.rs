@@ -47,3 +47,17 @@ macro_rules! opaque_ready_or_boxed {
         }
     };
 }
+
+/// `is_end_stream` and `size_hint` of a body that wraps another in its `body` field and
+/// ends when it does; goes inside that body's `impl Body` block.
+macro_rules! delegate_body_hints {
+    () => {
+        fn is_end_stream(&self) -> bool {
+            self.body.is_end_stream()
+        }
+
+        fn size_hint(&self) -> http_body::SizeHint {
+            self.body.size_hint()
+        }
+    };
+}

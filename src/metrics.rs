@@ -615,6 +615,10 @@ mod tests {
             Conflict,
             TooManyEphemeralKeys,
             RequestBodyTimeout,
+            RateLimited,
+            ConcurrencyLimited,
+            ModelNotAllowed,
+            LimiterUnavailable,
         ];
         for kind in every_kind {
             assert!(OUTCOMES.contains(&kind.outcome()), "{kind:?}");

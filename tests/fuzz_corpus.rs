@@ -73,3 +73,8 @@ fn the_fixed_keys_are_well_formed() {
         );
     }
 }
+
+#[test]
+fn model_body() {
+    replay("model_body", checks::model_body);
+}

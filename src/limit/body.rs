@@ -4,7 +4,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http_body::{Body, Frame, SizeHint};
+use http_body::{Body, Frame};
 use pin_project_lite::pin_project;
 
 pin_project! {
@@ -47,13 +47,7 @@ impl<B: Body<Data = Bytes>, P> Body for LimitBody<B, P> {
         frame
     }
 
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
-    }
+    delegate_body_hints!();
 }
 
 impl<B, P> std::fmt::Debug for LimitBody<B, P> {
