@@ -3,6 +3,8 @@
 //! ```text
 //! cargo run --example keygen -- --keys-file keys.json --name alice [--ttl-days N | --no-expiry]
 //!                                [--scope S]... [--prefix P]
+//! cargo run --example keygen -- --keys-file keys.json --name ci --rpm 60 --burst 10 \
+//!                                --max-concurrent 2 --model 'gpt-4o*' --model claude-3-5-haiku-latest
 //! cargo run --example keygen -- --keys-file keys.json --list
 //! cargo run --example keygen -- --keys-file keys.json --revoke key_XXXXXXXXXXX
 //! cargo run --example keygen -- --redis-url redis://127.0.0.1:6379 --name alice   # shared store
@@ -29,9 +31,10 @@ use tower_gateway_auth::clock::Timestamp;
 use tower_gateway_auth::keys::{
     Actor, ApiKey, AuditFile, KeyFormat, KeyHasher, KeyManager, KeyRecord, NewKey,
 };
+use tower_gateway_auth::limit::{Limits, Rate};
 use tower_gateway_auth::store::{FileStore, KeyAdmin, RedisStore};
 
-const USAGE: &str = "usage: keygen (--keys-file FILE | --redis-url URL [--redis-namespace NS]) [--pepper-env VAR] [--audit-file FILE] (--name NAME [--ttl-days N | --no-expiry] [--scope S]... [--prefix P] | --list | --revoke ID)";
+const USAGE: &str = "usage: keygen (--keys-file FILE | --redis-url URL [--redis-namespace NS]) [--pepper-env VAR] [--audit-file FILE] (--name NAME [--ttl-days N | --no-expiry] [--scope S]... [--prefix P] [--rpm N [--burst N]] [--max-concurrent N] [--model PATTERN]... | --list | --revoke ID)";
 
 #[derive(Default)]
 pub struct Args {
@@ -45,8 +48,22 @@ pub struct Args {
     no_expiry: bool,
     scopes: Vec<String>,
     prefix: Option<String>,
+    rpm: Option<u32>,
+    burst: Option<u32>,
+    max_concurrent: Option<u32>,
+    models: Vec<String>,
     list: bool,
     revoke: Option<String>,
+}
+
+/// A limit given on the command line: a whole number of at least 1.
+fn count(flag: &str, value: &str) -> Result<u32, String> {
+    match value.parse::<u32>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!(
+            "{flag} takes a whole number of at least 1, not `{value}`"
+        )),
+    }
 }
 
 pub fn parse(mut raw: impl Iterator<Item = String>) -> Result<Args, String> {
@@ -73,6 +90,10 @@ pub fn parse(mut raw: impl Iterator<Item = String>) -> Result<Args, String> {
             "--no-expiry" => args.no_expiry = true,
             "--scope" => args.scopes.push(value()?),
             "--prefix" => args.prefix = Some(value()?),
+            "--rpm" => args.rpm = Some(count(&flag, &value()?)?),
+            "--burst" => args.burst = Some(count(&flag, &value()?)?),
+            "--max-concurrent" => args.max_concurrent = Some(count(&flag, &value()?)?),
+            "--model" => args.models.push(value()?),
             "--list" => args.list = true,
             "--revoke" => args.revoke = Some(value()?),
             "-h" | "--help" => return Err(USAGE.into()),
@@ -179,6 +200,24 @@ async fn manage<S: KeyAdmin>(
         }
         (false, None, Some(name)) => {
             let mut spec = NewKey::named(name).scopes(args.scopes);
+            let mut limits = Limits::new();
+            match (args.rpm, args.burst) {
+                (Some(rpm), burst) => {
+                    limits =
+                        limits.with_rate(Rate::per_minute(rpm).with_burst(burst.unwrap_or(rpm)));
+                }
+                (None, Some(_)) => return Err("--burst needs --rpm".into()),
+                (None, None) => {}
+            }
+            if let Some(max) = args.max_concurrent {
+                limits = limits.with_max_concurrent(max);
+            }
+            if !limits.is_empty() {
+                spec = spec.limits(limits);
+            }
+            if !args.models.is_empty() {
+                spec = spec.models(args.models);
+            }
             if args.no_expiry {
                 spec = spec.never_expires();
             } else if let Some(days) = args.ttl_days {

@@ -18,6 +18,7 @@ use crate::inbound::RequireScopesLayer;
 use crate::keys::audit::{Actor, AuditAction};
 use crate::keys::manager::{IssuedKey, KeyManager, Lifetime, ManageError, NewKey};
 use crate::keys::record::{KeyId, KeyRecord, KeyStatus, KeyUnusable, Metadata, Scopes};
+use crate::limit::{Limits, ModelList};
 use crate::rejection::{Rejection, RejectionKind};
 use crate::store::KeyAdmin;
 
@@ -153,6 +154,10 @@ struct KeyView {
     metadata: Metadata,
     #[serde(skip_serializing_if = "Option::is_none")]
     parent: Option<KeyId>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    limits: Option<Limits>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    models: Option<ModelList>,
 }
 
 /// Whether `r`'s parent, found as `parent` (`None`: gone), lets it be used at `now`.
@@ -186,6 +191,8 @@ impl KeyView {
             not_before: r.not_before().map(|t| t.to_string()),
             metadata: r.metadata().clone(),
             parent: r.parent(),
+            limits: r.limits().cloned(),
+            models: r.models().cloned(),
         }
     }
 }
@@ -298,6 +305,10 @@ struct CreateBody {
     not_before: Option<TimeInput>,
     #[serde(default)]
     metadata: Metadata,
+    /// The stored form: `{"requests_per_period", "period", "burst", "max_concurrent"}`.
+    limits: Option<Limits>,
+    /// Exact names and `*` globs.
+    models: Option<Vec<String>>,
 }
 
 /// A time in a request body: RFC 3339, or Unix seconds (what earlier versions took).
@@ -354,6 +365,12 @@ async fn create<A: KeyAdmin>(State(s): Shared<A>, who: Option<Identity>, body: B
         .metadata_map(body.metadata);
     if let Some(t) = not_before {
         spec = spec.not_before(t);
+    }
+    if let Some(limits) = body.limits {
+        spec = spec.limits(limits);
+    }
+    if let Some(models) = body.models {
+        spec = spec.models(models);
     }
     let issued = s.by(&who).issue(spec).await.map_err(|e| s.fail(e))?;
     Ok(s.issued(issued))

@@ -245,7 +245,9 @@ impl Limits {
     }
 }
 
+/// Unknown fields are refused: a misspelt limit (`rpm`) must not silently mean no limit.
 #[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct LimitsForm {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     requests_per_period: Option<u32>,

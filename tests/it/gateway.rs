@@ -1450,3 +1450,90 @@ async fn every_management_action_is_in_the_audit_file_with_who_did_it_and_no_key
         }
     }
 }
+
+#[tokio::test]
+async fn route_limits_and_model_lists_hold_in_the_gateway_and_keys_bring_their_own() {
+    let dir = TempDir::new("gw-limits");
+    let (upstream, seen) = spawn_upstream().await;
+    let (paced, _) = issue(&dir.file(), "paced", &["openai"]).await;
+    let (modeled, _) = issue(&dir.file(), "modeled", &["openai"]).await;
+    let (admin, _) = issue(&dir.file(), "root", &["admin", "openai"]).await;
+    let limited = config(&dir.file(), upstream).replace(
+        "headers = { \"OpenAI-Organization\" = \"org-123\" }\n",
+        "headers = { \"OpenAI-Organization\" = \"org-123\" }\n[route.limits]\nrequests_per_minute = 2\nmodels = [\"gpt-4o*\"]\n",
+    );
+    assert_ne!(
+        limited,
+        config(&dir.file(), upstream),
+        "the limits are in the config"
+    );
+    let gw = start(&limited).await;
+    let chat = |key: String, model: &'static str| async move {
+        call(
+            gw.addr,
+            Method::POST,
+            "/openai/v1/chat/completions",
+            &[("authorization", &format!("Bearer {key}"))],
+            &format!(r#"{{"model":"{model}","messages":[]}}"#),
+        )
+        .await
+    };
+
+    // The route's rate: 2 a minute, then 429 with the provider's headers and Retry-After.
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        let answer = chat(paced.expose().to_owned(), "gpt-4o-mini").await;
+        statuses.push(answer.status.as_u16());
+        if answer.status == StatusCode::TOO_MANY_REQUESTS {
+            assert_eq!(answer.json()["error"]["code"], "rate_limit_exceeded");
+            assert!(answer.headers.contains_key("retry-after"));
+            assert_eq!(answer.headers["x-ratelimit-limit-requests"], "2");
+            assert_eq!(answer.headers["x-ratelimit-remaining-requests"], "0");
+        }
+    }
+    assert_eq!(statuses, [200, 200, 429]);
+    assert_eq!(seen.count(), 2, "the refused request reached nothing");
+
+    // The route's models: another model is 403 and never reaches the upstream.
+    let refused = chat(modeled.expose().to_owned(), "o1").await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
+    assert_eq!(refused.json()["error"]["code"], "model_not_allowed");
+    assert_eq!(seen.count(), 2);
+
+    // A key created with limits of its own through the management API: they show, and hold.
+    let created = call(
+        gw.addr,
+        Method::POST,
+        "/admin/keys",
+        &[("x-api-key", admin.expose())],
+        r#"{"name":"ci","scopes":["openai"],"limits":{"requests_per_period":1,"period":60},"models":["gpt-4o"]}"#,
+    )
+    .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.text());
+    let body = created.json();
+    assert_eq!(body["limits"]["requests_per_period"], 1);
+    assert_eq!(body["models"], serde_json::json!(["gpt-4o"]));
+    let own = body["key"].as_str().unwrap().to_owned();
+    let first = chat(own.clone(), "gpt-4o").await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!(
+        first.headers["x-ratelimit-limit-requests"], "1",
+        "the key's own rate"
+    );
+    assert_eq!(
+        chat(own.clone(), "gpt-4o").await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(seen.count(), 3);
+
+    // A misspelt limit is refused, not taken as no limit.
+    let typo = call(
+        gw.addr,
+        Method::POST,
+        "/admin/keys",
+        &[("x-api-key", admin.expose())],
+        r#"{"name":"typo","limits":{"rpm":1}}"#,
+    )
+    .await;
+    assert_eq!(typo.status, StatusCode::BAD_REQUEST, "{}", typo.text());
+}

@@ -827,3 +827,57 @@ async fn imports_and_refusals_reach_every_sink_and_the_log_without_the_key() {
     assert!(!logs.contains(key.expose()), "{logs}");
     assert!(!logs.contains(&record.digest().to_hex()), "{logs}");
 }
+
+#[tokio::test]
+async fn keygen_gives_a_key_its_rate_concurrency_and_models() {
+    let dir = support::TempDir::new("keygen-limits");
+    let path = dir.file().to_str().unwrap().to_owned();
+    let no_env = |_: &str| None;
+    let run = |extra: &[&str]| {
+        let mut all = vec!["--keys-file", path.as_str(), "--name", "ci"];
+        all.extend_from_slice(extra);
+        keygen::parse(all.into_iter().map(str::to_owned))
+    };
+    let args = run(&[
+        "--rpm",
+        "60",
+        "--burst",
+        "10",
+        "--max-concurrent",
+        "2",
+        "--model",
+        "gpt-4o*",
+        "--model",
+        "claude-3-5-haiku-latest",
+    ])
+    .unwrap();
+    keygen::run(args, &no_env).await.unwrap().unwrap();
+    let store = tower_gateway_auth::store::FileStore::builder(dir.file())
+        .reload_every(None)
+        .open()
+        .unwrap();
+    let record = tower_gateway_auth::store::KeyAdmin::list(&store)
+        .await
+        .unwrap()[0]
+        .clone();
+    let rate = record.limits().and_then(|l| l.rate()).expect("a rate");
+    assert_eq!(
+        (rate.requests(), rate.period().as_secs(), rate.burst()),
+        (60, 60, 10)
+    );
+    assert_eq!(record.limits().unwrap().max_concurrent(), Some(2));
+    let models: Vec<&str> = record.models().unwrap().iter().collect();
+    assert_eq!(models, ["gpt-4o*", "claude-3-5-haiku-latest"]);
+
+    for bad in [
+        &["--rpm", "0"][..],
+        &["--max-concurrent", "x"],
+        &["--burst"],
+    ] {
+        assert!(run(bad).is_err(), "{bad:?}");
+    }
+    let error = keygen::run(run(&["--burst", "5"]).unwrap(), &no_env)
+        .await
+        .unwrap_err();
+    assert!(error.contains("--rpm"), "{error}");
+}

@@ -11,6 +11,7 @@ use http::{HeaderName, HeaderValue};
 use serde::Deserialize;
 use tower_gateway_auth::inbound::KeySource;
 use tower_gateway_auth::keys::{KeyFormat, KeyHasher};
+use tower_gateway_auth::limit::{self, ModelList, Rate};
 use tower_gateway_auth::rejection::ErrorFormat;
 use tower_gateway_auth::upstream::Credential;
 use tower_gateway_auth::upstream::Provider;
@@ -180,6 +181,21 @@ pub struct RouteConfig {
     pub api_version: Option<String>,
     pub connect_timeout_secs: Option<u64>,
     pub timeout_secs: Option<u64>,
+    /// `[route.limits]`: what keys whose record sets none may do on this route.
+    #[serde(default)]
+    pub limits: RouteLimits,
+}
+
+/// `[route.limits]`, each field optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteLimits {
+    pub requests_per_minute: Option<u32>,
+    /// Requests a key may send at once after a quiet spell (default: `requests_per_minute`).
+    pub burst: Option<u32>,
+    pub max_concurrent: Option<u32>,
+    /// Exact names and `*` globs.
+    pub models: Option<Vec<String>>,
 }
 
 fn default_listen() -> String {
@@ -294,6 +310,9 @@ pub struct RoutePlan {
     pub headers: Vec<(HeaderName, HeaderValue)>,
     pub connect_timeout: Duration,
     pub timeout: Duration,
+    /// Defaults for keys whose record sets no limits, and no models.
+    pub limits: limit::Limits,
+    pub models: Option<ModelList>,
 }
 
 impl Config {
@@ -326,6 +345,7 @@ impl Config {
             api_version: None,
             connect_timeout_secs: None,
             timeout_secs: None,
+            limits: RouteLimits::default(),
         };
         Config {
             listen: default_listen(),
@@ -594,7 +614,37 @@ impl RouteConfig {
             0 => Err(bad(field(name), "must be at least 1 second")),
             s => Ok(Duration::from_secs(s)),
         };
+        let limits = &self.limits;
+        let mut defaults = limit::Limits::new();
+        match (limits.requests_per_minute, limits.burst) {
+            (Some(0), _) => {
+                return Err(bad(
+                    field("limits.requests_per_minute"),
+                    "must be at least 1",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(bad(field("limits.burst"), "needs requests_per_minute"));
+            }
+            (_, Some(0)) => return Err(bad(field("limits.burst"), "must be at least 1")),
+            (Some(rpm), burst) => {
+                defaults =
+                    defaults.with_rate(Rate::per_minute(rpm).with_burst(burst.unwrap_or(rpm)));
+            }
+            (None, None) => {}
+        }
+        match limits.max_concurrent {
+            Some(0) => return Err(bad(field("limits.max_concurrent"), "must be at least 1")),
+            Some(max) => defaults = defaults.with_max_concurrent(max),
+            None => {}
+        }
+        let models = limits
+            .models
+            .as_ref()
+            .map(|m| ModelList::new(m.iter().map(String::as_str)));
         Ok(RoutePlan {
+            limits: defaults,
+            models,
             prefix,
             upstream,
             provider,

@@ -1,7 +1,7 @@
 //! The reference gateway, composed from the crate's layers:
 //!
 //! ```text
-//! client ─► Probes ─► StripHopByHopLayer ─► Routes ─► InboundApiKeyLayer ─► RequireScopesLayer ─► UpstreamAuthLayer ─► HeaderInjectLayer ─► Forward ─► provider
+//! client ─► Probes ─► StripHopByHopLayer ─► Routes ─► InboundApiKeyLayer ─► RequireScopesLayer ─► RateLimitLayer ─► ModelAccessLayer ─► UpstreamAuthLayer ─► HeaderInjectLayer ─► Forward ─► provider
 //! ```
 //!
 //! One such stack per `[[route]]`, so that every rejection speaks the route's dialect; the
@@ -28,6 +28,7 @@ use tower_gateway_auth::inject::RequestId;
 use tower_gateway_auth::keys::{
     Actor, ApiKey, AuditEvent, AuditFile, AuditSink, KeyManager, NewKey,
 };
+use tower_gateway_auth::limit::{MemoryLimiter, ModelAccessLayer, RateLimitLayer};
 use tower_gateway_auth::metrics::MetricsLayer;
 use tower_gateway_auth::proxy::{Forward, StripHopByHopLayer};
 use tower_gateway_auth::rejection::{ErrorFormat, RejectionKind};
@@ -221,6 +222,9 @@ where
     };
 
     let mut echo = None;
+    // One limiter for every route: a key's allowance is its own, wherever it spends it
+    // (each request is judged by the limits of its key, or else of its route).
+    let limiter = Arc::new(MemoryLimiter::new());
     let mut routes = Vec::new();
     for route in plan.routes {
         let url = match route.upstream {
@@ -257,12 +261,19 @@ where
             |layer, (name, value)| layer.overwrite(name, value),
         );
         let scopes = RequireScopesLayer::new(route.scope);
+        let rate = RateLimitLayer::shared(limiter.clone()).default_limits(route.limits);
+        let models = match route.models {
+            Some(list) => ModelAccessLayer::new().default_models(list),
+            None => ModelAccessLayer::new(),
+        };
         let responder = responder(&route.error_format);
         let stack = ServiceBuilder::new()
             .layer(telemetry(route.prefix.trim_start_matches('/')))
             .layer(responder.clone())
             .layer(inbound)
             .layer(scopes)
+            .layer(rate)
+            .layer(models)
             .layer(upstream)
             .layer(inject)
             .service(forward);
