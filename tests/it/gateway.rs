@@ -489,6 +489,27 @@ fn configuration_mistakes_name_the_field() {
             good.replace("provider = \"openai\"", "provider = \"openia\""),
             "route[0].provider",
         ),
+        (
+            good.replace(
+                "headers = { \"OpenAI-Organization\" = \"org-123\" }\n",
+                "headers = { \"OpenAI-Organization\" = \"org-123\" }\n[route.limits]\nrequests_per_minute = 0\n",
+            ),
+            "route[0].limits.requests_per_minute",
+        ),
+        (
+            good.replace(
+                "headers = { \"OpenAI-Organization\" = \"org-123\" }\n",
+                "headers = { \"OpenAI-Organization\" = \"org-123\" }\n[route.limits]\nburst = 5\n",
+            ),
+            "route[0].limits.burst",
+        ),
+        (
+            good.replace(
+                "headers = { \"OpenAI-Organization\" = \"org-123\" }\n",
+                "headers = { \"OpenAI-Organization\" = \"org-123\" }\n[route.limits]\nmax_concurrent = 0\n",
+            ),
+            "route[0].limits.max_concurrent",
+        ),
         (good.replace("\"bearer\"", "\"cookie:x\""), "sources[1]"),
         (
             good.replace("error_format = \"openai\"", "error_format = \"xml\""),
