@@ -9,12 +9,9 @@
 //! - `redis_miss`: a miss that reaches a real Redis (a round trip on loopback), when
 //!   `REDIS_URL` is set or a `redis-server` can be started.
 
-use std::future::Future;
 use std::hint::black_box;
-use std::pin::pin;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -26,13 +23,8 @@ use tower_gateway_auth::store::{CachedStore, KeyStore, MemoryStore, RedisStore};
 const STORE_KEYS: usize = 1_000_000;
 const ACTIVE_KEYS: usize = 10_000;
 
-/// Polls a lookup that must complete without waiting.
-fn now<F: Future>(f: F) -> F::Output {
-    match pin!(f).poll(&mut Context::from_waker(Waker::noop())) {
-        Poll::Ready(v) => v,
-        Poll::Pending => panic!("the lookup did not complete synchronously"),
-    }
-}
+mod support;
+use support::now;
 
 fn store() -> (Arc<MemoryStore>, Vec<KeyDigest>) {
     let format = KeyFormat::new("gw").unwrap();

@@ -5,11 +5,6 @@
 //!
 //! Modes: `bare` (the inner service alone), `inbound`, `full` (inbound, upstream, inject) and
 //! `route` (`full` inside the gateway's `RejectionLayer`), over 10,000 keys.
-use std::convert::Infallible;
-use std::future::{Future, Ready, ready};
-use std::hint::black_box;
-use std::pin::pin;
-use std::task::{Context, Poll, Waker};
 
 use http::header::AUTHORIZATION;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, Uri};
@@ -22,34 +17,9 @@ use tower_gateway_auth::{
     HeaderInjectLayer, InboundApiKeyLayer, RejectionLayer, UpstreamAuthLayer,
 };
 
-#[derive(Clone, Copy)]
-struct Bare;
-impl Service<Request<()>> for Bare {
-    type Response = Response<()>;
-    type Error = Infallible;
-    type Future = Ready<Result<Response<()>, Infallible>>;
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-    fn call(&mut self, req: Request<()>) -> Self::Future {
-        black_box(&req);
-        ready(Ok(Response::new(())))
-    }
-}
-fn now<F: Future>(f: F) -> F::Output {
-    match pin!(f).poll(&mut Context::from_waker(Waker::noop())) {
-        Poll::Ready(v) => v,
-        Poll::Pending => panic!("not synchronous"),
-    }
-}
-fn serve<S, B>(svc: &mut S, req: Request<()>) -> http::StatusCode
-where
-    S: Service<Request<()>, Response = Response<B>>,
-    S::Error: std::fmt::Debug,
-{
-    now(std::future::poll_fn(|cx| svc.poll_ready(cx))).unwrap();
-    now(svc.call(req)).unwrap().status()
-}
+mod support;
+use support::{Bare, serve};
+
 fn run<S, B>(mut svc: S, requests: &[(Uri, HeaderMap)], n: usize)
 where
     S: Service<Request<()>, Response = Response<B>>,
@@ -64,8 +34,17 @@ where
     }
 }
 fn main() {
-    let mode = std::env::args().nth(1).unwrap();
-    let n: usize = std::env::args().nth(2).unwrap().parse().unwrap();
+    // `cargo bench` and `cargo test --benches` run this with their own flags: nothing to do.
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (mode, n) = match args.as_slice() {
+        [mode, n] if !mode.starts_with('-') => (mode.clone(), n.parse::<usize>().expect("N")),
+        _ => {
+            eprintln!(
+                "usage: instructions bare|inbound|full|route N (see scripts/instructions.sh)"
+            );
+            return;
+        }
+    };
     let format = KeyFormat::new("gw").unwrap();
     let store = std::sync::Arc::new(MemoryStore::new());
     let hasher = KeyHasher::sha256();

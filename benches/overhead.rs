@@ -29,19 +29,13 @@
 //!   cycle, so most fold into `other`).
 
 use std::collections::HashMap;
-use std::convert::Infallible;
-use std::future::{Future, Ready, ready};
 use std::hint::black_box;
-use std::pin::pin;
-use std::task::{Context, Poll, Waker};
 
-use bytes::Bytes;
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use http::header::AUTHORIZATION;
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, Uri};
-use http_body_util::Empty;
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Uri};
 use sha2::{Digest, Sha256};
-use tower::{Layer, Service, ServiceBuilder};
+use tower::{Layer, ServiceBuilder};
 use tower_gateway_auth::access_log::AccessLogLayer;
 use tower_gateway_auth::inject::RequestId;
 use tower_gateway_auth::keys::{KeyFormat, KeyHasher, KeyId, KeyRecord};
@@ -58,43 +52,8 @@ const STORE_KEYS: usize = 1_000_000;
 const BATCH: BatchSize = BatchSize::NumIterations(256);
 const ACTIVE_KEYS: usize = 10_000;
 
-/// The inner service: answers at once, as cheaply as a service can (an empty body, which
-/// the access log needs to be a `Body`; any request body, which it wraps).
-#[derive(Clone, Copy)]
-struct Bare;
-
-impl<B> Service<Request<B>> for Bare {
-    type Response = Response<Empty<Bytes>>;
-    type Error = Infallible;
-    type Future = Ready<Result<Response<Empty<Bytes>>, Infallible>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Request<B>) -> Self::Future {
-        black_box(&req);
-        ready(Ok(Response::new(Empty::new())))
-    }
-}
-
-/// Polls a future that must be ready at once.
-fn now<F: Future>(f: F) -> F::Output {
-    match pin!(f).poll(&mut Context::from_waker(Waker::noop())) {
-        Poll::Ready(v) => v,
-        Poll::Pending => panic!("the benchmarked service did not complete synchronously"),
-    }
-}
-
-/// Drives one request through `svc` and returns the status.
-fn serve<S, B>(svc: &mut S, req: Request<()>) -> http::StatusCode
-where
-    S: Service<Request<()>, Response = Response<B>>,
-    S::Error: std::fmt::Debug,
-{
-    now(std::future::poll_fn(|cx| svc.poll_ready(cx))).unwrap();
-    now(svc.call(req)).unwrap().status()
-}
+mod support;
+use support::{Bare, serve};
 
 struct Fixture {
     keys: Vec<String>,

@@ -14,19 +14,15 @@
 //!   `layer_request_id` put the shipped generator in context: a `HeaderInjectLayer` request
 //!   without and with a request id.
 
-use std::convert::Infallible;
-use std::future::{Future, Ready, ready};
 use std::hash::{BuildHasher, RandomState};
 use std::hint::black_box;
-use std::pin::pin;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll, Waker};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
-use http::{Request, Response};
-use tower::{Layer, Service};
+use http::Request;
+use tower::Layer;
 use tower_gateway_auth::HeaderInjectLayer;
 use tower_gateway_auth::clock::{Clock, SystemClock};
 use tower_gateway_auth::inject::RequestId;
@@ -121,31 +117,8 @@ fn uuid_new_v4() -> [u8; 36] {
     text
 }
 
-#[derive(Clone, Copy)]
-struct Bare;
-
-impl Service<Request<()>> for Bare {
-    type Response = Response<()>;
-    type Error = Infallible;
-    type Future = Ready<Result<Response<()>, Infallible>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Request<()>) -> Self::Future {
-        black_box(&req);
-        ready(Ok(Response::new(())))
-    }
-}
-
-fn serve<S: Service<Request<()>, Response = Response<()>>>(svc: &mut S, req: Request<()>) {
-    let mut cx = Context::from_waker(Waker::noop());
-    match pin!(svc.call(req)).poll(&mut cx) {
-        Poll::Ready(Ok(response)) => drop(black_box(response)),
-        _ => panic!("the benchmarked service did not complete synchronously"),
-    }
-}
+mod support;
+use support::{Bare, serve};
 
 fn request_id(c: &mut Criterion) {
     let mut group = c.benchmark_group("request_id");
