@@ -6,30 +6,23 @@
 //! Modes: `bare` (the inner service alone), `inbound`, `full` (inbound, upstream, inject) and
 //! `route` (`full` inside the gateway's `RejectionLayer`), over 10,000 keys.
 
-use http::header::AUTHORIZATION;
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, Uri};
-use tower::{Layer, Service, ServiceBuilder};
-use tower_gateway_auth::inject::RequestId;
+use http::{HeaderMap, Request, Response, Uri};
+use tower::{Layer, Service};
 use tower_gateway_auth::keys::{KeyFormat, KeyHasher, KeyId, KeyRecord};
 use tower_gateway_auth::store::MemoryStore;
-use tower_gateway_auth::upstream::{Credential, Provider};
-use tower_gateway_auth::{
-    HeaderInjectLayer, InboundApiKeyLayer, RejectionLayer, UpstreamAuthLayer,
-};
+use tower_gateway_auth::{InboundApiKeyLayer, RejectionLayer};
 
 mod support;
-use support::{Bare, serve};
+use support::{Bare, bearer_request, full_stack, next, serve};
 
 fn run<S, B>(mut svc: S, requests: &[(Uri, HeaderMap)], n: usize)
 where
     S: Service<Request<()>, Response = Response<B>>,
     S::Error: std::fmt::Debug,
 {
-    for i in 0..n {
-        let (uri, headers) = &requests[i % requests.len()];
-        let mut req = Request::new(());
-        *req.uri_mut() = uri.clone();
-        *req.headers_mut() = headers.clone();
+    let mut i = 0;
+    for _ in 0..n {
+        let req = next(requests, &mut i);
         assert_eq!(serve(&mut svc, req), 200);
     }
 }
@@ -48,7 +41,6 @@ fn main() {
     let format = KeyFormat::new("gw").unwrap();
     let store = std::sync::Arc::new(MemoryStore::new());
     let hasher = KeyHasher::sha256();
-    let uri: Uri = "/v1/chat/completions".parse().unwrap();
     let requests: Vec<(Uri, HeaderMap)> = (0..10_000)
         .map(|i| {
             let key = format.generate().expose().to_owned();
@@ -56,35 +48,17 @@ fn main() {
                 KeyRecord::new(KeyId::random(), hasher.digest(key.as_bytes()))
                     .with_name(format!("active-{i}")),
             );
-            let mut headers = HeaderMap::new();
-            headers.insert(
-                AUTHORIZATION,
-                HeaderValue::try_from(format!("Bearer {key}")).unwrap(),
-            );
-            headers.insert("content-type", HeaderValue::from_static("application/json"));
-            (uri.clone(), headers)
+            bearer_request(&key)
         })
         .collect();
-    let inbound = InboundApiKeyLayer::from_shared(store.clone());
-    let upstream = UpstreamAuthLayer::new(
-        Provider::openai(),
-        Credential::new("sk-upstream-credential").unwrap(),
-    )
-    .strip_inbound(&inbound);
-    let inject = HeaderInjectLayer::new()
-        .request_id(RequestId::new())
-        .overwrite(
-            HeaderName::from_static("openai-organization"),
-            HeaderValue::from_static("org-bench"),
-        );
-    let stack = ServiceBuilder::new()
-        .layer(inbound.clone())
-        .layer(upstream)
-        .layer(inject)
-        .service(Bare);
+    let stack = full_stack(store.clone());
     match mode.as_str() {
         "bare" => run(Bare, &requests, n),
-        "inbound" => run(inbound.layer(Bare), &requests, n),
+        "inbound" => run(
+            InboundApiKeyLayer::from_shared(store).layer(Bare),
+            &requests,
+            n,
+        ),
         "full" => run(stack, &requests, n),
         "route" => run(
             RejectionLayer::new().realm("gateway").layer(stack),

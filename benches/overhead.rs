@@ -33,18 +33,14 @@ use std::hint::black_box;
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use http::header::AUTHORIZATION;
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Uri};
+use http::{HeaderMap, Uri};
 use sha2::{Digest, Sha256};
 use tower::{Layer, ServiceBuilder};
 use tower_gateway_auth::access_log::AccessLogLayer;
-use tower_gateway_auth::inject::RequestId;
 use tower_gateway_auth::keys::{KeyFormat, KeyHasher, KeyId, KeyRecord};
 use tower_gateway_auth::metrics::MetricsLayer;
 use tower_gateway_auth::store::MemoryStore;
-use tower_gateway_auth::upstream::{Credential, Provider};
-use tower_gateway_auth::{
-    HeaderInjectLayer, InboundApiKeyLayer, RejectionLayer, UpstreamAuthLayer,
-};
+use tower_gateway_auth::{InboundApiKeyLayer, RejectionLayer};
 
 const STORE_KEYS: usize = 1_000_000;
 /// Requests are built in batches small enough to stay in cache, as a request a server just
@@ -53,7 +49,7 @@ const BATCH: BatchSize = BatchSize::NumIterations(256);
 const ACTIVE_KEYS: usize = 10_000;
 
 mod support;
-use support::{Bare, serve};
+use support::{Bare, bearer_request, full_stack, next, serve};
 
 struct Fixture {
     keys: Vec<String>,
@@ -78,34 +74,12 @@ fn fixture() -> Fixture {
         let digest = hasher.digest(format!("filler-{i}").as_bytes());
         store.insert(KeyRecord::new(KeyId::random(), digest).with_name(format!("filler-{i}")));
     }
-    let uri: Uri = "/v1/chat/completions".parse().unwrap();
-    let requests = keys
-        .iter()
-        .map(|key| {
-            let mut headers = HeaderMap::new();
-            headers.insert(
-                AUTHORIZATION,
-                HeaderValue::try_from(format!("Bearer {key}")).unwrap(),
-            );
-            headers.insert("content-type", HeaderValue::from_static("application/json"));
-            (uri.clone(), headers)
-        })
-        .collect();
+    let requests = keys.iter().map(|key| bearer_request(key)).collect();
     Fixture {
         keys,
         requests,
         store,
     }
-}
-
-/// A fresh request, cycling over the pre-built ones (built outside the measurement).
-fn next(requests: &[(Uri, HeaderMap)], i: &mut usize) -> Request<()> {
-    let (uri, headers) = &requests[*i % requests.len()];
-    *i += 1;
-    let mut req = Request::new(());
-    *req.uri_mut() = uri.clone();
-    *req.headers_mut() = headers.clone();
-    req
 }
 
 fn inbound(c: &mut Criterion) {
@@ -173,23 +147,7 @@ fn inbound(c: &mut Criterion) {
         )
     });
 
-    let inbound = InboundApiKeyLayer::from_shared(store.clone());
-    let upstream = UpstreamAuthLayer::new(
-        Provider::openai(),
-        Credential::new("sk-upstream-credential").unwrap(),
-    )
-    .strip_inbound(&inbound);
-    let inject = HeaderInjectLayer::new()
-        .request_id(RequestId::new())
-        .overwrite(
-            HeaderName::from_static("openai-organization"),
-            HeaderValue::from_static("org-bench"),
-        );
-    let stack = ServiceBuilder::new()
-        .layer(inbound)
-        .layer(upstream)
-        .layer(inject)
-        .service(Bare);
+    let stack = full_stack(store.clone());
     let mut svc = stack.clone();
     let mut i = 0;
     group.bench_function("full_stack", |b| {

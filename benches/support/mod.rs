@@ -50,3 +50,62 @@ where
     now(std::future::poll_fn(|cx| svc.poll_ready(cx))).unwrap();
     now(svc.call(req)).unwrap().status()
 }
+
+/// The headers of a chat request an SDK sends with `key` as its Bearer token, on
+/// `/v1/chat/completions`.
+pub fn bearer_request(key: &str) -> (http::Uri, http::HeaderMap) {
+    let mut headers = http::HeaderMap::new();
+    headers.insert(
+        http::header::AUTHORIZATION,
+        http::HeaderValue::try_from(format!("Bearer {key}")).unwrap(),
+    );
+    headers.insert(
+        "content-type",
+        http::HeaderValue::from_static("application/json"),
+    );
+    ("/v1/chat/completions".parse().unwrap(), headers)
+}
+
+/// A fresh request, cycling over the pre-built ones (built outside the measurement).
+pub fn next(requests: &[(http::Uri, http::HeaderMap)], i: &mut usize) -> Request<()> {
+    let (uri, headers) = &requests[*i % requests.len()];
+    *i += 1;
+    let mut req = Request::new(());
+    *req.uri_mut() = uri.clone();
+    *req.headers_mut() = headers.clone();
+    req
+}
+
+/// The reference gateway's route stack on `store`, around `Bare`: the inbound layer, then
+/// `UpstreamAuthLayer` (OpenAI preset, a fixed credential), then `HeaderInjectLayer` (a
+/// request id and an organization header). One definition, so that every bench and the
+/// instruction count measure the same stack.
+pub fn full_stack<K>(
+    store: std::sync::Arc<K>,
+) -> impl Service<Request<()>, Response = Response<impl http_body::Body>, Error = Infallible> + Clone
+where
+    K: tower_gateway_auth::store::KeyStore,
+{
+    use tower::ServiceBuilder;
+    use tower_gateway_auth::inject::RequestId;
+    use tower_gateway_auth::upstream::{Credential, Provider};
+    use tower_gateway_auth::{HeaderInjectLayer, InboundApiKeyLayer, UpstreamAuthLayer};
+
+    let inbound = InboundApiKeyLayer::from_shared(store);
+    let upstream = UpstreamAuthLayer::new(
+        Provider::openai(),
+        Credential::new("sk-upstream-credential").unwrap(),
+    )
+    .strip_inbound(&inbound);
+    let inject = HeaderInjectLayer::new()
+        .request_id(RequestId::new())
+        .overwrite(
+            http::HeaderName::from_static("openai-organization"),
+            http::HeaderValue::from_static("org-bench"),
+        );
+    ServiceBuilder::new()
+        .layer(inbound)
+        .layer(upstream)
+        .layer(inject)
+        .service(Bare)
+}
