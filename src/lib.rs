@@ -86,6 +86,8 @@ pub mod metrics;
 pub mod proxy;
 mod query_string;
 mod ready_or_boxed;
+#[cfg(feature = "redis")]
+mod redis_connection;
 pub mod rejection;
 mod remove_headers;
 pub mod response;

@@ -72,6 +72,22 @@ pub(crate) fn decide(tat: u64, now: u64, rate: &Rate) -> Gcra {
     }
 }
 
+/// Where a key whose stored TAT is `tat` stands at `now`, spending nothing: the requests
+/// whose share has not come back yet, those that would pass now, and ns until the
+/// allowance is whole.
+pub(crate) fn peek(tat: u64, now: u64, rate: &Rate) -> (u32, u32, u64) {
+    if rate.requests == 0 {
+        return (0, 0, u64::from(rate.period_secs) * NANOS);
+    }
+    let t = rate.interval_nanos();
+    let burst = u64::from(rate.burst.max(1));
+    let ahead = tat.saturating_sub(now);
+    let in_window = ahead.div_ceil(t).min(burst);
+    let remaining = (t.saturating_mul(burst).saturating_sub(ahead)) / t;
+    let clamp = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+    (clamp(in_window), clamp(remaining), ahead)
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use hashbrown::{DefaultHashBuilder, HashTable};
 
 use super::gcra;
-use super::{Admission, Limiter, LimiterError, Limits, Quota};
+use super::{Admission, Limiter, LimiterError, Limits, Quota, Usage, UsageFuture};
 use crate::clock::{Clock, SystemClock, Timestamp};
 use crate::keys::KeyId;
 
@@ -202,6 +202,19 @@ impl<C: Clock> Limiter for MemoryLimiter<C> {
     #[inline]
     fn admit(&self, key: KeyId, limits: &Limits) -> Self::Future {
         ready(Ok(self.decide(key, limits)))
+    }
+
+    fn usage(&self, key: KeyId, limits: &Limits) -> UsageFuture {
+        let key = key.as_u64();
+        let hash = self.table.hasher.hash_one(key);
+        let shard = &self.table.shards[(hash >> self.table.shift) as usize];
+        let now = self.clock.now_nanos();
+        let (tat, in_flight) = lock(shard)
+            .table
+            .find(hash, |e| e.key == key)
+            .map_or((0, 0), |e| (e.tat, e.in_flight));
+        let usage = Usage::at(tat, now, in_flight, limits);
+        Box::pin(ready(Ok(usage)))
     }
 }
 

@@ -60,9 +60,10 @@
 //! # Backends
 //!
 //! A [`Limiter`] decides. [`MemoryLimiter`] is exact within one process and answers at
-//! once with a ready future, so the hot path neither boxes nor waits. A Redis backend
-//! shared by replicas comes next: one atomic Lua script per decision over hash-tagged keys
-//! (`{ns:key_id}`), so that it runs on Redis Cluster.
+//! once with a ready future, so the hot path neither boxes nor waits. `RedisLimiter`
+//! (feature `redis`) is shared by replicas: one atomic Lua script per decision over
+//! hash-tagged keys (`{ns:key_id}`), so that it runs on Redis Cluster too, with a choice of
+//! what happens while Redis is down (`WhenUnavailable`).
 
 mod access;
 mod body;
@@ -70,6 +71,8 @@ mod gcra;
 mod layer;
 mod memory;
 mod model;
+#[cfg(feature = "redis")]
+mod redis;
 mod scan;
 
 pub use access::{
@@ -80,9 +83,12 @@ pub use body::LimitBody;
 pub use layer::{RateLimit, RateLimitFuture, RateLimitLayer};
 pub use memory::{MemoryLimiter, MemoryPermit};
 pub use model::ModelList;
+#[cfg(feature = "redis")]
+pub use redis::{RedisLimiter, RedisLimiterBuilder, RedisPermit, WhenUnavailable};
 
 use std::fmt;
 use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -325,6 +331,43 @@ pub enum Admission<P> {
     },
 }
 
+/// Where a key stands now, read without spending anything (for `GET /keys/{id}` of the
+/// management API).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct Usage {
+    /// Requests in flight now.
+    pub in_flight: u32,
+    /// With a rate: the requests counted in the window now, those whose share of the
+    /// allowance has not come back yet.
+    pub in_window: Option<u32>,
+    /// With a rate: requests that would pass now.
+    pub remaining: Option<u32>,
+    /// With a rate: how long until the allowance is whole again.
+    pub reset: Option<Duration>,
+}
+
+impl Usage {
+    /// The usage of a key whose stored GCRA time is `tat` (ns, 0 for none) at `now` (ns),
+    /// with `in_flight` requests under way.
+    pub(crate) fn at(tat: u64, now: u64, in_flight: u32, limits: &Limits) -> Self {
+        let mut usage = Usage {
+            in_flight,
+            ..Usage::default()
+        };
+        if let Some(rate) = limits.rate() {
+            let (in_window, remaining, reset) = gcra::peek(tat, now, &rate);
+            usage.in_window = Some(in_window);
+            usage.remaining = Some(remaining);
+            usage.reset = Some(Duration::from_nanos(reset));
+        }
+        usage
+    }
+}
+
+/// The future of [`Limiter::usage`]: boxed, since it is not on the request path.
+pub type UsageFuture = Pin<Box<dyn Future<Output = Result<Usage, LimiterError>> + Send>>;
+
 /// A limiter backend failed; the request is refused (503), not let through.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LimiterError(pub String);
@@ -355,6 +398,9 @@ pub trait Limiter: Send + Sync + 'static {
 
     /// Decides on one request of the key `key` under `limits` (not empty).
     fn admit(&self, key: KeyId, limits: &Limits) -> Self::Future;
+
+    /// Where the key `key` stands under `limits`, without spending anything.
+    fn usage(&self, key: KeyId, limits: &Limits) -> UsageFuture;
 }
 
 impl<L: Limiter> Limiter for std::sync::Arc<L> {
@@ -364,5 +410,9 @@ impl<L: Limiter> Limiter for std::sync::Arc<L> {
     #[inline]
     fn admit(&self, key: KeyId, limits: &Limits) -> Self::Future {
         (**self).admit(key, limits)
+    }
+
+    fn usage(&self, key: KeyId, limits: &Limits) -> UsageFuture {
+        (**self).usage(key, limits)
     }
 }

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use futures_core::Stream;
 use redis::AsyncCommands;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use crate::redis_connection::{self, ConnectError, RedisConnection, Timeouts};
 
 use crate::keys::{KeyDigest, KeyHasher};
 use crate::keys::{KeyId, KeyRecord};
@@ -81,31 +82,42 @@ end
 return 1
 ";
 
-/// A [`KeyStore`] in Redis, shared by every replica of a gateway.
+/// A [`KeyStore`] in Redis or Redis Cluster, shared by every replica of a gateway.
 ///
-/// - Records are stored as JSON under `<namespace>:k:<digest>`, with `<namespace>:id:<id>`
-///   pointing to the digest and `<namespace>:ids` listing ids: digests and public metadata
-///   only, never a key.
+/// - Records are stored as JSON under `{<namespace>}:k:<digest>`, with `{<namespace>}:id:<id>`
+///   pointing to the digest and `{<namespace>}:ids` listing ids: digests and public metadata
+///   only, never a key. The braces are a Cluster hash tag: every key of a namespace is in
+///   one slot, so that one script can check and change several records atomically on a
+///   Cluster too (a namespace's keys then live on one master; the rate limiter's keys, which
+///   are many more and busier, are spread by key id).
 /// - [`KeyAdmin::apply`] runs as one Lua script: the compare-and-swap checks and all the
 ///   writes happen atomically, and every changed digest is published on
-///   `<namespace>:invalidate`. Ephemeral keys get a Redis TTL at their expiry.
-/// - The connection is a [`ConnectionManager`]: it reconnects after Redis restarts.
+///   `{<namespace>}:invalidate`. Ephemeral keys get a Redis TTL at their expiry.
+/// - The connection reconnects by itself after Redis restarts; on a Cluster it follows the
+///   slots as they move.
+/// - The address is one URL, or a Cluster's seed nodes joined by commas
+///   (`redis://10.0.0.1:7000,redis://10.0.0.2:7000`); one URL that leads to a Cluster node
+///   is used as a Cluster.
+/// - Versions before the hash tag kept keys under `<namespace>:`; connecting to a
+///   standalone Redis that holds only that layout renames its keys to the new one (once, in
+///   place, keeping their TTLs), so an upgrade keeps every key.
 /// - Put it behind a [`CachedStore`] (see [`RedisStore::cached`]) so that requests do not
 ///   cost a round trip each; the cache listens to the invalidation channel, so a revocation
 ///   reaches every replica at once.
 ///
-/// - `<namespace>:hasher` records how digests are made (`sha256`, or `hmac-sha256` and a
+/// - `{<namespace>}:hasher` records how digests are made (`sha256`, or `hmac-sha256` and a
 ///   check value of the pepper): connecting with another hasher or pepper fails with an
 ///   error naming the namespace, instead of every key silently failing to verify.
 /// - A record that cannot be read (corrupt JSON) is skipped by [`KeyAdmin::list`] with a
 ///   warning naming its id, so one bad value cannot stop revocations and purges.
 ///
-/// Standalone Redis (or Sentinel); the script touches keys it does not declare, which
-/// Redis Cluster does not allow.
 #[derive(Clone)]
 pub struct RedisStore {
-    client: redis::Client,
-    connection: ConnectionManager,
+    /// A client of each node, for the invalidation listener.
+    nodes: Arc<[redis::Client]>,
+    connection: RedisConnection,
+    /// `{<namespace>}`: the prefix of every key.
+    prefix: Arc<str>,
     namespace: Arc<str>,
     hasher: KeyHasher,
 }
@@ -153,24 +165,23 @@ impl RedisStoreBuilder {
             namespace,
             hasher,
         } = self;
-        let client = redis::Client::open(url.as_str()).map_err(|e| {
-            StoreError::with_source(format!("invalid Redis URL for namespace {namespace}"), e)
-        })?;
-        // While Redis is down a request should fail fast (the cache then serves what it
-        // holds, or 503), not wait through a long series of reconnection attempts.
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_millis(500)))
-            .set_response_timeout(Some(Duration::from_secs(1)))
-            .set_number_of_retries(1)
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_millis(500));
-        let mut connection = ConnectionManager::new_with_config(client.clone(), config)
+        let timeouts = Timeouts {
+            connect: Duration::from_millis(500),
+            response: Duration::from_secs(1),
+        };
+        let connected = redis_connection::connect(&url, timeouts)
             .await
-            .map_err(|e| StoreError::with_source("cannot connect to Redis", e))?;
-        check_hasher(&mut connection, &namespace, &hasher).await?;
+            .map_err(|e| connect_error(&namespace, e))?;
+        let prefix = format!("{{{namespace}}}");
+        let mut connection = connected.connection.clone();
+        if !connected.is_cluster() {
+            migrate_layout(&mut connection, &namespace, &prefix).await?;
+        }
+        check_hasher(&mut connection, &namespace, &prefix, &hasher).await?;
         Ok(RedisStore {
-            client,
+            nodes: connected.nodes.into(),
             connection,
+            prefix: prefix.into(),
             namespace: namespace.into(),
             hasher,
         })
@@ -226,15 +237,19 @@ impl RedisStore {
 
     /// The channel changes are announced on.
     pub fn channel(&self) -> String {
-        format!("{}:invalidate", self.namespace)
+        format!("{}:invalidate", self.prefix)
     }
 
     fn record_key(&self, digest: &KeyDigest) -> String {
-        format!("{}:k:{}", self.namespace, digest.to_hex())
+        format!("{}:k:{}", self.prefix, digest.to_hex())
     }
 
     fn id_key(&self, id: KeyId) -> String {
-        format!("{}:id:{id}", self.namespace)
+        format!("{}:id:{id}", self.prefix)
+    }
+
+    fn ids_key(&self) -> String {
+        format!("{}:ids", self.prefix)
     }
 
     fn parse(json: &str) -> Result<Arc<KeyRecord>, StoreError> {
@@ -250,18 +265,90 @@ impl RedisStore {
     }
 }
 
+fn connect_error(namespace: &str, e: ConnectError) -> StoreError {
+    StoreError::with_source(format!("{e} (key store namespace {namespace})"), e)
+}
+
+/// Moves a namespace kept in the layout without the hash tag (`<namespace>:…`, before
+/// Cluster support) to `{<namespace>}:…`, when only the old layout is there.
+async fn migrate_layout(
+    connection: &mut RedisConnection,
+    namespace: &str,
+    prefix: &str,
+) -> Result<(), StoreError> {
+    let old_hasher = format!("{namespace}:hasher");
+    let new_hasher = format!("{prefix}:hasher");
+    let (old, new): (bool, bool) = redis::pipe()
+        .exists(&old_hasher)
+        .exists(&new_hasher)
+        .query_async(connection)
+        .await
+        .map_err(redis_error)?;
+    if !old || new {
+        return Ok(());
+    }
+    let pattern = format!("{}:*", glob_escape(namespace));
+    let mut cursor = 0u64;
+    let mut moved = 0usize;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(connection)
+            .await
+            .map_err(redis_error)?;
+        for key in keys {
+            // Only this namespace's own keys: `tga:*` also matches another namespace
+            // called `tga:eu`.
+            let Some(rest) = key.strip_prefix(namespace).filter(|rest| {
+                matches!(*rest, ":hasher" | ":ids")
+                    || [":k:", ":id:", ":children:"]
+                        .iter()
+                        .any(|kind| rest.starts_with(kind))
+            }) else {
+                continue;
+            };
+            // Another replica moving the same namespace at once may have taken it: fine.
+            let renamed: Result<(), _> = connection.rename(&key, format!("{prefix}{rest}")).await;
+            moved += usize::from(renamed.is_ok());
+        }
+        cursor = next;
+        if cursor == 0 {
+            break;
+        }
+    }
+    tracing::info!(target: "tower_gateway_auth::store", namespace, moved, "moved the namespace's Redis keys under its hash tag");
+    Ok(())
+}
+
+/// `text` as a literal in a Redis glob pattern.
+fn glob_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// Records the namespace's hasher on first use, and refuses a hasher or pepper other than
 /// the one recorded.
 async fn check_hasher(
-    connection: &mut ConnectionManager,
+    connection: &mut RedisConnection,
     namespace: &str,
+    prefix: &str,
     hasher: &KeyHasher,
 ) -> Result<(), StoreError> {
     let label = match hasher.pepper_check() {
         Some(check) => format!("{} {check}", hasher.name()),
         None => hasher.name().to_owned(),
     };
-    let key = format!("{namespace}:hasher");
+    let key = format!("{prefix}:hasher");
     let _: bool = connection.set_nx(&key, &label).await.map_err(redis_error)?;
     let recorded: Option<String> = connection.get(&key).await.map_err(redis_error)?;
     match recorded {
@@ -284,12 +371,14 @@ fn redis_error(e: redis::RedisError) -> StoreError {
 pub fn listen_for_invalidations(cache: &CachedStore<RedisStore>) -> InvalidationListener {
     let (ready, subscribed) = tokio::sync::watch::channel(false);
     let weak = cache.downgrade();
-    let client = cache.inner().client.clone();
+    let nodes = cache.inner().nodes.clone();
     let channel = cache.inner().channel();
     let task = tokio::spawn(async move {
         let mut backoff = Duration::from_millis(100);
-        loop {
-            match client.get_async_pubsub().await {
+        // A Cluster relays every PUBLISH to every node: any one node will do, and the next
+        // is tried when one cannot be reached.
+        for node in (0..nodes.len()).cycle() {
+            match nodes[node].get_async_pubsub().await {
                 Ok(mut pubsub) => match pubsub.subscribe(&channel).await {
                     Ok(()) => {
                         backoff = Duration::from_millis(100);
@@ -414,7 +503,7 @@ impl KeyAdmin for RedisStore {
     async fn list(&self) -> Result<Vec<Arc<KeyRecord>>, StoreError> {
         let mut connection = self.connection.clone();
         let ids: Vec<String> = connection
-            .smembers(format!("{}:ids", self.namespace))
+            .smembers(self.ids_key())
             .await
             .map_err(redis_error)?;
         if ids.is_empty() {
@@ -422,7 +511,7 @@ impl KeyAdmin for RedisStore {
         }
         let id_keys: Vec<String> = ids
             .iter()
-            .map(|id| format!("{}:id:{id}", self.namespace))
+            .map(|id| format!("{}:id:{id}", self.prefix))
             .collect();
         let digests: Vec<Option<String>> = redis::cmd("MGET")
             .arg(&id_keys)
@@ -438,7 +527,7 @@ impl KeyAdmin for RedisStore {
         if !dead.is_empty() {
             let dead: Vec<&String> = dead.into_iter().map(|(id, _)| id).collect();
             let _: i64 = connection
-                .srem(format!("{}:ids", self.namespace), dead)
+                .srem(self.ids_key(), dead)
                 .await
                 .map_err(redis_error)?;
         }
@@ -477,7 +566,12 @@ impl KeyAdmin for RedisStore {
         let mut invocation = SCRIPT
             .get_or_init(|| redis::Script::new(APPLY))
             .prepare_invoke();
-        invocation.arg(&*self.namespace).arg(writes.len());
+        // The one declared key routes the script to the namespace's slot on a Cluster; every
+        // key it touches shares that slot's hash tag.
+        invocation
+            .key(self.ids_key())
+            .arg(&*self.prefix)
+            .arg(writes.len());
         for write in &writes {
             let record = write.record();
             let (kind, old, limit, now) = match write {

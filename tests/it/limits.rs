@@ -953,6 +953,10 @@ mod readiness {
                 yielded: false,
             }
         }
+
+        fn usage(&self, key: KeyId, limits: &Limits) -> tower_gateway_auth::limit::UsageFuture {
+            self.0.usage(key, limits)
+        }
     }
 
     fn with_identity<B>(mut req: Request<B>, record: &Arc<KeyRecord>) -> Request<B> {
