@@ -101,7 +101,10 @@ impl std::error::Error for ConnectError {
 }
 
 /// Connects to the servers `addresses` names (see the module docs).
-pub(crate) async fn connect(addresses: &str, timeouts: Timeouts) -> Result<Connected, ConnectError> {
+pub(crate) async fn connect(
+    addresses: &str,
+    timeouts: Timeouts,
+) -> Result<Connected, ConnectError> {
     let nodes = addresses
         .split(',')
         .map(str::trim)

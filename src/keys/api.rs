@@ -16,9 +16,11 @@ use crate::clock::{Clock, SystemClock, Timestamp};
 use crate::identity::Identity;
 use crate::inbound::RequireScopesLayer;
 use crate::keys::audit::{Actor, AuditAction};
-use crate::keys::manager::{IssuedKey, KeyManager, Lifetime, ManageError, NewKey};
+use crate::keys::manager::{
+    AccessChange, Ephemeral, IssuedKey, KeyManager, Lifetime, ManageError, NewKey,
+};
 use crate::keys::record::{KeyId, KeyRecord, KeyStatus, KeyUnusable, Metadata, Scopes};
-use crate::limit::{Limits, ModelList};
+use crate::limit::{Limiter, Limits, ModelList, Usage, UsageFuture};
 use crate::rejection::{Rejection, RejectionKind};
 use crate::store::KeyAdmin;
 
@@ -29,7 +31,8 @@ use crate::store::KeyAdmin;
 /// |---|---|---|
 /// | `POST /keys` | admin | issues a key; the answer holds the key, once |
 /// | `GET /keys` | admin | lists keys (hints only, never keys) |
-/// | `GET /keys/{id}` | admin | one key |
+/// | `GET /keys/{id}` | admin | one key, with its current usage when the API has a limiter ([`usage_from`](Self::usage_from)) |
+/// | `PATCH /keys/{id}` | admin | changes its `limits` and `models` (and its ephemeral keys') |
 /// | `POST /keys/{id}/revoke` | admin | revokes it, and its ephemeral keys |
 /// | `POST /keys/{id}/disable`, `/enable` | admin | switches it off or on |
 /// | `POST /keys/{id}/rotate` | admin | issues a successor; the old key works `grace_seconds` more |
@@ -47,7 +50,14 @@ use crate::store::KeyAdmin;
 ///
 /// Request bodies: `POST /keys` takes `{"name", "scopes"?, "ttl_days"? | "ttl_seconds"? |
 /// "never_expires"?, "not_before"?, "metadata"?}`; `rotate` takes `{"grace_seconds"?}`
-/// (default 3600); `/ephemeral` takes `{"scopes"?, "ttl_seconds"?}` (default 60).
+/// (default 3600); `/ephemeral` takes `{"scopes"?, "ttl_seconds"?, "models"?}` (default 60
+/// seconds; `models` only within the caller's own list); `PATCH /keys/{id}` takes
+/// `{"limits"?, "models"?}`, where a field left out stays and `null` removes it.
+///
+/// `GET /keys/{id}` shows `usage` when the API was given the limiter the routes use:
+/// `{"in_flight", "requests_in_window"?, "remaining_requests"?, "reset_seconds"?}` (the
+/// last three when the key has a rate of its own), counted for the key's line
+/// ([`origin`](crate::keys::KeyRecord::origin)), as the limiter counts it.
 ///
 /// Times are RFC 3339 strings: answers show `created_at`, `expires_at` and `not_before` in
 /// UTC (`"2030-01-01T00:00:00Z"`); `not_before` may be sent with any offset
@@ -69,7 +79,11 @@ pub struct ManagementApi<A> {
     manager: KeyManager<A>,
     admin_scope: String,
     clock: Arc<dyn Clock>,
+    usage: Option<UsageReader>,
 }
+
+/// A limiter's [`Limiter::usage`], with the limiter's type erased.
+type UsageReader = Arc<dyn Fn(KeyId, &Limits) -> UsageFuture + Send + Sync>;
 
 impl<A> std::fmt::Debug for ManagementApi<A> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -87,7 +101,15 @@ impl<A: KeyAdmin> ManagementApi<A> {
             manager,
             admin_scope: "admin".to_owned(),
             clock: Arc::new(SystemClock),
+            usage: None,
         }
+    }
+
+    /// Shows each key's usage in `GET /keys/{id}`, read from `limiter` (the one the routes'
+    /// [`RateLimitLayer`](crate::RateLimitLayer)s share).
+    pub fn usage_from<L: Limiter>(mut self, limiter: Arc<L>) -> Self {
+        self.usage = Some(Arc::new(move |key, limits| limiter.usage(key, limits)));
+        self
     }
 
     /// The scope admin routes require.
@@ -108,10 +130,14 @@ impl<A: KeyAdmin> ManagementApi<A> {
             manager: self.manager,
             clock: self.clock,
             admin_scope: self.admin_scope.clone(),
+            usage: self.usage,
         });
         let admin = Router::new()
             .route("/keys", post(create::<A>).get(list::<A>))
-            .route("/keys/{id}", get(show::<A>).delete(delete::<A>))
+            .route(
+                "/keys/{id}",
+                get(show::<A>).delete(delete::<A>).patch(patch::<A>),
+            )
             .route("/keys/{id}/revoke", post(revoke::<A>))
             .route("/keys/{id}/disable", post(set_enabled::<A, false>))
             .route("/keys/{id}/enable", post(set_enabled::<A, true>))
@@ -128,6 +154,7 @@ struct ApiState<A> {
     manager: KeyManager<A>,
     clock: Arc<dyn Clock>,
     admin_scope: String,
+    usage: Option<UsageReader>,
 }
 
 type Shared<A> = State<Arc<ApiState<A>>>;
@@ -158,6 +185,31 @@ struct KeyView {
     limits: Option<Limits>,
     #[serde(skip_serializing_if = "Option::is_none")]
     models: Option<ModelList>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<UsageView>,
+}
+
+/// A key's [`Usage`], as `GET /keys/{id}` shows it.
+#[derive(Serialize)]
+struct UsageView {
+    in_flight: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    requests_in_window: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    remaining_requests: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reset_seconds: Option<f64>,
+}
+
+impl From<Usage> for UsageView {
+    fn from(u: Usage) -> Self {
+        UsageView {
+            in_flight: u.in_flight,
+            requests_in_window: u.in_window,
+            remaining_requests: u.remaining,
+            reset_seconds: u.reset.map(|d| (d.as_secs_f64() * 1000.0).ceil() / 1000.0),
+        }
+    }
 }
 
 /// Whether `r`'s parent, found as `parent` (`None`: gone), lets it be used at `now`.
@@ -193,6 +245,7 @@ impl KeyView {
             parent: r.parent(),
             limits: r.limits().cloned(),
             models: r.models().cloned(),
+            usage: None,
         }
     }
 }
@@ -246,12 +299,19 @@ impl<A> ApiState<A> {
     where
         A: KeyAdmin,
     {
+        axum::Json(self.view_of(r).await).into_response()
+    }
+
+    async fn view_of(&self, r: &KeyRecord) -> KeyView
+    where
+        A: KeyAdmin,
+    {
         let parent = match r.parent() {
             Some(id) => self.manager.get(id).await.ok(),
             None => None,
         };
         let now = self.clock.now();
-        axum::Json(KeyView::of(r, inherited(r, parent.as_deref(), now), now)).into_response()
+        KeyView::of(r, inherited(r, parent.as_deref(), now), now)
     }
 
     fn issued(&self, issued: IssuedKey) -> Response {
@@ -398,6 +458,65 @@ async fn list<A: KeyAdmin>(State(s): Shared<A>) -> Answer {
 
 async fn show<A: KeyAdmin>(State(s): Shared<A>, Path(id): Path<String>) -> Answer {
     let record = s.manager.get(s.id(&id)?).await.map_err(|e| s.fail(e))?;
+    let mut view = s.view_of(&record).await;
+    if let Some(read) = &s.usage {
+        let limits = record.limits().copied().unwrap_or_default();
+        match read(record.origin(), &limits).await {
+            Ok(usage) => view.usage = Some(usage.into()),
+            // The key is still shown; its usage is not known now.
+            Err(error) => {
+                tracing::warn!(target: "tower_gateway_auth::admin", %error, "cannot read a key's usage")
+            }
+        }
+    }
+    Ok(axum::Json(view).into_response())
+}
+
+/// `PATCH /keys/{id}`: a field left out stays, `null` removes it.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PatchBody {
+    #[serde(default, deserialize_with = "present")]
+    limits: Option<Option<Limits>>,
+    #[serde(default, deserialize_with = "present")]
+    models: Option<Option<Vec<String>>>,
+}
+
+/// A field that is present: `Some(None)` for `null`, `Some(Some(_))` for a value.
+fn present<'de, T, D>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    T: Deserialize<'de>,
+    D: serde::Deserializer<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
+}
+
+async fn patch<A: KeyAdmin>(
+    State(s): Shared<A>,
+    who: Option<Identity>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Answer {
+    let id = s.id(&id)?;
+    let body: PatchBody = s.parse(&body)?;
+    let mut change = AccessChange::new();
+    if let Some(limits) = body.limits {
+        change = change.limits(limits);
+    }
+    if let Some(models) = body.models {
+        change = change.models(models.map(ModelList::new));
+    }
+    if change.is_empty() {
+        return Err(Rejection::new(
+            RejectionKind::InvalidRequest,
+            "Give limits or models (null removes them).",
+        ));
+    }
+    let record = s
+        .by(&who)
+        .change_access(id, change)
+        .await
+        .map_err(|e| s.fail(e))?;
     Ok(s.view(&record).await)
 }
 
@@ -462,6 +581,7 @@ async fn rotate<A: KeyAdmin>(
 struct EphemeralBody {
     scopes: Option<Vec<String>>,
     ttl_seconds: Option<u64>,
+    models: Option<Vec<String>>,
 }
 
 async fn ephemeral<A: KeyAdmin>(State(s): Shared<A>, who: Option<Identity>, body: Bytes) -> Answer {
@@ -492,13 +612,18 @@ async fn ephemeral<A: KeyAdmin>(State(s): Shared<A>, who: Option<Identity>, body
             s.admin_scope
         )));
     }
-    let scopes = Some(match body.scopes {
+    let mut spec = Ephemeral::new().scopes(match body.scopes {
         Some(asked) => Scopes::new(asked),
         None => Scopes::new(who.scopes().iter().filter(|scope| *scope != s.admin_scope)),
     });
-    let ttl = body.ttl_seconds.map(Duration::from_secs);
+    if let Some(ttl) = body.ttl_seconds {
+        spec = spec.ttl(Duration::from_secs(ttl));
+    }
+    if let Some(models) = body.models {
+        spec = spec.models(models);
+    }
     let issued = manager
-        .mint_ephemeral(&who, scopes, ttl)
+        .mint_ephemeral(&who, spec)
         .await
         .map_err(|e| s.fail(e))?;
     Ok(s.issued(issued))

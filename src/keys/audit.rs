@@ -73,11 +73,13 @@ pub enum AuditAction {
     Delete,
     /// An ephemeral key minted from the caller's key.
     MintEphemeral,
+    /// A key's limits or models changed (and its ephemeral keys' with it).
+    ChangeAccess,
 }
 
 impl AuditAction {
     /// The action's name in logs and files: `issue`, `import`, `revoke`, `disable`,
-    /// `enable`, `rotate`, `delete`, `mint_ephemeral`.
+    /// `enable`, `rotate`, `delete`, `mint_ephemeral`, `change_access`.
     pub fn as_str(self) -> &'static str {
         match self {
             AuditAction::Issue => "issue",
@@ -88,6 +90,7 @@ impl AuditAction {
             AuditAction::Rotate => "rotate",
             AuditAction::Delete => "delete",
             AuditAction::MintEphemeral => "mint_ephemeral",
+            AuditAction::ChangeAccess => "change_access",
         }
     }
 }

@@ -137,6 +137,98 @@ impl NewKey {
     }
 }
 
+/// What an ephemeral key may do, for [`KeyManager::mint_ephemeral`]: by default its
+/// parent's scopes and models, for [`DEFAULT_EPHEMERAL_TTL`].
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_gateway_auth::keys::{Ephemeral, Scopes};
+///
+/// let spec = Ephemeral::new()
+///     .scopes(Scopes::new(["realtime"]))
+///     .ttl(Duration::from_secs(120))
+///     .models(["gpt-4o-mini"]);
+/// # let _ = spec;
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct Ephemeral {
+    scopes: Option<Scopes>,
+    ttl: Option<Duration>,
+    models: Option<ModelList>,
+}
+
+impl Ephemeral {
+    /// The parent's scopes and models, the default lifetime.
+    pub fn new() -> Self {
+        Ephemeral::default()
+    }
+
+    /// Only these scopes (a subset of the parent's).
+    pub fn scopes(mut self, scopes: Scopes) -> Self {
+        self.scopes = Some(scopes);
+        self
+    }
+
+    /// Lives `ttl` (at most [`KeyManager::max_ephemeral_ttl`], never past the parent).
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+
+    /// Only these models: each name or glob must be within the parent's list
+    /// ([`ModelList::covers`]), when the parent has one.
+    pub fn models<I, S>(mut self, models: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.models = Some(ModelList::new(models));
+        self
+    }
+}
+
+/// A change to a key's [`Limits`] and [`ModelList`], for [`KeyManager::change_access`]:
+/// each field left `None` stays as it is; `Some(None)` removes it.
+///
+/// ```
+/// use tower_gateway_auth::keys::AccessChange;
+/// use tower_gateway_auth::limit::{Limits, Rate};
+///
+/// let change = AccessChange::new()
+///     .limits(Some(Limits::new().with_rate(Rate::per_minute(30))))
+///     .models(None); // any model again
+/// # let _ = change;
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct AccessChange {
+    limits: Option<Option<Limits>>,
+    models: Option<Option<ModelList>>,
+}
+
+impl AccessChange {
+    /// Changes nothing.
+    pub fn new() -> Self {
+        AccessChange::default()
+    }
+
+    /// Sets the key's own limits (`None`: the route's defaults again).
+    pub fn limits(mut self, limits: Option<Limits>) -> Self {
+        self.limits = Some(limits);
+        self
+    }
+
+    /// Sets the key's models (`None`: any model).
+    pub fn models(mut self, models: Option<ModelList>) -> Self {
+        self.models = Some(models);
+        self
+    }
+
+    /// Whether nothing would change.
+    pub fn is_empty(&self) -> bool {
+        self.limits.is_none() && self.models.is_none()
+    }
+}
+
 /// A key just issued: the key itself, shown this once, and its record.
 #[derive(Debug, Clone)]
 pub struct IssuedKey {
@@ -545,6 +637,66 @@ impl<A: KeyAdmin> KeyManager<A> {
         result
     }
 
+    /// Changes key `id`'s own limits and models, and its live ephemeral keys' with it, in
+    /// one atomic write: a child's limits become the parent's new ones, and a child's own
+    /// model list keeps only what the parent's new list still covers (the parent's list
+    /// when the child had none). Ephemeral keys cannot be changed by themselves
+    /// ([`ManageError::Forbidden`]); a revoked key cannot be changed.
+    pub async fn change_access(
+        &self,
+        id: KeyId,
+        change: AccessChange,
+    ) -> Result<Arc<KeyRecord>, ManageError> {
+        let change = &change;
+        let result = self
+            .retry(async || {
+                let (target, family) = self.family(id).await?;
+                if target.parent().is_some() {
+                    return Err(ManageError::Forbidden(format!(
+                        "key {id} is ephemeral: its limits and models are its parent's"
+                    )));
+                }
+                if target.status() == KeyStatus::Revoked {
+                    return Err(ManageError::Invalid(format!("key {id} is revoked")));
+                }
+                let limits = change.limits.unwrap_or_else(|| target.limits().copied());
+                let models = change
+                    .models
+                    .clone()
+                    .unwrap_or_else(|| target.models().cloned());
+                let changed = |r: &KeyRecord| {
+                    let models = match (r.parent(), r.models(), &models) {
+                        (None, ..) | (Some(_), None, _) | (Some(_), _, None) => models.clone(),
+                        (Some(_), Some(own), Some(allowed)) => {
+                            Some(ModelList::new(own.iter().filter(|m| allowed.covers(m))))
+                        }
+                    };
+                    r.clone().with_limits(limits).with_models(models)
+                };
+                let updated = Arc::new(changed(&target));
+                let writes = family
+                    .iter()
+                    .filter(|r| r.status() != KeyStatus::Revoked || r.id() == id)
+                    .map(|r| Write::Replace {
+                        old: r.clone(),
+                        new: changed(r),
+                    })
+                    .filter(|w| match w {
+                        Write::Replace { old, new } => **old != *new,
+                        _ => true,
+                    })
+                    .collect::<Vec<_>>();
+                Ok(if writes.is_empty() {
+                    Attempt::Done(updated)
+                } else {
+                    Attempt::Write(writes, updated)
+                })
+            })
+            .await;
+        self.audit(AuditAction::ChangeAccess, Some(id), None, &result);
+        result
+    }
+
     /// Issues a successor to key `id` with the same name, scopes, metadata, status and
     /// lifetime length, and keeps the old key working for `grace` more (never longer than
     /// it would have anyway). After that the old key is rejected as expired. A disabled
@@ -614,10 +766,9 @@ impl<A: KeyAdmin> KeyManager<A> {
     pub async fn mint_ephemeral(
         &self,
         parent: &Identity,
-        scopes: Option<Scopes>,
-        ttl: Option<Duration>,
+        spec: Ephemeral,
     ) -> Result<IssuedKey, ManageError> {
-        let result = self.mint(parent.id(), scopes, ttl).await;
+        let result = self.mint(parent.id(), spec).await;
         // The parent is the caller by definition, when the manager was not told otherwise.
         let actor = match &self.actor {
             Actor::Unknown => Actor::Key(parent.id()),
@@ -634,12 +785,12 @@ impl<A: KeyAdmin> KeyManager<A> {
         result
     }
 
-    async fn mint(
-        &self,
-        parent_id: KeyId,
-        scopes: Option<Scopes>,
-        ttl: Option<Duration>,
-    ) -> Result<IssuedKey, ManageError> {
+    async fn mint(&self, parent_id: KeyId, spec: Ephemeral) -> Result<IssuedKey, ManageError> {
+        let Ephemeral {
+            scopes,
+            ttl,
+            models,
+        } = spec;
         let ttl = ttl.unwrap_or(DEFAULT_EPHEMERAL_TTL);
         if ttl.is_zero() || ttl > self.max_ephemeral_ttl {
             return Err(ManageError::Invalid(format!(
@@ -674,6 +825,21 @@ impl<A: KeyAdmin> KeyManager<A> {
                         extra.join(" ")
                     )));
                 }
+                let models = match (&models, current.models()) {
+                    (None, inherited) => inherited.cloned(),
+                    (Some(asked), None) => Some(asked.clone()),
+                    (Some(asked), Some(allowed)) => {
+                        let extra: Vec<&str> =
+                            asked.iter().filter(|m| !allowed.covers(m)).collect();
+                        if !extra.is_empty() {
+                            return Err(ManageError::Invalid(format!(
+                                "an ephemeral key cannot have models its parent may not use: {}",
+                                extra.join(" ")
+                            )));
+                        }
+                        Some(asked.clone())
+                    }
+                };
                 let end = current.expires_at().map_or(now + ttl, |t| t.min(now + ttl));
                 let spec = NewKey {
                     name: format!("ephemeral:{}", current.name()),
@@ -684,7 +850,7 @@ impl<A: KeyAdmin> KeyManager<A> {
                     // Copied, so the child is never allowed more than its parent; it spends
                     // its parent's allowance too (the rate limit keys on the origin).
                     limits: current.limits().copied(),
-                    models: current.models().cloned(),
+                    models,
                 };
                 let (key, child) = self.generate(spec, now);
                 let child = child.with_parent(&current);

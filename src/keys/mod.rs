@@ -15,7 +15,7 @@ pub use api::ManagementApi;
 pub use audit::{Actor, AuditAction, AuditEvent, AuditFile, AuditOutcome, AuditSink};
 pub use format::{ApiKey, Checksum, Fingerprint, InvalidPrefix, KeyDigest, KeyFormat, KeyHasher};
 pub use manager::{
-    DEFAULT_EPHEMERAL_TTL, DEFAULT_MAX_EPHEMERAL_TTL, DEFAULT_MAX_LIVE_EPHEMERAL, DEFAULT_TTL,
-    IssuedKey, KeyManager, Lifetime, ManageError, NewKey,
+    AccessChange, DEFAULT_EPHEMERAL_TTL, DEFAULT_MAX_EPHEMERAL_TTL, DEFAULT_MAX_LIVE_EPHEMERAL,
+    DEFAULT_TTL, Ephemeral, IssuedKey, KeyManager, Lifetime, ManageError, NewKey,
 };
 pub use record::{KeyId, KeyRecord, KeyStatus, KeyUnusable, Metadata, ParseKeyIdError, Scopes};

@@ -37,6 +37,26 @@ impl ModelList {
         self.0.iter().any(|pattern| glob_matches(pattern, model))
     }
 
+    /// Whether every model `pattern` (a name or a glob) matches is allowed by this list:
+    /// one of its entries matches `pattern`'s text, reading `pattern`'s `*` as a plain
+    /// character. That is sound: an entry's literal characters can then only have met
+    /// `pattern`'s literal characters, so whatever `pattern`'s stars stand for falls under
+    /// the entry's stars. (`gpt-4*` covers `gpt-4o*` and `gpt-4o-mini`; `gpt-4o*` does not
+    /// cover `gpt-4*`.)
+    ///
+    /// ```
+    /// use tower_gateway_auth::limit::ModelList;
+    ///
+    /// let parent = ModelList::new(["gpt-4*", "claude-3-5-haiku-latest"]);
+    /// assert!(parent.covers("gpt-4o*"));
+    /// assert!(parent.covers("claude-3-5-haiku-latest"));
+    /// assert!(!parent.covers("gpt-*"));
+    /// assert!(!parent.covers("claude-*"));
+    /// ```
+    pub fn covers(&self, pattern: &str) -> bool {
+        self.allows(pattern)
+    }
+
     /// The names and globs, as given.
     pub fn iter(&self) -> impl ExactSizeIterator<Item = &str> + '_ {
         self.0.iter().map(|m| &**m)

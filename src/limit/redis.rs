@@ -325,10 +325,11 @@ impl Shared {
             .arg(u64::try_from(self.lease.as_micros()).unwrap_or(u64::MAX))
             .arg(now_us.map(|n| n.to_string()).unwrap_or_default());
         let mut connection = self.connection.clone();
-        let answer: Vec<i64> = tokio::time::timeout(self.timeout, invocation.invoke_async(&mut connection))
-            .await
-            .map_err(|_| LimiterError("Redis did not answer in time".into()))?
-            .map_err(|e| LimiterError(format!("Redis failed: {}", e.kind_name())))?;
+        let answer: Vec<i64> =
+            tokio::time::timeout(self.timeout, invocation.invoke_async(&mut connection))
+                .await
+                .map_err(|_| LimiterError("Redis did not answer in time".into()))?
+                .map_err(|e| LimiterError(format!("Redis failed: {}", e.kind_name())))?;
         let field = |i: usize| answer.get(i).copied().unwrap_or_default().max(0);
         Ok(Decision {
             outcome: answer.first().copied().unwrap_or(-1),
@@ -366,12 +367,18 @@ impl KindName for redis::RedisError {
 }
 
 /// Builds the [`Admission`] a script decision means.
-fn admission(d: Decision, limits: &Limits, permit: Option<RedisPermit>) -> Result<Admission<RedisPermit>, LimiterError> {
+fn admission(
+    d: Decision,
+    limits: &Limits,
+    permit: Option<RedisPermit>,
+) -> Result<Admission<RedisPermit>, LimiterError> {
     let quota = limits.rate().map(|rate| Quota {
         limit: rate.requests(),
         remaining: d.remaining,
         reset: Duration::from_micros(d.reset_us),
-        reset_at: Timestamp::from_unix_secs(d.now_us.saturating_add(d.reset_us).div_ceil(1_000_000)),
+        reset_at: Timestamp::from_unix_secs(
+            d.now_us.saturating_add(d.reset_us).div_ceil(1_000_000),
+        ),
     });
     match (d.outcome, quota) {
         (0, quota) => Ok(Admission::Allowed { permit, quota }),
@@ -382,13 +389,16 @@ fn admission(d: Decision, limits: &Limits, permit: Option<RedisPermit>) -> Resul
         (2, _) => Ok(Admission::ConcurrencyLimited {
             max: limits.max_concurrent().unwrap_or_default(),
         }),
-        _ => Err(LimiterError("the Redis limiter script gave an unknown answer".into())),
+        _ => Err(LimiterError(
+            "the Redis limiter script gave an unknown answer".into(),
+        )),
     }
 }
 
 impl Limiter for RedisLimiter {
     type Permit = RedisPermit;
-    type Future = Pin<Box<dyn Future<Output = Result<Admission<RedisPermit>, LimiterError>> + Send>>;
+    type Future =
+        Pin<Box<dyn Future<Output = Result<Admission<RedisPermit>, LimiterError>> + Send>>;
 
     fn admit(&self, key: KeyId, limits: &Limits) -> Self::Future {
         let limits = *limits;
@@ -410,11 +420,14 @@ impl Limiter for RedisLimiter {
                 .unwrap_or_default();
             let shared = &this.shared;
             let now_us = shared.clock.as_ref().map(|c| c.now_nanos() / 1000);
-            match shared.run_admit(&keys, ScriptLimits::of(&limits), &id, now_us).await {
+            match shared
+                .run_admit(&keys, ScriptLimits::of(&limits), &id, now_us)
+                .await
+            {
                 Ok(decision) => {
                     shared.note(true);
-                    let permit = (decision.outcome == 0 && limits.max_concurrent().is_some())
-                        .then(|| {
+                    let permit =
+                        (decision.outcome == 0 && limits.max_concurrent().is_some()).then(|| {
                             RedisPermit(Held::Shared {
                                 shared: this.shared.clone(),
                                 set: keys[1].clone(),
@@ -477,7 +490,9 @@ fn map_local(admission: Admission<MemoryPermit>) -> Admission<RedisPermit> {
             permit: permit.map(|p| RedisPermit(Held::Local(p))),
             quota,
         },
-        Admission::RateLimited { quota, retry_after } => Admission::RateLimited { quota, retry_after },
+        Admission::RateLimited { quota, retry_after } => {
+            Admission::RateLimited { quota, retry_after }
+        }
         Admission::ConcurrencyLimited { max } => Admission::ConcurrencyLimited { max },
     }
 }

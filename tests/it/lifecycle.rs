@@ -12,8 +12,8 @@ use support::{Recorder, read};
 use tower::{ServiceBuilder, ServiceExt};
 use tower_gateway_auth::clock::{ManualClock, Timestamp};
 use tower_gateway_auth::keys::{
-    ApiKey, KeyDigest, KeyFormat, KeyHasher, KeyManager, KeyStatus, Lifetime, ManageError, NewKey,
-    Scopes,
+    ApiKey, Ephemeral, KeyDigest, KeyFormat, KeyHasher, KeyManager, KeyStatus, Lifetime,
+    ManageError, NewKey, Scopes,
 };
 use tower_gateway_auth::store::{KeyAdmin, KeyStore, MemoryStore};
 use tower_gateway_auth::{Identity, InboundApiKeyLayer};
@@ -215,7 +215,7 @@ async fn ephemeral_keys_narrow_scopes_expire_and_are_purged() {
 
     let eph = f
         .manager
-        .mint_ephemeral(&who, Some(Scopes::new(["realtime"])), None)
+        .mint_ephemeral(&who, Ephemeral::new().scopes(Scopes::new(["realtime"])))
         .await
         .unwrap();
     assert_eq!(eph.record.expires_at(), Some(t(T0 + 60)), "60 s by default");
@@ -229,18 +229,21 @@ async fn ephemeral_keys_narrow_scopes_expire_and_are_purged() {
     // Wider scopes than the parent's, and keys minted from ephemeral keys, are refused.
     let wider = f
         .manager
-        .mint_ephemeral(&who, Some(Scopes::new(["admin", "chat"])), None)
+        .mint_ephemeral(
+            &who,
+            Ephemeral::new().scopes(Scopes::new(["admin", "chat"])),
+        )
         .await;
     assert!(
         matches!(wider, Err(ManageError::Invalid(ref m)) if m.contains("admin") && !m.contains("chat"))
     );
     assert!(matches!(
-        f.manager.mint_ephemeral(&eph_who, None, None).await,
+        f.manager.mint_ephemeral(&eph_who, Ephemeral::new()).await,
         Err(ManageError::Forbidden(_))
     ));
     assert!(matches!(
         f.manager
-            .mint_ephemeral(&who, None, Some(Duration::from_secs(7_200)))
+            .mint_ephemeral(&who, Ephemeral::new().ttl(Duration::from_secs(7_200)))
             .await,
         Err(ManageError::Invalid(_))
     ));
@@ -252,7 +255,7 @@ async fn ephemeral_keys_narrow_scopes_expire_and_are_purged() {
 
     let live = f
         .manager
-        .mint_ephemeral(&who, None, Some(Duration::from_secs(600)))
+        .mint_ephemeral(&who, Ephemeral::new().ttl(Duration::from_secs(600)))
         .await
         .unwrap();
     assert_eq!(f.store.len(), 3);
@@ -284,7 +287,7 @@ async fn an_ephemeral_key_never_outlives_its_parent() {
     let who = f.try_key(&parent.key).await.1.unwrap();
     let eph = f
         .manager
-        .mint_ephemeral(&who, None, Some(Duration::from_secs(600)))
+        .mint_ephemeral(&who, Ephemeral::new().ttl(Duration::from_secs(600)))
         .await
         .unwrap();
     assert_eq!(eph.record.expires_at(), Some(t(T0 + 30)));
@@ -295,7 +298,10 @@ async fn the_purge_task_cleans_up_by_itself() {
     let f = fixture();
     let parent = f.manager.issue(NewKey::named("p")).await.unwrap();
     let who = f.try_key(&parent.key).await.1.unwrap();
-    f.manager.mint_ephemeral(&who, None, None).await.unwrap();
+    f.manager
+        .mint_ephemeral(&who, Ephemeral::new())
+        .await
+        .unwrap();
     let task = f.manager.spawn_purge(Duration::from_secs(30));
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(f.store.len(), 2, "not expired yet");
@@ -455,7 +461,7 @@ async fn parent_and_child(
     let who = f.try_key(&parent.key).await.1.unwrap();
     let child = f
         .manager
-        .mint_ephemeral(&who, None, Some(Duration::from_secs(600)))
+        .mint_ephemeral(&who, Ephemeral::new().ttl(Duration::from_secs(600)))
         .await
         .unwrap();
     assert_eq!(f.try_key(&child.key).await.0, StatusCode::OK);
@@ -483,7 +489,7 @@ async fn a_parent_revoked_after_it_was_verified_cannot_mint() {
     // The identity was captured when the headers arrived; the key is revoked before the body.
     let who = f.try_key(&parent.key).await.1.unwrap();
     f.manager.revoke(parent.record.id()).await.unwrap();
-    let minted = f.manager.mint_ephemeral(&who, None, None).await;
+    let minted = f.manager.mint_ephemeral(&who, Ephemeral::new()).await;
     assert!(minted.is_err(), "a revoked parent minted {minted:?}");
     assert_eq!(f.store.len(), 1, "nothing was stored");
     // Disabled and expired parents cannot mint either.
@@ -497,13 +503,23 @@ async fn a_parent_revoked_after_it_was_verified_cannot_mint() {
         .set_enabled(parent.record.id(), false)
         .await
         .unwrap();
-    assert!(f.manager.mint_ephemeral(&who, None, None).await.is_err());
+    assert!(
+        f.manager
+            .mint_ephemeral(&who, Ephemeral::new())
+            .await
+            .is_err()
+    );
     f.manager
         .set_enabled(parent.record.id(), true)
         .await
         .unwrap();
     f.clock.set(t(T0 + 10));
-    assert!(f.manager.mint_ephemeral(&who, None, None).await.is_err());
+    assert!(
+        f.manager
+            .mint_ephemeral(&who, Ephemeral::new())
+            .await
+            .is_err()
+    );
 }
 
 #[tokio::test]
@@ -644,7 +660,7 @@ async fn bring_your_own_key_follows_ephemeral_children_and_rotated_successors() 
     let who_next = f.try_key(&next.key).await.1.unwrap();
     let grandchild = f
         .manager
-        .mint_ephemeral(&who_next, None, None)
+        .mint_ephemeral(&who_next, Ephemeral::new())
         .await
         .unwrap();
     assert_eq!(
@@ -672,7 +688,7 @@ async fn live_ephemeral_keys_per_parent_are_capped() {
     let mut minted = 0;
     for _ in 0..150 {
         if f.manager
-            .mint_ephemeral(&who, None, Some(Duration::from_secs(60)))
+            .mint_ephemeral(&who, Ephemeral::new().ttl(Duration::from_secs(60)))
             .await
             .is_ok()
         {
@@ -682,7 +698,12 @@ async fn live_ephemeral_keys_per_parent_are_capped() {
     assert_eq!(minted, 100, "the default cap");
     // Expired and revoked children leave room again.
     f.clock.set(t(T0 + 60));
-    assert!(f.manager.mint_ephemeral(&who, None, None).await.is_ok());
+    assert!(
+        f.manager
+            .mint_ephemeral(&who, Ephemeral::new())
+            .await
+            .is_ok()
+    );
 }
 
 #[allow(dead_code)]

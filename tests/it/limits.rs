@@ -18,7 +18,7 @@ use support::{Recorder, client, read, send};
 use tokio::sync::mpsc;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_gateway_auth::clock::{Clock, ManualClock, Timestamp};
-use tower_gateway_auth::keys::{KeyId, KeyManager, KeyRecord, NewKey};
+use tower_gateway_auth::keys::{Ephemeral, KeyId, KeyManager, KeyRecord, NewKey};
 use tower_gateway_auth::limit::{Limits, MemoryLimiter, Rate};
 use tower_gateway_auth::rejection::{ErrorFormat, RejectionKind};
 use tower_gateway_auth::store::{KeyStore, MemoryStore};
@@ -300,7 +300,7 @@ async fn an_ephemeral_key_spends_its_parents_allowance() {
         .await
         .unwrap();
     let child = manager
-        .mint_ephemeral(&Identity::new(parent.record.clone()), None, None)
+        .mint_ephemeral(&Identity::new(parent.record.clone()), Ephemeral::new())
         .await
         .unwrap();
     assert_eq!(

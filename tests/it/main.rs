@@ -15,6 +15,7 @@ mod limits;
 mod model;
 mod proxy;
 mod redis;
+mod redis_limits;
 mod refresh;
 mod servers;
 mod upstream;

@@ -18,8 +18,8 @@ use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use tower::ServiceExt;
 use tower_gateway_auth::clock::{ManualClock, Timestamp};
 use tower_gateway_auth::keys::{
-    ApiKey, AuditAction, AuditEvent, AuditOutcome, KeyDigest, KeyHasher, KeyManager, ManageError,
-    NewKey, Scopes,
+    ApiKey, AuditAction, AuditEvent, AuditOutcome, Ephemeral, KeyDigest, KeyHasher, KeyManager,
+    ManageError, NewKey, Scopes,
 };
 use tower_gateway_auth::store::{CachedStore, FileStore, KeyAdmin, KeyStore, MemoryStore};
 use tower_gateway_auth::{Identity, InboundApiKeyLayer, RequireScopesLayer};
@@ -233,13 +233,15 @@ where
                     None => model.keys[p].chat,
                     Some(s) => s.contains("chat"),
                 };
-                manager
-                    .mint_ephemeral(&who, scopes, Some(Duration::from_secs(ttl)))
-                    .await
-                    .map(|issued| {
-                        ids.push(issued.record.id());
-                        Some((issued.key, child_chat, Some(p)))
-                    })
+                let spec = Ephemeral::new().ttl(Duration::from_secs(ttl));
+                let spec = match scopes {
+                    Some(scopes) => spec.scopes(scopes),
+                    None => spec,
+                };
+                manager.mint_ephemeral(&who, spec).await.map(|issued| {
+                    ids.push(issued.record.id());
+                    Some((issued.key, child_chat, Some(p)))
+                })
             }
             Op::Revoke(i) => match model.pick(i) {
                 Some(i) => manager.revoke(ids[i]).await.map(|_| None),

@@ -15,7 +15,7 @@ use http::StatusCode;
 use redis::AsyncCommands;
 use support::redis::{RedisServer, namespace, redis_url};
 use tower_gateway_auth::clock::{ManualClock, Timestamp};
-use tower_gateway_auth::keys::{KeyHasher, KeyManager, KeyStatus, NewKey, Scopes};
+use tower_gateway_auth::keys::{Ephemeral, KeyHasher, KeyManager, KeyStatus, NewKey, Scopes};
 use tower_gateway_auth::store::listen_for_invalidations;
 use tower_gateway_auth::store::{CachedStore, KeyAdmin, KeyStore, RedisStore, Write, WriteError};
 
@@ -197,8 +197,9 @@ async fn only_digests_and_metadata_reach_redis_and_ephemeral_keys_expire_there()
     let eph = manager
         .mint_ephemeral(
             &who,
-            Some(Scopes::new(["rt"])),
-            Some(Duration::from_secs(60)),
+            Ephemeral::new()
+                .scopes(Scopes::new(["rt"]))
+                .ttl(Duration::from_secs(60)),
         )
         .await
         .unwrap();
@@ -209,7 +210,7 @@ async fn only_digests_and_metadata_reach_redis_and_ephemeral_keys_expire_there()
 
     let client = redis::Client::open(url.as_str()).unwrap();
     let mut con = client.get_multiplexed_async_connection().await.unwrap();
-    let keys: Vec<String> = con.keys(format!("{ns}:*")).await.unwrap();
+    let keys: Vec<String> = con.keys(format!("{{{ns}}}:*")).await.unwrap();
     assert!(keys.len() >= 7, "{keys:?}");
     for k in &keys {
         let value: String = match con.get(k).await {
@@ -236,12 +237,12 @@ async fn only_digests_and_metadata_reach_redis_and_ephemeral_keys_expire_there()
         }
     }
     let ttl: i64 = con
-        .ttl(format!("{ns}:k:{}", eph.record.digest().to_hex()))
+        .ttl(format!("{{{ns}}}:k:{}", eph.record.digest().to_hex()))
         .await
         .unwrap();
     assert!((1..=60).contains(&ttl), "ephemeral key TTL {ttl}");
     let ttl: i64 = con
-        .ttl(format!("{ns}:k:{}", rotated.record.digest().to_hex()))
+        .ttl(format!("{{{ns}}}:k:{}", rotated.record.digest().to_hex()))
         .await
         .unwrap();
     assert_eq!(
@@ -364,7 +365,7 @@ async fn expired_ephemeral_ids_leave_the_index_and_live_ones_are_capped() {
     let mut minted = 0;
     for _ in 0..120 {
         if manager
-            .mint_ephemeral(&who, None, Some(Duration::from_secs(1)))
+            .mint_ephemeral(&who, Ephemeral::new().ttl(Duration::from_secs(1)))
             .await
             .is_ok()
         {
@@ -373,19 +374,19 @@ async fn expired_ephemeral_ids_leave_the_index_and_live_ones_are_capped() {
     }
     assert_eq!(minted, 100, "live ephemeral keys per parent are capped");
     let mut con = raw(&url).await;
-    let before: usize = con.scard(format!("{ns}:ids")).await.unwrap();
+    let before: usize = con.scard(format!("{{{ns}}}:ids")).await.unwrap();
     assert_eq!(before, 101);
     // Redis drops the expired records by itself; their ids leave the index with them.
     tokio::time::sleep(Duration::from_millis(2_100)).await;
     clock.set(Timestamp::now());
     assert!(
         manager
-            .mint_ephemeral(&who, None, Some(Duration::from_secs(60)))
+            .mint_ephemeral(&who, Ephemeral::new().ttl(Duration::from_secs(60)))
             .await
             .is_ok()
     );
     assert_eq!(manager.list().await.unwrap().len(), 2);
-    let after: usize = con.scard(format!("{ns}:ids")).await.unwrap();
+    let after: usize = con.scard(format!("{{{ns}}}:ids")).await.unwrap();
     assert_eq!(after, 2, "the parent and its one live child");
 }
 
@@ -402,7 +403,7 @@ async fn one_corrupt_record_does_not_stop_listing_or_revoking() {
     let mut con = raw(&url).await;
     let _: () = con
         .set(
-            format!("{ns}:k:{}", bad.record.digest().to_hex()),
+            format!("{{{ns}}}:k:{}", bad.record.digest().to_hex()),
             // Corrupt where serde would quote the value back: the digest must not reach a log.
             format!(r#"{{"created_at": "{}"}}"#, bad.record.digest().to_hex()),
         )

@@ -27,7 +27,9 @@ pub struct Config {
     /// The file store written by the keygen example; without it (or `redis_url`), an
     /// in-memory store holds one fresh key printed at start-up.
     pub keys_file: Option<PathBuf>,
-    /// A Redis shared by several gateway replicas, in place of `keys_file`.
+    /// A Redis shared by several gateway replicas, in place of `keys_file`: one URL, or a
+    /// Redis Cluster's seed nodes (a list, or one string joined by commas).
+    #[serde(default, deserialize_with = "addresses")]
     pub redis_url: Option<String>,
     /// The key prefix in Redis (several gateways on one Redis).
     #[serde(default = "default_redis_namespace")]
@@ -76,6 +78,9 @@ pub struct Config {
     /// Limits on client connections.
     #[serde(default)]
     pub server: ServerConfig,
+    /// Where per-key limits are counted.
+    #[serde(default)]
+    pub limiter: LimiterConfig,
     #[serde(default, rename = "route")]
     pub routes: Vec<RouteConfig>,
 }
@@ -102,6 +107,50 @@ pub struct ServerConfig {
     /// After SIGTERM or SIGINT, how long requests in progress (streams too) may take to
     /// finish before their connections are closed.
     pub shutdown_grace_secs: u64,
+}
+
+/// `[limiter]`: where the request rates and requests in flight of `[route.limits]` and of
+/// the keys' own limits are counted.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimiterConfig {
+    /// `memory` (this replica alone) or `redis` (every replica on `redis_url` together);
+    /// default `redis` when `redis_url` is set, else `memory`.
+    pub backend: Option<String>,
+    /// While Redis cannot be reached: `refuse` (503, the default), `allow` (unlimited) or
+    /// `local` (each replica counts alone).
+    pub on_redis_error: limit::WhenUnavailable,
+    /// How long a decision may wait on Redis before it counts as down (default 250).
+    pub timeout_ms: Option<u64>,
+    /// How long a concurrency slot of a replica that died stays taken (default 600).
+    pub permit_lease_secs: Option<u64>,
+}
+
+/// Where the limiter counts.
+#[derive(Debug, Clone)]
+pub enum LimiterPlan {
+    Memory,
+    Redis {
+        url: String,
+        namespace: String,
+        on_error: limit::WhenUnavailable,
+        timeout: Duration,
+        lease: Duration,
+    },
+}
+
+/// `redis_url` as one string (addresses joined by commas) from a string or a list.
+fn addresses<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(Option::<OneOrMany>::deserialize(d)?.map(|a| match a {
+        OneOrMany::One(url) => url,
+        OneOrMany::Many(urls) => urls.join(","),
+    }))
 }
 
 impl Default for ServerConfig {
@@ -269,6 +318,7 @@ pub struct Plan {
     pub audit_file: Option<PathBuf>,
     pub keep_client_request_id: bool,
     pub limits: Limits,
+    pub limiter: LimiterPlan,
     pub routes: Vec<RoutePlan>,
     pub metrics_listen: Option<SocketAddr>,
     pub metrics_key_labels: Option<usize>,
@@ -368,6 +418,7 @@ impl Config {
             metrics_key_labels: None,
             log_format: default_log_format(),
             server: ServerConfig::default(),
+            limiter: LimiterConfig::default(),
             routes: vec![route("/openai", "openai"), route("/anthropic", "anthropic")],
         }
     }
@@ -492,24 +543,50 @@ impl Config {
                 "must be at least 1 (without an admin_scope nobody mints anyway)",
             ));
         }
-        let keys = match (self.keys_file, self.redis_url) {
+        let keys = match (self.keys_file, &self.redis_url) {
             (Some(_), Some(_)) => {
                 return Err(bad("redis_url", "give keys_file or redis_url, not both"));
             }
             (Some(path), None) => Keys::File(path),
             (None, Some(url)) => {
-                if !url.starts_with("redis://")
-                    && !url.starts_with("rediss://")
-                    && !url.starts_with("unix://")
-                {
-                    return Err(bad("redis_url", format!("`{url}` is not a redis:// URL")));
+                for (i, one) in url.split(',').map(str::trim).enumerate() {
+                    if !one.starts_with("redis://")
+                        && !one.starts_with("rediss://")
+                        && !one.starts_with("unix://")
+                    {
+                        // The address itself is not quoted: it may hold a password.
+                        return Err(bad(
+                            "redis_url",
+                            format!("address {} is not a redis:// URL", i + 1),
+                        ));
+                    }
                 }
                 Keys::Redis {
-                    url,
-                    namespace: self.redis_namespace,
+                    url: url.clone(),
+                    namespace: self.redis_namespace.clone(),
                 }
             }
             (None, None) => Keys::Memory,
+        };
+        let limiter = self.limiter;
+        let limiter = match (limiter.backend.as_deref(), &self.redis_url) {
+            (Some("memory"), _) | (None, None) => LimiterPlan::Memory,
+            (Some("redis") | None, Some(url)) => LimiterPlan::Redis {
+                url: url.clone(),
+                namespace: self.redis_namespace,
+                on_error: limiter.on_redis_error,
+                timeout: Duration::from_millis(limiter.timeout_ms.unwrap_or(250).max(1)),
+                lease: Duration::from_secs(limiter.permit_lease_secs.unwrap_or(600).max(1)),
+            },
+            (Some("redis"), None) => {
+                return Err(bad("limiter.backend", "`redis` needs redis_url"));
+            }
+            (Some(other), _) => {
+                return Err(bad(
+                    "limiter.backend",
+                    format!("`{other}` is not memory or redis"),
+                ));
+            }
         };
         Ok(Plan {
             listen,
@@ -524,6 +601,7 @@ impl Config {
             audit_file: self.audit_file,
             keep_client_request_id: self.keep_client_request_id,
             limits,
+            limiter,
             routes,
             metrics_listen,
             metrics_key_labels: self.metrics_key_labels,

@@ -28,7 +28,9 @@ use tower_gateway_auth::inject::RequestId;
 use tower_gateway_auth::keys::{
     Actor, ApiKey, AuditEvent, AuditFile, AuditSink, KeyManager, NewKey,
 };
-use tower_gateway_auth::limit::{MemoryLimiter, ModelAccessLayer, RateLimitLayer};
+use tower_gateway_auth::limit::{
+    Limiter, MemoryLimiter, ModelAccessLayer, RateLimitLayer, RedisLimiter,
+};
 use tower_gateway_auth::metrics::MetricsLayer;
 use tower_gateway_auth::proxy::{Forward, StripHopByHopLayer};
 use tower_gateway_auth::rejection::{ErrorFormat, RejectionKind};
@@ -41,7 +43,7 @@ use tower_gateway_auth::{
 };
 
 pub use config::{Config, ConfigError, Plan};
-use config::{Keys, Upstream};
+use config::{Keys, LimiterPlan, Upstream};
 pub use probes::Readiness;
 pub use serve::{Limits, Serving, serve};
 
@@ -117,7 +119,8 @@ pub async fn build(
                 .reload_every(Some(plan.reload))
                 .open()
                 .map_err(|e| failed("keys_file", &e))?;
-            compose(Arc::new(store), plan, audit, None, None).await
+            let limiter = Arc::new(MemoryLimiter::new());
+            compose(Arc::new(store), limiter, plan, audit, None, None).await
         }
         Keys::Redis { url, namespace } => {
             let redis = RedisStore::builder(url)
@@ -129,8 +132,31 @@ pub async fn build(
             let store = CachedStore::new(redis);
             // Keys are served only once revocations announced by other replicas reach this
             // one; until then `/readyz` says why not (see `probes.rs`).
-            let subscribed = listen_for_invalidations(&store).subscription();
-            compose(Arc::new(store), plan, audit, None, Some(subscribed)).await
+            let subscribed = Some(listen_for_invalidations(&store).subscription());
+            let store = Arc::new(store);
+            match plan.limiter.clone() {
+                LimiterPlan::Memory => {
+                    let limiter = Arc::new(MemoryLimiter::new());
+                    compose(store, limiter, plan, audit, None, subscribed).await
+                }
+                LimiterPlan::Redis {
+                    url,
+                    namespace,
+                    on_error,
+                    timeout,
+                    lease,
+                } => {
+                    let limiter = RedisLimiter::builder(url)
+                        .namespace(namespace)
+                        .when_unavailable(on_error)
+                        .timeout(timeout)
+                        .permit_lease(lease)
+                        .connect()
+                        .await
+                        .map_err(|e| failed("limiter", &e))?;
+                    compose(store, Arc::new(limiter), plan, audit, None, subscribed).await
+                }
+            }
         }
         Keys::Memory => {
             let store = Arc::new(MemoryStore::with_hasher(plan.hasher.clone()));
@@ -142,7 +168,8 @@ pub async fn build(
                 .issue(NewKey::named("first-key").scopes(scopes))
                 .await
                 .map_err(|e| failed("keys", &e))?;
-            compose(store, plan, audit, Some(first.key), None).await
+            let limiter = Arc::new(MemoryLimiter::new());
+            compose(store, limiter, plan, audit, Some(first.key), None).await
         }
     }
 }
@@ -163,8 +190,9 @@ fn key_manager<S: KeyAdmin>(
     }
 }
 
-async fn compose<S>(
+async fn compose<S, L>(
     store: Arc<S>,
+    limiter: Arc<L>,
     plan: Plan,
     audit: Option<Arc<AuditFile>>,
     first_key: Option<ApiKey>,
@@ -172,6 +200,7 @@ async fn compose<S>(
 ) -> Result<Gateway, ConfigError>
 where
     S: KeyAdmin,
+    L: Limiter,
 {
     let manager = key_manager(store.clone(), &plan, &audit);
     let inbound = || {
@@ -224,7 +253,6 @@ where
     let mut echo = None;
     // One limiter for every route: a key's allowance is its own, wherever it spends it
     // (each request is judged by the limits of its key, or else of its route).
-    let limiter = Arc::new(MemoryLimiter::new());
     let mut routes = Vec::new();
     for route in plan.routes {
         let url = match route.upstream {
@@ -288,6 +316,7 @@ where
     if let Some(scope) = plan.admin_scope {
         let api = ManagementApi::new(manager.clone())
             .admin_scope(scope)
+            .usage_from(limiter.clone())
             .router()
             .layer(inbound());
         router = router.nest("/admin", api);
