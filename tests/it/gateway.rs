@@ -4,6 +4,8 @@
 #[allow(dead_code)]
 #[path = "../../examples/gateway/app/mod.rs"]
 mod app;
+/// Limits on Redis and the Redis Cluster, and managing them.
+mod limits;
 mod ops;
 use crate::support;
 
@@ -80,17 +82,24 @@ async fn start(config: &str) -> Running {
     let gateway = app::build(app::Config::from_toml(config).unwrap(), &env)
         .await
         .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
-    let served = tokio::spawn(app::serve(listener, gateway.serving(), async {
-        let _ = stop.await;
-    }));
-    Running {
-        addr,
-        shutdown: Some(shutdown),
-        served: Some(served),
-        _gateway: gateway,
+    Running::serve(gateway).await
+}
+
+impl Running {
+    /// Serves a gateway already built.
+    async fn serve(gateway: app::Gateway) -> Running {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
+        let served = tokio::spawn(app::serve(listener, gateway.serving(), async {
+            let _ = stop.await;
+        }));
+        Running {
+            addr,
+            shutdown: Some(shutdown),
+            served: Some(served),
+            _gateway: gateway,
+        }
     }
 }
 
