@@ -637,10 +637,11 @@ impl<A: KeyAdmin> KeyManager<A> {
         result
     }
 
-    /// Changes key `id`'s own limits and models, and its live ephemeral keys' with it, in
-    /// one atomic write: a child's limits become the parent's new ones, and a child's own
-    /// model list keeps only what the parent's new list still covers (the parent's list
-    /// when the child had none). Ephemeral keys cannot be changed by themselves
+    /// Changes key `id`'s own limits and models, and its ephemeral keys' with it, in
+    /// one atomic write: a child's limits become the parent's new ones, and a child's model
+    /// list keeps only what the parent's new list still covers (the parent's list when the
+    /// child had none; its own when the parent's is removed: a child is never widened).
+    /// Ephemeral keys cannot be changed by themselves
     /// ([`ManageError::Forbidden`]); a revoked key cannot be changed.
     pub async fn change_access(
         &self,
@@ -666,7 +667,9 @@ impl<A: KeyAdmin> KeyManager<A> {
                     .unwrap_or_else(|| target.models().cloned());
                 let changed = |r: &KeyRecord| {
                     let models = match (r.parent(), r.models(), &models) {
-                        (None, ..) | (Some(_), None, _) | (Some(_), _, None) => models.clone(),
+                        (None, ..) | (Some(_), None, _) => models.clone(),
+                        // A child's own list is never widened by its parent's.
+                        (Some(_), Some(own), None) => Some(own.clone()),
                         (Some(_), Some(own), Some(allowed)) => {
                             Some(ModelList::new(own.iter().filter(|m| allowed.covers(m))))
                         }

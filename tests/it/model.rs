@@ -1,6 +1,7 @@
 //! The key lifecycle against a model, on every store: random sequences of issue, import,
 //! mint (from normal, ephemeral and dead keys), revoke, disable, enable, rotate with grace,
-//! delete, clock steps, purge and cache invalidations. After every step, every key ever
+//! delete, model-list changes (cascading to ephemeral keys), clock steps, purge and cache
+//! invalidations. After every step, every key ever
 //! issued gets the answer (pass / 401 / 403) the model predicts from the invariant in
 //! DESIGN.md: a key is usable only if it and every key it descends from are usable now.
 //!
@@ -18,9 +19,10 @@ use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use tower::ServiceExt;
 use tower_gateway_auth::clock::{ManualClock, Timestamp};
 use tower_gateway_auth::keys::{
-    ApiKey, AuditAction, AuditEvent, AuditOutcome, Ephemeral, KeyDigest, KeyHasher, KeyManager,
-    ManageError, NewKey, Scopes,
+    AccessChange, ApiKey, AuditAction, AuditEvent, AuditOutcome, Ephemeral, KeyDigest, KeyHasher,
+    KeyManager, ManageError, NewKey, Scopes,
 };
+use tower_gateway_auth::limit::{ModelAccessLayer, ModelList, ReplayBody};
 use tower_gateway_auth::store::{CachedStore, FileStore, KeyAdmin, KeyStore, MemoryStore};
 use tower_gateway_auth::{Identity, InboundApiKeyLayer, RequireScopesLayer};
 
@@ -53,6 +55,11 @@ enum Op {
         grace: u64,
     },
     Delete(usize),
+    /// Gives the key a model list (`true`) or removes it.
+    ChangeAccess {
+        key: usize,
+        restrict: bool,
+    },
     Advance(u64),
     Purge,
     Invalidate(usize),
@@ -72,6 +79,8 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (any::<usize>(), prop_oneof![Just(0u64), 1u64..200])
             .prop_map(|(key, grace)| Op::Rotate { key, grace }),
         1 => any::<usize>().prop_map(Op::Delete),
+        3 => (any::<usize>(), any::<bool>())
+            .prop_map(|(key, restrict)| Op::ChangeAccess { key, restrict }),
         3 => prop_oneof![1u64..30, 30u64..400].prop_map(Op::Advance),
         1 => Just(Op::Purge),
         1 => any::<usize>().prop_map(Op::Invalidate),
@@ -96,6 +105,8 @@ struct Key {
     expires: Option<u64>,
     parent: Option<usize>,
     chat: bool,
+    /// Has a model list: a request naming no model is then refused (403).
+    restricted: bool,
     deleted: bool,
 }
 
@@ -116,6 +127,7 @@ impl Key {
             expires,
             parent,
             chat,
+            restricted: false,
             deleted: false,
         }
     }
@@ -141,7 +153,7 @@ impl Model {
     fn answer(&self, i: usize) -> StatusCode {
         if !self.usable(i) {
             StatusCode::UNAUTHORIZED
-        } else if !self.keys[i].chat {
+        } else if !self.keys[i].chat || self.keys[i].restricted {
             StatusCode::FORBIDDEN
         } else {
             StatusCode::OK
@@ -196,7 +208,8 @@ where
     let service = tower::ServiceBuilder::new()
         .layer(gate)
         .layer(RequireScopesLayer::new(["chat"]))
-        .service(tower::service_fn(|_: Request<()>| async {
+        .layer(ModelAccessLayer::new())
+        .service(tower::service_fn(|_: Request<ReplayBody<String>>| async {
             Ok::<_, Infallible>(Response::new(String::new()))
         }));
     for (step, op) in ops.iter().enumerate() {
@@ -268,6 +281,16 @@ where
                 Some(i) => manager.delete(ids[i]).await.map(|_| None),
                 None => continue,
             },
+            Op::ChangeAccess { key, restrict } => match model.pick(key) {
+                Some(i) => {
+                    let models = restrict.then(|| ModelList::new(["gpt-4o*"]));
+                    manager
+                        .change_access(ids[i], AccessChange::new().models(models))
+                        .await
+                        .map(|_| None)
+                }
+                None => continue,
+            },
             Op::Advance(secs) => {
                 model.now += secs;
                 clock.set(Timestamp::from_unix_secs(model.now));
@@ -291,7 +314,7 @@ where
         for i in 0..model.keys.len() {
             let req = Request::builder()
                 .header("x-api-key", model.keys[i].secret.expose())
-                .body(())
+                .body(String::new())
                 .unwrap();
             let status = service.clone().oneshot(req).await.unwrap().status();
             let expected = model.answer(i);
@@ -327,6 +350,7 @@ fn audited<T>(
         Op::Enable(_) => Some(AuditAction::Enable),
         Op::Rotate { .. } => Some(AuditAction::Rotate),
         Op::Delete(_) => Some(AuditAction::Delete),
+        Op::ChangeAccess { .. } => Some(AuditAction::ChangeAccess),
         Op::Advance(_) | Op::Purge | Op::Invalidate(_) | Op::InvalidateAll => None,
     };
     let seen: Vec<_> = events
@@ -366,14 +390,10 @@ fn apply(
             match got {
                 Ok(Some((secret, chat, _))) if may => {
                     let end = parent.expires.map_or(now + ttl, |e| e.min(now + ttl));
-                    model.keys.push(Key::new(
-                        secret,
-                        Status::Active,
-                        now,
-                        Some(end),
-                        Some(p),
-                        chat,
-                    ));
+                    let restricted = parent.restricted;
+                    let mut child = Key::new(secret, Status::Active, now, Some(end), Some(p), chat);
+                    child.restricted = restricted;
+                    model.keys.push(child);
                 }
                 Err(_) if !may => {}
                 got => {
@@ -422,9 +442,9 @@ fn apply(
                     if !old.deleted && old.parent.is_none() && old.status != Status::Revoked =>
                 {
                     let expires = old.expires.map(|e| now + (e - old.created));
-                    model
-                        .keys
-                        .push(Key::new(secret, old.status, now, expires, None, chat));
+                    let mut successor = Key::new(secret, old.status, now, expires, None, chat);
+                    successor.restricted = old.restricted;
+                    model.keys.push(successor);
                     let retired = &mut model.keys[i];
                     retired.expires = Some(old.expires.map_or(now + grace, |e| e.min(now + grace)));
                 }
@@ -446,6 +466,33 @@ fn apply(
                 }
                 Err(ManageError::NotFound(_)) if model.keys[i].deleted => {}
                 got => return fail(format!("delete: {got:?}")),
+            }
+        }
+        (Op::ChangeAccess { key, restrict }, got) => {
+            let i = pick(*key);
+            let target = model.keys[i].clone();
+            match got {
+                Ok(_)
+                    if !target.deleted
+                        && target.parent.is_none()
+                        && target.status != Status::Revoked =>
+                {
+                    model.keys[i].restricted = *restrict;
+                    // Children take a new list, and keep one of their own when the parent's
+                    // is removed.
+                    for child in &mut model.keys {
+                        if child.parent == Some(i)
+                            && !child.deleted
+                            && child.status != Status::Revoked
+                        {
+                            child.restricted |= *restrict;
+                        }
+                    }
+                }
+                Err(ManageError::NotFound(_)) if target.deleted => {}
+                Err(ManageError::Forbidden(_)) if target.parent.is_some() => {}
+                Err(ManageError::Invalid(_)) if target.status == Status::Revoked => {}
+                got => return fail(format!("change access {target:?}: {got:?}")),
             }
         }
         (Op::Purge, Ok(_)) => {
