@@ -1124,6 +1124,7 @@ enum Route {
     Enable,
     Delete,
     List,
+    Patch,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -1265,7 +1266,8 @@ pub fn admin_json(data: &[u8]) {
         Route::Enable,
         Route::Delete,
         Route::List,
-    ][usize::from(*route) % 9];
+        Route::Patch,
+    ][usize::from(*route) % 10];
     let caller = [
         Caller::Admin,
         Caller::AdminBearer,
@@ -1299,6 +1301,7 @@ pub fn admin_json(data: &[u8]) {
         Route::Enable => (Method::POST, format!("/keys/{id}/enable")),
         Route::Delete => (Method::DELETE, format!("/keys/{id}")),
         Route::List => (Method::GET, "/keys".to_owned()),
+        Route::Patch => (Method::PATCH, format!("/keys/{id}")),
     };
     let mut req = Request::builder()
         .method(method)
@@ -1402,9 +1405,12 @@ pub fn admin_json(data: &[u8]) {
             String::from_utf8_lossy(found)
         );
     }
-    if status != StatusCode::CREATED
-        && matches!(route, Route::Create | Route::Rotate | Route::Ephemeral)
-    {
+    let refused = match route {
+        Route::Create | Route::Rotate | Route::Ephemeral => status != StatusCode::CREATED,
+        Route::Patch => status != StatusCode::OK,
+        _ => false,
+    };
+    if refused {
         let mut after = store.records();
         let mut before = before;
         after.sort_by_key(|r| r.id());
