@@ -10,8 +10,8 @@
 //! | `metrics` (feature `metrics`) | `MetricsLayer`, beside the [`RejectionLayer`]: requests by route and outcome through the `metrics` facade; the other layers' counters and histograms |
 //! | [`rejection`] | [`RejectionLayer`]: renders every refusal of the layers inside it in one dialect ([`ErrorFormat`](rejection::ErrorFormat)) and realm; the typed [`Rejection`] |
 //! | [`inbound`] | [`InboundApiKeyLayer`]: finds the client's key (header, `Authorization: Bearer`, query), verifies it against a [`KeyStore`](store::KeyStore) and hands the caller's [`Identity`] on; [`RequireScopesLayer`] for per-route scopes |
-//! | [`store`] | where keys live, as digests only: [`MemoryStore`](store::MemoryStore), [`FileStore`](store::FileStore), [`CachedStore`](store::CachedStore) and, with feature `redis`, `RedisStore` |
-//! | [`limit`] | [`RateLimitLayer`]: each key's request rate (GCRA) and requests in flight, 429 with the providers' rate-limit headers; [`ModelAccessLayer`](limit::ModelAccessLayer): the models a key may use (403) |
+//! | [`store`] | where keys live, as digests only: [`MemoryStore`](store::MemoryStore), [`FileStore`](store::FileStore), [`CachedStore`](store::CachedStore) and, with feature `redis`, `RedisStore` (Redis or Redis Cluster) |
+//! | [`limit`] | [`RateLimitLayer`]: each key's request rate (GCRA) and requests in flight, 429 with the providers' rate-limit headers, counted by [`MemoryLimiter`](limit::MemoryLimiter) or, with feature `redis`, `RedisLimiter` (shared by replicas); [`ModelAccessLayer`](limit::ModelAccessLayer): the models a key may use (403) |
 //! | [`keys`] | a key's life: its format and digest, the [`KeyRecord`](keys::KeyRecord) a store keeps, [`KeyManager`](keys::KeyManager) (issue, rotate, revoke, ephemeral keys) and, with feature `axum`, the [`ManagementApi`] |
 //! | [`upstream`] | [`UpstreamAuthLayer`]: strips every client credential and sets the provider's ([`Provider`](upstream::Provider)) from a [`CredentialSource`](upstream::CredentialSource) |
 //! | [`inject`] | [`HeaderInjectLayer`]: header rules and request ids |
@@ -59,7 +59,8 @@
 //! - `proxy`: [`proxy::Forward`], a streaming forwarding proxy (hyper-util client, rustls),
 //!   and [`proxy::StripHopByHopLayer`].
 //! - `redis`: `store::RedisStore`, keys shared by several replicas, with revocation fan-out to
-//!   their [`CachedStore`](store::CachedStore)s.
+//!   their [`CachedStore`](store::CachedStore)s, and `limit::RedisLimiter`, one limit per key
+//!   across replicas; both on standalone Redis or Redis Cluster.
 //! - `metrics`: `metrics::MetricsLayer` and the crate's counters and histograms (store
 //!   lookups, cache events, token refreshes, upstream answers) through the `metrics` facade,
 //!   for any exporter. Off, none of that code is compiled in.
