@@ -10,7 +10,6 @@
 //!   `REDIS_URL` is set or a `redis-server` can be started.
 
 use std::hint::black_box;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,7 +23,7 @@ const STORE_KEYS: usize = 1_000_000;
 const ACTIVE_KEYS: usize = 10_000;
 
 mod support;
-use support::now;
+use support::{now, redis};
 
 fn store() -> (Arc<MemoryStore>, Vec<KeyDigest>) {
     let format = KeyFormat::new("gw").unwrap();
@@ -39,39 +38,6 @@ fn store() -> (Arc<MemoryStore>, Vec<KeyDigest>) {
         store.insert(KeyRecord::new(KeyId::random(), digest).with_name(format!("k-{i}")));
     }
     (Arc::new(store), active)
-}
-
-/// A throwaway `redis-server` on a free port, unless `REDIS_URL` points to one.
-fn redis() -> Option<(String, Option<Child>)> {
-    if let Ok(url) = std::env::var("REDIS_URL") {
-        return Some((url, None));
-    }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .ok()?
-        .local_addr()
-        .ok()?
-        .port();
-    let child = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .stdout(Stdio::null())
-        .spawn()
-        .ok()?;
-    for _ in 0..200 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Some((format!("redis://127.0.0.1:{port}"), Some(child)));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    None
 }
 
 fn cache(c: &mut Criterion) {

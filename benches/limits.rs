@@ -26,6 +26,8 @@ use tower_gateway_auth::limit::{Admission, Limiter, Limits, MemoryLimiter, Rate,
 
 const KEYS: u64 = 10_000;
 
+mod support;
+
 fn decision(c: &mut Criterion) {
     let mut group = c.benchmark_group("decision");
 
@@ -61,44 +63,6 @@ fn decision(c: &mut Criterion) {
     group.finish();
 }
 
-/// A `redis-server` of the bench's own, killed on drop.
-struct Server(std::process::Child, u16);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_redis() -> Option<Server> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .ok()?
-        .local_addr()
-        .ok()?
-        .port();
-    let child = std::process::Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-        ])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .ok()?;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if std::time::Instant::now() > deadline {
-            return None;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    Some(Server(child, port))
-}
-
 /// Commands Redis has run, by name: `INFO commandstats`.
 fn calls(rt: &tokio::runtime::Runtime, url: &str) -> std::collections::HashMap<String, u64> {
     rt.block_on(async {
@@ -120,11 +84,10 @@ fn calls(rt: &tokio::runtime::Runtime, url: &str) -> std::collections::HashMap<S
 }
 
 fn redis(c: &mut Criterion) {
-    let Some(server) = start_redis() else {
+    let Some((url, mut server)) = support::redis() else {
         eprintln!("redis: SKIPPED, no redis-server to start");
         return;
     };
-    let url = format!("redis://127.0.0.1:{}", server.1);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -173,6 +136,10 @@ fn redis(c: &mut Criterion) {
         );
     }
     group.finish();
+    if let Some(server) = &mut server {
+        let _ = server.kill();
+        let _ = server.wait();
+    }
 }
 
 criterion_group!(benches, decision, redis);

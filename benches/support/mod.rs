@@ -109,3 +109,36 @@ where
         .layer(inject)
         .service(Bare)
 }
+
+/// A throwaway `redis-server` on a free port, unless `REDIS_URL` points to one.
+pub fn redis() -> Option<(String, Option<std::process::Child>)> {
+    if let Ok(url) = std::env::var("REDIS_URL") {
+        return Some((url, None));
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .ok()?
+        .local_addr()
+        .ok()?
+        .port();
+    let child = std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .ok()?;
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Some((format!("redis://127.0.0.1:{port}"), Some(child)));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    None
+}

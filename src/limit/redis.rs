@@ -324,12 +324,7 @@ impl Shared {
             .arg(permit)
             .arg(u64::try_from(self.lease.as_micros()).unwrap_or(u64::MAX))
             .arg(now_us.map(|n| n.to_string()).unwrap_or_default());
-        let mut connection = self.connection.clone();
-        let answer: Vec<i64> =
-            tokio::time::timeout(self.timeout, invocation.invoke_async(&mut connection))
-                .await
-                .map_err(|_| LimiterError("Redis did not answer in time".into()))?
-                .map_err(|e| LimiterError(format!("Redis failed: {}", e.kind_name())))?;
+        let answer = self.run(invocation).await?;
         let field = |i: usize| answer.get(i).copied().unwrap_or_default().max(0);
         Ok(Decision {
             outcome: answer.first().copied().unwrap_or(-1),
@@ -338,6 +333,15 @@ impl Shared {
             retry_us: field(3) as u64,
             now_us: field(4) as u64,
         })
+    }
+
+    /// Runs a script, within the timeout; its answer as numbers.
+    async fn run(&self, invocation: redis::ScriptInvocation<'_>) -> Result<Vec<i64>, LimiterError> {
+        let mut connection = self.connection.clone();
+        tokio::time::timeout(self.timeout, invocation.invoke_async(&mut connection))
+            .await
+            .map_err(|_| LimiterError("Redis did not answer in time".into()))?
+            .map_err(|e| LimiterError(format!("Redis failed: {}", e.kind_name())))
     }
 
     /// Notes whether Redis answered, logging the changes.
@@ -467,12 +471,7 @@ impl Limiter for RedisLimiter {
                 .key(&keys[0])
                 .key(&keys[1])
                 .arg(now_us.map(|n| n.to_string()).unwrap_or_default());
-            let mut connection = shared.connection.clone();
-            let answer: Vec<i64> =
-                tokio::time::timeout(shared.timeout, invocation.invoke_async(&mut connection))
-                    .await
-                    .map_err(|_| LimiterError("Redis did not answer in time".into()))?
-                    .map_err(|e| LimiterError(format!("Redis failed: {}", e.kind_name())))?;
+            let answer = shared.run(invocation).await?;
             let field = |i: usize| answer.get(i).copied().unwrap_or_default().max(0) as u64;
             Ok(Usage::at(
                 field(0).saturating_mul(1000),
