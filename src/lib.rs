@@ -12,6 +12,7 @@
 //! | [`inbound`] | [`InboundApiKeyLayer`]: finds the client's key (header, `Authorization: Bearer`, query), verifies it against a [`KeyStore`](store::KeyStore) and hands the caller's [`Identity`] on; [`RequireScopesLayer`] for per-route scopes |
 //! | [`store`] | where keys live, as digests only: [`MemoryStore`](store::MemoryStore), [`FileStore`](store::FileStore), [`CachedStore`](store::CachedStore) and, with feature `redis`, `RedisStore` (Redis or Redis Cluster) |
 //! | [`limit`] | [`RateLimitLayer`]: each key's request rate (GCRA) and requests in flight, 429 with the providers' rate-limit headers, counted by [`MemoryLimiter`](limit::MemoryLimiter) or, with feature `redis`, `RedisLimiter` (shared by replicas); [`ModelAccessLayer`](limit::ModelAccessLayer): the models a key may use (403) |
+//! | [`tokens`] | [`UsageBody`](tokens::UsageBody): each response's token usage (OpenAI, Anthropic, Gemini; JSON and SSE) read as it streams through unchanged, for token limits |
 //! | [`keys`] | a key's life: its format and digest, the [`KeyRecord`](keys::KeyRecord) a store keeps, [`KeyManager`](keys::KeyManager) (issue, rotate, revoke, ephemeral keys) and, with feature `axum`, the [`ManagementApi`] |
 //! | [`upstream`] | [`UpstreamAuthLayer`]: strips every client credential and sets the provider's ([`Provider`](upstream::Provider)) from a [`CredentialSource`](upstream::CredentialSource) |
 //! | [`inject`] | [`HeaderInjectLayer`]: header rules and request ids |
@@ -93,6 +94,7 @@ pub mod rejection;
 mod remove_headers;
 pub mod response;
 pub mod store;
+pub mod tokens;
 pub mod upstream;
 mod wait_then_call;
 

@@ -1,0 +1,63 @@
+//! Token accounting: the usage each response reports, read as its bytes stream through.
+//!
+//! [`UsageBody`] wraps a response body, passes every frame on unchanged and reads the
+//! provider's usage report from the data going past, without buffering the body; when the
+//! body ends, fails or is dropped it hands one [`TokenUsage`] (or `None`, when the
+//! response carried no usage) to a [`UsageSink`]. What it reads:
+//!
+//! | provider | JSON body | stream |
+//! |---|---|---|
+//! | OpenAI chat completions | `usage` | SSE: the last chunk's `usage` (sent when the request has `stream_options.include_usage`), before `data: [DONE]` |
+//! | OpenAI Responses | `usage` | SSE: `response.usage` of `response.completed` (or `response.incomplete`, `response.failed`) |
+//! | Anthropic Messages | `usage` | SSE: `message.usage` of `message_start` (input and cache counts), then `usage` of each `message_delta` (the output count, cumulative: the last counts) |
+//! | Gemini | `usageMetadata` | SSE (`alt=sse`): each chunk's `usageMetadata`, the last one counting; without `alt=sse`, a JSON array of the same chunks |
+//!
+//! The fields are normalized (cached and reasoning tokens included in the input and output
+//! counts whoever sent them) as [`TokenUsage`] shows. The framing comes from the response's
+//! `Content-Type` ([`Framing::from_headers`]). The body must not be compressed: ask the
+//! upstream for `Accept-Encoding: identity` (a compressed body reads as no usage).
+//!
+//! # Cost
+//!
+//! Memory per response is constant: an SSE event split across reads is kept until it is
+//! complete, up to 64 KiB, and a longer one is read on line by line; a JSON body is
+//! scanned incrementally, keeping only nesting depth and the few keys and numbers of the
+//! usage objects. Time is close to that of finding the string `"usage"` in the bytes: in an
+//! SSE stream only the events where `"usage"` opens an object are parsed, the others are
+//! skipped at `memchr` speed (`cargo bench --bench usage_scan`).
+//!
+//! # A response cut short
+//!
+//! A stream that ends early, fails or is dropped by a client that went away is charged what
+//! was seen of it: Anthropic's input count from `message_start` and the last output count
+//! seen, the fields of a usage object read before the cut (a number cut in its middle does
+//! not count), an unterminated last SSE event as far as it went. An OpenAI chat stream cut
+//! before its usage chunk reports no usage (`None`): the sink decides what to charge then.
+//!
+//! # How far a limit can be overshot
+//!
+//! A token limit built on this can refuse a request only before the request starts: its
+//! usage is known only once its response has streamed. So one request can overshoot a
+//! key's remaining allowance by at most its own usage, and requests running at the same
+//! time each by theirs: with N requests in flight when the allowance runs out, the key goes
+//! past it by at most the sum of those N requests' usage. Bound that with a concurrency
+//! limit and the request's own `max_tokens`.
+//!
+//! # Asking OpenAI for a stream's usage
+//!
+//! A streamed OpenAI chat completion reports usage only when the request asked for it
+//! (`"stream_options":{"include_usage":true}`). A gateway that counts tokens adds the
+//! option to requests without it and hides the extra chunk from the client that did not
+//! ask ([`UsageBody::hide_usage_chunk`]), so the client sees the stream it asked for.
+
+mod body;
+mod request;
+mod scan;
+mod usage;
+
+#[cfg(test)]
+mod tests;
+
+pub use body::{UsageBody, UsageSink};
+pub use scan::Framing;
+pub use usage::TokenUsage;
