@@ -4,7 +4,8 @@
 //! cargo run --example keygen -- --keys-file keys.json --name alice [--ttl-days N | --no-expiry]
 //!                                [--scope S]... [--prefix P]
 //! cargo run --example keygen -- --keys-file keys.json --name ci --rpm 60 --burst 10 \
-//!                                --max-concurrent 2 --model 'gpt-4o*' --model claude-3-5-haiku-latest
+//!                                --max-concurrent 2 --model 'gpt-4o*' --model claude-3-5-haiku-latest \
+//!                                --tpm 100000 --token-budget 5000000 --budget-period month
 //! cargo run --example keygen -- --keys-file keys.json --list
 //! cargo run --example keygen -- --keys-file keys.json --revoke key_XXXXXXXXXXX
 //! cargo run --example keygen -- --redis-url redis://127.0.0.1:6379 --name alice   # shared store
@@ -31,10 +32,10 @@ use tower_gateway_auth::clock::Timestamp;
 use tower_gateway_auth::keys::{
     Actor, ApiKey, AuditFile, KeyFormat, KeyHasher, KeyManager, KeyRecord, NewKey,
 };
-use tower_gateway_auth::limit::{Limits, Rate};
+use tower_gateway_auth::limit::{Budget, BudgetPeriod, Limits, Rate};
 use tower_gateway_auth::store::{FileStore, KeyAdmin, RedisStore};
 
-const USAGE: &str = "usage: keygen (--keys-file FILE | --redis-url URL [--redis-namespace NS]) [--pepper-env VAR] [--audit-file FILE] (--name NAME [--ttl-days N | --no-expiry] [--scope S]... [--prefix P] [--rpm N [--burst N]] [--max-concurrent N] [--model PATTERN]... | --list | --revoke ID)";
+const USAGE: &str = "usage: keygen (--keys-file FILE | --redis-url URL [--redis-namespace NS]) [--pepper-env VAR] [--audit-file FILE] (--name NAME [--ttl-days N | --no-expiry] [--scope S]... [--prefix P] [--rpm N [--burst N]] [--max-concurrent N] [--model PATTERN]... [--tpm N] [--token-budget N [--budget-period day|week|month|never]] | --list | --revoke ID)";
 
 #[derive(Default)]
 pub struct Args {
@@ -51,6 +52,9 @@ pub struct Args {
     rpm: Option<u32>,
     burst: Option<u32>,
     max_concurrent: Option<u32>,
+    tpm: Option<u32>,
+    token_budget: Option<u64>,
+    budget_period: Option<BudgetPeriod>,
     models: Vec<String>,
     list: bool,
     revoke: Option<String>,
@@ -94,6 +98,17 @@ pub fn parse(mut raw: impl Iterator<Item = String>) -> Result<Args, String> {
             "--burst" => args.burst = Some(count(&flag, &value()?)?),
             "--max-concurrent" => args.max_concurrent = Some(count(&flag, &value()?)?),
             "--model" => args.models.push(value()?),
+            "--tpm" => args.tpm = Some(count(&flag, &value()?)?),
+            "--token-budget" => {
+                let v = value()?;
+                args.token_budget = Some(v.parse().map_err(|_| {
+                    format!("--token-budget takes a whole number of tokens, not `{v}`")
+                })?);
+            }
+            "--budget-period" => {
+                let v = value()?;
+                args.budget_period = Some(v.parse().map_err(|e| format!("--budget-period: {e}"))?);
+            }
             "--list" => args.list = true,
             "--revoke" => args.revoke = Some(value()?),
             "-h" | "--help" => return Err(USAGE.into()),
@@ -211,6 +226,16 @@ async fn manage<S: KeyAdmin>(
             }
             if let Some(max) = args.max_concurrent {
                 limits = limits.with_max_concurrent(max);
+            }
+            if let Some(tpm) = args.tpm {
+                limits = limits.with_tokens(Rate::per_minute(tpm));
+            }
+            match (args.token_budget, args.budget_period) {
+                (Some(tokens), period) => {
+                    limits = limits.with_budget(Budget::new(tokens, period.unwrap_or_default()));
+                }
+                (None, Some(_)) => return Err("--budget-period needs --token-budget".into()),
+                (None, None) => {}
             }
             if !limits.is_empty() {
                 spec = spec.limits(limits);

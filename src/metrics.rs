@@ -33,6 +33,7 @@
 //! | `gateway_auth_upstream_seconds` | histogram | `route` | from sending a request upstream to its response head (or failure) |
 //! | `gateway_auth_store_lookup_seconds` | histogram | `result` | one key-store lookup of the inbound layer that had to wait (a store a network hop away, a cache miss); answers ready at once (an in-memory store, a cache hit) are not timed, and show as cache hits; `result` is `found`, `unknown` or `error` (failed or timed out) |
 //! | `gateway_auth_cache_events_total` | counter | `event` | [`CachedStore`](crate::store::CachedStore): `hit`, `negative_hit` (a cached unknown key), `miss` (the store is asked, or a call under way joined), `stale` (a held record served while the store fails), `invalidation` (one digest or all) |
+//! | `gateway_auth_tokens_total` | counter | `route`, `kind` | tokens the responses of keys with token limits reported, `kind` `prompt` (input, cached included) or `completion` (output, reasoning included), counted when the response body ends |
 //! | `gateway_auth_credential_refreshes_total` | counter | `source`, `result` | token fetches of a [`RefreshingToken`](crate::upstream::RefreshingToken) named `source`; `result` is `ok` or `error` |
 //!
 //! `route` is the name given to [`MetricsLayer::route`] (empty, which Prometheus reads as
@@ -97,6 +98,32 @@ pub const STORE_LOOKUP_SECONDS: &str = "gateway_auth_store_lookup_seconds";
 pub const CACHE_EVENTS_TOTAL: &str = "gateway_auth_cache_events_total";
 /// `gateway_auth_credential_refreshes_total{source,result}`, counter.
 pub const CREDENTIAL_REFRESHES_TOTAL: &str = "gateway_auth_credential_refreshes_total";
+/// The name of the counter of tokens used, by route and kind.
+pub const TOKENS_TOTAL: &str = "gateway_auth_tokens_total";
+
+/// A response's token counters: bound to its route by the [`MetricsLayer`] when the
+/// response head passes it, counted when the body ends ([`RateLimitLayer`](crate::RateLimitLayer)
+/// puts one in the extensions of responses whose key's tokens count).
+#[derive(Clone, Default)]
+pub(crate) struct TokenTally(Arc<OnceLock<[Counter; 2]>>);
+
+impl TokenTally {
+    fn bind(&self, route: &SharedString) {
+        self.0.get_or_init(|| {
+            ["prompt", "completion"].map(
+                |kind| ::metrics::counter!(TOKENS_TOTAL, "route" => route.clone(), "kind" => kind),
+            )
+        });
+    }
+
+    /// Counts `usage`, when a metrics layer bound the counters.
+    pub(crate) fn count(&self, usage: &crate::tokens::TokenUsage) {
+        if let Some([prompt, completion]) = self.0.get() {
+            prompt.increment(usage.prompt());
+            completion.increment(usage.completion());
+        }
+    }
+}
 
 /// The `key` label of the ids past the [`per_key_labels`](MetricsLayer::per_key_labels)
 /// bound.
@@ -152,7 +179,7 @@ struct Config {
 }
 
 /// Every `outcome` label, each with a slot for its counter.
-const OUTCOMES: [&str; 19] = [
+const OUTCOMES: [&str; 20] = [
     "allowed",
     "error",
     "missing",
@@ -164,6 +191,7 @@ const OUTCOMES: [&str; 19] = [
     "disabled",
     "forbidden",
     "rate_limited",
+    "budget_exhausted",
     "store_unavailable",
     "upstream_credential",
     "upstream_error",
@@ -315,6 +343,9 @@ where
             Ok(response) => {
                 if let Some(upstream) = response.extensions().get::<UpstreamOutcome>() {
                     config.record_upstream(upstream);
+                }
+                if let Some(tally) = response.extensions().get::<TokenTally>() {
+                    tally.bind(&config.route);
                 }
                 outcome(
                     response
@@ -619,6 +650,9 @@ mod tests {
             ConcurrencyLimited,
             ModelNotAllowed,
             LimiterUnavailable,
+            TokensLimited,
+            BudgetExhausted,
+            RequestTooLarge,
         ];
         for kind in every_kind {
             assert!(OUTCOMES.contains(&kind.outcome()), "{kind:?}");

@@ -56,7 +56,9 @@ use crate::store::KeyAdmin;
 ///
 /// `GET /keys/{id}` shows `usage` when the API was given the limiter the routes use:
 /// `{"in_flight", "requests_in_window"?, "remaining_requests"?, "reset_seconds"?}` (the
-/// last three when the key has a rate of its own), counted for the key's line
+/// last three when the key has a rate of its own), with token limits of its own also
+/// `"tokens_remaining"` (of the token rate) and `"budget_used"`, `"budget_remaining"`,
+/// `"budget_resets_at"` (of the budget's current period), counted for the key's line
 /// ([`origin`](crate::keys::KeyRecord::origin)), as the limiter counts it.
 ///
 /// Times are RFC 3339 strings: answers show `created_at`, `expires_at` and `not_before` in
@@ -199,6 +201,14 @@ struct UsageView {
     remaining_requests: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     reset_seconds: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tokens_remaining: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    budget_used: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    budget_remaining: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    budget_resets_at: Option<String>,
 }
 
 impl From<Usage> for UsageView {
@@ -208,6 +218,10 @@ impl From<Usage> for UsageView {
             requests_in_window: u.in_window,
             remaining_requests: u.remaining,
             reset_seconds: u.reset.map(|d| (d.as_secs_f64() * 1000.0).ceil() / 1000.0),
+            tokens_remaining: u.tokens_remaining,
+            budget_used: u.budget_used,
+            budget_remaining: u.budget_remaining,
+            budget_resets_at: u.budget_resets_at.map(|t| t.to_string()),
         }
     }
 }

@@ -22,6 +22,7 @@ use crate::identity::Identity;
 use crate::rejection::{Rejection, RejectionKind};
 use crate::response::ResponseBody;
 use crate::response::future::ResponseFuture;
+use crate::tokens::{CountsTokens, include_usage};
 
 /// The error of a [`ReplayBody`]: the inner body's, or a model the key may not use found
 /// in the part of the body that streamed on unbuffered.
@@ -29,6 +30,10 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// How much of a body is buffered at most by default to find its `"model"`: 64 KiB.
 pub const DEFAULT_MAX_BUFFER: usize = 64 * 1024;
+
+/// How much of a completion request is buffered at most by default to ask its stream for
+/// usage: 4 MiB, far above the longest context windows' prompts.
+pub const DEFAULT_USAGE_BUFFER: usize = 4 * 1024 * 1024;
 
 /// What happens to a restricted key's request whose model cannot be read: a body that is
 /// not a JSON object, has no top-level `"model"`, or names it past the buffer bound.
@@ -92,6 +97,8 @@ struct Config {
     unknown: UnknownModel,
     max_buffer: usize,
     from_path: bool,
+    include_usage: bool,
+    usage_buffer: usize,
 }
 
 impl Default for Config {
@@ -101,6 +108,8 @@ impl Default for Config {
             unknown: UnknownModel::Refuse,
             max_buffer: DEFAULT_MAX_BUFFER,
             from_path: true,
+            include_usage: true,
+            usage_buffer: DEFAULT_USAGE_BUFFER,
         }
     }
 }
@@ -134,6 +143,39 @@ impl ModelAccessLayer {
         Arc::make_mut(&mut self.config).from_path = enabled;
         self
     }
+
+    /// Whether a streamed OpenAI chat completion whose key's tokens count (a
+    /// [`RateLimitLayer`](crate::RateLimitLayer) outside says so) is asked for its usage
+    /// (default: yes).
+    ///
+    /// OpenAI reports a stream's usage only to a request with
+    /// `"stream_options":{"include_usage":true}`; without it the stream could not be
+    /// charged. So a `POST …/chat/completions` (or `…/completions`) body is read whole (up
+    /// to [`usage_buffer`](Self::usage_buffer), 4 MiB by default) and, when it has
+    /// `"stream":true` without the option (or with it `false`), passed on with it added
+    /// (its `Content-Length` set to match); the extra usage-only chunk is counted and kept
+    /// from the client, which sees the stream it asked for. A completion body past the
+    /// bound is refused (413 `request_too_large`): passed on unread, its stream could not be
+    /// charged, and padding a request would be a way around the key's token limits.
+    pub fn include_usage(mut self, enabled: bool) -> Self {
+        Arc::make_mut(&mut self.config).include_usage = enabled;
+        self
+    }
+
+    /// The most of a completion request read whole to ask for its usage (default 4 MiB,
+    /// at least [`max_buffer`](Self::max_buffer)); see [`include_usage`](Self::include_usage).
+    pub fn usage_buffer(mut self, bytes: usize) -> Self {
+        Arc::make_mut(&mut self.config).usage_buffer = bytes;
+        self
+    }
+}
+
+/// Whether a request is an OpenAI (or Azure OpenAI) completion, whose stream reports usage
+/// only when asked.
+fn is_completion<B>(req: &Request<B>) -> bool {
+    let path = req.uri().path();
+    req.method() == http::Method::POST
+        && (path.ends_with("/chat/completions") || path.ends_with("/completions"))
 }
 
 impl<S> Layer<S> for ModelAccessLayer {
@@ -216,11 +258,16 @@ where
             .get::<Identity>()
             .and_then(|who| who.models().cloned())
             .or_else(|| self.config.defaults.clone());
-        let Some(list) = list else {
+        let counts = match self.config.include_usage && is_completion(&req) {
+            true => req.extensions().get::<CountsTokens>().cloned(),
+            false => None,
+        };
+        if list.is_none() && counts.is_none() {
             let req = req.map(ReplayBody::passthrough);
             return ModelAccessFuture::decided(ResponseFuture::inner(self.inner.call(req)));
-        };
-        if self.config.from_path
+        }
+        if let Some(list) = &list
+            && self.config.from_path
             && let Some(model) = path_model(req.uri().path())
         {
             let future = match model {
@@ -247,6 +294,7 @@ where
                     buffered: 0,
                     scanner: Scanner::default(),
                     list,
+                    counts,
                     config: self.config.clone(),
                     error: None,
                     ended: false,
@@ -269,7 +317,10 @@ struct Reading<S, B: Body> {
     frames: VecDeque<Frame<Bytes>>,
     buffered: usize,
     scanner: Scanner,
-    list: ModelList,
+    /// The models the key may use; `None`: any (the body is read only to ask for usage).
+    list: Option<ModelList>,
+    /// Set when the body is to ask for its stream's usage (read whole, up to the bound).
+    counts: Option<CountsTokens>,
     config: Arc<Config>,
     error: Option<B::Error>,
     ended: bool,
@@ -355,8 +406,15 @@ where
                 self.ended = true;
                 return Poll::Ready(());
             }
+            let bound = match self.counts {
+                // Asking for usage needs the whole body.
+                Some(_) => self.config.usage_buffer.max(self.config.max_buffer),
+                None => self.config.max_buffer,
+            };
+            let more = self.buffered < bound;
             match self.scanner.found(false) {
-                Found::Undecided if self.buffered < self.config.max_buffer => {}
+                Found::Undecided if more => {}
+                _ if more && self.counts.is_some() => {}
                 _ => return Poll::Ready(()),
             }
             match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
@@ -376,8 +434,35 @@ where
         }
     }
 
-    fn decide(self) -> ResponseFuture<S::Future> {
+    fn decide(mut self) -> ResponseFuture<S::Future> {
         let ended = self.ended;
+        if let Some(counts) = self.counts.take() {
+            if !ended {
+                let req = Request::from_parts(self.parts, ());
+                tracing::info!(target: "tower_gateway_auth::limit", reason = "request_too_large", "request refused: too large to count its tokens");
+                let rejection = Rejection::new(
+                    RejectionKind::RequestTooLarge,
+                    format!(
+                        "This API key's tokens are counted, and a completion request of more than {} bytes cannot be.",
+                        self.config.usage_buffer.max(self.config.max_buffer)
+                    ),
+                );
+                return ResponseFuture::rejected(rejection.to_response(req.headers()));
+            }
+            if self.error.is_none() {
+                self.ask_for_usage(&counts);
+            }
+        }
+        let Some(list) = self.list.take() else {
+            let body = ReplayBody {
+                frames: self.frames,
+                error: self.error,
+                rest: (!ended).then_some(self.body),
+                watch: None,
+            };
+            let mut inner = self.inner;
+            return ResponseFuture::inner(inner.call(Request::from_parts(self.parts, body)));
+        };
         let found = self.scanner.found(ended);
         let (allowed, model, watch) = match &found {
             _ if self.scanner.model_keys() > 1 => {
@@ -389,7 +474,7 @@ where
                 );
                 return ResponseFuture::rejected(rejection.to_response(req.headers()));
             }
-            Found::Model(model) => (self.list.allows(model), Some(model.as_str()), true),
+            Found::Model(model) => (list.allows(model), Some(model.as_str()), true),
             Found::NoModel | Found::Unreadable => {
                 (self.config.unknown == UnknownModel::Allow, None, false)
             }
@@ -404,7 +489,7 @@ where
         let watch = watch.then(|| {
             Box::new(Watch {
                 scanner: self.scanner,
-                list: self.list,
+                list,
                 checked: model.is_some(),
             })
         });
@@ -417,6 +502,37 @@ where
         };
         let mut inner = self.inner;
         ResponseFuture::inner(inner.call(Request::from_parts(self.parts, body)))
+    }
+}
+
+impl<S, B: Body<Data = Bytes>> Reading<S, B> {
+    /// Replaces the whole body read with one asking for its stream's usage, when it is a
+    /// stream that did not ask (see [`ModelAccessLayer::include_usage`]).
+    fn ask_for_usage(&mut self, counts: &CountsTokens) {
+        // Trailers would be lost below; a JSON completion request has none.
+        if self.frames.iter().any(|f| !f.is_data()) {
+            return;
+        }
+        let mut whole = Vec::with_capacity(self.buffered);
+        for frame in &self.frames {
+            if let Some(data) = frame.data_ref() {
+                whole.extend_from_slice(data);
+            }
+        }
+        let Some(asking) = include_usage(&whole) else {
+            return;
+        };
+        if self
+            .parts
+            .headers
+            .contains_key(http::header::CONTENT_LENGTH)
+        {
+            self.parts
+                .headers
+                .insert(http::header::CONTENT_LENGTH, asking.len().into());
+        }
+        self.frames = VecDeque::from([Frame::data(asking)]);
+        counts.mark_usage_added();
     }
 }
 

@@ -1,4 +1,5 @@
-//! [`LimitBody`]: a response body that holds a concurrency permit until it ends.
+//! [`LimitBody`]: a response body that holds a concurrency permit until it ends, and
+//! [`Metered`], one read for its token usage.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -6,6 +7,8 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body::{Body, Frame};
 use pin_project_lite::pin_project;
+
+use crate::tokens::{UsageBody, UsageSink};
 
 pin_project! {
     /// The inner service's response body, holding the request's concurrency permit (if any)
@@ -54,6 +57,93 @@ impl<B, P> std::fmt::Debug for LimitBody<B, P> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LimitBody")
             .field("holds_permit", &self.permit.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+pin_project! {
+    /// A response body, read for its token usage ([`UsageBody`]) when the key's tokens are
+    /// limited, passed on untouched otherwise.
+    pub struct Metered<B, S>
+    where
+        B: Body,
+        S: UsageSink,
+    {
+        #[pin]
+        inner: Inner<B, S>,
+    }
+}
+
+pin_project! {
+    #[project = InnerProj]
+    enum Inner<B, S>
+    where
+        B: Body,
+        S: UsageSink,
+    {
+        Plain {
+            #[pin]
+            body: B,
+        },
+        Read {
+            #[pin]
+            body: UsageBody<B, S>,
+        },
+    }
+}
+
+impl<B: Body, S: UsageSink> Metered<B, S> {
+    pub(crate) fn plain(body: B) -> Self {
+        Metered {
+            inner: Inner::Plain { body },
+        }
+    }
+
+    pub(crate) fn read(body: UsageBody<B, S>) -> Self {
+        Metered {
+            inner: Inner::Read { body },
+        }
+    }
+
+    /// Whether the body is read for its usage.
+    pub fn is_read(&self) -> bool {
+        matches!(self.inner, Inner::Read { .. })
+    }
+}
+
+impl<B: Body<Data = Bytes>, S: UsageSink> Body for Metered<B, S> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.project().inner.project() {
+            InnerProj::Plain { body } => body.poll_frame(cx),
+            InnerProj::Read { body } => body.poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Inner::Plain { body } => body.is_end_stream(),
+            Inner::Read { body } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match &self.inner {
+            Inner::Plain { body } => body.size_hint(),
+            Inner::Read { body } => body.size_hint(),
+        }
+    }
+}
+
+impl<B: Body, S: UsageSink> std::fmt::Debug for Metered<B, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metered")
+            .field("read", &self.is_read())
             .finish_non_exhaustive()
     }
 }

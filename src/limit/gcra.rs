@@ -88,6 +88,32 @@ pub(crate) fn peek(tat: u64, now: u64, rate: &Rate) -> (u32, u32, u64) {
     (clamp(in_window), clamp(remaining), ahead)
 }
 
+/// Where a key whose token TAT is `tat` stands against a token `rate` at `now`: tokens it
+/// may still use (0 in debt), ns until the allowance is whole, and ns until at least one
+/// token is there again (0 when there is one now).
+///
+/// Tokens are charged after the response, when its usage is known ([`charge`]): a request
+/// passes while at least one token is left, and may leave the key in debt, which later
+/// requests wait out. One request can so overshoot the rate by its own usage.
+pub(crate) fn tokens_at(tat: u64, now: u64, rate: &Rate) -> (u64, u64, u64) {
+    if rate.requests == 0 {
+        let period = u64::from(rate.period_secs) * NANOS;
+        return (0, period, period);
+    }
+    let t = rate.interval_nanos();
+    let tau = t.saturating_mul(u64::from(rate.burst.max(1)));
+    let ahead = tat.saturating_sub(now);
+    let remaining = tau.saturating_sub(ahead) / t;
+    let retry = if remaining > 0 { 0 } else { ahead + t - tau };
+    (remaining, ahead, retry)
+}
+
+/// The token TAT after `tokens` were used at `now`.
+pub(crate) fn charge(tat: u64, now: u64, rate: &Rate, tokens: u64) -> u64 {
+    tat.max(now)
+        .saturating_add(rate.interval_nanos().saturating_mul(tokens))
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -115,6 +141,22 @@ mod tests {
         assert_eq!(passed, 5);
         assert!(!decide(tat, now + 12 * NANOS - 1, &rate).allowed);
         assert!(decide(tat, now + 12 * NANOS, &rate).allowed);
+    }
+
+    #[test]
+    fn tokens_pass_while_one_is_left_and_debt_is_waited_out() {
+        // 600 tokens a minute: one every 100 ms.
+        let rate = Rate::per_minute(600);
+        let now = 1_000 * NANOS;
+        assert_eq!(tokens_at(0, now, &rate), (600, 0, 0));
+        // A request that used 1,000 tokens: 400 in debt, so 40 s before one is back.
+        let tat = charge(0, now, &rate, 1_000);
+        let (remaining, reset, retry) = tokens_at(tat, now, &rate);
+        assert_eq!((remaining, reset), (0, 100 * NANOS));
+        assert_eq!(retry, 40 * NANOS + NANOS / 10);
+        assert_eq!(tokens_at(tat, now + retry, &rate).0, 1);
+        assert_eq!(tokens_at(tat, now + retry - 1, &rate).0, 0);
+        assert_eq!(tokens_at(tat, now + 100 * NANOS, &rate), (600, 0, 0));
     }
 
     #[test]

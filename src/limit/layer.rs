@@ -13,12 +13,13 @@ use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::body::LimitBody;
-use super::{Admission, Limiter, LimiterError, Limits, Quota};
+use super::body::{LimitBody, Metered};
+use super::{Admission, Limiter, LimiterError, Limits, Quota, TokenQuota};
 use crate::identity::Identity;
 use crate::keys::KeyId;
 use crate::rejection::{Rejection, RejectionKind};
 use crate::response::ResponseBody;
+use crate::tokens::{CountsTokens, Framing, TokenUsage, UsageBody, UsageSink};
 
 /// Limits each key's request rate and requests in flight, by the [`Limits`] on its record
 /// or the layer's defaults, deciding with a [`Limiter`].
@@ -151,12 +152,53 @@ impl<S: fmt::Debug, L> fmt::Debug for RateLimit<S, L> {
     }
 }
 
+/// Where a response's token usage goes when its body ends: the key's token rate and budget
+/// ([`Limiter::charge`]) and, under a [`MetricsLayer`](crate::metrics::MetricsLayer), the
+/// route's token counters.
+pub struct Charge<L> {
+    limiter: Arc<L>,
+    key: KeyId,
+    limits: Limits,
+    #[cfg(feature = "metrics")]
+    tally: crate::metrics::TokenTally,
+}
+
+impl<L: Limiter> UsageSink for Charge<L> {
+    fn report(self, usage: Option<TokenUsage>) {
+        let Some(usage) = usage else {
+            tracing::debug!(target: "tower_gateway_auth::limit", key_id = %self.key, "the response reported no token usage; nothing charged");
+            return;
+        };
+        self.limiter.charge(self.key, &self.limits, usage.total());
+        #[cfg(feature = "metrics")]
+        self.tally.count(&usage);
+    }
+}
+
+impl<L> fmt::Debug for Charge<L> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Charge")
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the response of an admitted request needs: its permit, the quotas to tell, and
+/// where its token usage goes.
+struct Admitted<L: Limiter> {
+    permit: Option<L::Permit>,
+    quota: Option<Quota>,
+    tokens: Option<TokenQuota>,
+    charge: Option<(Charge<L>, CountsTokens)>,
+}
+
 impl<S, L, ReqBody, ResBody> Service<Request<ReqBody>> for RateLimit<S, L>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
     L: Limiter,
+    ResBody: http_body::Body,
 {
-    type Response = Response<ResponseBody<LimitBody<ResBody, L::Permit>>>;
+    type Response = Response<ResponseBody<LimitBody<Metered<ResBody, Charge<L>>, L::Permit>>>;
     type Error = S::Error;
     type Future = RateLimitFuture<S, L, ReqBody>;
 
@@ -166,7 +208,7 @@ where
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let Some(who) = req.extensions().get::<Identity>() else {
-            return RateLimitFuture::called(self.inner.call(req), None, None);
+            return RateLimitFuture::called(self.inner.call(req), Admitted::none());
         };
         let limits = who
             .limits()
@@ -174,13 +216,25 @@ where
             .unwrap_or_default()
             .or(&self.layer.defaults);
         if limits.is_empty() {
-            return RateLimitFuture::called(self.inner.call(req), None, None);
+            return RateLimitFuture::called(self.inner.call(req), Admitted::none());
         }
         // Ephemeral keys and rotated successors spend their line's one allowance.
         let key = who.origin();
         let mut admit = self.layer.limiter.admit(key, &limits);
+        let charge = limits.counts_tokens().then(|| {
+            let charge = Charge {
+                limiter: self.layer.limiter.clone(),
+                key,
+                limits,
+                #[cfg(feature = "metrics")]
+                tally: Default::default(),
+            };
+            (charge, CountsTokens::default())
+        });
         match Pin::new(&mut admit).poll(&mut Context::from_waker(Waker::noop())) {
-            Poll::Ready(result) => RateLimitFuture::decide(result, key, &mut self.inner, req),
+            Poll::Ready(result) => {
+                RateLimitFuture::decide(result, key, charge, &mut self.inner, req)
+            }
             Poll::Pending => {
                 let clone = self.inner.clone();
                 let inner = std::mem::replace(&mut self.inner, clone);
@@ -188,7 +242,7 @@ where
                     state: State::Waiting {
                         admit,
                         key,
-                        parked: Some(Box::new((inner, req))),
+                        parked: Some(Box::new((inner, req, charge))),
                     },
                 }
             }
@@ -218,13 +272,12 @@ pin_project! {
         Waiting {
             admit: L::Future,
             key: KeyId,
-            parked: Option<Box<(S, Request<B>)>>,
+            parked: Option<Box<(S, Request<B>, Option<(Charge<L>, CountsTokens)>)>>,
         },
         Called {
             #[pin]
             future: S::Future,
-            permit: Option<L::Permit>,
-            quota: Option<Quota>,
+            admitted: Admitted<L>,
         },
         Rejected {
             response: Option<Response<Bytes>>,
@@ -237,24 +290,24 @@ where
     S: Service<Request<B>>,
     L: Limiter,
 {
-    fn called(future: S::Future, permit: Option<L::Permit>, quota: Option<Quota>) -> Self {
+    fn called(future: S::Future, admitted: Admitted<L>) -> Self {
         RateLimitFuture {
-            state: State::Called {
-                future,
-                permit,
-                quota,
-            },
+            state: State::Called { future, admitted },
         }
     }
 
     fn decide(
         result: Result<Admission<L::Permit>, LimiterError>,
         key: KeyId,
+        charge: Option<(Charge<L>, CountsTokens)>,
         inner: &mut S,
         req: Request<B>,
     ) -> Self {
         match admitted(result, key, req.headers()) {
-            Verdict::Go(permit, quota) => Self::called(inner.call(req), permit, quota),
+            Verdict::Go(permit, quota, tokens) => {
+                let (req, admitted) = Admitted::go(req, permit, quota, tokens, charge);
+                Self::called(inner.call(req), admitted)
+            }
             Verdict::Refuse(response) => RateLimitFuture {
                 state: State::Rejected {
                     response: Some(response),
@@ -264,10 +317,80 @@ where
     }
 }
 
+impl<L: Limiter> Admitted<L> {
+    fn none() -> Self {
+        Admitted {
+            permit: None,
+            quota: None,
+            tokens: None,
+            charge: None,
+        }
+    }
+
+    /// The request as it goes on (told, when its tokens count, so that a layer inside may
+    /// ask the upstream for a stream's usage), and what its response needs.
+    fn go<B>(
+        mut req: Request<B>,
+        permit: Option<L::Permit>,
+        quota: Option<Quota>,
+        tokens: Option<TokenQuota>,
+        charge: Option<(Charge<L>, CountsTokens)>,
+    ) -> (Request<B>, Self) {
+        if let Some((_, counts)) = &charge {
+            req.extensions_mut().insert(counts.clone());
+            // Usage is read from the response's bytes: a compressed answer would hide it,
+            // and a client must not be able to dodge its token limits by asking for one.
+            req.headers_mut().insert(
+                http::header::ACCEPT_ENCODING,
+                HeaderValue::from_static("identity"),
+            );
+        }
+        let admitted = Admitted {
+            permit,
+            quota,
+            tokens,
+            charge,
+        };
+        (req, admitted)
+    }
+
+    /// The response, with its quota headers, its body holding the permit and, when tokens
+    /// count, read for its usage.
+    fn respond<ResBody: http_body::Body>(
+        &mut self,
+        response: Response<ResBody>,
+    ) -> Response<ResponseBody<LimitBody<Metered<ResBody, Charge<L>>, L::Permit>>> {
+        let (mut parts, body) = response.into_parts();
+        if let Some(quota) = &self.quota {
+            quota_headers(&mut parts.headers, quota);
+        }
+        if let Some(tokens) = &self.tokens {
+            token_headers(&mut parts.headers, tokens);
+        }
+        let body = match self.charge.take() {
+            None => Metered::plain(body),
+            Some((charge, counts)) => {
+                #[cfg(feature = "metrics")]
+                parts.extensions.insert(charge.tally.clone());
+                // The client did not ask for the usage-only chunk the upstream was asked
+                // for: it is counted, and kept from the client.
+                let hide = counts.usage_added();
+                if hide {
+                    parts.headers.remove(http::header::CONTENT_LENGTH);
+                }
+                let framing = Framing::from_headers(&parts.headers);
+                Metered::read(UsageBody::new(body, framing, charge).hide_usage_chunk(hide))
+            }
+        };
+        let body = LimitBody::new(body, self.permit.take());
+        Response::from_parts(parts, ResponseBody::inner(body))
+    }
+}
+
 /// What a decision means for the request.
 enum Verdict<P> {
-    /// Go on, holding this permit, telling this quota.
-    Go(Option<P>, Option<Quota>),
+    /// Go on, holding this permit, telling these quotas.
+    Go(Option<P>, Option<Quota>, Option<TokenQuota>),
     /// Answer with this.
     Refuse(Response<Bytes>),
 }
@@ -277,8 +400,52 @@ fn admitted<P>(
     key: KeyId,
     headers: &HeaderMap,
 ) -> Verdict<P> {
+    let mut tokens = None;
     let (rejection, quota) = match result {
-        Ok(Admission::Allowed { permit, quota }) => return Verdict::Go(permit, quota),
+        Ok(Admission::Allowed {
+            permit,
+            quota,
+            tokens,
+        }) => return Verdict::Go(permit, quota, tokens),
+        Ok(Admission::TokensLimited {
+            tokens: quota,
+            retry_after,
+        }) => {
+            tracing::info!(target: "tower_gateway_auth::limit", key_id = %key, reason = "tokens_limited", "request refused");
+            let rejection = Rejection::new(
+                RejectionKind::TokensLimited,
+                format!(
+                    "Rate limit reached for tokens: limit {}, remaining 0. Please try again in {}.",
+                    quota.limit,
+                    go_duration(retry_after)
+                ),
+            )
+            .with_retry_after(whole_seconds(retry_after));
+            tokens = Some(quota);
+            (rejection, None)
+        }
+        Ok(Admission::BudgetExhausted {
+            tokens: quota,
+            retry_after,
+        }) => {
+            tracing::info!(target: "tower_gateway_auth::limit", key_id = %key, reason = "budget_exhausted", "request refused");
+            let when = match quota.reset_at {
+                Some(at) => format!("It starts again at {at}."),
+                None => "It does not start again.".to_owned(),
+            };
+            let mut rejection = Rejection::new(
+                RejectionKind::BudgetExhausted,
+                format!(
+                    "You exceeded your current quota: this API key's budget of {} tokens is spent. {when}",
+                    quota.limit
+                ),
+            );
+            if let Some(retry_after) = retry_after {
+                rejection = rejection.with_retry_after(whole_seconds(retry_after));
+            }
+            tokens = Some(quota);
+            (rejection, None)
+        }
         Ok(Admission::RateLimited { quota, retry_after }) => {
             tracing::info!(target: "tower_gateway_auth::limit", key_id = %key, reason = "rate_limited", "request refused");
             let secs = retry_after.as_nanos().div_ceil(1_000_000_000);
@@ -317,31 +484,33 @@ fn admitted<P>(
     if let Some(quota) = quota {
         quota_headers(response.headers_mut(), &quota);
     }
+    if let Some(tokens) = tokens {
+        token_headers(response.headers_mut(), &tokens);
+    }
     Verdict::Refuse(response)
+}
+
+/// Whole seconds, rounded up, for `Retry-After`.
+fn whole_seconds(d: Duration) -> Duration {
+    let secs = d.as_nanos().div_ceil(1_000_000_000);
+    Duration::from_secs(u64::try_from(secs).unwrap_or(u64::MAX))
 }
 
 impl<S, L, B, ResBody> Future for RateLimitFuture<S, L, B>
 where
     S: Service<Request<B>, Response = Response<ResBody>>,
     L: Limiter,
+    ResBody: http_body::Body,
 {
-    type Output = Result<Response<ResponseBody<LimitBody<ResBody, L::Permit>>>, S::Error>;
+    type Output =
+        Result<Response<ResponseBody<LimitBody<Metered<ResBody, Charge<L>>, L::Permit>>>, S::Error>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         loop {
             let next = match self.as_mut().project().state.project() {
-                StateProj::Called {
-                    future,
-                    permit,
-                    quota,
-                } => {
+                StateProj::Called { future, admitted } => {
                     let response = ready!(future.poll(cx))?;
-                    let (mut parts, body) = response.into_parts();
-                    if let Some(quota) = quota {
-                        quota_headers(&mut parts.headers, quota);
-                    }
-                    let body = LimitBody::new(body, permit.take());
-                    return Poll::Ready(Ok(Response::from_parts(parts, ResponseBody::inner(body))));
+                    return Poll::Ready(Ok(admitted.respond(response)));
                 }
                 StateProj::Rejected { response } => {
                     let response = response.take().expect("polled after completion");
@@ -349,13 +518,15 @@ where
                 }
                 StateProj::Waiting { admit, key, parked } => {
                     let result = ready!(Pin::new(admit).poll(cx));
-                    let (mut inner, req) = *parked.take().expect("polled after completion");
+                    let (mut inner, req, charge) = *parked.take().expect("polled after completion");
                     match admitted(result, *key, req.headers()) {
-                        Verdict::Go(permit, quota) => State::Called {
-                            future: inner.call(req),
-                            permit,
-                            quota,
-                        },
+                        Verdict::Go(permit, quota, tokens) => {
+                            let (req, admitted) = Admitted::go(req, permit, quota, tokens, charge);
+                            State::Called {
+                                future: inner.call(req),
+                                admitted,
+                            }
+                        }
                         Verdict::Refuse(response) => State::Rejected {
                             response: Some(response),
                         },
@@ -388,6 +559,37 @@ static ANTHROPIC_LIMIT: HeaderName = HeaderName::from_static("anthropic-ratelimi
 static ANTHROPIC_REMAINING: HeaderName =
     HeaderName::from_static("anthropic-ratelimit-requests-remaining");
 static ANTHROPIC_RESET: HeaderName = HeaderName::from_static("anthropic-ratelimit-requests-reset");
+
+static OPENAI_LIMIT_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-limit-tokens");
+static OPENAI_REMAINING_TOKENS: HeaderName =
+    HeaderName::from_static("x-ratelimit-remaining-tokens");
+static OPENAI_RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
+static ANTHROPIC_LIMIT_TOKENS: HeaderName =
+    HeaderName::from_static("anthropic-ratelimit-tokens-limit");
+static ANTHROPIC_REMAINING_TOKENS: HeaderName =
+    HeaderName::from_static("anthropic-ratelimit-tokens-remaining");
+static ANTHROPIC_RESET_TOKENS: HeaderName =
+    HeaderName::from_static("anthropic-ratelimit-tokens-reset");
+
+/// Both providers' token-quota headers.
+fn token_headers(headers: &mut HeaderMap, quota: &TokenQuota) {
+    let limit = HeaderValue::from(quota.limit);
+    let remaining = HeaderValue::from(quota.remaining);
+    headers.insert(OPENAI_LIMIT_TOKENS.clone(), limit.clone());
+    headers.insert(OPENAI_REMAINING_TOKENS.clone(), remaining.clone());
+    headers.insert(ANTHROPIC_LIMIT_TOKENS.clone(), limit);
+    headers.insert(ANTHROPIC_REMAINING_TOKENS.clone(), remaining);
+    if let Some(reset) = quota.reset
+        && let Ok(reset) = HeaderValue::try_from(go_duration(reset))
+    {
+        headers.insert(OPENAI_RESET_TOKENS.clone(), reset);
+    }
+    if let Some(at) = quota.reset_at
+        && let Ok(at) = HeaderValue::try_from(at.to_string())
+    {
+        headers.insert(ANTHROPIC_RESET_TOKENS.clone(), at);
+    }
+}
 
 /// Both providers' request-quota headers.
 fn quota_headers(headers: &mut HeaderMap, quota: &Quota) {

@@ -9,7 +9,9 @@ use std::time::Duration;
 use hashbrown::{DefaultHashBuilder, HashTable};
 
 use super::gcra;
-use super::{Admission, Limiter, LimiterError, Limits, Quota, Usage, UsageFuture};
+use super::{
+    Admission, Limiter, LimiterError, Limits, Quota, TokenVerdict, Usage, UsageFuture, judge_tokens,
+};
 use crate::clock::{Clock, SystemClock, Timestamp};
 use crate::keys::KeyId;
 
@@ -70,6 +72,40 @@ struct Entry {
     /// The GCRA theoretical arrival time, ns since the epoch (0: none).
     tat: u64,
     in_flight: u32,
+    /// The token rate's theoretical arrival time, ns (0: none).
+    token_tat: u64,
+    /// Budget tokens used in the period that ends at `budget_end` (secs; `u64::MAX` for a
+    /// budget that never starts again).
+    budget_used: u64,
+    budget_end: u64,
+}
+
+impl Entry {
+    /// Budget tokens used in the period that ends at `end`: none when the stored count is
+    /// of another period.
+    fn used_in(&self, end: u64) -> u64 {
+        if self.budget_end == end {
+            self.budget_used
+        } else {
+            0
+        }
+    }
+
+    /// Whether the entry means nothing any more: dropping it changes no answer.
+    fn idle(&self, now: u64) -> bool {
+        self.tat <= now
+            && self.token_tat <= now
+            && self.in_flight == 0
+            && (self.budget_used == 0 || self.budget_end <= now / 1_000_000_000)
+    }
+}
+
+/// The end (secs) of the budget period that holds `now` (ns), `u64::MAX` for never.
+fn budget_end(limits: &Limits, now: u64) -> u64 {
+    limits
+        .budget()
+        .and_then(|b| b.period().end_after(now / 1_000_000_000))
+        .unwrap_or(u64::MAX)
 }
 
 impl MemoryLimiter<SystemClock> {
@@ -132,7 +168,8 @@ impl<C: Clock> MemoryLimiter<C> {
         {
             return Admission::ConcurrencyLimited { max };
         }
-        let quota = match limits.rate {
+        // Every test before any change: a request refused for tokens spends no rate.
+        let rate = match limits.rate {
             None => None,
             Some(rate) => {
                 let d = gcra::decide(entry.tat, now, &rate);
@@ -150,10 +187,33 @@ impl<C: Clock> MemoryLimiter<C> {
                         retry_after: Duration::from_nanos(d.retry_after),
                     };
                 }
-                entry.tat = d.tat;
-                Some(quota)
+                Some((quota, d.tat))
             }
         };
+        let tokens = if limits.counts_tokens() {
+            let used = entry.used_in(budget_end(limits, now));
+            match judge_tokens(entry.token_tat, used, now, limits) {
+                TokenVerdict::Pass(tokens) => tokens,
+                TokenVerdict::Rate(tokens, retry_after) => {
+                    return Admission::TokensLimited {
+                        tokens,
+                        retry_after,
+                    };
+                }
+                TokenVerdict::Budget(tokens, retry_after) => {
+                    return Admission::BudgetExhausted {
+                        tokens,
+                        retry_after,
+                    };
+                }
+            }
+        } else {
+            None
+        };
+        let quota = rate.map(|(quota, tat)| {
+            entry.tat = tat;
+            quota
+        });
         let permit = limits.max_concurrent.map(|_| {
             entry.in_flight += 1;
             MemoryPermit {
@@ -162,7 +222,11 @@ impl<C: Clock> MemoryLimiter<C> {
                 hash,
             }
         });
-        Admission::Allowed { permit, quota }
+        Admission::Allowed {
+            permit,
+            quota,
+            tokens,
+        }
     }
 }
 
@@ -180,7 +244,7 @@ impl Entries {
     /// grown to twice its size after the last sweep.
     fn entry(&mut self, key: u64, hash: u64, now: u64) -> &mut Entry {
         if self.table.find(hash, |e| e.key == key).is_none() && self.table.len() >= self.sweep_at {
-            self.table.retain(|e| e.tat > now || e.in_flight > 0);
+            self.table.retain(|e| !e.idle(now));
             self.sweep_at = (self.table.len() * 2).max(FIRST_SWEEP);
         }
         self.table
@@ -190,6 +254,9 @@ impl Entries {
                 hash,
                 tat: 0,
                 in_flight: 0,
+                token_tat: 0,
+                budget_used: 0,
+                budget_end: 0,
             })
             .into_mut()
     }
@@ -209,12 +276,36 @@ impl<C: Clock> Limiter for MemoryLimiter<C> {
         let hash = self.table.hasher.hash_one(key);
         let shard = &self.table.shards[(hash >> self.table.shift) as usize];
         let now = self.clock.now_nanos();
-        let (tat, in_flight) = lock(shard)
+        let end = budget_end(limits, now);
+        let (tat, in_flight, token_tat, used) = lock(shard)
             .table
             .find(hash, |e| e.key == key)
-            .map_or((0, 0), |e| (e.tat, e.in_flight));
-        let usage = Usage::at(tat, now, in_flight, limits);
+            .map_or((0, 0, 0, 0), |e| {
+                (e.tat, e.in_flight, e.token_tat, e.used_in(end))
+            });
+        let usage =
+            Usage::at(tat, now, in_flight, limits).with_tokens(token_tat, used, now, limits);
         Box::pin(ready(Ok(usage)))
+    }
+
+    fn charge(&self, key: KeyId, limits: &Limits, tokens: u64) {
+        if !limits.counts_tokens() || tokens == 0 {
+            return;
+        }
+        let key = key.as_u64();
+        let hash = self.table.hasher.hash_one(key);
+        let shard = &self.table.shards[(hash >> self.table.shift) as usize];
+        let now = self.clock.now_nanos();
+        let mut entries = lock(shard);
+        let entry = entries.entry(key, hash, now);
+        if let Some(rate) = limits.tokens() {
+            entry.token_tat = gcra::charge(entry.token_tat, now, &rate, tokens);
+        }
+        if limits.budget().is_some() {
+            let end = budget_end(limits, now);
+            entry.budget_used = entry.used_in(end).saturating_add(tokens);
+            entry.budget_end = end;
+        }
     }
 }
 

@@ -67,6 +67,7 @@
 
 mod access;
 mod body;
+mod budget;
 mod gcra;
 mod layer;
 mod memory;
@@ -76,11 +77,12 @@ mod redis;
 mod scan;
 
 pub use access::{
-    BoxError, DEFAULT_MAX_BUFFER, ModelAccess, ModelAccessFuture, ModelAccessLayer, ReplayBody,
-    UnknownModel,
+    BoxError, DEFAULT_MAX_BUFFER, DEFAULT_USAGE_BUFFER, ModelAccess, ModelAccessFuture,
+    ModelAccessLayer, ReplayBody, UnknownModel,
 };
-pub use body::LimitBody;
-pub use layer::{RateLimit, RateLimitFuture, RateLimitLayer};
+pub use body::{LimitBody, Metered};
+pub use budget::{Budget, BudgetPeriod};
+pub use layer::{Charge, RateLimit, RateLimitFuture, RateLimitLayer};
 pub use memory::{MemoryLimiter, MemoryPermit};
 pub use model::ModelList;
 #[cfg(feature = "redis")]
@@ -184,12 +186,16 @@ impl fmt::Debug for Rate {
     }
 }
 
-/// What a key may spend: a request [`Rate`] and a maximum of requests in flight, each
-/// optional. A field a key leaves unset falls back to the layer's default.
+/// What a key may spend: a request [`Rate`], a maximum of requests in flight, a token rate
+/// and a token [`Budget`], each optional. A field a key leaves unset falls back to the
+/// layer's default.
 ///
 /// Stored (key files, Redis) as
 /// `{"requests_per_period":60,"period":60,"burst":10,"max_concurrent":2}`, `period` in
-/// seconds (default 60), `burst` defaulting to `requests_per_period`.
+/// seconds (default 60), `burst` defaulting to `requests_per_period`; the token limits as
+/// `"tokens_per_period":100000,"token_period":60` (`token_burst` defaulting to
+/// `tokens_per_period`) and `"token_budget":1000000,"budget_period":"month"` (`day`,
+/// `week`, `month`, the default, or `never`).
 ///
 /// ```
 /// use tower_gateway_auth::limit::{Limits, Rate};
@@ -204,6 +210,8 @@ impl fmt::Debug for Rate {
 pub struct Limits {
     rate: Option<Rate>,
     max_concurrent: Option<u32>,
+    tokens: Option<Rate>,
+    budget: Option<Budget>,
 }
 
 impl Limits {
@@ -212,7 +220,38 @@ impl Limits {
         Limits {
             rate: None,
             max_concurrent: None,
+            tokens: None,
+            budget: None,
         }
+    }
+
+    /// Sets the token rate: [`Rate::requests`] counts tokens here (e.g.
+    /// `Rate::per_minute(100_000)` for 100k tokens a minute).
+    pub fn with_tokens(mut self, tokens: Rate) -> Self {
+        self.tokens = Some(tokens);
+        self
+    }
+
+    /// Sets the token budget.
+    pub fn with_budget(mut self, budget: Budget) -> Self {
+        self.budget = Some(budget);
+        self
+    }
+
+    /// The token rate, if limited.
+    pub fn tokens(&self) -> Option<Rate> {
+        self.tokens
+    }
+
+    /// The token budget, if any.
+    pub fn budget(&self) -> Option<Budget> {
+        self.budget
+    }
+
+    /// Whether tokens are limited (a rate or a budget): the responses must then be read
+    /// for their usage.
+    pub fn counts_tokens(&self) -> bool {
+        self.tokens.is_some() || self.budget.is_some()
     }
 
     /// Sets the request rate.
@@ -239,7 +278,7 @@ impl Limits {
 
     /// Whether nothing is limited.
     pub fn is_empty(&self) -> bool {
-        self.rate.is_none() && self.max_concurrent.is_none()
+        self.rate.is_none() && self.max_concurrent.is_none() && !self.counts_tokens()
     }
 
     /// Each limit of `self`, or `defaults`' where `self` has none.
@@ -247,6 +286,8 @@ impl Limits {
         Limits {
             rate: self.rate.or(defaults.rate),
             max_concurrent: self.max_concurrent.or(defaults.max_concurrent),
+            tokens: self.tokens.or(defaults.tokens),
+            budget: self.budget.or(defaults.budget),
         }
     }
 }
@@ -263,6 +304,16 @@ struct LimitsForm {
     burst: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     max_concurrent: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tokens_per_period: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    token_period: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    token_burst: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    token_budget: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    budget_period: Option<BudgetPeriod>,
 }
 
 impl Serialize for Limits {
@@ -272,6 +323,11 @@ impl Serialize for Limits {
             period: self.rate.map(|r| r.period_secs),
             burst: self.rate.map(|r| r.burst),
             max_concurrent: self.max_concurrent,
+            tokens_per_period: self.tokens.map(|r| r.requests),
+            token_period: self.tokens.map(|r| r.period_secs),
+            token_burst: self.tokens.map(|r| r.burst),
+            token_budget: self.budget.map(|b| b.tokens()),
+            budget_period: self.budget.map(|b| b.period()),
         }
         .serialize(s)
     }
@@ -280,13 +336,24 @@ impl Serialize for Limits {
 impl<'de> Deserialize<'de> for Limits {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let form = LimitsForm::deserialize(d)?;
-        let rate = form.requests_per_period.map(|n| {
-            let rate = Rate::new(n, Duration::from_secs(form.period.unwrap_or(60).into()));
-            form.burst.map_or(rate, |b| rate.with_burst(b))
-        });
+        let rate = |n: Option<u32>, period: Option<u32>, burst: Option<u32>| {
+            n.map(|n| {
+                let rate = Rate::new(n, Duration::from_secs(period.unwrap_or(60).into()));
+                burst.map_or(rate, |b| rate.with_burst(b))
+            })
+        };
+        if form.budget_period.is_some() && form.token_budget.is_none() {
+            return Err(serde::de::Error::custom(
+                "budget_period needs a token_budget",
+            ));
+        }
         Ok(Limits {
-            rate,
+            rate: rate(form.requests_per_period, form.period, form.burst),
             max_concurrent: form.max_concurrent,
+            tokens: rate(form.tokens_per_period, form.token_period, form.token_burst),
+            budget: form
+                .token_budget
+                .map(|n| Budget::new(n, form.budget_period.unwrap_or_default())),
         })
     }
 }
@@ -304,18 +371,99 @@ pub struct Quota {
     pub reset_at: Timestamp,
 }
 
+/// Where a key stands against its tokens, for the token headers: its token rate, or its
+/// budget, whichever leaves fewer tokens (the one that will refuse first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenQuota {
+    /// Tokens per period (of the rate, or of the budget).
+    pub limit: u64,
+    /// Tokens left now (before this request's usage, which is known only when its
+    /// response ends).
+    pub remaining: u64,
+    /// How long until the allowance is whole again (the rate's refill, or the budget
+    /// period's end); `None` for a budget that never starts again.
+    pub reset: Option<Duration>,
+    /// When, by the limiter's clock (rounded up).
+    pub reset_at: Option<Timestamp>,
+}
+
+/// The token side of a decision, from a key's stored token state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TokenVerdict {
+    Pass(Option<TokenQuota>),
+    Rate(TokenQuota, Duration),
+    Budget(TokenQuota, Option<Duration>),
+}
+
+/// Judges a key whose token TAT is `tat` (ns) and whose budget has `used` tokens spent in
+/// the current period, at `now` (ns). The Redis script makes the same two tests.
+pub(crate) fn judge_tokens(tat: u64, used: u64, now: u64, limits: &Limits) -> TokenVerdict {
+    let secs = |ns: u64| Timestamp::from_unix_secs(ns.div_ceil(1_000_000_000));
+    let rate = limits.tokens.map(|rate| {
+        let (remaining, reset, retry) = gcra::tokens_at(tat, now, &rate);
+        let quota = TokenQuota {
+            limit: rate.requests().into(),
+            remaining,
+            reset: Some(Duration::from_nanos(reset)),
+            reset_at: Some(secs(now.saturating_add(reset))),
+        };
+        (quota, retry)
+    });
+    let budget = limits.budget.map(|budget| {
+        let end = budget.period().end_after(now / 1_000_000_000);
+        let reset = end.map(|end| Duration::from_nanos((end * 1_000_000_000).saturating_sub(now)));
+        TokenQuota {
+            limit: budget.tokens(),
+            remaining: budget.tokens().saturating_sub(used),
+            reset,
+            reset_at: end.map(Timestamp::from_unix_secs),
+        }
+    });
+    if let Some(quota) = budget
+        && quota.remaining == 0
+    {
+        return TokenVerdict::Budget(quota, quota.reset);
+    }
+    if let Some((quota, retry)) = rate
+        && quota.remaining == 0
+    {
+        return TokenVerdict::Rate(quota, Duration::from_nanos(retry));
+    }
+    TokenVerdict::Pass(match (rate, budget) {
+        (Some((r, _)), Some(b)) => Some(if b.remaining < r.remaining { b } else { r }),
+        (Some((r, _)), None) => Some(r),
+        (None, b) => b,
+    })
+}
+
 /// A limiter's decision on one request.
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum Admission<P> {
     /// The request may go on. `permit` (when the key has a concurrency limit) is held until
-    /// the response body has ended or been dropped; `quota` (when it has a rate) is told to
-    /// the client.
+    /// the response body has ended or been dropped; `quota` (when it has a rate) and
+    /// `tokens` (when it has token limits) are told to the client.
     Allowed {
         /// Released on drop.
         permit: Option<P>,
         /// Where the key stands after this request.
         quota: Option<Quota>,
+        /// Where the key stands against its tokens before this request's usage.
+        tokens: Option<TokenQuota>,
+    },
+    /// The key's token rate is used up: try again after `retry_after`.
+    TokensLimited {
+        /// Where the key stands.
+        tokens: TokenQuota,
+        /// How long until a token is there again.
+        retry_after: Duration,
+    },
+    /// The key's token budget for the period is spent.
+    BudgetExhausted {
+        /// Where the key stands.
+        tokens: TokenQuota,
+        /// How long until the period ends; `None` for a budget that never starts again.
+        retry_after: Option<Duration>,
     },
     /// The key's rate is used up: try again after `retry_after`.
     RateLimited {
@@ -345,6 +493,14 @@ pub struct Usage {
     pub remaining: Option<u32>,
     /// With a rate: how long until the allowance is whole again.
     pub reset: Option<Duration>,
+    /// With a token rate: tokens that may still be used now.
+    pub tokens_remaining: Option<u64>,
+    /// With a budget: tokens used in the current period.
+    pub budget_used: Option<u64>,
+    /// With a budget: tokens left in the current period.
+    pub budget_remaining: Option<u64>,
+    /// With a budget that starts again: when.
+    pub budget_resets_at: Option<Timestamp>,
 }
 
 impl Usage {
@@ -362,6 +518,22 @@ impl Usage {
             usage.reset = Some(Duration::from_nanos(reset));
         }
         usage
+    }
+
+    /// Adds the token side: token TAT `tat` (ns) and `used` budget tokens at `now` (ns).
+    pub(crate) fn with_tokens(mut self, tat: u64, used: u64, now: u64, limits: &Limits) -> Self {
+        if let Some(rate) = limits.tokens() {
+            self.tokens_remaining = Some(gcra::tokens_at(tat, now, &rate).0);
+        }
+        if let Some(budget) = limits.budget() {
+            self.budget_used = Some(used);
+            self.budget_remaining = Some(budget.tokens().saturating_sub(used));
+            self.budget_resets_at = budget
+                .period()
+                .end_after(now / 1_000_000_000)
+                .map(Timestamp::from_unix_secs);
+        }
+        self
     }
 }
 
@@ -399,6 +571,11 @@ pub trait Limiter: Send + Sync + 'static {
     /// Decides on one request of the key `key` under `limits` (not empty).
     fn admit(&self, key: KeyId, limits: &Limits) -> Self::Future;
 
+    /// Charges `tokens` used by one of `key`'s requests to its token rate and budget (a
+    /// no-op for limits without them). Called when the response has ended; a shared
+    /// backend sends it without waiting on it.
+    fn charge(&self, key: KeyId, limits: &Limits, tokens: u64);
+
     /// Where the key `key` stands under `limits`, without spending anything.
     fn usage(&self, key: KeyId, limits: &Limits) -> UsageFuture;
 }
@@ -414,5 +591,9 @@ impl<L: Limiter> Limiter for std::sync::Arc<L> {
 
     fn usage(&self, key: KeyId, limits: &Limits) -> UsageFuture {
         (**self).usage(key, limits)
+    }
+
+    fn charge(&self, key: KeyId, limits: &Limits, tokens: u64) {
+        (**self).charge(key, limits, tokens)
     }
 }

@@ -11,22 +11,26 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::memory::{MemoryLimiter, MemoryPermit};
-use super::{Admission, Limiter, LimiterError, Limits, Quota, Usage};
-use crate::clock::{Clock, Timestamp};
+use super::{Admission, Limiter, LimiterError, Limits, Quota, TokenVerdict, Usage, judge_tokens};
+use crate::clock::{Clock, SystemClock, Timestamp};
 use crate::keys::KeyId;
 use crate::redis_connection::{self, RedisConnection, Timeouts};
 
 /// One decision, atomically, on the Redis clock.
 ///
-/// `KEYS[1]`: the key's GCRA theoretical arrival time (µs since the epoch, a string with a
-/// TTL at that time); `KEYS[2]`: its permits in flight, a sorted set of permit ids scored by
-/// the end of their lease. `ARGV`: emission interval µs (0: no rate), the burst's span µs
-/// (interval × burst), the most in flight (-1: no limit), the permit id, its lease µs, and
-/// the time µs (empty: the server's `TIME`, which every replica then shares).
+/// `KEYS`: the key's GCRA theoretical arrival time (µs since the epoch, a string with a TTL
+/// at that time); its permits in flight (a sorted set of permit ids scored by the end of
+/// their lease); its token rate's arrival time (µs); its budget's count for the current
+/// period. `ARGV`: emission interval µs (0: no rate), the burst's span µs (interval ×
+/// burst), the most in flight (-1: no limit), the permit id, its lease µs, the time µs
+/// (empty: the server's `TIME`, which every replica then shares), the token interval µs (0:
+/// no token rate), the token burst's span µs, and the budget (-1: none).
 ///
-/// Answers `{outcome, remaining, reset µs, retry after µs, now µs}`, outcome 0 allowed,
-/// 1 rate limited, 2 too many in flight. The arithmetic is `gcra::decide`'s, in µs; a
-/// property test holds the two to the same answers.
+/// Every test comes before any change, so a refused request spends nothing. Answers
+/// `{outcome, remaining, reset µs, retry after µs, now µs, token arrival µs, budget used}`,
+/// outcome 0 allowed, 1 rate limited, 2 too many in flight, 3 token rate spent, 4 budget
+/// spent. The arithmetic is `gcra::decide`'s and `judge_tokens`' in µs; a property test
+/// holds the two backends to the same answers.
 const ADMIT: &str = r"
 local now = tonumber(ARGV[6])
 if not now then
@@ -36,30 +40,69 @@ end
 local max = tonumber(ARGV[3])
 if max >= 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-  if redis.call('ZCARD', KEYS[2]) >= max then return {2, 0, 0, 0, now} end
+  if redis.call('ZCARD', KEYS[2]) >= max then return {2, 0, 0, 0, now, 0, 0} end
 end
-local remaining, reset = 0, 0
+local remaining, reset, next = 0, 0, nil
 local t = tonumber(ARGV[1])
 if t > 0 then
   local tau = tonumber(ARGV[2])
   local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
   local start = math.max(tat, now)
   local ahead = start + t - now
-  if ahead > tau then return {1, 0, start - now, ahead - tau, now} end
+  if ahead > tau then return {1, 0, start - now, ahead - tau, now, 0, 0} end
   remaining = math.floor((tau - ahead) / t)
   reset = ahead
-  redis.call('SET', KEYS[1], string.format('%d', start + t), 'PX', math.ceil(ahead / 1000))
+  next = start + t
+end
+local used = 0
+local budget = tonumber(ARGV[9])
+if budget >= 0 then
+  used = tonumber(redis.call('GET', KEYS[4]) or '0')
+  if used >= budget then return {4, 0, 0, 0, now, 0, used} end
+end
+local ttat = 0
+local ti = tonumber(ARGV[7])
+if ti > 0 then
+  ttat = tonumber(redis.call('GET', KEYS[3]) or '0')
+  if tonumber(ARGV[8]) - math.max(ttat - now, 0) < ti then return {3, 0, 0, 0, now, ttat, used} end
+end
+if next then
+  redis.call('SET', KEYS[1], string.format('%d', next), 'PX', math.ceil(reset / 1000))
 end
 if max >= 0 then
   local lease = tonumber(ARGV[5])
   redis.call('ZADD', KEYS[2], now + lease, ARGV[4])
   redis.call('PEXPIRE', KEYS[2], math.ceil(lease / 1000))
 end
-return {0, remaining, reset, 0, now}
+return {0, remaining, reset, 0, now, ttat, used}
 ";
 
-/// Where a key stands, read without spending: `{tat µs, permits in flight, now µs}`.
-/// `ARGV[1]`: the time µs (empty: the server's).
+/// Charges a response's tokens. `KEYS`: the token arrival time, the budget's count for the
+/// period. `ARGV`: token interval µs (0: no token rate), tokens, `1` to count them in the
+/// budget, the budget count's expiry (Unix secs, 0: none), the time µs (empty: `TIME`).
+const CHARGE: &str = r"
+local now = tonumber(ARGV[5])
+if not now then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local n = tonumber(ARGV[2])
+local ti = tonumber(ARGV[1])
+if ti > 0 then
+  local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+  local next = math.max(tat, now) + n * ti
+  redis.call('SET', KEYS[1], string.format('%d', next), 'PX', math.ceil((next - now) / 1000))
+end
+if ARGV[3] == '1' then
+  redis.call('INCRBY', KEYS[2], n)
+  local at = tonumber(ARGV[4])
+  if at > 0 then redis.call('EXPIREAT', KEYS[2], at) end
+end
+return 1
+";
+
+/// Where a key stands, read without spending: `{tat µs, permits in flight, now µs, token
+/// arrival µs, budget used}`. `ARGV[1]`: the time µs (empty: the server's).
 const PEEK: &str = r"
 local now = tonumber(ARGV[1])
 if not now then
@@ -67,7 +110,9 @@ if not now then
   now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-return {tat, redis.call('ZCOUNT', KEYS[2], '(' .. now, '+inf'), now}
+local ttat = tonumber(redis.call('GET', KEYS[3]) or '0')
+local used = tonumber(redis.call('GET', KEYS[4]) or '0')
+return {tat, redis.call('ZCOUNT', KEYS[2], '(' .. now, '+inf'), now, ttat, used}
 ";
 
 /// What a [`RedisLimiter`] does with a request while Redis cannot be reached (or answers
@@ -146,6 +191,7 @@ struct Shared {
     /// request of an outage.
     down: AtomicBool,
     admit: redis::Script,
+    charge: redis::Script,
     peek: redis::Script,
 }
 
@@ -216,6 +262,7 @@ impl RedisLimiterBuilder {
                 clock: self.clock,
                 down: AtomicBool::new(false),
                 admit: redis::Script::new(ADMIT),
+                charge: redis::Script::new(CHARGE),
                 peek: redis::Script::new(PEEK),
             }),
         })
@@ -262,10 +309,49 @@ impl RedisLimiter {
         Self::builder(addresses).connect().await
     }
 
-    fn keys(&self, key: KeyId) -> [String; 2] {
+    /// The key's four Redis keys: rate, in flight, token rate, and the budget's count for
+    /// the period that holds `now_secs`.
+    fn keys(&self, key: KeyId, limits: &Limits, now_secs: u64) -> Keys {
         let ns = &self.shared.namespace;
-        [format!("{{{ns}:{key}}}:r"), format!("{{{ns}:{key}}}:c")]
+        let end = limits.budget().and_then(|b| b.period().end_after(now_secs));
+        let budget = match end {
+            Some(end) => format!("{{{ns}:{key}}}:b:{end}"),
+            None => format!("{{{ns}:{key}}}:b:never"),
+        };
+        Keys {
+            names: [
+                format!("{{{ns}:{key}}}:r"),
+                format!("{{{ns}:{key}}}:c"),
+                format!("{{{ns}:{key}}}:t"),
+                budget,
+            ],
+            // An hour past the period's end: a replica whose clock is a little behind
+            // still finds the count.
+            budget_expiry: end.map_or(0, |end| end + 3600),
+        }
     }
+
+    /// The time decisions are made at, µs: the configured clock's, or `None` for the
+    /// Redis server's.
+    fn now_us(&self) -> Option<u64> {
+        self.shared.clock.as_ref().map(|c| c.now_nanos() / 1000)
+    }
+
+    /// The time budget periods are named by, secs: the configured clock's, or the
+    /// system's (a period's count is found by its end, so replicas must agree on the
+    /// calendar day, not to the microsecond).
+    fn now_secs(&self) -> u64 {
+        match &self.shared.clock {
+            Some(clock) => clock.now_nanos() / 1_000_000_000,
+            None => SystemClock.now().as_unix_secs(),
+        }
+    }
+}
+
+/// A key's Redis keys.
+struct Keys {
+    names: [String; 4],
+    budget_expiry: u64,
 }
 
 /// A decision of the Redis script, as numbers.
@@ -276,32 +362,21 @@ struct Decision {
     reset_us: u64,
     retry_us: u64,
     now_us: u64,
+    token_tat_us: u64,
+    budget_used: u64,
 }
 
-/// What the script is told of a key's limits.
-#[derive(Debug, Clone, Copy)]
-struct ScriptLimits {
-    interval_us: u64,
-    tau_us: u64,
-    max: i64,
-}
+/// Lua numbers are doubles: 2^52 µs (142 years) is far past any real span and keeps the
+/// scripts' arithmetic exact.
+const MAX_SPAN: u64 = 1 << 52;
 
-impl ScriptLimits {
-    fn of(limits: &Limits) -> Self {
-        // Lua numbers are doubles: 2^52 µs (142 years) is far past any real span and keeps
-        // the script's arithmetic exact.
-        const MAX_SPAN: u64 = 1 << 52;
-        let (interval_us, tau_us) = match limits.rate() {
-            None => (0, 0),
-            Some(rate) => {
-                let t = (rate.interval_nanos() / 1000).clamp(1, MAX_SPAN);
-                (t, t.saturating_mul(rate.burst().into()).min(MAX_SPAN))
-            }
-        };
-        ScriptLimits {
-            interval_us,
-            tau_us,
-            max: limits.max_concurrent().map_or(-1, i64::from),
+/// A rate as the scripts take it: the emission interval and the burst's span, µs.
+fn script_rate(rate: Option<super::Rate>) -> (u64, u64) {
+    match rate {
+        None => (0, 0),
+        Some(rate) => {
+            let t = (rate.interval_nanos() / 1000).clamp(1, MAX_SPAN);
+            (t, t.saturating_mul(rate.burst().into()).min(MAX_SPAN))
         }
     }
 }
@@ -309,29 +384,40 @@ impl ScriptLimits {
 impl Shared {
     async fn run_admit(
         &self,
-        keys: &[String; 2],
-        limits: ScriptLimits,
+        keys: &Keys,
+        limits: &Limits,
         permit: &str,
         now_us: Option<u64>,
     ) -> Result<Decision, LimiterError> {
+        let (interval, tau) = script_rate(limits.rate());
+        let (token_interval, token_tau) = script_rate(limits.tokens());
+        let budget = limits.budget().map_or(-1, |b| {
+            i64::try_from(b.tokens().min(MAX_SPAN)).unwrap_or(i64::MAX)
+        });
         let mut invocation = self.admit.prepare_invoke();
+        for name in &keys.names {
+            invocation.key(name);
+        }
         invocation
-            .key(&keys[0])
-            .key(&keys[1])
-            .arg(limits.interval_us)
-            .arg(limits.tau_us)
-            .arg(limits.max)
+            .arg(interval)
+            .arg(tau)
+            .arg(limits.max_concurrent().map_or(-1, i64::from))
             .arg(permit)
             .arg(u64::try_from(self.lease.as_micros()).unwrap_or(u64::MAX))
-            .arg(now_us.map(|n| n.to_string()).unwrap_or_default());
+            .arg(now_us.map(|n| n.to_string()).unwrap_or_default())
+            .arg(token_interval)
+            .arg(token_tau)
+            .arg(budget);
         let answer = self.run(invocation).await?;
-        let field = |i: usize| answer.get(i).copied().unwrap_or_default().max(0);
+        let field = |i: usize| answer.get(i).copied().unwrap_or_default().max(0) as u64;
         Ok(Decision {
             outcome: answer.first().copied().unwrap_or(-1),
             remaining: u32::try_from(field(1)).unwrap_or(u32::MAX),
-            reset_us: field(2) as u64,
-            retry_us: field(3) as u64,
-            now_us: field(4) as u64,
+            reset_us: field(2),
+            retry_us: field(3),
+            now_us: field(4),
+            token_tat_us: field(5),
+            budget_used: field(6),
         })
     }
 
@@ -349,6 +435,13 @@ impl Shared {
         let was_down = self.down.swap(!up, Ordering::Relaxed);
         if was_down && up {
             tracing::info!(target: "tower_gateway_auth::limit", "Redis answers the rate limiter again");
+        }
+    }
+
+    /// Notes that Redis failed (logging the first failure of an outage).
+    fn failed(&self, error: &LimiterError) {
+        if !self.down.swap(true, Ordering::Relaxed) {
+            tracing::warn!(target: "tower_gateway_auth::limit", %error, policy = ?self.when_unavailable, "the rate limiter cannot reach Redis");
         }
     }
 }
@@ -384,8 +477,31 @@ fn admission(
             d.now_us.saturating_add(d.reset_us).div_ceil(1_000_000),
         ),
     });
+    let now = d.now_us.saturating_mul(1000);
+    let tokens = || {
+        judge_tokens(
+            d.token_tat_us.saturating_mul(1000),
+            d.budget_used,
+            now,
+            limits,
+        )
+    };
+    // The quota told is computed as the memory limiter computes it; the verdict is the
+    // script's (they agree but for sub-µs rounding, which the script's side wins).
+    let token_quota = |v: TokenVerdict| match v {
+        TokenVerdict::Pass(q) => q,
+        TokenVerdict::Rate(q, _) | TokenVerdict::Budget(q, _) => Some(q),
+    };
     match (d.outcome, quota) {
-        (0, quota) => Ok(Admission::Allowed { permit, quota }),
+        (0, quota) => Ok(Admission::Allowed {
+            permit,
+            quota,
+            tokens: if limits.counts_tokens() {
+                token_quota(tokens())
+            } else {
+                None
+            },
+        }),
         (1, Some(quota)) => Ok(Admission::RateLimited {
             quota,
             retry_after: Duration::from_micros(d.retry_us),
@@ -393,6 +509,33 @@ fn admission(
         (2, _) => Ok(Admission::ConcurrencyLimited {
             max: limits.max_concurrent().unwrap_or_default(),
         }),
+        (3, _) => {
+            let verdict = tokens();
+            let retry_after = match verdict {
+                TokenVerdict::Rate(_, retry) => retry,
+                _ => Duration::from_micros(1),
+            };
+            let mut quota = token_quota(verdict).expect("a token rate refused");
+            quota.remaining = 0;
+            Ok(Admission::TokensLimited {
+                tokens: quota,
+                retry_after,
+            })
+        }
+        (4, _) => {
+            let mut quota = token_quota(tokens()).expect("a budget refused");
+            let budget = limits.budget().expect("a budget refused");
+            quota.limit = budget.tokens();
+            quota.remaining = 0;
+            let end = budget.period().end_after(now / 1_000_000_000);
+            quota.reset =
+                end.map(|end| Duration::from_nanos((end * 1_000_000_000).saturating_sub(now)));
+            quota.reset_at = end.map(Timestamp::from_unix_secs);
+            Ok(Admission::BudgetExhausted {
+                tokens: quota,
+                retry_after: quota.reset,
+            })
+        }
         _ => Err(LimiterError(
             "the Redis limiter script gave an unknown answer".into(),
         )),
@@ -417,38 +560,33 @@ impl Limiter for RedisLimiter {
                     refused => map_local(refused),
                 });
             }
-            let keys = this.keys(key);
+            let keys = this.keys(key, &limits, this.now_secs());
             let id = limits
                 .max_concurrent()
                 .map(|_| format!("{:016x}", getrandom::u64().unwrap_or_default()))
                 .unwrap_or_default();
             let shared = &this.shared;
-            let now_us = shared.clock.as_ref().map(|c| c.now_nanos() / 1000);
-            match shared
-                .run_admit(&keys, ScriptLimits::of(&limits), &id, now_us)
-                .await
-            {
+            match shared.run_admit(&keys, &limits, &id, this.now_us()).await {
                 Ok(decision) => {
                     shared.note(true);
                     let permit =
                         (decision.outcome == 0 && limits.max_concurrent().is_some()).then(|| {
                             RedisPermit(Held::Shared {
                                 shared: this.shared.clone(),
-                                set: keys[1].clone(),
+                                set: keys.names[1].clone(),
                                 id,
                             })
                         });
                     admission(decision, &limits, permit)
                 }
                 Err(error) => {
-                    if !shared.down.swap(true, Ordering::Relaxed) {
-                        tracing::warn!(target: "tower_gateway_auth::limit", %error, policy = ?shared.when_unavailable, "the rate limiter cannot reach Redis");
-                    }
+                    shared.failed(&error);
                     match shared.when_unavailable {
                         WhenUnavailable::Refuse => Err(error),
                         WhenUnavailable::Allow => Ok(Admission::Allowed {
                             permit: None,
                             quota: None,
+                            tokens: None,
                         }),
                         WhenUnavailable::Local => {
                             Ok(map_local(shared.local.admit(key, &limits).await?))
@@ -459,40 +597,96 @@ impl Limiter for RedisLimiter {
         })
     }
 
+    fn charge(&self, key: KeyId, limits: &Limits, tokens: u64) {
+        if !limits.counts_tokens() || tokens == 0 {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(target: "tower_gateway_auth::limit", key_id = %key, tokens, "no runtime to charge tokens to Redis on; not counted");
+            return;
+        };
+        let limits = *limits;
+        let this = self.clone();
+        runtime.spawn(async move {
+            let keys = this.keys(key, &limits, this.now_secs());
+            let shared = &this.shared;
+            let (interval, _) = script_rate(limits.tokens());
+            let mut invocation = shared.charge.prepare_invoke();
+            invocation
+                .key(&keys.names[2])
+                .key(&keys.names[3])
+                .arg(interval)
+                .arg(tokens.min(MAX_SPAN))
+                .arg(if limits.budget().is_some() { "1" } else { "0" })
+                .arg(keys.budget_expiry)
+                .arg(this.now_us().map(|n| n.to_string()).unwrap_or_default());
+            match shared.run(invocation).await {
+                Ok(_) => shared.note(true),
+                Err(error) => {
+                    shared.failed(&error);
+                    tracing::warn!(target: "tower_gateway_auth::limit", key_id = %key, tokens, %error, "tokens not charged to Redis");
+                    if shared.when_unavailable == WhenUnavailable::Local {
+                        shared.local.charge(key, &limits, tokens);
+                    }
+                }
+            }
+        });
+    }
+
     fn usage(&self, key: KeyId, limits: &Limits) -> super::UsageFuture {
         let limits = *limits;
         let this = self.clone();
         Box::pin(async move {
-            let keys = this.keys(key);
+            let keys = this.keys(key, &limits, this.now_secs());
             let shared = &this.shared;
             let mut invocation = shared.peek.prepare_invoke();
-            let now_us = shared.clock.as_ref().map(|c| c.now_nanos() / 1000);
-            invocation
-                .key(&keys[0])
-                .key(&keys[1])
-                .arg(now_us.map(|n| n.to_string()).unwrap_or_default());
+            for name in &keys.names {
+                invocation.key(name);
+            }
+            invocation.arg(this.now_us().map(|n| n.to_string()).unwrap_or_default());
             let answer = shared.run(invocation).await?;
             let field = |i: usize| answer.get(i).copied().unwrap_or_default().max(0) as u64;
+            let now = field(2).saturating_mul(1000);
             Ok(Usage::at(
                 field(0).saturating_mul(1000),
-                field(2).saturating_mul(1000),
+                now,
                 u32::try_from(field(1)).unwrap_or(u32::MAX),
                 &limits,
-            ))
+            )
+            .with_tokens(field(3).saturating_mul(1000), field(4), now, &limits))
         })
     }
 }
 
 fn map_local(admission: Admission<MemoryPermit>) -> Admission<RedisPermit> {
     match admission {
-        Admission::Allowed { permit, quota } => Admission::Allowed {
+        Admission::Allowed {
+            permit,
+            quota,
+            tokens,
+        } => Admission::Allowed {
             permit: permit.map(|p| RedisPermit(Held::Local(p))),
             quota,
+            tokens,
         },
         Admission::RateLimited { quota, retry_after } => {
             Admission::RateLimited { quota, retry_after }
         }
         Admission::ConcurrencyLimited { max } => Admission::ConcurrencyLimited { max },
+        Admission::TokensLimited {
+            tokens,
+            retry_after,
+        } => Admission::TokensLimited {
+            tokens,
+            retry_after,
+        },
+        Admission::BudgetExhausted {
+            tokens,
+            retry_after,
+        } => Admission::BudgetExhausted {
+            tokens,
+            retry_after,
+        },
     }
 }
 

@@ -88,6 +88,14 @@ pub enum RejectionKind {
     /// The rate limiter's backend failed, so no decision could be made (503,
     /// `limiter_unavailable`): fails closed, as the key store does.
     LimiterUnavailable,
+    /// The key's token rate is used up for now (429, `rate_limit_exceeded` of type
+    /// `tokens`, with `Retry-After`).
+    TokensLimited,
+    /// The key's token budget for the period is spent (429, OpenAI's `insufficient_quota`,
+    /// with `Retry-After` until the period ends when it does).
+    BudgetExhausted,
+    /// The request body is larger than the gateway reads (413, `request_too_large`).
+    RequestTooLarge,
 }
 
 impl RejectionKind {
@@ -97,6 +105,7 @@ impl RejectionKind {
         match self {
             MalformedKey | AmbiguousKey | KeyTooLong | InvalidPath | InvalidJson
             | InvalidRequest => StatusCode::BAD_REQUEST,
+            RequestTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             InsufficientScope | Forbidden | ModelNotAllowed => StatusCode::FORBIDDEN,
             StoreUnavailable | UpstreamCredentialUnavailable | LimiterUnavailable => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -107,9 +116,8 @@ impl RejectionKind {
             UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             NotFound | KeyNotFound => StatusCode::NOT_FOUND,
             Conflict => StatusCode::CONFLICT,
-            TooManyEphemeralKeys | RateLimited | ConcurrencyLimited => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
+            TooManyEphemeralKeys | RateLimited | ConcurrencyLimited | TokensLimited
+            | BudgetExhausted => StatusCode::TOO_MANY_REQUESTS,
             RequestBodyTimeout => StatusCode::REQUEST_TIMEOUT,
         }
     }
@@ -146,6 +154,9 @@ impl RejectionKind {
             ConcurrencyLimited => "concurrency_limit_exceeded",
             ModelNotAllowed => "model_not_allowed",
             LimiterUnavailable => "limiter_unavailable",
+            TokensLimited => "rate_limit_exceeded",
+            BudgetExhausted => "insufficient_quota",
+            RequestTooLarge => "request_too_large",
         }
     }
 
@@ -165,12 +176,13 @@ impl RejectionKind {
     /// | `revoked` | `RevokedKey` |
     /// | `disabled` | `DisabledKey` |
     /// | `forbidden` | `InsufficientScope`, `Forbidden`, `ModelNotAllowed` |
-    /// | `rate_limited` | `RateLimited`, `ConcurrencyLimited`, `TooManyEphemeralKeys` |
+    /// | `rate_limited` | `RateLimited`, `ConcurrencyLimited`, `TokensLimited`, `TooManyEphemeralKeys` |
+    /// | `budget_exhausted` | `BudgetExhausted` |
     /// | `store_unavailable` | `StoreUnavailable`, `LimiterUnavailable` |
     /// | `upstream_credential` | `NoUpstreamCredential`, `UpstreamCredentialUnavailable` |
     /// | `upstream_error` | `UpstreamUnreachable` |
     /// | `upstream_timeout` | `UpstreamTimeout` |
-    /// | `bad_request` | `InvalidPath`, `InvalidJson`, `InvalidRequest` |
+    /// | `bad_request` | `InvalidPath`, `InvalidJson`, `InvalidRequest`, `RequestTooLarge` |
     /// | `not_found` | `NotFound`, `KeyNotFound` |
     /// | `conflict` | `Conflict` |
     /// | `request_timeout` | `RequestBodyTimeout` |
@@ -192,12 +204,15 @@ impl RejectionKind {
             RevokedKey => "revoked",
             DisabledKey => "disabled",
             InsufficientScope | Forbidden | ModelNotAllowed => "forbidden",
-            RateLimited | ConcurrencyLimited | TooManyEphemeralKeys => "rate_limited",
+            RateLimited | ConcurrencyLimited | TokensLimited | TooManyEphemeralKeys => {
+                "rate_limited"
+            }
+            BudgetExhausted => "budget_exhausted",
             StoreUnavailable | LimiterUnavailable => "store_unavailable",
             NoUpstreamCredential | UpstreamCredentialUnavailable => "upstream_credential",
             UpstreamUnreachable => "upstream_error",
             UpstreamTimeout => "upstream_timeout",
-            InvalidPath | InvalidJson | InvalidRequest => "bad_request",
+            InvalidPath | InvalidJson | InvalidRequest | RequestTooLarge => "bad_request",
             NotFound | KeyNotFound => "not_found",
             Conflict => "conflict",
             RequestBodyTimeout => "request_timeout",
@@ -230,7 +245,10 @@ impl RejectionKind {
             | RateLimited
             | ConcurrencyLimited
             | ModelNotAllowed
-            | LimiterUnavailable => None,
+            | LimiterUnavailable
+            | TokensLimited
+            | BudgetExhausted
+            | RequestTooLarge => None,
         }
     }
 
@@ -239,6 +257,8 @@ impl RejectionKind {
     fn openai_type(self) -> &'static str {
         match self {
             RejectionKind::RateLimited | RejectionKind::ConcurrencyLimited => "requests",
+            RejectionKind::TokensLimited => "tokens",
+            RejectionKind::BudgetExhausted => "insufficient_quota",
             _ if self.status().is_server_error() => "server_error",
             _ => "invalid_request_error",
         }

@@ -59,5 +59,28 @@ mod usage;
 mod tests;
 
 pub use body::{UsageBody, UsageSink};
+pub(crate) use request::include_usage;
 pub use scan::Framing;
 pub use usage::TokenUsage;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Put in a request's extensions by [`RateLimitLayer`](crate::RateLimitLayer) when the
+/// key's tokens count, so that the layer inside that reads request bodies
+/// ([`ModelAccessLayer`](crate::limit::ModelAccessLayer)) may ask a stream for its usage;
+/// it says here that it did, and the usage-only chunk is then kept from the client.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct CountsTokens(Arc<AtomicBool>);
+
+impl CountsTokens {
+    /// The request now asks for the usage chunk the client did not ask for.
+    pub(crate) fn mark_usage_added(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    /// Whether it does.
+    pub(crate) fn usage_added(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}

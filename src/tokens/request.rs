@@ -13,10 +13,6 @@ use serde_json::Value;
 ///
 /// Every other byte stays as it was. When this returns a body, the client did not ask for
 /// the usage-only chunk: hide it ([`UsageBody::hide_usage_chunk`](super::UsageBody::hide_usage_chunk)).
-#[cfg_attr(
-    not(test),
-    expect(dead_code, reason = "the token-limit layer calls it (issue 15)")
-)]
 pub(crate) fn include_usage(body: &[u8]) -> Option<Bytes> {
     let value: Value = serde_json::from_slice(body).ok()?;
     if value.get("stream") != Some(&Value::Bool(true)) {

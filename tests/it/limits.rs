@@ -957,6 +957,10 @@ mod readiness {
         fn usage(&self, key: KeyId, limits: &Limits) -> tower_gateway_auth::limit::UsageFuture {
             self.0.usage(key, limits)
         }
+
+        fn charge(&self, key: KeyId, limits: &Limits, tokens: u64) {
+            self.0.charge(key, limits, tokens)
+        }
     }
 
     fn with_identity<B>(mut req: Request<B>, record: &Arc<KeyRecord>) -> Request<B> {

@@ -18,4 +18,5 @@ mod redis;
 mod redis_limits;
 mod refresh;
 mod servers;
+mod tokens;
 mod upstream;

@@ -300,6 +300,7 @@ async fn redis_down_allow_lets_every_request_through_without_quota() {
             Admission::Allowed {
                 permit: None,
                 quota: None,
+                tokens: None,
             } => {}
             other => panic!("{other:?}"),
         }

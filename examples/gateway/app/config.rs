@@ -245,6 +245,12 @@ pub struct RouteLimits {
     pub max_concurrent: Option<u32>,
     /// Exact names and `*` globs.
     pub models: Option<Vec<String>>,
+    /// Tokens (prompt and completion) a key may use a minute.
+    pub tokens_per_minute: Option<u32>,
+    /// Tokens a key may use a `budget_period`.
+    pub token_budget: Option<u64>,
+    /// `day`, `week`, `month` (the default) or `never`, on UTC calendar boundaries.
+    pub budget_period: Option<String>,
 }
 
 fn default_listen() -> String {
@@ -715,6 +721,28 @@ impl RouteConfig {
             Some(0) => return Err(bad(field("limits.max_concurrent"), "must be at least 1")),
             Some(max) => defaults = defaults.with_max_concurrent(max),
             None => {}
+        }
+        match limits.tokens_per_minute {
+            Some(0) => {
+                return Err(bad(field("limits.tokens_per_minute"), "must be at least 1"));
+            }
+            Some(tpm) => defaults = defaults.with_tokens(Rate::per_minute(tpm)),
+            None => {}
+        }
+        let period = match &limits.budget_period {
+            None => limit::BudgetPeriod::default(),
+            Some(text) => text
+                .parse()
+                .map_err(|e| bad(field("limits.budget_period"), e))?,
+        };
+        match (limits.token_budget, &limits.budget_period) {
+            (Some(tokens), _) => {
+                defaults = defaults.with_budget(limit::Budget::new(tokens, period))
+            }
+            (None, Some(_)) => {
+                return Err(bad(field("limits.budget_period"), "needs token_budget"));
+            }
+            (None, None) => {}
         }
         let models = limits
             .models
