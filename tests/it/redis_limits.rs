@@ -15,7 +15,8 @@ use support::redis::{RedisCluster, RedisServer, command_calls, namespace};
 use tower_gateway_auth::clock::{ManualClock, Timestamp};
 use tower_gateway_auth::keys::{KeyId, KeyManager, KeyStatus, NewKey};
 use tower_gateway_auth::limit::{
-    Admission, Limiter, Limits, MemoryLimiter, Rate, RedisLimiter, RedisPermit, WhenUnavailable,
+    Admission, Budget, BudgetPeriod, Limiter, Limits, MemoryLimiter, Rate, RedisLimiter,
+    RedisPermit, WhenUnavailable,
 };
 use tower_gateway_auth::store::{KeyAdmin, KeyStore, RedisStore, listen_for_invalidations};
 
@@ -30,16 +31,30 @@ async fn limiter(url: &str, ns: &str) -> RedisLimiter {
 /// What a decision was, without its permit: comparable across backends.
 #[derive(Debug, PartialEq)]
 enum Seen {
-    Allowed(Option<(u32, u32, Duration, Timestamp)>),
+    Allowed(
+        Option<(u32, u32, Duration, Timestamp)>,
+        Option<tower_gateway_auth::limit::TokenQuota>,
+    ),
     Rate(u32, u32, Duration, Timestamp, Duration),
     Concurrency(u32),
+    Tokens(tower_gateway_auth::limit::TokenQuota, Duration),
+    Budget(tower_gateway_auth::limit::TokenQuota, Option<Duration>),
 }
 
 fn seen<P>(a: Admission<P>) -> Seen {
     match a {
-        Admission::Allowed { quota, .. } => {
-            Seen::Allowed(quota.map(|q| (q.limit, q.remaining, q.reset, q.reset_at)))
-        }
+        Admission::Allowed { quota, tokens, .. } => Seen::Allowed(
+            quota.map(|q| (q.limit, q.remaining, q.reset, q.reset_at)),
+            tokens,
+        ),
+        Admission::TokensLimited {
+            tokens,
+            retry_after,
+        } => Seen::Tokens(tokens, retry_after),
+        Admission::BudgetExhausted {
+            tokens,
+            retry_after,
+        } => Seen::Budget(tokens, retry_after),
         Admission::RateLimited { quota, retry_after } => Seen::Rate(
             quota.limit,
             quota.remaining,
@@ -499,4 +514,143 @@ async fn a_namespace_in_the_layout_before_the_hash_tag_is_moved_and_its_keys_sti
         .await
         .unwrap();
     assert_eq!(left, vec![neighbour], "only the neighbour's key stays");
+}
+
+/// Waits until `limiter` shows `used` budget tokens for `key` (a Redis charge is sent, not
+/// waited on).
+async fn budget_reaches(limiter: &RedisLimiter, key: KeyId, limits: &Limits, used: u64) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let usage = limiter.usage(key, limits).await.unwrap();
+        if usage.budget_used == Some(used) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "budget used {:?}, expected {used}",
+            usage.budget_used
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+#[tokio::test]
+async fn redis_and_memory_agree_on_token_rates_and_budgets_through_random_charges() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    // 23:00 UTC: the sequences cross midnight, where daily budgets start again.
+    let clock = ManualClock::new(Timestamp::from_unix_secs(1_796_252_400));
+    let redis = RedisLimiter::builder(server.url())
+        .namespace(namespace())
+        .clock(clock.clone())
+        .connect()
+        .await
+        .unwrap();
+    let memory = MemoryLimiter::with_clock(clock.clone());
+    let mut rng = XorShift(0x2545_f491_4f6c_dd1d);
+    let mut decisions = 0;
+    // (token rate, budget) refusals seen: the sequences must reach both.
+    let mut refused = (0, 0);
+    for case in 0..30 {
+        // Tokens a minute with a whole-µs interval; a daily budget of a few thousand.
+        let per_minute = [60u32, 600, 1_000, 6_000, 60_000][rng.below(5) as usize];
+        let limits = Limits::new()
+            .with_tokens(Rate::per_minute(per_minute))
+            .with_budget(Budget::new(500 + rng.below(5_000), BudgetPeriod::Day));
+        let key = KeyId::random();
+        for i in 0..30 {
+            clock.advance(Duration::from_millis(rng.below(120_000)));
+            let from_redis = seen(redis.admit(key, &limits).await.unwrap());
+            let from_memory = seen(memory.admit(key, &limits).await.unwrap());
+            assert_eq!(
+                from_redis, from_memory,
+                "case {case} ({limits:?}), request {i}"
+            );
+            decisions += 1;
+            match from_memory {
+                Seen::Tokens(..) => refused.0 += 1,
+                Seen::Budget(..) => refused.1 += 1,
+                _ => {}
+            }
+            if matches!(from_memory, Seen::Allowed(..)) {
+                let tokens = rng.below(800);
+                memory.charge(key, &limits, tokens);
+                redis.charge(key, &limits, tokens);
+                let used = memory
+                    .usage(key, &limits)
+                    .await
+                    .unwrap()
+                    .budget_used
+                    .unwrap();
+                budget_reaches(&redis, key, &limits, used).await;
+                let (m, r) = (
+                    memory.usage(key, &limits).await.unwrap(),
+                    redis.usage(key, &limits).await.unwrap(),
+                );
+                assert_eq!(
+                    m.tokens_remaining, r.tokens_remaining,
+                    "case {case}, request {i}"
+                );
+                assert_eq!(m.budget_resets_at, r.budget_resets_at);
+            }
+        }
+    }
+    assert_eq!(decisions, 900);
+    assert!(
+        refused.0 > 10 && refused.1 > 10,
+        "refusals seen: {refused:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_budget_is_shared_by_replicas_survives_a_restart_and_starts_again_next_month() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let ns = namespace();
+    // 2026-12-31T23:00:00Z.
+    let clock = ManualClock::new(Timestamp::from_unix_secs(1_798_758_000));
+    let replica = || {
+        RedisLimiter::builder(server.url())
+            .namespace(&ns)
+            .clock(clock.clone())
+            .connect()
+    };
+    let (a, b) = (replica().await.unwrap(), replica().await.unwrap());
+    let limits = Limits::new().with_budget(Budget::new(1_000, BudgetPeriod::Month));
+    let key = KeyId::random();
+    a.charge(key, &limits, 600);
+    budget_reaches(&b, key, &limits, 600).await;
+    b.charge(key, &limits, 500);
+    budget_reaches(&a, key, &limits, 1_100).await;
+    for replica in [&a, &b] {
+        match replica.admit(key, &limits).await.unwrap() {
+            Admission::BudgetExhausted {
+                tokens,
+                retry_after,
+            } => {
+                assert_eq!((tokens.limit, tokens.remaining), (1_000, 0));
+                assert_eq!(retry_after, Some(Duration::from_secs(3600)));
+                assert_eq!(
+                    tokens.reset_at,
+                    Some(Timestamp::from_unix_secs(1_798_761_600))
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    // A gateway restart: a fresh limiter finds the spent budget in Redis.
+    drop((a, b));
+    let restarted = replica().await.unwrap();
+    assert!(matches!(
+        restarted.admit(key, &limits).await.unwrap(),
+        Admission::BudgetExhausted { .. }
+    ));
+    // 2027-01-01T00:00:00Z: a new month.
+    clock.advance(Duration::from_secs(3600));
+    match restarted.admit(key, &limits).await.unwrap() {
+        Admission::Allowed { tokens, .. } => assert_eq!(tokens.unwrap().remaining, 1_000),
+        other => panic!("{other:?}"),
+    }
 }
