@@ -10,7 +10,7 @@ mod ops;
 use crate::support;
 
 /// Metrics and the access log, end to end.
-mod telemetry;
+pub(crate) mod telemetry;
 
 use std::collections::HashMap;
 use std::convert::Infallible;

@@ -6,16 +6,13 @@
 
 use crate::support;
 
-use std::convert::Infallible;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
-use axum::routing::any;
 use bytes::Bytes;
-use http::{HeaderMap, Request, StatusCode};
+use http::{Request, StatusCode};
 use http_body_util::Full;
-use support::{Answer, ReceiverStream, client, send};
+use support::{Answer, client, send, spawn_canned as upstream};
 use tower::ServiceBuilder;
 use tower_gateway_auth::clock::{ManualClock, Timestamp};
 use tower_gateway_auth::keys::{KeyId, KeyRecord};
@@ -34,50 +31,6 @@ const OPENAI_SSE: &[u8] = include_bytes!("../fixtures/usage/openai_chat.sse");
 const OPENAI_JSON: &[u8] = include_bytes!("../fixtures/usage/openai_chat.json");
 const ANTHROPIC_SSE: &[u8] = include_bytes!("../fixtures/usage/anthropic.sse");
 const ANTHROPIC_JSON: &[u8] = include_bytes!("../fixtures/usage/anthropic.json");
-
-/// What the upstream received of one request.
-#[derive(Debug, Clone)]
-struct Received {
-    headers: HeaderMap,
-    body: Bytes,
-}
-
-/// An upstream answering every request with `body` (as `content_type`), written in pieces
-/// of `piece` bytes with a pause between them, so that the gateway reads it in many reads;
-/// it records what it received.
-async fn upstream(
-    content_type: &'static str,
-    body: &'static [u8],
-    piece: usize,
-) -> (std::net::SocketAddr, Arc<Mutex<Vec<Received>>>) {
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let record = seen.clone();
-    let app = Router::new().fallback(any(move |req: axum::extract::Request| {
-        let record = record.clone();
-        async move {
-            let (parts, body_in) = req.into_parts();
-            let bytes = axum::body::to_bytes(body_in, usize::MAX).await.unwrap();
-            record.lock().unwrap().push(Received {
-                headers: parts.headers,
-                body: bytes,
-            });
-            let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(4);
-            tokio::spawn(async move {
-                for chunk in body.chunks(piece) {
-                    if tx.send(Ok(Bytes::from_static(chunk))).await.is_err() {
-                        return;
-                    }
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
-            });
-            http::Response::builder()
-                .header("content-type", content_type)
-                .body(axum::body::Body::from_stream(ReceiverStream(rx)))
-                .unwrap()
-        }
-    }));
-    (support::spawn_axum(app).await, seen)
-}
 
 /// A store with `KEY` carrying `limits`.
 fn store(limits: Limits) -> (Arc<MemoryStore>, KeyId) {

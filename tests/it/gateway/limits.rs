@@ -454,3 +454,208 @@ async fn chat(addr: std::net::SocketAddr, key: String, model: &str) -> support::
     )
     .await
 }
+
+const OPENAI_SSE: &[u8] = include_bytes!("../../fixtures/usage/openai_chat.sse");
+
+/// The in-memory gateway with its first (admin) key in front of an upstream streaming the
+/// recorded OpenAI chat completion (53 tokens), with `route_limits` under the route and a
+/// metrics listener.
+async fn token_gateway(
+    route_limits: &str,
+    prefix: &str,
+) -> (
+    super::Running,
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<support::Received>>>,
+) {
+    let (upstream, seen) = support::spawn_canned("text/event-stream", OPENAI_SSE, 9).await;
+    let text = config(std::path::Path::new("unused"), upstream)
+        .replace("keys_file = \"unused\"\n", "metrics_listen = \"127.0.0.1:0\"\n")
+        // Metrics go to one recorder per process: a route of its own per test.
+        .replace("prefix = \"/openai\"", &format!("prefix = \"/{prefix}\""))
+        .replacen(
+            "headers = { \"OpenAI-Organization\" = \"org-123\" }\n",
+            &format!("headers = {{ \"OpenAI-Organization\" = \"org-123\" }}\n[route.limits]\n{route_limits}\n"),
+            1,
+        );
+    let gateway = app::build(app::Config::from_toml(&text).unwrap(), &super::env)
+        .await
+        .unwrap();
+    let admin = gateway.first_key.as_ref().unwrap().expose().to_owned();
+    (super::Running::serve(gateway).await, admin, seen)
+}
+
+fn stream_body() -> &'static str {
+    r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"hi"}]}"#
+}
+
+#[tokio::test]
+async fn a_keys_token_budget_set_by_the_api_is_charged_shown_and_enforced_through_the_gateway() {
+    let (gw, root, seen) = token_gateway("", "tok-budget").await;
+    let created = admin(
+        &gw,
+        &root,
+        Method::POST,
+        "/keys",
+        r#"{"name":"budgeted","scopes":["openai"],"limits":{"token_budget":100,"budget_period":"day","tokens_per_period":1000}}"#,
+    )
+    .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{:?}", created.body);
+    assert_eq!(created.json()["limits"]["token_budget"], 100);
+    assert_eq!(created.json()["limits"]["budget_period"], "day");
+    let (id, key) = (
+        created.json()["id"].as_str().unwrap().to_owned(),
+        created.json()["key"].as_str().unwrap().to_owned(),
+    );
+    let bearer = format!("Bearer {key}");
+    let chat = || stream_chat(gw.addr, "tok-budget", ("authorization", bearer.as_str()));
+    let first = chat().await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert!(
+        !first.text().contains("\"choices\":[]"),
+        "the added usage chunk is hidden"
+    );
+    assert_eq!(first.headers["x-ratelimit-limit-tokens"], "100");
+    let sent: serde_json::Value =
+        serde_json::from_slice(&seen.lock().unwrap().last().unwrap().body).unwrap();
+    assert_eq!(sent["stream_options"]["include_usage"], true);
+
+    // The charge lands as the stream ends on the gateway's side.
+    let mut shown = serde_json::Value::Null;
+    for _ in 0..200 {
+        shown = admin(&gw, &root, Method::GET, &format!("/keys/{id}"), "")
+            .await
+            .json();
+        if shown["usage"]["budget_used"] == 53 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(shown["usage"]["budget_used"], 53, "{shown}");
+    assert_eq!(shown["usage"]["budget_remaining"], 47);
+    assert_eq!(shown["usage"]["tokens_remaining"], 947);
+    assert!(
+        shown["usage"]["budget_resets_at"]
+            .as_str()
+            .unwrap()
+            .ends_with("T00:00:00Z")
+    );
+
+    assert_eq!(
+        chat().await.status,
+        StatusCode::OK,
+        "47 left: one more passes"
+    );
+    let mut refused = None;
+    for _ in 0..200 {
+        let answer = chat().await;
+        if answer.status == StatusCode::TOO_MANY_REQUESTS {
+            refused = Some(answer);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let refused = refused.expect("the budget was never spent");
+    assert_eq!(refused.json()["error"]["code"], "insufficient_quota");
+    assert!(refused.headers.contains_key("retry-after"));
+
+    // The route's tokens, by kind: 19 prompt and 34 completion a request.
+    let metrics = gw._gateway.metrics.expect("metrics_listen is set");
+    let text = support::send(&support::client(), support::get(metrics, "/metrics", &[]))
+        .await
+        .text()
+        .to_owned();
+    let count = |kind: &str| {
+        super::telemetry::samples(&text, "gateway_auth_tokens_total")
+            .into_iter()
+            .find(|(labels, _)| labels["route"] == "tok-budget" && labels["kind"] == kind)
+            .map(|(_, v)| v)
+    };
+    let passed = (seen.lock().unwrap().len()) as f64;
+    assert_eq!(count("prompt"), Some(19.0 * passed), "{text}");
+    assert_eq!(count("completion"), Some(34.0 * passed));
+}
+
+#[tokio::test]
+async fn route_token_limits_hold_for_keys_without_their_own() {
+    let (gw, root, _) = token_gateway("tokens_per_minute = 50\n", "tok-route").await;
+    let created = admin(
+        &gw,
+        &root,
+        Method::POST,
+        "/keys",
+        r#"{"name":"plain","scopes":["openai"]}"#,
+    )
+    .await;
+    let key = created.json()["key"].as_str().unwrap().to_owned();
+    let chat = || stream_chat(gw.addr, "tok-route", ("x-api-key", key.as_str()));
+    let first = chat().await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!(first.headers["x-ratelimit-limit-tokens"], "50");
+    let mut refused = None;
+    for _ in 0..200 {
+        let answer = chat().await;
+        if answer.status == StatusCode::TOO_MANY_REQUESTS {
+            refused = Some(answer);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let refused = refused.expect("53 tokens spend 50 a minute");
+    assert_eq!(refused.json()["error"]["type"], "tokens");
+    assert_eq!(refused.json()["error"]["code"], "rate_limit_exceeded");
+}
+
+#[test]
+fn route_token_settings_are_checked() {
+    let upstream = "127.0.0.1:9".parse().unwrap();
+    let field = |limits: &str| {
+        let text = config(std::path::Path::new("/tmp/k.json"), upstream).replacen(
+            "headers = { \"OpenAI-Organization\" = \"org-123\" }\n",
+            &format!(
+                "headers = {{ \"OpenAI-Organization\" = \"org-123\" }}\n[route.limits]\n{limits}\n"
+            ),
+            1,
+        );
+        match app::Config::from_toml(&text) {
+            Err(e) => e.field,
+            Ok(config) => config
+                .plan(&super::env)
+                .err()
+                .map(|e| e.field)
+                .unwrap_or_default(),
+        }
+    };
+    assert_eq!(
+        field("tokens_per_minute = 0"),
+        "route[0].limits.tokens_per_minute"
+    );
+    assert_eq!(
+        field("token_budget = 10\nbudget_period = \"year\""),
+        "route[0].limits.budget_period"
+    );
+    assert_eq!(
+        field("budget_period = \"day\""),
+        "route[0].limits.budget_period"
+    );
+    assert_eq!(
+        field("token_budget = 10\nbudget_period = \"week\"\ntokens_per_minute = 5"),
+        ""
+    );
+}
+
+/// A streamed chat completion with the credential header `auth`.
+async fn stream_chat(
+    addr: std::net::SocketAddr,
+    prefix: &str,
+    auth: (&str, &str),
+) -> support::Answer {
+    call(
+        addr,
+        Method::POST,
+        &format!("/{prefix}/v1/chat/completions"),
+        &[auth, ("content-type", "application/json")],
+        stream_body(),
+    )
+    .await
+}

@@ -412,3 +412,48 @@ pub fn with_identity<B>(mut req: Request<B>) -> Request<B> {
     req.extensions_mut().insert(identity("caller"));
     req
 }
+
+/// What the upstream received of one request.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// An upstream answering every request with `body` (as `content_type`), written in pieces
+/// of `piece` bytes with a pause between them, so that the gateway reads it in many reads;
+/// it records what it received.
+pub async fn spawn_canned(
+    content_type: &'static str,
+    body: &'static [u8],
+    piece: usize,
+) -> (std::net::SocketAddr, Arc<Mutex<Vec<Received>>>) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = seen.clone();
+    let app =
+        axum::Router::new().fallback(axum::routing::any(move |req: axum::extract::Request| {
+            let record = record.clone();
+            async move {
+                let (parts, body_in) = req.into_parts();
+                let bytes = axum::body::to_bytes(body_in, usize::MAX).await.unwrap();
+                record.lock().unwrap().push(Received {
+                    headers: parts.headers,
+                    body: bytes,
+                });
+                let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(4);
+                tokio::spawn(async move {
+                    for chunk in body.chunks(piece) {
+                        if tx.send(Ok(Bytes::from_static(chunk))).await.is_err() {
+                            return;
+                        }
+                        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                    }
+                });
+                http::Response::builder()
+                    .header("content-type", content_type)
+                    .body(axum::body::Body::from_stream(ReceiverStream(rx)))
+                    .unwrap()
+            }
+        }));
+    (spawn_axum(app).await, seen)
+}
