@@ -21,8 +21,8 @@ use crate::rejection::{Rejection, RejectionKind};
 use crate::response::ResponseBody;
 use crate::tokens::{CountsTokens, Framing, TokenUsage, UsageBody, UsageSink};
 
-/// Limits each key's request rate and requests in flight, by the [`Limits`] on its record
-/// or the layer's defaults, deciding with a [`Limiter`].
+/// Limits each key's request rate, requests in flight and tokens, by the [`Limits`] on its
+/// record or the layer's defaults, deciding with a [`Limiter`].
 ///
 /// Place it inside [`InboundApiKeyLayer`](crate::InboundApiKeyLayer): it reads the
 /// [`Identity`] from the request extensions. A request with none (anonymous pass-through)
@@ -30,7 +30,9 @@ use crate::tokens::{CountsTokens, Framing, TokenUsage, UsageBody, UsageSink};
 /// `concurrency_limit_exceeded`), rendered in the route's dialect by a
 /// [`RejectionLayer`](crate::RejectionLayer); a limiter fault is 503 and the inner service
 /// is not called. Every answer to a key with a rate carries the rate-limit headers of
-/// OpenAI and Anthropic ([module docs](crate::limit#headers)).
+/// OpenAI and Anthropic ([module docs](crate::limit#headers)). For a key with token limits
+/// the response body is read for its usage as it streams ([`UsageBody`]) and charged when
+/// it ends ([`Limiter::charge`]); see [the module docs](crate::limit#tokens).
 ///
 /// ```
 /// use std::convert::Infallible;
@@ -152,6 +154,11 @@ impl<S: fmt::Debug, L> fmt::Debug for RateLimit<S, L> {
     }
 }
 
+/// The response body of [`RateLimit`]: the inner service's, holding the request's
+/// concurrency permit until it ends and, when the key's tokens count, read for its usage.
+pub type RateLimitBody<B, L> =
+    ResponseBody<LimitBody<Metered<B, Charge<L>>, <L as Limiter>::Permit>>;
+
 /// Where a response's token usage goes when its body ends: the key's token rate and budget
 /// ([`Limiter::charge`]) and, under a [`MetricsLayer`](crate::metrics::MetricsLayer), the
 /// route's token counters.
@@ -198,7 +205,7 @@ where
     L: Limiter,
     ResBody: http_body::Body,
 {
-    type Response = Response<ResponseBody<LimitBody<Metered<ResBody, Charge<L>>, L::Permit>>>;
+    type Response = Response<RateLimitBody<ResBody, L>>;
     type Error = S::Error;
     type Future = RateLimitFuture<S, L, ReqBody>;
 
@@ -359,7 +366,7 @@ impl<L: Limiter> Admitted<L> {
     fn respond<ResBody: http_body::Body>(
         &mut self,
         response: Response<ResBody>,
-    ) -> Response<ResponseBody<LimitBody<Metered<ResBody, Charge<L>>, L::Permit>>> {
+    ) -> Response<RateLimitBody<ResBody, L>> {
         let (mut parts, body) = response.into_parts();
         if let Some(quota) = &self.quota {
             quota_headers(&mut parts.headers, quota);
@@ -502,8 +509,7 @@ where
     L: Limiter,
     ResBody: http_body::Body,
 {
-    type Output =
-        Result<Response<ResponseBody<LimitBody<Metered<ResBody, Charge<L>>, L::Permit>>>, S::Error>;
+    type Output = Result<Response<RateLimitBody<ResBody, L>>, S::Error>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         loop {

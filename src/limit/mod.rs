@@ -1,15 +1,19 @@
-//! Per-key limits: request rate, requests in flight and model access.
+//! Per-key limits: request rate, requests in flight, tokens and model access.
 //!
-//! A [`KeyRecord`](crate::keys::KeyRecord) may carry [`Limits`] (a [`Rate`] and a maximum of
-//! concurrent requests) and a [`ModelList`]; a layer may set defaults for keys that carry
-//! none. Two layers enforce them, both inside the inbound layer (they read the
-//! [`Identity`](crate::Identity) it leaves in the request extensions):
+//! A [`KeyRecord`](crate::keys::KeyRecord) may carry [`Limits`] (a [`Rate`], a maximum of
+//! concurrent requests, a token rate and a token [`Budget`]) and a [`ModelList`]; a layer
+//! may set defaults for keys that carry none. Two layers enforce them, both inside the
+//! inbound layer (they read the [`Identity`](crate::Identity) it leaves in the request
+//! extensions):
 //!
 //! 1. [`RateLimitLayer`]: GCRA per key (one "theoretical arrival time" per key, as the
 //!    `governor` crate does, no background task) and a count of requests in flight, whose
 //!    permit is held until the response body has ended or been dropped, so that a stream
-//!    counts until it finishes or the client leaves. A refusal is 429 with `Retry-After`;
-//!    every answer carries the provider's rate-limit headers (see below).
+//!    counts until it finishes or the client leaves. Tokens are judged in the same
+//!    decision (a token rate is a GCRA whose cost, the response's usage, is charged when
+//!    the response ends; a budget is a count per calendar period) and charged from the
+//!    usage read as the response streams through ([`crate::tokens`]). A refusal is 429 with
+//!    `Retry-After`; every answer carries the provider's rate-limit headers (see below).
 //! 2. [`ModelAccessLayer`]: reads the model from the path (Gemini, Azure) or from the
 //!    top-level `"model"` of a JSON body, buffering at most a bound and passing the body on
 //!    byte for byte, and refuses a model the key may not use with 403 `model_not_allowed`.
@@ -56,6 +60,20 @@
 //! | `x-ratelimit-reset-requests` | time until the allowance is whole again, as a Go duration (`1s`, `6m0s`) |
 //! | `anthropic-ratelimit-requests-reset` | the same as an RFC 3339 time |
 //! | `Retry-After` (429 only) | whole seconds, rounded up |
+//! | `x-ratelimit-limit-tokens`, `anthropic-ratelimit-tokens-limit` | tokens per period (of the token rate, or the budget: whichever leaves fewer) |
+//! | `x-ratelimit-remaining-tokens`, `anthropic-ratelimit-tokens-remaining` | tokens left before this request |
+//! | `x-ratelimit-reset-tokens`, `anthropic-ratelimit-tokens-reset` | until that allowance is whole again (the budget period's end), Go duration / RFC 3339 |
+//!
+//! # Tokens
+//!
+//! A request is refused for tokens only before it starts (its usage is known once its
+//! response has streamed), so one request may overshoot what was left by its own usage, and
+//! requests in flight together by theirs: bound that with a concurrency limit. A spent
+//! token rate is 429 `rate_limit_exceeded` (OpenAI type `tokens`), a spent budget 429
+//! `insufficient_quota` with `Retry-After` until the period ends. For keys whose tokens
+//! count, [`ModelAccessLayer`] asks streamed OpenAI completions for their usage
+//! ([`ModelAccessLayer::include_usage`]), and the request's `Accept-Encoding` becomes
+//! `identity` (a compressed answer would hide its usage).
 //!
 //! # Backends
 //!
@@ -82,7 +100,7 @@ pub use access::{
 };
 pub use body::{LimitBody, Metered};
 pub use budget::{Budget, BudgetPeriod};
-pub use layer::{Charge, RateLimit, RateLimitFuture, RateLimitLayer};
+pub use layer::{Charge, RateLimit, RateLimitBody, RateLimitFuture, RateLimitLayer};
 pub use memory::{MemoryLimiter, MemoryPermit};
 pub use model::ModelList;
 #[cfg(feature = "redis")]
