@@ -1554,6 +1554,18 @@ pub fn model_body(data: &[u8]) {
         tower_gateway_auth::keys::KeyHasher::sha256().digest(b"gw_fuzz"),
     )
     .with_models(ModelList::new(["gpt-4o*"]));
+    // Tokens counted: the body may also be asked for its stream's usage.
+    let counted = flags & 16 == 16;
+    let record = if counted {
+        record.with_limits(tower_gateway_auth::limit::Limits::new().with_budget(
+            tower_gateway_auth::limit::Budget::new(
+                u64::MAX,
+                tower_gateway_auth::limit::BudgetPeriod::Never,
+            ),
+        ))
+    } else {
+        record
+    };
     let mut req = Request::builder()
         .method(Method::POST)
         .uri("/v1/chat/completions")
@@ -1578,14 +1590,43 @@ pub fn model_body(data: &[u8]) {
     };
     let layer = ModelAccessLayer::new()
         .unknown_model(rule)
-        .max_buffer(bound);
-    let response = block_on(layer.layer(upstream).oneshot(req)).expect("infallible");
-    let status = response.status();
+        .max_buffer(bound)
+        .usage_buffer(bound * 4);
+    let status = if counted {
+        let limiter = tower_gateway_auth::limit::MemoryLimiter::new();
+        let service = tower_gateway_auth::RateLimitLayer::new(limiter).layer(layer.layer(upstream));
+        block_on(service.oneshot(req)).expect("infallible").status()
+    } else {
+        block_on(layer.layer(upstream).oneshot(req))
+            .expect("infallible")
+            .status()
+    };
     match seen.lock().unwrap().as_slice() {
         [] => assert!(
-            status == StatusCode::FORBIDDEN || status == StatusCode::BAD_REQUEST,
+            status == StatusCode::FORBIDDEN
+                || status == StatusCode::BAD_REQUEST
+                || (counted && status == StatusCode::PAYLOAD_TOO_LARGE),
             "refused with {status}"
         ),
+        [Ok(passed)] if counted && &passed[..] != body => {
+            // Rewritten: the same JSON with `stream_options.include_usage` set, and only
+            // for a stream.
+            let parse = |b: &[u8]| serde_json::from_slice::<serde_json::Value>(b);
+            let mut original = parse(body).expect("only a JSON body is rewritten");
+            let sent = parse(passed).expect("the rewritten body is JSON");
+            assert_eq!(original["stream"], true, "a non-stream was rewritten");
+            assert_ne!(original["stream_options"]["include_usage"], true);
+            let options = original
+                .as_object_mut()
+                .unwrap()
+                .entry("stream_options")
+                .or_insert_with(|| serde_json::json!({}));
+            if options.is_null() {
+                *options = serde_json::json!({});
+            }
+            options["include_usage"] = serde_json::Value::Bool(true);
+            assert_eq!(sent, original, "the rewrite changed more than include_usage");
+        }
         [Ok(passed)] => {
             assert_eq!(&passed[..], body, "the body changed on its way");
             // Whatever the rule for bodies without a readable model, a model the key may
