@@ -1625,7 +1625,10 @@ pub fn model_body(data: &[u8]) {
                 *options = serde_json::json!({});
             }
             options["include_usage"] = serde_json::Value::Bool(true);
-            assert_eq!(sent, original, "the rewrite changed more than include_usage");
+            assert_eq!(
+                sent, original,
+                "the rewrite changed more than include_usage"
+            );
         }
         [Ok(passed)] => {
             assert_eq!(&passed[..], body, "the body changed on its way");

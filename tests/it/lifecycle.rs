@@ -902,3 +902,66 @@ async fn keygen_gives_a_key_its_rate_concurrency_and_models() {
         .unwrap_err();
     assert!(error.contains("--rpm"), "{error}");
 }
+
+#[tokio::test]
+async fn keygen_gives_a_key_its_token_rate_and_budget() {
+    let dir = support::TempDir::new("keygen-tokens");
+    let path = dir.file().to_str().unwrap().to_owned();
+    let no_env = |_: &str| None;
+    let run = |extra: &[&str]| {
+        let mut all = vec!["--keys-file", path.as_str(), "--name", "team"];
+        all.extend_from_slice(extra);
+        keygen::parse(all.into_iter().map(str::to_owned))
+    };
+    let args = run(&[
+        "--tpm",
+        "100000",
+        "--token-budget",
+        "5000000",
+        "--budget-period",
+        "week",
+    ])
+    .unwrap();
+    keygen::run(args, &no_env).await.unwrap().unwrap();
+    let store = tower_gateway_auth::store::FileStore::builder(dir.file())
+        .reload_every(None)
+        .open()
+        .unwrap();
+    let record = tower_gateway_auth::store::KeyAdmin::list(&store)
+        .await
+        .unwrap()[0]
+        .clone();
+    let limits = record.limits().expect("limits");
+    let tokens = limits.tokens().expect("a token rate");
+    assert_eq!(
+        (tokens.requests(), tokens.period().as_secs()),
+        (100_000, 60)
+    );
+    let budget = limits.budget().expect("a budget");
+    assert_eq!(
+        (budget.tokens(), budget.period()),
+        (5_000_000, tower_gateway_auth::limit::BudgetPeriod::Week)
+    );
+    // In the file: the documented names.
+    let file: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.file()).unwrap()).unwrap();
+    let stored = &file["keys"][0]["limits"];
+    assert_eq!(stored["tokens_per_period"], 100_000, "{file}");
+    assert_eq!(stored["token_budget"], 5_000_000);
+    assert_eq!(stored["budget_period"], "week");
+
+    for bad in [
+        &["--tpm", "0"][..],
+        &["--token-budget", "lots"],
+        &["--token-budget", "5", "--budget-period", "year"],
+    ] {
+        assert!(run(bad).is_err(), "{bad:?}");
+    }
+    let error = keygen::run(run(&["--budget-period", "day"]).unwrap(), &no_env)
+        .await
+        .unwrap_err();
+    assert!(error.contains("--token-budget"), "{error}");
+    // Without a period, a month.
+    let args = run(&["--token-budget", "10"]).unwrap();
+    keygen::run(args, &no_env).await.unwrap().unwrap();
+}
