@@ -77,9 +77,13 @@ mod macros;
 pub mod access_log;
 pub mod clock;
 mod error_detail;
+#[cfg(feature = "jwt")]
+mod http_fetch;
 mod identity;
 pub mod inbound;
 pub mod inject;
+#[cfg(feature = "jwt")]
+pub mod jwt;
 pub mod keys;
 pub mod limit;
 #[cfg(feature = "metrics")]

@@ -653,6 +653,8 @@ mod tests {
             TokensLimited,
             BudgetExhausted,
             RequestTooLarge,
+            InvalidToken,
+            TokenTooLong,
         ];
         for kind in every_kind {
             assert!(OUTCOMES.contains(&kind.outcome()), "{kind:?}");

@@ -106,6 +106,10 @@ struct Config<K> {
     store_timeout: Option<Duration>,
     clock: Arc<dyn Clock>,
     formats: Vec<KeyFormat>,
+    #[cfg(feature = "jwt")]
+    tokens: Option<crate::jwt::JwtVerifier>,
+    #[cfg(feature = "jwt")]
+    accept: crate::jwt::Accept,
 }
 
 impl<K> Clone for Config<K> {
@@ -122,6 +126,10 @@ impl<K> Clone for Config<K> {
             store_timeout: self.store_timeout,
             clock: self.clock.clone(),
             formats: self.formats.clone(),
+            #[cfg(feature = "jwt")]
+            tokens: self.tokens.clone(),
+            #[cfg(feature = "jwt")]
+            accept: self.accept,
         }
     }
 }
@@ -151,8 +159,35 @@ impl<K: KeyStore> InboundApiKeyLayer<K> {
                 store_timeout: Some(DEFAULT_STORE_TIMEOUT),
                 clock: Arc::new(SystemClock),
                 formats: Vec::new(),
+                #[cfg(feature = "jwt")]
+                tokens: None,
+                #[cfg(feature = "jwt")]
+                accept: crate::jwt::Accept::Keys,
             }),
         }
+    }
+
+    /// Also verifies user tokens (JWTs) sent as `Authorization: Bearer`, with `verifier`
+    /// (feature `jwt`): see [`crate::jwt`]. Takes both keys and tokens until
+    /// [`accept`](Self::accept) says otherwise. The bearer source is added when the layer's
+    /// sources lack it.
+    #[cfg(feature = "jwt")]
+    pub fn tokens(mut self, verifier: crate::jwt::JwtVerifier) -> Self {
+        let config = self.config_mut();
+        config.tokens = Some(verifier);
+        config.accept = crate::jwt::Accept::Both;
+        if !config.sources.contains(&KeySource::Bearer) {
+            config.sources.push(KeySource::Bearer);
+        }
+        self
+    }
+
+    /// Which credentials the layer takes: keys, tokens or both (feature `jwt`; without a
+    /// [`tokens`](Self::tokens) verifier only keys are taken whatever this says).
+    #[cfg(feature = "jwt")]
+    pub fn accept(mut self, accept: crate::jwt::Accept) -> Self {
+        self.config_mut().accept = accept;
+        self
     }
 
     fn config_mut(&mut self) -> &mut Config<K> {
@@ -332,12 +367,7 @@ where
             return ResponseFuture::inner(self.inner.call(req));
         }
 
-        let found = source::find(
-            req.headers(),
-            req.uri(),
-            &config.sources,
-            config.max_key_len,
-        );
+        let found = source::find(req.headers(), req.uri(), &config.sources, config.max_len());
         let presented = match found {
             Ok(Some(presented)) => presented,
             Ok(None) if config.allow_anonymous => {
@@ -349,6 +379,35 @@ where
             }
             Err(rejection) => return ResponseFuture::rejected(config.refuse(&req, &rejection)),
         };
+        #[cfg(feature = "jwt")]
+        if let Some(verifier) = &config.tokens {
+            match config.token_or_key(&presented) {
+                Ok(false) => {}
+                Ok(true) => {
+                    let check = verifier.verify(&presented.key);
+                    let carriers = presented.carriers;
+                    if config.hide_credentials {
+                        source::hide(&mut req, &config.sources, carriers);
+                    }
+                    return ResponseFuture {
+                        inner: Resumable::start(
+                            Wait::Token(check),
+                            &mut self.inner,
+                            req,
+                            &self.config,
+                        ),
+                    };
+                }
+                Err(rejection) => return ResponseFuture::rejected(config.refuse(&req, &rejection)),
+            }
+        }
+        if presented.key.len() > config.max_key_len {
+            let rejection = Rejection::new(
+                RejectionKind::KeyTooLong,
+                format!("The API key is longer than {} bytes.", config.max_key_len),
+            );
+            return ResponseFuture::rejected(config.refuse(&req, &rejection));
+        }
         if config.fails_checksum(&presented.key) {
             let rejection = Rejection::new(RejectionKind::InvalidKey, "Invalid API key.");
             return ResponseFuture::rejected(config.refuse(&req, &rejection));
@@ -361,7 +420,7 @@ where
 
         let lookup = config.lookup(digest, None);
         ResponseFuture {
-            inner: Resumable::start(lookup, &mut self.inner, req, &self.config),
+            inner: Resumable::start(Wait::Key(lookup), &mut self.inner, req, &self.config),
         }
     }
 }
@@ -388,6 +447,38 @@ fn missing(sources: &[KeySource]) -> Rejection {
 }
 
 impl<K> Config<K> {
+    /// The longest credential read: a token may be longer than a key.
+    fn max_len(&self) -> usize {
+        #[cfg(feature = "jwt")]
+        if self.tokens.is_some() {
+            return self.max_key_len.max(crate::jwt::MAX_TOKEN_LEN);
+        }
+        self.max_key_len
+    }
+
+    /// Whether `presented` is verified as a token (`true`) or as a key, or is refused
+    /// because this layer does not take its kind.
+    #[cfg(feature = "jwt")]
+    fn token_or_key(&self, presented: &source::Presented<'_>) -> Result<bool, Rejection> {
+        use crate::jwt::Accept;
+        let by_bearer = self
+            .sources
+            .iter()
+            .position(|s| *s == KeySource::Bearer)
+            .is_some_and(|i| presented.carriers & (1 << i) != 0);
+        let token = by_bearer && crate::jwt::looks_like_jwt(&presented.key);
+        match (self.accept, token) {
+            (Accept::Keys, _) => Ok(false),
+            (Accept::Both, token) => Ok(token),
+            (Accept::Tokens, true) => Ok(true),
+            (Accept::Tokens, false) => Err(Rejection::new(
+                RejectionKind::InvalidToken,
+                "This endpoint takes a user token (a JWT) in Authorization: Bearer.",
+            )
+            .with_description()),
+        }
+    }
+
     fn fails_checksum(&self, key: &str) -> bool {
         self.formats
             .iter()
@@ -419,7 +510,7 @@ impl<K: KeyStore> Config<K> {
         &self,
         answer: Checked,
         req: &mut Request<B>,
-    ) -> Result<Next<TimedLookup<K::Lookup>>, Rejection> {
+    ) -> Result<Next<Wait<K::Lookup>>, Rejection> {
         let Checked {
             found,
             digest,
@@ -515,14 +606,14 @@ impl<K: KeyStore> Config<K> {
         child: Arc<KeyRecord>,
         parent: Option<KeyDigest>,
         depth: u8,
-    ) -> Result<Next<TimedLookup<K::Lookup>>, Rejection> {
+    ) -> Result<Next<Wait<K::Lookup>>, Rejection> {
         let Some(parent) = parent else {
             tracing::info!(target: "tower_gateway_auth::inbound", key_id = %key.id(), "API key rejected: its record does not say which key it was minted from");
             return Err(unusable(KeyUnusable::Revoked, true));
         };
-        Ok(Next::Wait(
+        Ok(Next::Wait(Wait::Key(
             self.lookup(parent, Some(Lineage { key, child, depth })),
-        ))
+        )))
     }
 
     /// Checks the scopes of a usable key and hands its identity on.
@@ -530,7 +621,7 @@ impl<K: KeyStore> Config<K> {
         &self,
         record: Arc<KeyRecord>,
         req: &mut Request<B>,
-    ) -> Result<Next<TimedLookup<K::Lookup>>, Rejection> {
+    ) -> Result<Next<Wait<K::Lookup>>, Rejection> {
         if !self.required_scopes.is_subset_of(record.scopes()) {
             let rejection = Rejection::insufficient_scope(self.required_scopes.iter());
             tracing::info!(target: "tower_gateway_auth::inbound", key_id = %record.id(), reason = rejection.code(), "API key rejected");
@@ -589,11 +680,53 @@ fn unavailable() -> Rejection {
     )
 }
 
-impl<K: KeyStore, B> Resume<B> for Config<K> {
-    type Wait = TimedLookup<K::Lookup>;
+/// What a request waits on: a key's lookup, or a token's verification.
+enum Wait<L> {
+    Key(TimedLookup<L>),
+    #[cfg(feature = "jwt")]
+    Token(crate::jwt::TokenCheck),
+}
 
-    fn resume(&self, answer: Checked, req: &mut Request<B>) -> Next<Self::Wait> {
-        match self.admit(answer, req) {
+/// What the wait brought.
+enum Answer {
+    Key(Checked),
+    #[cfg(feature = "jwt")]
+    Token(Result<Arc<KeyRecord>, Rejection>),
+}
+
+impl<L: Future<Output = LookupResult> + Unpin> Future for Wait<L> {
+    type Output = Answer;
+
+    #[inline]
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Answer> {
+        match &mut *self {
+            Wait::Key(lookup) => Pin::new(lookup).poll(cx).map(Answer::Key),
+            #[cfg(feature = "jwt")]
+            Wait::Token(check) => Pin::new(check).poll(cx).map(Answer::Token),
+        }
+    }
+}
+
+impl<K: KeyStore, B> Resume<B> for Config<K> {
+    type Wait = Wait<K::Lookup>;
+
+    fn resume(&self, answer: Answer, req: &mut Request<B>) -> Next<Self::Wait> {
+        let admitted = match answer {
+            Answer::Key(checked) => self.admit(checked, req),
+            #[cfg(feature = "jwt")]
+            Answer::Token(Ok(record)) => {
+                if let Some(slot) = req.extensions().get::<KeyIdSlot>() {
+                    slot.fill(record.id());
+                }
+                self.accept(record, req)
+            }
+            #[cfg(feature = "jwt")]
+            Answer::Token(Err(rejection)) => {
+                tracing::info!(target: "tower_gateway_auth::inbound", reason = rejection.code(), why = rejection.message(), "user token rejected");
+                Err(rejection)
+            }
+        };
+        match admitted {
             Ok(next) => next,
             Err(rejection) => Next::Respond(self.reject(req, &rejection)),
         }
@@ -682,7 +815,7 @@ pin_project! {
         K: KeyStore,
     {
         #[pin]
-        inner: Resumable<TimedLookup<K::Lookup>, S, Config<K>, B>,
+        inner: Resumable<Wait<K::Lookup>, S, Config<K>, B>,
     }
 }
 

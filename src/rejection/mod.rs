@@ -96,6 +96,11 @@ pub enum RejectionKind {
     BudgetExhausted,
     /// The request body is larger than the gateway reads (413, `request_too_large`).
     RequestTooLarge,
+    /// A user token (JWT) that does not verify: expired, not yet valid, wrong issuer or
+    /// audience, bad signature, unknown key, malformed (401, `invalid_token`).
+    InvalidToken,
+    /// A user token longer than the gateway reads (400, `token_too_long`).
+    TokenTooLong,
 }
 
 impl RejectionKind {
@@ -104,14 +109,14 @@ impl RejectionKind {
         use RejectionKind::*;
         match self {
             MalformedKey | AmbiguousKey | KeyTooLong | InvalidPath | InvalidJson
-            | InvalidRequest => StatusCode::BAD_REQUEST,
+            | InvalidRequest | TokenTooLong => StatusCode::BAD_REQUEST,
             RequestTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             InsufficientScope | Forbidden | ModelNotAllowed => StatusCode::FORBIDDEN,
             StoreUnavailable | UpstreamCredentialUnavailable | LimiterUnavailable => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             MissingKey | InvalidKey | ExpiredKey | KeyNotYetValid | RevokedKey | DisabledKey
-            | NoUpstreamCredential => StatusCode::UNAUTHORIZED,
+            | NoUpstreamCredential | InvalidToken => StatusCode::UNAUTHORIZED,
             UpstreamUnreachable => StatusCode::BAD_GATEWAY,
             UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             NotFound | KeyNotFound => StatusCode::NOT_FOUND,
@@ -157,6 +162,8 @@ impl RejectionKind {
             TokensLimited => "rate_limit_exceeded",
             BudgetExhausted => "insufficient_quota",
             RequestTooLarge => "request_too_large",
+            InvalidToken => "invalid_token",
+            TokenTooLong => "token_too_long",
         }
     }
 
@@ -169,8 +176,8 @@ impl RejectionKind {
     /// | outcome | kinds |
     /// |---|---|
     /// | `missing` | `MissingKey` |
-    /// | `malformed` | `MalformedKey`, `AmbiguousKey`, `KeyTooLong` |
-    /// | `invalid` | `InvalidKey` |
+    /// | `malformed` | `MalformedKey`, `AmbiguousKey`, `KeyTooLong`, `TokenTooLong` |
+    /// | `invalid` | `InvalidKey`, `InvalidToken` |
     /// | `expired` | `ExpiredKey` |
     /// | `not_yet_valid` | `KeyNotYetValid` |
     /// | `revoked` | `RevokedKey` |
@@ -197,8 +204,8 @@ impl RejectionKind {
         use RejectionKind::*;
         match self {
             MissingKey => "missing",
-            MalformedKey | AmbiguousKey | KeyTooLong => "malformed",
-            InvalidKey => "invalid",
+            MalformedKey | AmbiguousKey | KeyTooLong | TokenTooLong => "malformed",
+            InvalidKey | InvalidToken => "invalid",
             ExpiredKey => "expired",
             KeyNotYetValid => "not_yet_valid",
             RevokedKey => "revoked",
@@ -225,10 +232,12 @@ impl RejectionKind {
         use RejectionKind::*;
         match self {
             MissingKey => Some(None),
-            MalformedKey | AmbiguousKey | KeyTooLong => Some(Some("invalid_request")),
+            MalformedKey | AmbiguousKey | KeyTooLong | TokenTooLong => {
+                Some(Some("invalid_request"))
+            }
             InsufficientScope => Some(Some("insufficient_scope")),
             InvalidKey | ExpiredKey | KeyNotYetValid | RevokedKey | DisabledKey
-            | NoUpstreamCredential => Some(Some("invalid_token")),
+            | NoUpstreamCredential | InvalidToken => Some(Some("invalid_token")),
             StoreUnavailable
             | UpstreamCredentialUnavailable
             | InvalidPath
@@ -300,6 +309,7 @@ pub struct Rejection {
     message: Cow<'static, str>,
     scopes: Option<Arc<str>>,
     retry_after: Option<u64>,
+    describe: bool,
 }
 
 impl Rejection {
@@ -310,7 +320,16 @@ impl Rejection {
             message: message.into(),
             scopes: None,
             retry_after: None,
+            describe: false,
         }
+    }
+
+    /// Also puts the message into `WWW-Authenticate` as RFC 6750's `error_description`
+    /// (characters it does not allow dropped): for refusals of a token whose reason helps
+    /// the client and tells an attacker nothing the token's own claims do not.
+    pub fn with_description(mut self) -> Self {
+        self.describe = true;
+        self
     }
 
     /// Tells the client to try again after `wait` (`Retry-After`, whole seconds, at least 1).
@@ -340,6 +359,7 @@ impl Rejection {
                 .into(),
             scopes: Some(scopes.into()),
             retry_after: None,
+            describe: false,
         }
     }
 
@@ -376,6 +396,16 @@ impl Rejection {
         if let Some(scopes) = &self.scopes {
             value.push_str(", scope=\"");
             value.push_str(scopes);
+            value.push('"');
+        }
+        if self.describe {
+            // RFC 6750 §3: %x20-21 / %x23-5B / %x5D-7E, so no quote and no backslash.
+            value.push_str(", error_description=\"");
+            value.extend(
+                self.message
+                    .chars()
+                    .filter(|c| matches!(c, ' '..='~') && *c != '"' && *c != '\\'),
+            );
             value.push('"');
         }
         HeaderValue::try_from(value).ok()

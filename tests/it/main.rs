@@ -10,6 +10,7 @@ mod file_store;
 mod gateway;
 mod inbound;
 mod inject;
+mod jwt;
 mod lifecycle;
 mod limits;
 mod model;
