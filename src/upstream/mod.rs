@@ -24,6 +24,8 @@
 //! Credentials are sensitive header values throughout; logs name the provider, the source
 //! and the credential's [`Fingerprint`](crate::keys::Fingerprint), never the credential.
 
+#[cfg(feature = "jwt")]
+mod client_credentials;
 mod credential;
 mod per_identity;
 mod pool;
@@ -49,6 +51,8 @@ use crate::rejection::{Rejection, RejectionKind};
 use crate::response::ResponseBody;
 use crate::wait_then_call::{Next, Resumable, Resume};
 
+#[cfg(feature = "jwt")]
+pub use client_credentials::{ClientAuth, ClientCredentials, ClientCredentialsBuilder};
 pub use credential::{Credential, CredentialError, CredentialSource};
 pub use per_identity::{PerIdentity, PerIdentityFuture};
 pub use pool::KeyPool;

@@ -11,10 +11,9 @@ use std::time::Duration;
 use axum::routing::post;
 use bytes::Bytes;
 use http::{Request, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use support::{
-    HttpClient, Recorder, client, forward_to, get, read, send, spawn_axum, spawn_service,
-    spawn_upstream,
+    Recorder, client, forward_to, get, read, send, spawn_axum, spawn_service, spawn_upstream,
 };
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -98,18 +97,24 @@ impl TokenEndpoint {
     }
 }
 
-/// An OAuth2 client-credentials fetcher, as a gateway would write one with its HTTP client.
+/// The built-in OAuth2 client-credentials fetcher (`upstream::ClientCredentials`, body
+/// style, as this endpoint checks), counting its attempts.
 struct ClientCredentials {
-    token_url: String,
-    http: HttpClient,
+    inner: tower_gateway_auth::upstream::ClientCredentials,
     attempts: Arc<AtomicUsize>,
 }
 
 impl ClientCredentials {
     fn new(token_url: String) -> Self {
         ClientCredentials {
-            token_url,
-            http: client(),
+            inner: tower_gateway_auth::upstream::ClientCredentials::builder(
+                token_url,
+                CLIENT_ID,
+                CLIENT_SECRET,
+            )
+            .auth(tower_gateway_auth::upstream::ClientAuth::Body)
+            .build()
+            .unwrap(),
             attempts: Arc::default(),
         }
     }
@@ -118,31 +123,7 @@ impl ClientCredentials {
 impl TokenFetcher for ClientCredentials {
     async fn fetch(&self) -> Result<Token, FetchError> {
         self.attempts.fetch_add(1, Ordering::SeqCst);
-        let form = format!(
-            "grant_type=client_credentials&client_id={CLIENT_ID}&client_secret={CLIENT_SECRET}"
-        );
-        let req = Request::post(&self.token_url)
-            .header("content-type", "application/x-www-form-urlencoded")
-            .body(Full::new(Bytes::from(form)))
-            .unwrap();
-        let response = self
-            .http
-            .request(req)
-            .await
-            .map_err(|e| FetchError::with_source("the token endpoint cannot be reached", e))?;
-        let status = response.status();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| FetchError::with_source("the token response broke off", e))?
-            .to_bytes();
-        if !status.is_success() {
-            return Err(FetchError::new(format!(
-                "the token endpoint answered {status}"
-            )));
-        }
-        Token::from_oauth2_json(&body, Duration::from_secs(300))
+        self.inner.fetch().await
     }
 }
 
@@ -386,4 +367,94 @@ async fn a_hanging_panicking_or_useless_fetch_ends_in_503_not_a_hang() {
     );
 
     assert_eq!(rec.count(), 0);
+}
+
+#[tokio::test]
+async fn the_built_in_fetcher_authenticates_with_basic_asks_scope_and_audience_and_never_quotes_its_secret()
+ {
+    use tower_gateway_auth::upstream::{ClientAuth, ClientCredentials as Builtin};
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<(String, String)>::new()));
+    let record = seen.clone();
+    let wrong = Arc::new(AtomicBool::new(false));
+    let refuse = wrong.clone();
+    let app = axum::Router::new().route(
+        "/token",
+        post(move |headers: http::HeaderMap, body: String| {
+            let record = record.clone();
+            let refuse = refuse.clone();
+            async move {
+                let auth = headers["authorization"].to_str().unwrap().to_owned();
+                record.lock().unwrap().push((auth, body));
+                if refuse.load(Ordering::SeqCst) {
+                    return (
+                        StatusCode::UNAUTHORIZED,
+                        format!(r#"{{"error":"invalid_client","error_description":"{CLIENT_SECRET} is wrong"}}"#),
+                    );
+                }
+                (
+                    StatusCode::OK,
+                    r#"{"access_token":"tok-basic","token_type":"bearer","expires_in":"120"}"#.into(),
+                )
+            }
+        }),
+    );
+    let url = format!("http://{}/token", spawn_axum(app).await);
+    let fetcher = Builtin::builder(&url, "my app", CLIENT_SECRET)
+        .scope("https://cognitiveservices.azure.com/.default")
+        .audience("https://api.example")
+        .build()
+        .unwrap();
+    assert_eq!(fetcher.auth_kind(), ClientAuth::Basic);
+    let token = fetcher.fetch().await.unwrap();
+    assert_eq!(token.credential().value(), "tok-basic");
+    assert_eq!(token.lifetime(), Duration::from_secs(120));
+    let (auth, body) = seen.lock().unwrap()[0].clone();
+    // RFC 6749 §2.3.1: the id and secret are form-encoded, then joined and base64-encoded.
+    let expected = format!("my%20app:{CLIENT_SECRET}");
+    assert_eq!(auth, format!("Basic {}", base64_std(expected.as_bytes())));
+    assert_eq!(
+        body,
+        "grant_type=client_credentials&scope=https%3A%2F%2Fcognitiveservices.azure.com%2F.default&audience=https%3A%2F%2Fapi.example"
+    );
+    assert!(
+        !body.contains(CLIENT_SECRET),
+        "Basic keeps the secret out of the body"
+    );
+
+    wrong.store(true, Ordering::SeqCst);
+    let error = fetcher.fetch().await.unwrap_err().to_string();
+    assert!(
+        error.contains("401") && error.contains("invalid_client"),
+        "{error}"
+    );
+    assert!(!error.contains(CLIENT_SECRET), "{error}");
+    assert!(!format!("{fetcher:?}").contains(CLIENT_SECRET));
+
+    // Down: an error naming the host, not a hang.
+    let down = Builtin::builder("http://127.0.0.1:9/token", "id", "secret-2")
+        .timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let error = down.fetch().await.unwrap_err().to_string();
+    assert!(error.contains("127.0.0.1"), "{error}");
+    assert!(Builtin::builder("not a url", "id", "s").build().is_err());
+}
+
+fn base64_std(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, &b)| n | (u32::from(b) << (16 - 8 * i)));
+        for i in 0..4 {
+            out.push(if i <= chunk.len() {
+                ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char
+            } else {
+                '='
+            });
+        }
+    }
+    out
 }
