@@ -7,6 +7,8 @@ mod app;
 /// Limits on Redis and the Redis Cluster, and managing them.
 mod limits;
 mod ops;
+/// User tokens beside keys.
+mod users;
 use crate::support;
 
 /// Metrics and the access log, end to end.

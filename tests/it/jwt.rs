@@ -24,16 +24,16 @@ const RSA1: &[u8] = include_bytes!("../fixtures/jwt/rsa1.key.pem");
 const RSA1_PUB: &[u8] = include_bytes!("../fixtures/jwt/rsa1.pub.pem");
 const RSA2: &[u8] = include_bytes!("../fixtures/jwt/rsa2.key.pem");
 const EC1: &[u8] = include_bytes!("../fixtures/jwt/ec1.key.pem");
-const JWK1: &str = include_str!("../fixtures/jwt/rsa1.jwk.json");
+pub(crate) const JWK1: &str = include_str!("../fixtures/jwt/rsa1.jwk.json");
 const JWK2: &str = include_str!("../fixtures/jwt/rsa2.jwk.json");
 const JWK_EC: &str = include_str!("../fixtures/jwt/ec1.jwk.json");
-const AUDIENCE: &str = "https://api.example.test";
+pub(crate) const AUDIENCE: &str = "https://api.example.test";
 const API_KEY: &str = "gw_jwt-test-api-key-0001";
 
 /// A JWKS endpoint (and OIDC discovery document) on loopback whose key set, `max-age` and
 /// health the test controls; it counts the fetches of the set.
 #[derive(Clone)]
-struct Jwks {
+pub(crate) struct Jwks {
     addr: std::net::SocketAddr,
     keys: Arc<Mutex<Vec<&'static str>>>,
     fetches: Arc<AtomicU64>,
@@ -43,7 +43,7 @@ struct Jwks {
 }
 
 impl Jwks {
-    async fn start(keys: &[&'static str]) -> Jwks {
+    pub(crate) async fn start(keys: &[&'static str]) -> Jwks {
         let jwks = Jwks {
             addr: "127.0.0.1:0".parse().unwrap(),
             keys: Arc::new(Mutex::new(keys.to_vec())),
@@ -96,11 +96,11 @@ impl Jwks {
         Jwks { addr, ..jwks }
     }
 
-    fn issuer(&self) -> String {
+    pub(crate) fn issuer(&self) -> String {
         format!("http://{}", self.addr)
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("{}/jwks", self.issuer())
     }
 
@@ -119,7 +119,7 @@ fn now() -> u64 {
 }
 
 /// Claims of a token for `issuer`, valid for an hour, with `extra` on top.
-fn claims(issuer: &str, extra: Value) -> Value {
+pub(crate) fn claims(issuer: &str, extra: Value) -> Value {
     let mut claims = json!({
         "iss": issuer,
         "sub": "user-42",
@@ -146,7 +146,7 @@ fn sign(alg: Algorithm, kid: Option<&str>, pem: &[u8], claims: &Value) -> String
     encode(&header, claims, &key).unwrap()
 }
 
-fn rs256(kid: &str, claims: &Value) -> String {
+pub(crate) fn rs256(kid: &str, claims: &Value) -> String {
     sign(Algorithm::RS256, Some(kid), RSA1, claims)
 }
 

@@ -10,11 +10,12 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue};
 use serde::Deserialize;
 use tower_gateway_auth::inbound::KeySource;
+use tower_gateway_auth::jwt::{Accept, Algorithm, JwtVerifier};
 use tower_gateway_auth::keys::{KeyFormat, KeyHasher};
 use tower_gateway_auth::limit::{self, ModelList, Rate};
 use tower_gateway_auth::rejection::ErrorFormat;
-use tower_gateway_auth::upstream::Credential;
 use tower_gateway_auth::upstream::Provider;
+use tower_gateway_auth::upstream::{ClientAuth, ClientCredentials, Credential};
 
 use super::serve::Limits;
 
@@ -81,6 +82,11 @@ pub struct Config {
     /// Where per-key limits are counted.
     #[serde(default)]
     pub limiter: LimiterConfig,
+    /// User tokens (JWTs) accepted beside API keys.
+    pub jwt: Option<JwtConfig>,
+    /// Sends the caller's id (a key's id, or a token user's) upstream in this header
+    /// (e.g. `x-consumer-id`); a client's own copy is removed first.
+    pub identity_header: Option<String>,
     #[serde(default, rename = "route")]
     pub routes: Vec<RouteConfig>,
 }
@@ -107,6 +113,103 @@ pub struct ServerConfig {
     /// After SIGTERM or SIGINT, how long requests in progress (streams too) may take to
     /// finish before their connections are closed.
     pub shutdown_grace_secs: u64,
+}
+
+/// `[jwt]`: user tokens, verified against the issuer's keys.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    pub issuer: String,
+    /// One audience or several.
+    #[serde(default, deserialize_with = "strings")]
+    pub audience: Vec<String>,
+    /// The key set; without it, found through OIDC discovery from `issuer`.
+    pub jwks_url: Option<String>,
+    /// Default `["RS256"]`.
+    #[serde(default = "default_algorithms")]
+    pub algorithms: Vec<String>,
+    pub scope_claim: Option<String>,
+    pub name_claim: Option<String>,
+    #[serde(default)]
+    pub metadata_claims: Vec<String>,
+    #[serde(default)]
+    pub required_claims: Vec<String>,
+    #[serde(default = "default_leeway")]
+    pub leeway_secs: u64,
+}
+
+fn default_algorithms() -> Vec<String> {
+    vec!["RS256".into()]
+}
+
+fn default_leeway() -> u64 {
+    30
+}
+
+/// A string or a list of strings, as a list.
+fn strings<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(one) => vec![one],
+        OneOrMany::Many(many) => many,
+    })
+}
+
+impl JwtConfig {
+    fn plan(self) -> Result<JwtVerifier, ConfigError> {
+        let mut builder = JwtVerifier::builder()
+            .issuer(&self.issuer)
+            .leeway(Duration::from_secs(self.leeway_secs))
+            .metadata_claims(self.metadata_claims)
+            .required_claims(self.required_claims);
+        for audience in self.audience {
+            builder = builder.audience(audience);
+        }
+        let mut algorithms = Vec::new();
+        for name in &self.algorithms {
+            let alg: Algorithm = name
+                .parse()
+                .map_err(|_| bad("jwt.algorithms", format!("`{name}` is not a JWS algorithm")))?;
+            algorithms.push(alg);
+        }
+        builder = builder.algorithms(algorithms);
+        builder = match &self.jwks_url {
+            Some(url) => builder.jwks_url(url),
+            None => builder.discover(),
+        };
+        if let Some(claim) = self.scope_claim {
+            builder = builder.scope_claim(claim);
+        }
+        if let Some(claim) = self.name_claim {
+            builder = builder.name_claim(claim);
+        }
+        builder.build().map_err(|e| bad("jwt", e))
+    }
+}
+
+/// `credential = { oauth2 = { … } }` on a route: tokens from an OAuth2 token endpoint.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OAuth2Config {
+    pub token_url: String,
+    pub client_id_env: String,
+    pub client_secret_env: String,
+    pub scope: Option<String>,
+    pub audience: Option<String>,
+    /// `basic` (default) or `body`.
+    pub auth: Option<String>,
+}
+
+/// A route's `credential` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialConfig {
+    pub oauth2: OAuth2Config,
 }
 
 /// `[limiter]`: where the request rates and requests in flight of `[route.limits]` and of
@@ -222,8 +325,12 @@ pub struct RouteConfig {
     pub upstream: String,
     pub provider: String,
     pub credential_env: Option<String>,
+    /// In place of `credential_env`: `{ oauth2 = { … } }`.
+    pub credential: Option<CredentialConfig>,
     pub scope: Option<String>,
     pub error_format: Option<String>,
+    /// `keys`, `tokens` or `both` (the default when `[jwt]` is set).
+    pub accept: Option<String>,
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
     /// Azure OpenAI's `api-version` query parameter.
@@ -325,6 +432,9 @@ pub struct Plan {
     pub keep_client_request_id: bool,
     pub limits: Limits,
     pub limiter: LimiterPlan,
+    /// The user-token verifier, when `[jwt]` is set.
+    pub jwt: Option<JwtVerifier>,
+    pub identity_header: Option<HeaderName>,
     pub routes: Vec<RoutePlan>,
     pub metrics_listen: Option<SocketAddr>,
     pub metrics_key_labels: Option<usize>,
@@ -350,6 +460,12 @@ pub enum Keys {
     },
 }
 
+/// Where a route's upstream credential comes from.
+pub enum RouteCredential {
+    Static(Credential),
+    OAuth2(ClientCredentials),
+}
+
 /// Where an upstream is.
 pub enum Upstream {
     Url(String),
@@ -360,8 +476,12 @@ pub struct RoutePlan {
     pub prefix: String,
     pub upstream: Upstream,
     pub provider: Provider,
-    pub credential: Credential,
+    pub credential: RouteCredential,
     pub scope: Option<String>,
+    /// Which credentials clients may present.
+    pub accept: Accept,
+    /// Whether the route said (it needs `[jwt]` then).
+    pub accept_set: bool,
     pub error_format: ErrorFormat,
     pub headers: Vec<(HeaderName, HeaderValue)>,
     pub connect_timeout: Duration,
@@ -395,6 +515,8 @@ impl Config {
             upstream: "echo".into(),
             provider: provider.into(),
             credential_env: None,
+            credential: None,
+            accept: None,
             scope: None,
             error_format: Some(provider.into()),
             headers: BTreeMap::new(),
@@ -425,6 +547,8 @@ impl Config {
             log_format: default_log_format(),
             server: ServerConfig::default(),
             limiter: LimiterConfig::default(),
+            jwt: None,
+            identity_header: None,
             routes: vec![route("/openai", "openai"), route("/anthropic", "anthropic")],
         }
     }
@@ -574,6 +698,16 @@ impl Config {
             }
             (None, None) => Keys::Memory,
         };
+        let jwt = self.jwt.map(JwtConfig::plan).transpose()?;
+        let identity_header = self
+            .identity_header
+            .map(|name| HeaderName::try_from(name.as_str()).map_err(|e| bad("identity_header", e)))
+            .transpose()?;
+        if jwt.is_none()
+            && let Some(i) = routes.iter().position(|r: &RoutePlan| r.accept_set)
+        {
+            return Err(bad(format!("route[{i}].accept"), "needs a [jwt] table"));
+        }
         let limiter = self.limiter;
         let limiter = match (limiter.backend.as_deref(), &self.redis_url) {
             (Some("memory"), _) | (None, None) => LimiterPlan::Memory,
@@ -608,6 +742,8 @@ impl Config {
             keep_client_request_id: self.keep_client_request_id,
             limits,
             limiter,
+            jwt,
+            identity_header,
             routes,
             metrics_listen,
             metrics_key_labels: self.metrics_key_labels,
@@ -661,22 +797,76 @@ impl RouteConfig {
         if let Some(version) = &self.api_version {
             provider = provider.api_version(version);
         }
-        let credential = match (&self.credential_env, &upstream) {
-            (Some(var), _) => {
+        let credential = match (&self.credential_env, &upstream, self.credential) {
+            (Some(_), _, Some(_)) => {
+                return Err(bad(
+                    field("credential"),
+                    "give credential_env or credential, not both",
+                ));
+            }
+            (None, _, Some(CredentialConfig { oauth2 })) => {
+                let read = |var: &str, name: &str| {
+                    env(var).map(|v| v.trim().to_owned()).ok_or_else(|| {
+                        bad(
+                            field(&format!("credential.oauth2.{name}")),
+                            format!("environment variable `{var}` is not set"),
+                        )
+                    })
+                };
+                let id = read(&oauth2.client_id_env, "client_id_env")?;
+                let secret = read(&oauth2.client_secret_env, "client_secret_env")?;
+                let mut builder = ClientCredentials::builder(&oauth2.token_url, id, secret);
+                if let Some(scope) = oauth2.scope {
+                    builder = builder.scope(scope);
+                }
+                if let Some(audience) = oauth2.audience {
+                    builder = builder.audience(audience);
+                }
+                builder = match oauth2.auth.as_deref() {
+                    None | Some("basic") => builder.auth(ClientAuth::Basic),
+                    Some("body") => builder.auth(ClientAuth::Body),
+                    Some(other) => {
+                        return Err(bad(
+                            field("credential.oauth2.auth"),
+                            format!("`{other}` is not basic or body"),
+                        ));
+                    }
+                };
+                RouteCredential::OAuth2(
+                    builder
+                        .build()
+                        .map_err(|e| bad(field("credential.oauth2.token_url"), e))?,
+                )
+            }
+            (Some(var), _, None) => {
                 let value = env(var).ok_or_else(|| {
                     bad(
                         field("credential_env"),
                         format!("environment variable `{var}` is not set"),
                     )
                 })?;
-                Credential::new(value.trim())
-                    .map_err(|e| bad(field("credential_env"), format!("`{var}`: {e}")))?
+                RouteCredential::Static(
+                    Credential::new(value.trim())
+                        .map_err(|e| bad(field("credential_env"), format!("`{var}`: {e}")))?,
+                )
             }
-            (None, Upstream::Echo) => {
-                Credential::new(ECHO_CREDENTIAL).expect("a valid demo credential")
-            }
-            (None, Upstream::Url(_)) => {
+            (None, Upstream::Echo, None) => RouteCredential::Static(
+                Credential::new(ECHO_CREDENTIAL).expect("a valid demo credential"),
+            ),
+            (None, Upstream::Url(_), None) => {
                 return Err(bad(field("credential_env"), "required for a real upstream"));
+            }
+        };
+        let accept_set = self.accept.is_some();
+        let accept = match self.accept.as_deref() {
+            None | Some("both") => Accept::Both,
+            Some("keys") => Accept::Keys,
+            Some("tokens") => Accept::Tokens,
+            Some(other) => {
+                return Err(bad(
+                    field("accept"),
+                    format!("`{other}` is not keys, tokens or both"),
+                ));
             }
         };
         let error_format = match &self.error_format {
@@ -755,6 +945,8 @@ impl RouteConfig {
             upstream,
             provider,
             credential,
+            accept,
+            accept_set,
             scope: self.scope,
             error_format,
             headers,

@@ -43,9 +43,13 @@ use tower_gateway_auth::{
 };
 
 pub use config::{Config, ConfigError, Plan};
-use config::{Keys, LimiterPlan, Upstream};
+use config::{Keys, LimiterPlan, RouteCredential, Upstream};
 pub use probes::Readiness;
 pub use serve::{Limits, Serving, serve};
+use tower_gateway_auth::jwt::Accept;
+use tower_gateway_auth::upstream::{
+    ClientCredentials, Credential, CredentialSource, RefreshFuture, RefreshingToken,
+};
 
 /// The gateway as one service, whatever its key store.
 pub type GatewayService = tower::util::BoxCloneSyncService<
@@ -203,10 +207,19 @@ where
     L: Limiter,
 {
     let manager = key_manager(store.clone(), &plan, &audit);
-    let inbound = || {
-        InboundApiKeyLayer::from_shared(store.clone())
+    // Keys only for the management API; a route takes user tokens too when `[jwt]` is set.
+    let inbound = |accept: Option<Accept>| {
+        let layer = InboundApiKeyLayer::from_shared(store.clone())
             .sources(plan.sources.clone())
-            .key_formats([plan.key_format.clone()])
+            .key_formats([plan.key_format.clone()]);
+        let layer = match &plan.identity_header {
+            Some(name) => layer.identity_header(name.clone()),
+            None => layer,
+        };
+        match (&plan.jwt, accept) {
+            (Some(verifier), Some(accept)) => layer.tokens(verifier.clone()).accept(accept),
+            _ => layer,
+        }
     };
     // Every refusal of a route, whichever layer makes it, in the route's dialect; one realm.
     let responder = |format: &ErrorFormat| {
@@ -277,9 +290,16 @@ where
             .connect_timeout(route.connect_timeout)
             .response_timeout(route.timeout)
             .build();
-        let inbound = inbound();
-        let upstream =
-            UpstreamAuthLayer::new(route.provider, route.credential).strip_inbound(&inbound);
+        let inbound = inbound(Some(route.accept));
+        let credential = match route.credential {
+            RouteCredential::Static(credential) => RouteSource::Static(credential),
+            RouteCredential::OAuth2(fetcher) => RouteSource::OAuth2(
+                RefreshingToken::builder(fetcher)
+                    .name(route.prefix.trim_start_matches('/').to_owned())
+                    .build(),
+            ),
+        };
+        let upstream = UpstreamAuthLayer::new(route.provider, credential).strip_inbound(&inbound);
         let inject = route.headers.into_iter().fold(
             HeaderInjectLayer::new().request_id(
                 RequestId::new()
@@ -318,7 +338,7 @@ where
             .admin_scope(scope)
             .usage_from(limiter.clone())
             .router()
-            .layer(inbound());
+            .layer(inbound(None));
         router = router.nest("/admin", api);
     }
     let default_responder = responder(&plan.error_format);
@@ -363,4 +383,49 @@ where
         metrics,
         tasks,
     })
+}
+
+/// A route's upstream credential: fixed, or OAuth2 tokens refreshed ahead of expiry. One
+/// type, so that every route's stack is of one type.
+enum RouteSource {
+    Static(Credential),
+    OAuth2(RefreshingToken<ClientCredentials>),
+}
+
+/// The future of [`RouteSource`]'s credential.
+enum RouteSourceFuture {
+    Static(<Credential as CredentialSource>::Future),
+    OAuth2(RefreshFuture),
+}
+
+impl std::future::Future for RouteSourceFuture {
+    type Output = Result<Credential, Rejection>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match &mut *self {
+            RouteSourceFuture::Static(f) => std::pin::Pin::new(f).poll(cx),
+            RouteSourceFuture::OAuth2(f) => std::pin::Pin::new(f).poll(cx),
+        }
+    }
+}
+
+impl CredentialSource for RouteSource {
+    type Future = RouteSourceFuture;
+
+    fn credential(&self, identity: Option<&tower_gateway_auth::Identity>) -> Self::Future {
+        match self {
+            RouteSource::Static(c) => RouteSourceFuture::Static(c.credential(identity)),
+            RouteSource::OAuth2(t) => RouteSourceFuture::OAuth2(t.credential(identity)),
+        }
+    }
+
+    fn label(&self) -> &str {
+        match self {
+            RouteSource::Static(c) => c.label(),
+            RouteSource::OAuth2(t) => t.label(),
+        }
+    }
 }
