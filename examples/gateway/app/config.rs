@@ -463,7 +463,7 @@ pub enum Keys {
 /// Where a route's upstream credential comes from.
 pub enum RouteCredential {
     Static(Credential),
-    OAuth2(ClientCredentials),
+    OAuth2(Box<ClientCredentials>),
 }
 
 /// Where an upstream is.
@@ -832,11 +832,11 @@ impl RouteConfig {
                         ));
                     }
                 };
-                RouteCredential::OAuth2(
+                RouteCredential::OAuth2(Box::new(
                     builder
                         .build()
                         .map_err(|e| bad(field("credential.oauth2.token_url"), e))?,
-                )
+                ))
             }
             (Some(var), _, None) => {
                 let value = env(var).ok_or_else(|| {

@@ -294,7 +294,7 @@ where
         let credential = match route.credential {
             RouteCredential::Static(credential) => RouteSource::Static(credential),
             RouteCredential::OAuth2(fetcher) => RouteSource::OAuth2(
-                RefreshingToken::builder(fetcher)
+                RefreshingToken::builder(*fetcher)
                     .name(route.prefix.trim_start_matches('/').to_owned())
                     .build(),
             ),
