@@ -1165,7 +1165,7 @@ fn the_openai_usage_chunk_is_hidden_in_any_reads() {
 
 #[test]
 fn only_the_usage_only_chunk_is_hidden() {
-    let cases: [(&str, bool); 6] = [
+    let cases: [(&str, bool); 7] = [
         (
             "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1}}\n\n",
             true,
@@ -1183,6 +1183,11 @@ fn only_the_usage_only_chunk_is_hidden() {
         // Anthropic's message_delta has usage but no choices.
         (
             "data: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":1}}\n\n",
+            false,
+        ),
+        // Not JSON once it ended.
+        (
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1}} x\n\n",
             false,
         ),
         // Cut before its end: not known to be one, passed on.
