@@ -1295,6 +1295,7 @@ impl UsageScanner {
     /// framing.
     fn prelude<'a>(&mut self, mut s: &'a [u8]) -> &'a [u8] {
         if let Mode::Start { framing, mut bom } = self.mode {
+            let (earlier, whole) = (bom, s);
             while usize::from(bom) < BOM.len() && !s.is_empty() && s[0] == BOM[usize::from(bom)] {
                 bom += 1;
                 s = &s[1..];
@@ -1305,8 +1306,12 @@ impl UsageScanner {
             }
             self.mode = self.main_mode(framing);
             if usize::from(bom) < BOM.len() {
-                // Not a BOM: those bytes are the body's.
-                self.feed_main(&BOM[..usize::from(bom)]);
+                // Not a BOM: those bytes are the body's. The ones in this chunk are read
+                // from it (so that offsets in it stay right), earlier ones replayed.
+                s = whole;
+                if earlier > 0 {
+                    self.feed_main(&BOM[..usize::from(earlier)]);
+                }
             }
         }
         if let Mode::Detect { mut space } = self.mode {

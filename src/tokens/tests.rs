@@ -1209,6 +1209,24 @@ fn only_the_usage_only_chunk_is_hidden() {
     }
 }
 
+/// The first bytes of a BOM, then not a BOM (found by the fuzzer): they are the first
+/// line's, and hiding still finds the chunk.
+#[test]
+fn hiding_after_half_a_bom() {
+    let usage = b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3}}\n\n";
+    let bytes = [&b"\xEF\xBBx\n\n"[..], usage, b"data: [DONE]\n\n"].concat();
+    let want = [&b"\xEF\xBBx\n\n"[..], b"data: [DONE]\n\n"].concat();
+    for at in 0..bytes.len() {
+        let parts = vec![
+            Bytes::copy_from_slice(&bytes[..at]),
+            Bytes::copy_from_slice(&bytes[at..]),
+        ];
+        let ran = run_body(parts, true, Ending::End);
+        assert_eq!(ran.bytes, want, "split at {at}");
+        assert_eq!(ran.reports, [Some(TokenUsage::new(3, 0))]);
+    }
+}
+
 #[test]
 fn a_long_event_is_passed_on_while_hiding() {
     let big = format!(
