@@ -4,8 +4,9 @@
 //! sends them (text deltas of a few words): `openai_sse` (chat completions with
 //! `stream_options.include_usage`, so every chunk carries `"usage":null` and the last one
 //! the usage) and `anthropic_sse` (`message_start`, text deltas, `message_delta`), with
-//! `gemini_sse` (`usageMetadata` on every chunk) and `openai_json` (one non-streamed body)
-//! for reference. Throughput is in bytes.
+//! `responses_sse` (the Responses API: its last event repeats the whole answer beside the
+//! usage), `gemini_sse` (`usageMetadata` on every chunk) and `openai_json` (one
+//! non-streamed body) for reference. Throughput is in bytes.
 //!
 //! - `memmem_floor`: `memchr::memmem` (a `Finder` built once) counting `"usage"` in the
 //!   bytes: the least any reader must do to look at every byte for the key.
@@ -121,6 +122,57 @@ data: {"type":"message_start","message":{"id":"msg_01XFDUDYJgAACzvnptvVoYEL","ty
         "event: message_delta\ndata: {{\"type\":\"message_delta\",\"delta\":{{\"stop_reason\":\"end_turn\",\"stop_sequence\":null}},\"usage\":{{\"output_tokens\":{EVENTS}}}}}\n\n"
     ));
     events.push("event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n".to_owned());
+    events.into_iter().map(Bytes::from).collect()
+}
+
+fn openai_responses_sse() -> Vec<Bytes> {
+    let text: String = (0..EVENTS).map(|i| WORDS[i % WORDS.len()]).collect();
+    let response = |status: &str, output: &str, usage: &str| {
+        format!(
+            r#"{{"id":"resp_67c9fdcecf488190bdd9a0409de3a1ec07b8b0ad4e5eb654","object":"response","created_at":1741290958,"status":"{status}","error":null,"incomplete_details":null,"instructions":"You are a helpful assistant.","max_output_tokens":null,"model":"gpt-4.1-2025-04-14","output":[{output}],"parallel_tool_calls":true,"previous_response_id":null,"reasoning":{{"effort":null,"summary":null}},"store":true,"temperature":1.0,"text":{{"format":{{"type":"text"}}}},"tool_choice":"auto","tools":[],"top_p":1.0,"truncation":"disabled","usage":{usage},"user":null,"metadata":{{}}}}"#
+        )
+    };
+    let item = format!(
+        r#"{{"id":"msg_67c9fdcf37fc8190ba82116e33fb28c507b8b0ad4e5eb654","type":"message","status":"completed","content":[{{"type":"output_text","annotations":[],"text":"{text}"}}],"role":"assistant"}}"#
+    );
+    let mut n = 0;
+    let mut event = |kind: &str, body: String| {
+        n += 1;
+        format!("event: {kind}\ndata: {{\"type\":\"{kind}\",\"sequence_number\":{n},{body}}}\n\n")
+    };
+    let mut events = vec![
+        event(
+            "response.created",
+            format!("\"response\":{}", response("in_progress", "", "null")),
+        ),
+        event(
+            "response.in_progress",
+            format!("\"response\":{}", response("in_progress", "", "null")),
+        ),
+    ];
+    for i in 0..EVENTS {
+        let word = WORDS[i % WORDS.len()];
+        events.push(event(
+            "response.output_text.delta",
+            format!("\"item_id\":\"msg_67c9fdcf37fc8190ba82116e33fb28c507b8b0ad4e5eb654\",\"output_index\":0,\"content_index\":0,\"delta\":\"{word}\",\"logprobs\":[]"),
+        ));
+    }
+    events.push(event(
+        "response.output_text.done",
+        format!("\"item_id\":\"msg_67c9fdcf37fc8190ba82116e33fb28c507b8b0ad4e5eb654\",\"output_index\":0,\"content_index\":0,\"text\":\"{text}\""),
+    ));
+    events.push(event(
+        "response.output_item.done",
+        format!("\"output_index\":0,\"item\":{item}"),
+    ));
+    let usage = format!(
+        r#"{{"input_tokens":1024,"input_tokens_details":{{"cached_tokens":512}},"output_tokens":{EVENTS},"output_tokens_details":{{"reasoning_tokens":0}},"total_tokens":{}}}"#,
+        1024 + EVENTS
+    );
+    events.push(event(
+        "response.completed",
+        format!("\"response\":{}", response("completed", &item, &usage)),
+    ));
     events.into_iter().map(Bytes::from).collect()
 }
 
@@ -305,6 +357,13 @@ fn stream(c: &mut Criterion, name: &str, events: Vec<Bytes>, framing: Framing, h
 fn usage_scan(c: &mut Criterion) {
     stream(c, "openai_sse", openai_sse(), Framing::Sse, true);
     stream(c, "anthropic_sse", anthropic_sse(), Framing::Sse, false);
+    stream(
+        c,
+        "responses_sse",
+        openai_responses_sse(),
+        Framing::Sse,
+        false,
+    );
     stream(c, "gemini_sse", gemini_sse(), Framing::Sse, false);
     stream(c, "openai_json", openai_json(), Framing::Json, false);
 }

@@ -23,7 +23,7 @@
 //! `u64::MAX`, `null` or a string, leaves that field unset, as `serde_json`'s `as_u64`
 //! reads it). Within one document a key that appears twice counts once, the last (as
 //! `serde_json` keeps it); across documents (SSE events, array elements) each field takes
-//! the last value sent, so Anthropic's `message_delta` output count (cumulative) replaces
+//! the last valid value sent, so Anthropic's `message_delta` output count (cumulative) replaces
 //! the one in `message_start` while the input counts stay. Bytes read before a syntax
 //! error count; what follows it in the same document does not.
 //!
