@@ -16,6 +16,7 @@
 //!   the body's first line is the path id.
 //! - [`model_body`]: `flags`, read cuts up to a `0xff`, then a request body sent by a key
 //!   limited to `gpt-4o*`.
+//! - [`usage_scan`]: `flags`, read cuts up to a `0xff`, then a response body.
 #![allow(dead_code)]
 
 use std::convert::Infallible;
@@ -36,6 +37,7 @@ use tower_gateway_auth::keys::{
 };
 use tower_gateway_auth::rejection::{ErrorFormat, Realm, RejectionKind, is_grpc};
 use tower_gateway_auth::store::{KeyStore, MemoryStore};
+use tower_gateway_auth::tokens::{Framing, TokenUsage, UsageBody};
 use tower_gateway_auth::upstream::Placement;
 use tower_gateway_auth::upstream::Provider;
 use tower_gateway_auth::{Identity, InboundApiKeyLayer, ManagementApi, Rejection, RejectionLayer};
@@ -1649,5 +1651,331 @@ pub fn model_body(data: &[u8]) {
             "broken for another reason: {error}"
         ),
         more => panic!("{} upstream requests for one", more.len()),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// usage_scan: the token-usage reader over any bytes, in any reads
+
+/// One SSE event as a client reads it (WHATWG), written independently of the crate: where
+/// its first line starts, where the terminator of the empty line that ends it ends (`None`:
+/// the input ended first), and its data.
+struct SseEvent {
+    start: usize,
+    end: Option<usize>,
+    data: Vec<u8>,
+}
+
+fn sse_events(bytes: &[u8]) -> Vec<SseEvent> {
+    let mut events = Vec::new();
+    let mut i = if bytes.starts_with(b"\xEF\xBB\xBF") {
+        3
+    } else {
+        0
+    };
+    let mut start = None;
+    let mut data: Option<Vec<u8>> = None;
+    while i < bytes.len() {
+        let line_start = i;
+        while i < bytes.len() && bytes[i] != b'\r' && bytes[i] != b'\n' {
+            i += 1;
+        }
+        let line = &bytes[line_start..i];
+        if i < bytes.len() {
+            i += if bytes[i] == b'\r' && bytes.get(i + 1) == Some(&b'\n') {
+                2
+            } else {
+                1
+            };
+        } else {
+            // A last line without its end: part of an event that never ended.
+            if !line.is_empty() {
+                start.get_or_insert(line_start);
+                read_field(line, &mut data);
+            }
+            break;
+        }
+        if line.is_empty() {
+            if let Some(s) = start.take() {
+                events.push(SseEvent {
+                    start: s,
+                    end: Some(i),
+                    data: data.take().unwrap_or_default(),
+                });
+            }
+            data = None;
+            continue;
+        }
+        start.get_or_insert(line_start);
+        read_field(line, &mut data);
+    }
+    if let Some(s) = start {
+        events.push(SseEvent {
+            start: s,
+            end: None,
+            data: data.unwrap_or_default(),
+        });
+    }
+    events
+}
+
+fn read_field(line: &[u8], data: &mut Option<Vec<u8>>) {
+    if line[0] == b':' {
+        return;
+    }
+    let (name, value) = match line.iter().position(|&b| b == b':') {
+        Some(c) => (
+            &line[..c],
+            line[c + 1..].strip_prefix(b" ").unwrap_or(&line[c + 1..]),
+        ),
+        None => (line, &b""[..]),
+    };
+    if name == b"data" {
+        match data {
+            Some(d) => {
+                d.push(b'\n');
+                d.extend_from_slice(value);
+            }
+            None => *data = Some(value.to_vec()),
+        }
+    }
+}
+
+/// The module docs' rules over `serde_json` values, written again: usage objects at
+/// `usage`, `usageMetadata`, `message.usage`, `response.usage` of each document (an object,
+/// or each object of an array); each field's last `u64` value; then `TokenUsage`'s table.
+fn reference_usage(docs: &[serde_json::Value]) -> Option<TokenUsage> {
+    use serde_json::Value;
+    let numbers = [
+        "prompt_tokens",
+        "completion_tokens",
+        "total_tokens",
+        "input_tokens",
+        "output_tokens",
+        "cache_creation_input_tokens",
+        "cache_read_input_tokens",
+        "promptTokenCount",
+        "candidatesTokenCount",
+        "totalTokenCount",
+        "cachedContentTokenCount",
+        "thoughtsTokenCount",
+        "toolUsePromptTokenCount",
+    ];
+    let details = [
+        ("prompt_tokens_details", "cached_tokens"),
+        ("input_tokens_details", "cached_tokens"),
+        ("completion_tokens_details", "reasoning_tokens"),
+        ("output_tokens_details", "reasoning_tokens"),
+    ];
+    let mut seen = false;
+    let mut fields = std::collections::HashMap::new();
+    let objects = docs.iter().flat_map(|d| match d {
+        Value::Array(items) => items.iter().filter(|i| i.is_object()).collect(),
+        Value::Object(_) => vec![d],
+        _ => vec![],
+    });
+    for doc in objects {
+        for path in [
+            "/usage",
+            "/usageMetadata",
+            "/message/usage",
+            "/response/usage",
+        ] {
+            let Some(Value::Object(usage)) = doc.pointer(path) else {
+                continue;
+            };
+            seen = true;
+            for name in numbers {
+                if let Some(n) = usage.get(name).and_then(Value::as_u64) {
+                    fields.insert(name.to_owned(), n);
+                }
+            }
+            for (d, key) in details {
+                if let Some(n) = usage
+                    .get(d)
+                    .and_then(|v| v.get(key))
+                    .and_then(Value::as_u64)
+                {
+                    fields.insert(format!("{d}.{key}"), n);
+                }
+            }
+        }
+    }
+    if !seen {
+        return None;
+    }
+    let get = |k: &str| fields.get(k).copied();
+    let sum = |ks: &[&str]| {
+        ks.iter()
+            .filter_map(|k| get(k))
+            .fold(0u64, u64::saturating_add)
+    };
+    let anthropic = [
+        "input_tokens",
+        "cache_creation_input_tokens",
+        "cache_read_input_tokens",
+    ];
+    let prompt = match get("prompt_tokens") {
+        Some(p) => p,
+        None if anthropic.iter().any(|k| get(k).is_some()) => sum(&anthropic),
+        None => sum(&["promptTokenCount", "toolUsePromptTokenCount"]),
+    };
+    let completion = get("completion_tokens")
+        .or(get("output_tokens"))
+        .unwrap_or_else(|| sum(&["candidatesTokenCount", "thoughtsTokenCount"]));
+    let mut usage = TokenUsage::new(prompt, completion)
+        .with_cached(
+            get("prompt_tokens_details.cached_tokens")
+                .or(get("input_tokens_details.cached_tokens"))
+                .or(get("cache_read_input_tokens"))
+                .or(get("cachedContentTokenCount"))
+                .unwrap_or(0),
+        )
+        .with_reasoning(
+            get("completion_tokens_details.reasoning_tokens")
+                .or(get("output_tokens_details.reasoning_tokens"))
+                .or(get("thoughtsTokenCount"))
+                .unwrap_or(0),
+        )
+        .with_cache_creation(get("cache_creation_input_tokens").unwrap_or(0));
+    if let Some(total) = get("total_tokens").or(get("totalTokenCount")) {
+        usage = usage.with_total(total);
+    }
+    Some(usage)
+}
+
+/// A plain `"usage"` key: the literal, then spaces and a colon or a line end (the only way
+/// the scanner's fast path finds an event's usage).
+fn plain_usage_key(event: &[u8]) -> bool {
+    let needle = b"\"usage";
+    (0..event.len().saturating_sub(needle.len() - 1)).any(|i| {
+        let mut j = i + needle.len();
+        if event[i..j] != needle[..] {
+            return false;
+        }
+        match event.get(j) {
+            Some(b'"') => j += 1,
+            Some(b'M') if event[j..].starts_with(b"Metadata\"") => j += 9,
+            _ => return false,
+        }
+        while matches!(event.get(j), Some(b' ' | b'\t')) {
+            j += 1;
+        }
+        matches!(event.get(j), None | Some(b':' | b'\r' | b'\n'))
+    })
+}
+
+/// Runs `UsageBody` over `parts`: what the client got and every report.
+fn usage_body(
+    parts: std::collections::VecDeque<Bytes>,
+    framing: Framing,
+    hide: bool,
+) -> (Vec<u8>, Vec<Option<TokenUsage>>) {
+    let reports: Arc<Mutex<Vec<Option<TokenUsage>>>> = Arc::default();
+    let sink = {
+        let reports = reports.clone();
+        move |usage| reports.lock().unwrap().push(usage)
+    };
+    let body = UsageBody::new(Chunks(parts), framing, sink).hide_usage_chunk(hide);
+    let out = block_on(body.collect())
+        .expect("infallible")
+        .to_bytes()
+        .to_vec();
+    let reports = reports.lock().unwrap().clone();
+    (out, reports)
+}
+
+/// `usage_scan`: `flags` (bits 0–1: the framing, auto, JSON, SSE, SSE; bit 2: hide the
+/// usage-only chunk), read cuts up to a `0xff`, then a response body. Whatever the bytes:
+/// no panic; the sink hears once; where the reads fall changes neither the bytes out nor
+/// the usage; the bytes out are the bytes in, less (when hiding an SSE stream) exactly the
+/// complete usage-only chunks (`"choices":[]` and a `usage` object, the key written plainly);
+/// and the usage is what `serde_json` reads. Those last two are checked when every
+/// document that names `"usage` is valid JSON and nothing is escaped with `\u`.
+pub fn usage_scan(data: &[u8]) {
+    let [flags, rest @ ..] = data else {
+        return;
+    };
+    let (cuts, body) = match rest.iter().position(|&b| b == 0xff) {
+        Some(at) => (&rest[..at], &rest[at + 1..]),
+        None => (&[][..], rest),
+    };
+    let framing = match flags & 3 {
+        0 => Framing::Auto,
+        1 => Framing::Json,
+        _ => Framing::Sse,
+    };
+    let hide = flags & 4 != 0;
+    let mut points: Vec<usize> = cuts
+        .iter()
+        .map(|&c| usize::from(c) * 7 % (body.len() + 1))
+        .collect();
+    points.sort_unstable();
+    let mut parts = std::collections::VecDeque::new();
+    let mut from = 0;
+    for p in points.into_iter().chain([body.len()]) {
+        parts.push_back(Bytes::copy_from_slice(&body[from..p]));
+        from = p;
+    }
+    let whole = std::collections::VecDeque::from([Bytes::copy_from_slice(body)]);
+
+    let (out, reports) = usage_body(parts, framing, hide);
+    assert_eq!(reports.len(), 1, "the sink heard {} times", reports.len());
+    let (out_whole, reports_whole) = usage_body(whole, framing, hide);
+    assert_eq!(out, out_whole, "the reads changed the bytes out");
+    assert_eq!(reports, reports_whole, "the reads changed the usage");
+    let usage = reports[0];
+
+    let hiding = hide && framing == Framing::Sse;
+    if !hiding {
+        assert_eq!(out, body, "the body changed on its way");
+    }
+    match framing {
+        Framing::Json => {
+            if let Ok(value) = serde_json::from_slice::<serde_json::Value>(body) {
+                assert_eq!(
+                    usage,
+                    reference_usage(&[value]),
+                    "not what serde_json reads"
+                );
+            }
+        }
+        Framing::Sse => {
+            let events = sse_events(body);
+            let valid = |e: &SseEvent| serde_json::from_slice::<serde_json::Value>(&e.data).ok();
+            let raw = |e: &SseEvent| &body[e.start..e.end.unwrap_or(body.len())];
+            // Only an event with a plain `"usage` can be hidden: exact when all of those are
+            // JSON and no key hides behind an escape.
+            let checkable = events
+                .iter()
+                .all(|e| !contains(raw(e), b"\"usage") || valid(e).is_some())
+                && !contains(body, b"\\u");
+            if hiding && checkable {
+                let mut expected = Vec::new();
+                let mut at = 0;
+                for e in &events {
+                    let Some(end) = e.end else { continue };
+                    let usage_only = valid(e).is_some_and(|v| {
+                        v.get("choices") == Some(&serde_json::Value::Array(vec![]))
+                            && v.get("usage").is_some_and(serde_json::Value::is_object)
+                    });
+                    if usage_only && plain_usage_key(raw(e)) {
+                        expected.extend_from_slice(&body[at..e.start]);
+                        at = end;
+                    }
+                }
+                expected.extend_from_slice(&body[at..]);
+                assert!(
+                    out == expected,
+                    "not exactly the usage-only chunks hidden: {:?}",
+                    String::from_utf8_lossy(&out)
+                );
+            }
+            if checkable {
+                let docs: Vec<_> = events.iter().filter_map(valid).collect();
+                assert_eq!(usage, reference_usage(&docs), "not what serde_json reads");
+            }
+        }
+        _ => {}
     }
 }

@@ -78,3 +78,8 @@ fn the_fixed_keys_are_well_formed() {
 fn model_body() {
     replay("model_body", checks::model_body);
 }
+
+#[test]
+fn usage_scan() {
+    replay("usage_scan", checks::usage_scan);
+}

@@ -18,6 +18,25 @@ use super::usage::TokenUsage;
 ///
 /// Any `FnOnce(Option<TokenUsage>)` is one; a type of your own (a limiter handle and a key
 /// id, say) can implement it so that the body's type can be named.
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::sync::atomic::{AtomicU64, Ordering};
+/// use tower_gateway_auth::tokens::{TokenUsage, UsageSink};
+///
+/// /// Adds each response's tokens to a key's running total.
+/// struct Charge(Arc<AtomicU64>);
+///
+/// impl UsageSink for Charge {
+///     fn report(self, usage: Option<TokenUsage>) {
+///         self.0.fetch_add(usage.map_or(0, |u| u.total()), Ordering::Relaxed);
+///     }
+/// }
+///
+/// let spent = Arc::new(AtomicU64::new(0));
+/// Charge(spent.clone()).report(Some(TokenUsage::new(10, 5)));
+/// assert_eq!(spent.load(Ordering::Relaxed), 15);
+/// ```
 pub trait UsageSink {
     /// The usage the response reported (`None`: it reported none), as far as the body was
     /// read.

@@ -17,6 +17,21 @@
 //! `Content-Type` ([`Framing::from_headers`]). The body must not be compressed: ask the
 //! upstream for `Accept-Encoding: identity` (a compressed body reads as no usage).
 //!
+//! # What counts
+//!
+//! In each document (a JSON body, each element of a JSON array, each SSE event's data) the
+//! objects at `usage`, `usageMetadata`, `message.usage` and `response.usage`; nothing
+//! deeper (a `usage` inside `choices` is content, not a report). A field counts when it is
+//! a non-negative integer that fits a `u64`: a negative number, a fraction, an exponent, a
+//! number past `u64::MAX`, `null` or a string leave it unset, as `serde_json`'s `as_u64`
+//! reads them. A key given twice in one object counts once, the last (as `serde_json`
+//! keeps it); across documents each field takes the last valid value sent. Fields read
+//! before a syntax error count, nothing after it in that document; a body that is not
+//! JSON reports no usage. The reader agrees with `serde_json` on every well-formed body
+//! (property tests and a fuzz target check it), with one documented gap: in an SSE stream
+//! an event whose `usage` key is spelled with `\u` escapes is not read (the fast path looks
+//! for the literal key; no provider escapes it).
+//!
 //! # Cost
 //!
 //! Memory per response is constant: an SSE event split across reads is kept until it is

@@ -23,7 +23,7 @@
 //! `u64::MAX`, `null` or a string, leaves that field unset, as `serde_json`'s `as_u64`
 //! reads it). Within one document a key that appears twice counts once, the last (as
 //! `serde_json` keeps it); across documents (SSE events, array elements) each field takes
-//! the last value sent, so Anthropic's `message_delta` output count (cumulative) replaces
+//! the last valid value sent, so Anthropic's `message_delta` output count (cumulative) replaces
 //! the one in `message_start` while the input counts stay. Bytes read before a syntax
 //! error count; what follows it in the same document does not.
 //!
@@ -315,6 +315,28 @@ fn is_ws(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\n' | b'\r')
 }
 
+/// The bytes a skipped nested value is tracked by.
+static STRUCTURAL: [bool; 256] = {
+    let mut t = [false; 256];
+    t[b'"' as usize] = true;
+    t[b'{' as usize] = true;
+    t[b'}' as usize] = true;
+    t[b'[' as usize] = true;
+    t[b']' as usize] = true;
+    t
+};
+
+/// The first `"` or `\` in `s`: most JSON strings are short, so the first bytes are looked
+/// at one by one before `memchr2` takes over.
+#[inline]
+fn quote_or_backslash(s: &[u8]) -> Option<usize> {
+    let head = s.len().min(16);
+    match s[..head].iter().position(|&b| b == b'"' || b == b'\\') {
+        Some(j) => Some(j),
+        None => memchr2(b'"', b'\\', &s[head..]).map(|j| head + j),
+    }
+}
+
 /// Finds the usage objects of JSON documents fed in chunks; see the module docs.
 #[derive(Debug, Clone)]
 struct Doc {
@@ -483,7 +505,11 @@ impl Doc {
         if self.key_over {
             return Want::Skip;
         }
-        let key = &self.key[..usize::from(self.key_len)];
+        self.classify(&self.key[..usize::from(self.key_len)])
+    }
+
+    /// What the value of `key`, a key of the current object, is to the scanner.
+    fn classify(&self, key: &[u8]) -> Want {
         match self.levels[usize::from(self.depth - 1)] {
             Level::Root => match key {
                 b"usage" => Want::Usage(P_USAGE),
@@ -502,6 +528,51 @@ impl Doc {
             },
             Level::Details(p, f) if key == details_key(f) => Want::Number(p, f),
             Level::Details(..) => Want::Skip,
+        }
+    }
+
+    /// The fast path of a member: its key (unescaped), the colon and the first byte of its
+    /// value all in `s[i..]` (`i` just past the key's opening quote) are read at once.
+    /// `None` (nothing changed) leaves the rest to the state machine.
+    #[inline]
+    fn fast_key(&mut self, s: &[u8], i: usize) -> Option<usize> {
+        let j = i + quote_or_backslash(&s[i..])?;
+        if s[j] != b'"' {
+            return None;
+        }
+        let want = self.classify(&s[i..j]);
+        let mut k = j + 1;
+        while k < s.len() && is_ws(s[k]) {
+            k += 1;
+        }
+        if s.get(k) != Some(&b':') {
+            return None;
+        }
+        k += 1;
+        while k < s.len() && is_ws(s[k]) {
+            k += 1;
+        }
+        let &b = s.get(k)?;
+        self.want = want;
+        self.value(b);
+        Some(k + 1)
+    }
+
+    /// Just past a value, with `s[i]` (if any) the next byte: a `,` or `}` that follows at
+    /// once is taken here rather than by another turn of the state machine.
+    #[inline]
+    fn after_value(&mut self, s: &[u8], i: usize) -> usize {
+        self.st = St::AfterValue;
+        match s.get(i) {
+            Some(b',') if self.depth > 0 => {
+                self.st = St::Key;
+                i + 1
+            }
+            Some(b'}') if self.depth > 0 => {
+                self.close_object();
+                i + 1
+            }
+            _ => i,
         }
     }
 
@@ -590,7 +661,14 @@ impl Doc {
         let mut i = 0;
         while i < n {
             match self.st {
-                St::Done | St::Failed => return,
+                St::Done => {
+                    // Anything but whitespace after the root: not a usage-only chunk to hide.
+                    if self.closed_usage_only && !s[i..].iter().all(|&b| is_ws(b)) {
+                        self.closed_usage_only = false;
+                    }
+                    return;
+                }
+                St::Failed => return,
                 St::InKey => i = self.read_key(s, i),
                 St::SkipString => {
                     if self.skip_escape {
@@ -598,12 +676,12 @@ impl Doc {
                         i += 1;
                         continue;
                     }
-                    match memchr2(b'"', b'\\', &s[i..]) {
+                    match quote_or_backslash(&s[i..]) {
                         None => return,
                         Some(j) => {
                             i += j + 1;
                             if s[i - 1] == b'"' {
-                                self.st = St::AfterValue;
+                                i = self.after_value(s, i);
                             } else if i < n {
                                 i += 1;
                             } else {
@@ -612,7 +690,12 @@ impl Doc {
                         }
                     }
                 }
-                St::SkipNested => i = self.skip_nested(s, i),
+                St::SkipNested => {
+                    i = self.skip_nested(s, i);
+                    if self.st == St::AfterValue {
+                        i = self.after_value(s, i);
+                    }
+                }
                 St::SkipLiteral => {
                     while i < n
                         && !matches!(s[i], b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r')
@@ -620,7 +703,7 @@ impl Doc {
                         i += 1;
                     }
                     if i < n {
-                        self.st = St::AfterValue;
+                        i = self.after_value(s, i);
                     }
                 }
                 St::Number => {
@@ -635,7 +718,7 @@ impl Doc {
                         }
                         b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r' => {
                             self.commit_number();
-                            self.st = St::AfterValue;
+                            i = self.after_value(s, i);
                         }
                         _ => {
                             self.num_ok = false;
@@ -644,11 +727,13 @@ impl Doc {
                     }
                 }
                 st => {
-                    let b = s[i];
-                    i += 1;
-                    if is_ws(b) {
-                        continue;
+                    while i < n && is_ws(s[i]) {
+                        i += 1;
                     }
+                    let Some(&b) = s.get(i) else {
+                        return;
+                    };
+                    i += 1;
                     match st {
                         St::Start => match b {
                             b'{' => self.open_root(),
@@ -661,7 +746,10 @@ impl Doc {
                         St::ArrayFirst if b == b']' => self.st = St::Done,
                         St::ArrayFirst | St::ArrayElem => self.element(b),
                         St::KeyOrEnd if b == b'}' => self.close_object(),
-                        St::KeyOrEnd | St::Key if b == b'"' => self.begin_key(),
+                        St::KeyOrEnd | St::Key if b == b'"' => match self.fast_key(s, i) {
+                            Some(k) => i = k,
+                            None => self.begin_key(),
+                        },
                         St::Colon if b == b':' => self.st = St::Value,
                         St::Value => self.value(b),
                         St::ChoicesOpen if b == b']' => {
@@ -695,7 +783,7 @@ impl Doc {
         let n = s.len();
         while i < n {
             match self.esc {
-                Esc::None => match memchr2(b'"', b'\\', &s[i..]) {
+                Esc::None => match quote_or_backslash(&s[i..]) {
                     None => {
                         self.push_key(&s[i..]);
                         return n;
@@ -764,7 +852,7 @@ impl Doc {
                     i += 1;
                     continue;
                 }
-                match memchr2(b'"', b'\\', &s[i..]) {
+                match quote_or_backslash(&s[i..]) {
                     None => return n,
                     Some(j) => {
                         i += j + 1;
@@ -779,7 +867,13 @@ impl Doc {
                 }
                 continue;
             }
-            let b = s[i];
+            // Bytes that neither open nor close anything, quickly.
+            while i < n && !STRUCTURAL[usize::from(s[i])] {
+                i += 1;
+            }
+            let Some(&b) = s.get(i) else {
+                return n;
+            };
             i += 1;
             match b {
                 b'"' => self.skip_in_string = true,
@@ -827,6 +921,10 @@ fn holds_blank(run: &[u8], at_start: bool) -> bool {
 /// The end of the last complete event in `s`, which starts at an event boundary: just past
 /// the run of line ends that holds its empty line. 0 when there is none.
 pub(crate) fn last_event_end(s: &[u8]) -> usize {
+    // The common case, a read that ends with an event.
+    if s.ends_with(b"\n\n") && s.len() > 2 && !is_eol(s[s.len() - 3]) {
+        return s.len();
+    }
     let mut i = s.len();
     while let Some(j) = memrchr2(b'\r', b'\n', &s[..i]) {
         let mut a = j;
@@ -1197,6 +1295,7 @@ impl UsageScanner {
     /// framing.
     fn prelude<'a>(&mut self, mut s: &'a [u8]) -> &'a [u8] {
         if let Mode::Start { framing, mut bom } = self.mode {
+            let (earlier, whole) = (bom, s);
             while usize::from(bom) < BOM.len() && !s.is_empty() && s[0] == BOM[usize::from(bom)] {
                 bom += 1;
                 s = &s[1..];
@@ -1207,8 +1306,12 @@ impl UsageScanner {
             }
             self.mode = self.main_mode(framing);
             if usize::from(bom) < BOM.len() {
-                // Not a BOM: those bytes are the body's.
-                self.feed_main(&BOM[..usize::from(bom)]);
+                // Not a BOM: those bytes are the body's. The ones in this chunk are read
+                // from it (so that offsets in it stay right), earlier ones replayed.
+                s = whole;
+                if earlier > 0 {
+                    self.feed_main(&BOM[..usize::from(earlier)]);
+                }
             }
         }
         if let Mode::Detect { mut space } = self.mode {

@@ -1165,7 +1165,7 @@ fn the_openai_usage_chunk_is_hidden_in_any_reads() {
 
 #[test]
 fn only_the_usage_only_chunk_is_hidden() {
-    let cases: [(&str, bool); 6] = [
+    let cases: [(&str, bool); 7] = [
         (
             "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1}}\n\n",
             true,
@@ -1185,6 +1185,11 @@ fn only_the_usage_only_chunk_is_hidden() {
             "data: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":1}}\n\n",
             false,
         ),
+        // Not JSON once it ended.
+        (
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1}} x\n\n",
+            false,
+        ),
         // Cut before its end: not known to be one, passed on.
         (
             "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1}",
@@ -1201,6 +1206,24 @@ fn only_the_usage_only_chunk_is_hidden() {
         };
         assert_eq!(String::from_utf8(ran.bytes).unwrap(), want, "{event}");
         assert_eq!(ran.reports.len(), 1);
+    }
+}
+
+/// The first bytes of a BOM, then not a BOM (found by the fuzzer): they are the first
+/// line's, and hiding still finds the chunk.
+#[test]
+fn hiding_after_half_a_bom() {
+    let usage = b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3}}\n\n";
+    let bytes = [&b"\xEF\xBBx\n\n"[..], usage, b"data: [DONE]\n\n"].concat();
+    let want = [&b"\xEF\xBBx\n\n"[..], b"data: [DONE]\n\n"].concat();
+    for at in 0..bytes.len() {
+        let parts = vec![
+            Bytes::copy_from_slice(&bytes[..at]),
+            Bytes::copy_from_slice(&bytes[at..]),
+        ];
+        let ran = run_body(parts, true, Ending::End);
+        assert_eq!(ran.bytes, want, "split at {at}");
+        assert_eq!(ran.reports, [Some(TokenUsage::new(3, 0))]);
     }
 }
 
