@@ -62,6 +62,9 @@
 //! - `redis`: `store::RedisStore`, keys shared by several replicas, with revocation fan-out to
 //!   their [`CachedStore`](store::CachedStore)s, and `limit::RedisLimiter`, one limit per key
 //!   across replicas; both on standalone Redis or Redis Cluster.
+//! - `jwt`: `jwt::JwtVerifier`, user tokens (JWT, OIDC discovery, JWKS) verified by the
+//!   inbound layer beside keys, and `upstream::ClientCredentials`, OAuth2 tokens for
+//!   upstreams.
 //! - `metrics`: `metrics::MetricsLayer` and the crate's counters and histograms (store
 //!   lookups, cache events, token refreshes, upstream answers) through the `metrics` facade,
 //!   for any exporter. Off, none of that code is compiled in.
