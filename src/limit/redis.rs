@@ -522,20 +522,16 @@ fn admission(
                 retry_after,
             })
         }
-        (4, _) => {
-            let mut quota = token_quota(tokens()).expect("a budget refused");
-            let budget = limits.budget().expect("a budget refused");
-            quota.limit = budget.tokens();
-            quota.remaining = 0;
-            let end = budget.period().end_after(now / 1_000_000_000);
-            quota.reset =
-                end.map(|end| Duration::from_nanos((end * 1_000_000_000).saturating_sub(now)));
-            quota.reset_at = end.map(Timestamp::from_unix_secs);
-            Ok(Admission::BudgetExhausted {
-                tokens: quota,
-                retry_after: quota.reset,
-            })
-        }
+        // The script's test (`used >= budget`) is `judge_tokens`' own, on the same count.
+        (4, _) => match tokens() {
+            TokenVerdict::Budget(tokens, retry_after) => Ok(Admission::BudgetExhausted {
+                tokens,
+                retry_after,
+            }),
+            _ => Err(LimiterError(
+                "the Redis limiter script and the budget disagree".into(),
+            )),
+        },
         _ => Err(LimiterError(
             "the Redis limiter script gave an unknown answer".into(),
         )),
