@@ -106,6 +106,7 @@ struct Config<K> {
     store_timeout: Option<Duration>,
     clock: Arc<dyn Clock>,
     formats: Vec<KeyFormat>,
+    last_used: Option<crate::keys::LastUsed>,
     #[cfg(feature = "jwt")]
     tokens: Option<crate::jwt::JwtVerifier>,
     #[cfg(feature = "jwt")]
@@ -126,6 +127,7 @@ impl<K> Clone for Config<K> {
             store_timeout: self.store_timeout,
             clock: self.clock.clone(),
             formats: self.formats.clone(),
+            last_used: self.last_used.clone(),
             #[cfg(feature = "jwt")]
             tokens: self.tokens.clone(),
             #[cfg(feature = "jwt")]
@@ -159,6 +161,7 @@ impl<K: KeyStore> InboundApiKeyLayer<K> {
                 store_timeout: Some(DEFAULT_STORE_TIMEOUT),
                 clock: Arc::new(SystemClock),
                 formats: Vec::new(),
+                last_used: None,
                 #[cfg(feature = "jwt")]
                 tokens: None,
                 #[cfg(feature = "jwt")]
@@ -279,6 +282,14 @@ impl<K: KeyStore> InboundApiKeyLayer<K> {
     /// Keys of other shapes (imported ones) are looked up as usual.
     pub fn key_formats(mut self, formats: impl IntoIterator<Item = KeyFormat>) -> Self {
         self.config_mut().formats = formats.into_iter().collect();
+        self
+    }
+
+    /// Notes each accepted key's use in `uses`, which writes when each key was last used
+    /// to its store, off the request path and at most once a minute per key (see
+    /// [`LastUsed`](crate::keys::LastUsed)). Give every layer on one store the same one.
+    pub fn last_used(mut self, uses: &crate::keys::LastUsed) -> Self {
+        self.config_mut().last_used = Some(uses.clone());
         self
     }
 
@@ -631,6 +642,9 @@ impl<K: KeyStore> Config<K> {
         if let Some(name) = &self.identity_header {
             let id = HeaderValue::try_from(record.id().to_string()).expect("key ids are ASCII");
             req.headers_mut().insert(name.clone(), id);
+        }
+        if let Some(uses) = &self.last_used {
+            uses.note(record.id());
         }
         req.extensions_mut().insert(Identity::new(record));
         Ok(Next::Call)

@@ -179,6 +179,9 @@ struct KeyView {
     expires_at: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     not_before: Option<String>,
+    /// When the key was last used, to the minute (RFC 3339), if it has been.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_used_at: Option<String>,
     #[serde(skip_serializing_if = "Metadata::is_empty")]
     metadata: Metadata,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -255,6 +258,7 @@ impl KeyView {
             created_at: r.created_at().to_string(),
             expires_at: r.expires_at().map(|t| t.to_string()),
             not_before: r.not_before().map(|t| t.to_string()),
+            last_used_at: None,
             metadata: r.metadata().clone(),
             parent: r.parent(),
             limits: r.limits().cloned(),
@@ -325,7 +329,26 @@ impl<A> ApiState<A> {
             None => None,
         };
         let now = self.clock.now();
-        KeyView::of(r, inherited(r, parent.as_deref(), now), now)
+        let mut view = KeyView::of(r, inherited(r, parent.as_deref(), now), now);
+        view.last_used_at = self.last_used(vec![r.id()]).await[0].map(|t| t.to_string());
+        view
+    }
+
+    /// When each key was last used; a store that cannot say now shows none (logged), rather
+    /// than failing the listing.
+    async fn last_used(&self, ids: Vec<KeyId>) -> Vec<Option<Timestamp>>
+    where
+        A: KeyAdmin,
+    {
+        let count = ids.len();
+        match self.manager.last_used(ids).await {
+            Ok(times) if times.len() == count => times,
+            Ok(_) => vec![None; count],
+            Err(error) => {
+                tracing::warn!(target: "tower_gateway_auth::admin", %error, "cannot read when keys were last used");
+                vec![None; count]
+            }
+        }
     }
 
     fn issued(&self, issued: IssuedKey) -> Response {
@@ -460,11 +483,15 @@ async fn list<A: KeyAdmin>(State(s): Shared<A>) -> Answer {
     let now = s.clock.now();
     let by_id: std::collections::HashMap<KeyId, &KeyRecord> =
         all.iter().map(|r| (r.id(), &**r)).collect();
+    let used = s.last_used(all.iter().map(|r| r.id()).collect()).await;
     let keys = all
         .iter()
-        .map(|r| {
+        .zip(used)
+        .map(|(r, used)| {
             let parent = r.parent().and_then(|p| by_id.get(&p).copied());
-            KeyView::of(r, inherited(r, parent, now), now)
+            let mut view = KeyView::of(r, inherited(r, parent, now), now);
+            view.last_used_at = used.map(|t| t.to_string());
+            view
         })
         .collect();
     Ok(axum::Json(ListView { keys }).into_response())

@@ -543,6 +543,15 @@ impl<A: KeyAdmin> KeyManager<A> {
         self.store.get(id).await?.ok_or(ManageError::NotFound(id))
     }
 
+    /// When each of `ids` was last used, to the minute, as [`LastUsed`](crate::keys::LastUsed)
+    /// wrote it (`None`: never).
+    pub async fn last_used(
+        &self,
+        ids: Vec<KeyId>,
+    ) -> Result<Vec<Option<Timestamp>>, ManageError> {
+        self.store.last_used(ids).await.map_err(ManageError::Store)
+    }
+
     /// Every record, oldest first.
     pub async fn list(&self) -> Result<Vec<Arc<KeyRecord>>, ManageError> {
         let mut all = self.store.list().await?;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::sync::OnceCell;
 
-use crate::clock::{Clock, SystemClock};
+use crate::clock::{Clock, SystemClock, Timestamp};
 use crate::keys::{KeyDigest, KeyHasher};
 use crate::keys::{KeyId, KeyRecord};
 use crate::ready_or_boxed::ReadyOrBoxed;
@@ -494,6 +494,14 @@ impl<K: KeyAdmin> KeyAdmin for CachedStore<K> {
             self.invalidate(digest);
         }
         result
+    }
+
+    async fn note_uses(&self, uses: Vec<(KeyId, Timestamp)>) -> Result<(), StoreError> {
+        self.shared.store.note_uses(uses).await
+    }
+
+    async fn last_used(&self, ids: Vec<KeyId>) -> Result<Vec<Option<Timestamp>>, StoreError> {
+        self.shared.store.last_used(ids).await
     }
 }
 

@@ -53,6 +53,7 @@ pub struct FileStore {
 struct Shared {
     path: PathBuf,
     lock_path: PathBuf,
+    uses_path: PathBuf,
     index: MemoryStore,
     /// The file as last loaded, so unchanged files are not parsed again.
     loaded: Mutex<Option<Stamp>>,
@@ -91,6 +92,26 @@ struct KeyFile {
     keys: Vec<KeyRecord>,
 }
 
+const USES_FORMAT: &str = "tower-gateway-auth/last-used";
+
+/// `<file>.last-used`: when each key was last used, in Unix seconds, by key id. Apart from
+/// the key file so that writing it every minute neither rewrites the keys nor makes every
+/// process reload them.
+#[derive(Serialize, Deserialize)]
+struct UsesFile {
+    format: String,
+    uses: std::collections::BTreeMap<String, u64>,
+}
+
+impl Default for UsesFile {
+    fn default() -> Self {
+        UsesFile {
+            format: USES_FORMAT.to_owned(),
+            uses: Default::default(),
+        }
+    }
+}
+
 /// Options for [`FileStore`].
 #[derive(Debug)]
 pub struct FileStoreBuilder {
@@ -120,9 +141,11 @@ impl FileStoreBuilder {
     /// Opens the store, creating an empty file when there is none.
     pub fn open(self) -> Result<FileStore, StoreError> {
         let lock_path = sibling(&self.path, ".lock");
+        let uses_path = sibling(&self.path, ".last-used");
         let shared = Arc::new(Shared {
             path: self.path,
             lock_path,
+            uses_path,
             index: MemoryStore::with_hasher(self.hasher),
             loaded: Mutex::new(None),
         });
@@ -227,6 +250,33 @@ fn sibling(path: &Path, suffix: &str) -> PathBuf {
     path.with_file_name(name)
 }
 
+/// Writes `body` as JSON to a temporary file (mode 0600), syncs it, renames it over `path`
+/// and syncs the directory: a crash leaves the old file or the new one.
+fn replace_file(path: &Path, body: &impl Serialize) -> Result<Stamp, StoreError> {
+    let temp = sibling(path, &format!(".tmp-{}", std::process::id()));
+    let mut options = OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let result = (|| {
+        let file = options.open(&temp)?;
+        let mut out = io::BufWriter::new(file);
+        serde_json::to_writer_pretty(&mut out, body)?;
+        out.write_all(b"\n")?;
+        let file = out.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        fs::rename(&temp, path)?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            File::open(dir)?.sync_all()?;
+        }
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Stamp::of(&fs::metadata(path)?))
+    })();
+    result.map_err(|e| {
+        let _ = fs::remove_file(&temp);
+        describe(path, "cannot be written", e)
+    })
+}
+
 fn describe(
     path: &Path,
     what: &str,
@@ -303,10 +353,8 @@ impl Shared {
         Ok((parsed.keys, stamp))
     }
 
-    /// Writes `records` to a temporary file, syncs it, renames it over the file and syncs
-    /// the directory. Callers hold the lock.
+    /// Writes `records` to the key file. Callers hold the lock.
     fn write_file(&self, records: &[&KeyRecord]) -> Result<Stamp, StoreError> {
-        let path = &self.path;
         let body = KeyFileRef {
             format: FORMAT,
             version: VERSION,
@@ -314,30 +362,43 @@ impl Shared {
             pepper_check: self.hasher().pepper_check(),
             keys: records,
         };
-        let temp = sibling(path, &format!(".tmp-{}", std::process::id()));
-        let mut options = OpenOptions::new();
-        options.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        let result = (|| {
-            let file = options.open(&temp)?;
-            let mut out = io::BufWriter::new(file);
-            serde_json::to_writer_pretty(&mut out, &body)?;
-            out.write_all(b"\n")?;
-            let file = out.into_inner().map_err(|e| e.into_error())?;
-            file.sync_all()?;
-            fs::rename(&temp, path)?;
-            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                File::open(dir)?.sync_all()?;
-            }
-            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Stamp::of(&fs::metadata(path)?))
-        })();
-        result.map_err(|e| {
-            let _ = fs::remove_file(&temp);
-            describe(path, "cannot be written", e)
-        })
+        replace_file(&self.path, &body)
     }
 
+    /// The last-used times beside the key file (none if it is missing).
+    fn read_uses(&self) -> Result<UsesFile, StoreError> {
+        let path = &self.uses_path;
+        let file = match File::open(path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(UsesFile::default()),
+            Err(e) => return Err(describe(path, "cannot be read", e)),
+        };
+        let parsed: UsesFile = serde_json::from_reader(io::BufReader::new(file))
+            .map_err(|e| describe(path, "is corrupt", e))?;
+        if parsed.format != USES_FORMAT {
+            return Err(StoreError::new(format!(
+                "last-used file {}: not a {USES_FORMAT} file",
+                path.display()
+            )));
+        }
+        Ok(parsed)
+    }
+
+    /// Merges `uses` into the last-used file, under the lock, keeping the later time of
+    /// each key and only keys the key file still holds.
+    fn note_uses(&self, uses: Vec<(KeyId, crate::clock::Timestamp)>) -> Result<(), StoreError> {
+        let _lock = self.lock()?;
+        self.reload()?;
+        let mut file = self.read_uses()?;
+        for (id, at) in uses {
+            let stored = file.uses.entry(id.to_string()).or_default();
+            *stored = (*stored).max(at.as_unix_secs());
+        }
+        let ids: std::collections::HashSet<String> =
+            self.index.records().iter().map(|r| r.id().to_string()).collect();
+        file.uses.retain(|id, _| ids.contains(id));
+        replace_file(&self.uses_path, &file).map(|_| ())
+    }
     fn reload(&self) -> Result<bool, StoreError> {
         let stamp = fs::metadata(&self.path)
             .map(|m| Stamp::of(&m))
@@ -436,5 +497,33 @@ impl KeyAdmin for FileStore {
     async fn apply(&self, writes: Vec<Write>) -> Result<(), WriteError> {
         let shared = self.shared.clone();
         blocking(move || shared.apply(writes)).await
+    }
+
+    async fn note_uses(
+        &self,
+        uses: Vec<(KeyId, crate::clock::Timestamp)>,
+    ) -> Result<(), StoreError> {
+        let shared = self.shared.clone();
+        blocking(move || Ok(shared.note_uses(uses)?))
+            .await
+            .map_err(store_error)
+    }
+
+    async fn last_used(
+        &self,
+        ids: Vec<KeyId>,
+    ) -> Result<Vec<Option<crate::clock::Timestamp>>, StoreError> {
+        let shared = self.shared.clone();
+        let file = blocking(move || Ok(shared.read_uses()?))
+            .await
+            .map_err(store_error)?;
+        Ok(ids
+            .iter()
+            .map(|id| {
+                file.uses
+                    .get(&id.to_string())
+                    .map(|&secs| crate::clock::Timestamp::from_unix_secs(secs))
+            })
+            .collect())
     }
 }

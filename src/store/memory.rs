@@ -32,6 +32,8 @@ pub struct MemoryStore {
     /// The digests of the keys minted from each parent, so that a mint counts its parent's
     /// live children without scanning the store. Locked after the tables, never before.
     children: Mutex<HashMap<KeyId, Vec<KeyDigest>>>,
+    /// When each key was last used ([`KeyAdmin::note_uses`]), apart from the records.
+    uses: Mutex<HashMap<KeyId, Timestamp>>,
 }
 
 /// The interned scope sets, and the size past which sets no record uses any more are
@@ -60,6 +62,7 @@ impl MemoryStore {
                 prune_at: MIN_PRUNE_AT,
             }),
             children: Mutex::new(HashMap::new()),
+            uses: Mutex::new(HashMap::new()),
         }
     }
 
@@ -141,6 +144,7 @@ impl MemoryStore {
         let found = self.by_id(id)?;
         let taken = table::take(&mut self.records.write(found.digest()), found.digest())?;
         self.index(&taken, false);
+        self.forget_use(id);
         Some(taken)
     }
 
@@ -245,6 +249,7 @@ impl MemoryStore {
                 Write::Remove(old) => {
                     table::take(&mut tables[shard_index(old.digest())], old.digest());
                     self.index(&old, false);
+                    self.forget_use(old.id());
                 }
             }
         }
@@ -280,6 +285,47 @@ impl KeyAdmin for MemoryStore {
 
     async fn apply(&self, writes: Vec<Write>) -> Result<(), WriteError> {
         self.apply_now(writes)
+    }
+
+    async fn note_uses(&self, uses: Vec<(KeyId, Timestamp)>) -> Result<(), StoreError> {
+        self.note_uses_now(uses);
+        Ok(())
+    }
+
+    async fn last_used(&self, ids: Vec<KeyId>) -> Result<Vec<Option<Timestamp>>, StoreError> {
+        Ok(self.last_used_now(&ids))
+    }
+}
+
+impl MemoryStore {
+    /// [`KeyAdmin::note_uses`], at once.
+    pub(crate) fn note_uses_now(&self, uses: impl IntoIterator<Item = (KeyId, Timestamp)>) {
+        let noted = {
+            let mut known = self.uses.lock().unwrap_or_else(|e| e.into_inner());
+            for (id, at) in uses {
+                let stored = known.entry(id).or_insert(at);
+                *stored = (*stored).max(at);
+            }
+            known.len()
+        };
+        // Deletes drop their key's time; uses noted just after a delete, or for ids never
+        // stored, go once they could be a noticeable share. (The tables are read with the
+        // times unlocked: writes lock them in the other order.)
+        if noted > 1024 && noted > 2 * self.len() {
+            let ids: HashSet<KeyId> = self.records().iter().map(|r| r.id()).collect();
+            let mut known = self.uses.lock().unwrap_or_else(|e| e.into_inner());
+            known.retain(|id, _| ids.contains(id));
+        }
+    }
+
+    fn forget_use(&self, id: KeyId) {
+        self.uses.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+    }
+
+    /// [`KeyAdmin::last_used`], at once.
+    pub(crate) fn last_used_now(&self, ids: &[KeyId]) -> Vec<Option<Timestamp>> {
+        let known = self.uses.lock().unwrap_or_else(|e| e.into_inner());
+        ids.iter().map(|id| known.get(id).copied()).collect()
     }
 }
 

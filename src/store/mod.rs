@@ -186,6 +186,23 @@ pub trait KeyAdmin: KeyStore {
 
     /// Applies every write, or none of them.
     fn apply(&self, writes: Vec<Write>) -> impl Future<Output = Result<(), WriteError>> + Send;
+
+    /// Records when keys were used (written in batches by
+    /// [`LastUsed`](crate::keys::LastUsed)): each time replaces the one stored for its key
+    /// only if it is later; ids with no record are skipped. Last-used times are kept apart
+    /// from the records: writing them changes no record, invalidates no cache and never
+    /// conflicts with a key-management write.
+    fn note_uses(
+        &self,
+        uses: Vec<(KeyId, Timestamp)>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// When each of `ids` was last used, in the same order (`None`: never, as far as the
+    /// store knows).
+    fn last_used(
+        &self,
+        ids: Vec<KeyId>,
+    ) -> impl Future<Output = Result<Vec<Option<Timestamp>>, StoreError>> + Send;
 }
 
 impl<T: KeyAdmin> KeyAdmin for Arc<T> {
@@ -202,6 +219,20 @@ impl<T: KeyAdmin> KeyAdmin for Arc<T> {
 
     fn apply(&self, writes: Vec<Write>) -> impl Future<Output = Result<(), WriteError>> + Send {
         (**self).apply(writes)
+    }
+
+    fn note_uses(
+        &self,
+        uses: Vec<(KeyId, Timestamp)>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        (**self).note_uses(uses)
+    }
+
+    fn last_used(
+        &self,
+        ids: Vec<KeyId>,
+    ) -> impl Future<Output = Result<Vec<Option<Timestamp>>, StoreError>> + Send {
+        (**self).last_used(ids)
     }
 }
 

@@ -10,6 +10,7 @@ use redis::AsyncCommands;
 
 use crate::redis_connection::{self, ConnectError, RedisConnection, Timeouts};
 
+use crate::clock::Timestamp;
 use crate::keys::{KeyDigest, KeyHasher};
 use crate::keys::{KeyId, KeyRecord};
 use crate::store::{BoxLookup, CachedStore, KeyAdmin, KeyStore, StoreError, Write, WriteError};
@@ -58,6 +59,7 @@ for k = 1, n do
   if op.kind == 'remove' then
     redis.call('DEL', key, idkey)
     redis.call('SREM', ns .. ':ids', op.id)
+    redis.call('HDEL', ns .. ':used', op.id)
   else
     redis.call('SET', key, op.new)
     redis.call('SET', idkey, op.digest)
@@ -78,6 +80,20 @@ for k = 1, n do
     end
   end
   redis.call('PUBLISH', ns .. ':invalidate', op.digest)
+end
+return 1
+";
+
+/// Notes last uses (`ARGV`: namespace, then id and Unix seconds pairs) in the hash
+/// `KEYS[1]` (`{<ns>}:used`), keeping the later time per id, for ids that have a record.
+const NOTE_USES: &str = r"
+local ns = ARGV[1]
+for i = 2, #ARGV, 2 do
+  local id, at = ARGV[i], tonumber(ARGV[i + 1])
+  if redis.call('EXISTS', ns .. ':id:' .. id) == 1 then
+    local stored = tonumber(redis.call('HGET', KEYS[1], id) or '0')
+    if at > stored then redis.call('HSET', KEYS[1], id, at) end
+  end
 end
 return 1
 ";
@@ -250,6 +266,10 @@ impl RedisStore {
 
     fn ids_key(&self) -> String {
         format!("{}:ids", self.prefix)
+    }
+
+    fn used_key(&self) -> String {
+        format!("{}:used", self.prefix)
     }
 
     fn parse(json: &str) -> Result<Arc<KeyRecord>, StoreError> {
@@ -527,7 +547,11 @@ impl KeyAdmin for RedisStore {
         if !dead.is_empty() {
             let dead: Vec<&String> = dead.into_iter().map(|(id, _)| id).collect();
             let _: i64 = connection
-                .srem(self.ids_key(), dead)
+                .srem(self.ids_key(), &dead)
+                .await
+                .map_err(redis_error)?;
+            let _: i64 = connection
+                .hdel(self.used_key(), &dead)
                 .await
                 .map_err(redis_error)?;
         }
@@ -640,6 +664,44 @@ impl KeyAdmin for RedisStore {
             }),
             _ => Err(WriteError::Conflict),
         }
+    }
+
+    async fn note_uses(&self, uses: Vec<(KeyId, Timestamp)>) -> Result<(), StoreError> {
+        if uses.is_empty() {
+            return Ok(());
+        }
+        static SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
+        let mut invocation = SCRIPT
+            .get_or_init(|| redis::Script::new(NOTE_USES))
+            .prepare_invoke();
+        invocation.key(self.used_key()).arg(&*self.prefix);
+        for (id, at) in &uses {
+            invocation.arg(id.to_string()).arg(at.as_unix_secs());
+        }
+        let mut connection = self.connection.clone();
+        let _: i64 = invocation
+            .invoke_async(&mut connection)
+            .await
+            .map_err(redis_error)?;
+        Ok(())
+    }
+
+    async fn last_used(&self, ids: Vec<KeyId>) -> Result<Vec<Option<Timestamp>>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut connection = self.connection.clone();
+        let fields: Vec<String> = ids.iter().map(|id| id.to_string()).collect();
+        let times: Vec<Option<u64>> = redis::cmd("HMGET")
+            .arg(self.used_key())
+            .arg(&fields)
+            .query_async(&mut connection)
+            .await
+            .map_err(redis_error)?;
+        Ok(times
+            .into_iter()
+            .map(|t| t.map(Timestamp::from_unix_secs))
+            .collect())
     }
 }
 

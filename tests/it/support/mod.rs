@@ -2,6 +2,7 @@
 //! servers and a real HTTP client.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod redis;
 
 use std::convert::Infallible;
