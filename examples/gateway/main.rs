@@ -97,7 +97,11 @@ async fn serve(config: app::Config) -> ExitCode {
         signalled.await;
         println!("gateway: shutting down");
     };
-    match app::serve(listener, gateway.serving(), shutdown).await {
+    let served = app::serve(listener, gateway.serving(), shutdown).await;
+    if let Err(e) = gateway.last_used.flush().await {
+        eprintln!("gateway: last-used times not written: {e}");
+    }
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("gateway: {e}");

@@ -126,6 +126,38 @@ impl<A: KeyAdmin> ManagementApi<A> {
         self
     }
 
+    /// The key-management web page (feature `admin-ui`) for this API nested at `at`
+    /// (e.g. `/admin`): `{at}/` serves it, `{at}` redirects there. Serve it **outside** the
+    /// [`InboundApiKeyLayer`](crate::InboundApiKeyLayer): a browser loads the page without
+    /// a key; the page then asks for the admin key and sends it with each API call (kept in
+    /// the tab's `sessionStorage` only). Every answer carries a strict
+    /// `Content-Security-Policy` (`default-src 'self'`, no inline script, Trusted Types),
+    /// `X-Frame-Options: DENY` and `Cache-Control: no-store`. The page holds no key but the
+    /// one just issued, shown once.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use axum::Router;
+    /// use tower_gateway_auth::{InboundApiKeyLayer, ManagementApi};
+    /// use tower_gateway_auth::keys::KeyManager;
+    /// use tower_gateway_auth::store::MemoryStore;
+    ///
+    /// let store = Arc::new(MemoryStore::new());
+    /// let api = ManagementApi::new(KeyManager::new(store.clone()));
+    /// let app: Router = Router::new()
+    ///     .merge(api.page("/admin"))
+    ///     .merge(
+    ///         Router::new()
+    ///             .nest("/admin", api.router())
+    ///             .layer(InboundApiKeyLayer::from_shared(store)),
+    ///     );
+    /// ```
+    #[cfg(feature = "admin-ui")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "admin-ui")))]
+    pub fn page(&self, at: &str) -> Router {
+        crate::keys::page::routes(at)
+    }
+
     /// The routes.
     pub fn router(self) -> Router {
         let state = Arc::new(ApiState {

@@ -204,7 +204,9 @@ async fn write_every(inner: Weak<Inner>, every: Duration) {
 
 impl Inner {
     fn shard(&self, key: KeyId) -> std::sync::MutexGuard<'_, Shard> {
-        self.shards[shard_of(key)].lock().unwrap_or_else(|e| e.into_inner())
+        self.shards[shard_of(key)]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     async fn flush(&self) -> Result<(), StoreError> {
@@ -225,7 +227,11 @@ impl Inner {
             // Back in front of what came since, so that the order of times per key holds.
             let mut waiting = 0;
             for shard in &*self.shards {
-                waiting += shard.lock().unwrap_or_else(|e| e.into_inner()).waiting.len();
+                waiting += shard
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .waiting
+                    .len();
             }
             let keep = MAX_WAITING.saturating_sub(waiting).min(batch.len());
             let batch = batch.split_off(batch.len() - keep);
@@ -269,17 +275,28 @@ mod tests {
         for _ in 0..10_000 {
             uses.note(record.id());
         }
-        let waiting: usize = uses.inner.shards.iter().map(|s| s.lock().unwrap().waiting.len()).sum();
+        let waiting: usize = uses
+            .inner
+            .shards
+            .iter()
+            .map(|s| s.lock().unwrap().waiting.len())
+            .sum();
         assert_eq!(waiting, 1);
         uses.flush().await.unwrap();
         let minute = Timestamp::from_unix_secs(1_000_000_020 / 60 * 60);
-        assert_eq!(store.last_used(vec![record.id()]).await.unwrap(), vec![Some(minute)]);
+        assert_eq!(
+            store.last_used(vec![record.id()]).await.unwrap(),
+            vec![Some(minute)]
+        );
 
         clock.advance(Duration::from_secs(60));
         uses.note(record.id());
         uses.note(record.id());
         uses.flush().await.unwrap();
         let next = Timestamp::from_unix_secs(minute.as_unix_secs() + 60);
-        assert_eq!(store.last_used(vec![record.id()]).await.unwrap(), vec![Some(next)]);
+        assert_eq!(
+            store.last_used(vec![record.id()]).await.unwrap(),
+            vec![Some(next)]
+        );
     }
 }

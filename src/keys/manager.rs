@@ -545,10 +545,7 @@ impl<A: KeyAdmin> KeyManager<A> {
 
     /// When each of `ids` was last used, to the minute, as [`LastUsed`](crate::keys::LastUsed)
     /// wrote it (`None`: never).
-    pub async fn last_used(
-        &self,
-        ids: Vec<KeyId>,
-    ) -> Result<Vec<Option<Timestamp>>, ManageError> {
+    pub async fn last_used(&self, ids: Vec<KeyId>) -> Result<Vec<Option<Timestamp>>, ManageError> {
         self.store.last_used(ids).await.map_err(ManageError::Store)
     }
 

@@ -9,6 +9,8 @@ mod audit;
 mod format;
 mod last_used;
 mod manager;
+#[cfg(feature = "admin-ui")]
+mod page;
 mod record;
 
 #[cfg(feature = "axum")]

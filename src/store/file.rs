@@ -394,8 +394,12 @@ impl Shared {
             let stored = file.uses.entry(id.to_string()).or_default();
             *stored = (*stored).max(at.as_unix_secs());
         }
-        let ids: std::collections::HashSet<String> =
-            self.index.records().iter().map(|r| r.id().to_string()).collect();
+        let ids: std::collections::HashSet<String> = self
+            .index
+            .records()
+            .iter()
+            .map(|r| r.id().to_string())
+            .collect();
         file.uses.retain(|id, _| ids.contains(id));
         replace_file(&self.uses_path, &file).map(|_| ())
     }
@@ -514,16 +518,24 @@ impl KeyAdmin for FileStore {
         ids: Vec<KeyId>,
     ) -> Result<Vec<Option<crate::clock::Timestamp>>, StoreError> {
         let shared = self.shared.clone();
-        let file = blocking(move || Ok(shared.read_uses()?))
-            .await
-            .map_err(store_error)?;
-        Ok(ids
-            .iter()
-            .map(|id| {
-                file.uses
-                    .get(&id.to_string())
-                    .map(|&secs| crate::clock::Timestamp::from_unix_secs(secs))
-            })
-            .collect())
+        blocking(move || {
+            shared.reload()?;
+            let file = shared.read_uses()?;
+            // A key deleted since its last use was written has no last use.
+            let stored: std::collections::HashSet<KeyId> =
+                shared.index.records().iter().map(|r| r.id()).collect();
+            Ok(ids
+                .iter()
+                .map(|id| {
+                    let secs = file
+                        .uses
+                        .get(&id.to_string())
+                        .filter(|_| stored.contains(id));
+                    secs.map(|&secs| crate::clock::Timestamp::from_unix_secs(secs))
+                })
+                .collect())
+        })
+        .await
+        .map_err(store_error)
     }
 }

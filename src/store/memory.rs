@@ -319,7 +319,10 @@ impl MemoryStore {
     }
 
     fn forget_use(&self, id: KeyId) {
-        self.uses.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        self.uses
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
     }
 
     /// [`KeyAdmin::last_used`], at once.

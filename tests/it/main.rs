@@ -5,12 +5,14 @@
 mod support;
 
 mod admin_api;
+mod admin_page;
 mod cached_store;
 mod file_store;
 mod gateway;
 mod inbound;
 mod inject;
 mod jwt;
+mod last_used;
 mod lifecycle;
 mod limits;
 mod model;

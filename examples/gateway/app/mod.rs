@@ -26,7 +26,7 @@ use tower::ServiceBuilder;
 use tower_gateway_auth::access_log::{AccessLogLayer, CountingBody};
 use tower_gateway_auth::inject::RequestId;
 use tower_gateway_auth::keys::{
-    Actor, ApiKey, AuditEvent, AuditFile, AuditSink, KeyManager, NewKey,
+    Actor, ApiKey, AuditEvent, AuditFile, AuditSink, KeyManager, LastUsed, NewKey,
 };
 use tower_gateway_auth::limit::{
     Limiter, MemoryLimiter, ModelAccessLayer, RateLimitLayer, RedisLimiter,
@@ -76,6 +76,8 @@ pub struct Gateway {
     pub readiness: Readiness,
     /// Where `GET /metrics` is served, when `metrics_listen` is set.
     pub metrics: Option<SocketAddr>,
+    /// When each key was last used, noted by every inbound layer; flush it at shutdown.
+    pub last_used: LastUsed,
     /// Background work (expired ephemeral keys purge) that ends with the gateway.
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -207,9 +209,11 @@ where
     L: Limiter,
 {
     let manager = key_manager(store.clone(), &plan, &audit);
+    let last_used = LastUsed::new(store.clone());
     // Keys only for the management API; a route takes user tokens too when `[jwt]` is set.
     let inbound = |accept: Option<Accept>| {
         let layer = InboundApiKeyLayer::from_shared(store.clone())
+            .last_used(&last_used)
             .sources(plan.sources.clone())
             .key_formats([plan.key_format.clone()]);
         let layer = match &plan.identity_header {
@@ -336,10 +340,11 @@ where
     if let Some(scope) = plan.admin_scope {
         let api = ManagementApi::new(manager.clone())
             .admin_scope(scope)
-            .usage_from(limiter.clone())
-            .router()
-            .layer(inbound(None));
-        router = router.nest("/admin", api);
+            .usage_from(limiter.clone());
+        // The page loads without a key (it asks for one); the API behind it needs one.
+        router = router
+            .merge(api.page("/admin"))
+            .nest("/admin", api.router().layer(inbound(None)));
     }
     let default_responder = responder(&plan.error_format);
     let router = router
@@ -378,6 +383,7 @@ where
         limits: plan.limits,
         responder: default_responder,
         first_key,
+        last_used,
         echo,
         readiness,
         metrics,

@@ -26,8 +26,8 @@ impl Browser {
     /// Starts chromedriver on a free port and a headless Chromium session; `None` (with a
     /// note) when they are not installed and `REQUIRE_CHROMIUM` is not set.
     pub async fn start() -> Option<Browser> {
-        let present = std::path::Path::new(CHROMIUM).exists()
-            && std::path::Path::new(CHROMEDRIVER).exists();
+        let present =
+            std::path::Path::new(CHROMIUM).exists() && std::path::Path::new(CHROMEDRIVER).exists();
         if !present {
             assert!(
                 std::env::var_os("REQUIRE_CHROMIUM").is_none(),
@@ -66,6 +66,8 @@ impl Browser {
             "goog:chromeOptions".to_owned(),
             serde_json::json!({ "binary": CHROMIUM, "args": args }),
         );
+        // Two rustls providers are in the test build (ring, aws-lc): name one.
+        let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
         let url = format!("http://127.0.0.1:{port}");
         let deadline = Instant::now() + Duration::from_secs(30);
         let client = loop {
