@@ -57,6 +57,8 @@
 //! # Features
 //! - `axum`: [`Identity`] as an extractor (and `Option<Identity>`), [`Rejection`] as a
 //!   response, and the [`ManagementApi`].
+//! - `admin-ui`: the management API's web page ([`ManagementApi::page`]), embedded in the
+//!   crate.
 //! - `proxy`: [`proxy::Forward`], a streaming forwarding proxy (hyper-util client, rustls),
 //!   and [`proxy::StripHopByHopLayer`].
 //! - `redis`: `store::RedisStore`, keys shared by several replicas, with revocation fan-out to

@@ -1569,3 +1569,33 @@ async fn route_limits_and_model_lists_hold_in_the_gateway_and_keys_bring_their_o
     .await;
     assert_eq!(typo.status, StatusCode::BAD_REQUEST, "{}", typo.text());
 }
+
+#[tokio::test]
+async fn the_gateway_serves_the_key_page_without_a_key_and_its_api_only_with_one() {
+    let dir = TempDir::new("gw-page");
+    let (upstream, _seen) = spawn_upstream().await;
+    let (admin, _) = issue(&dir.file(), "root", &["admin"]).await;
+    let gw = start(&config(&dir.file(), upstream)).await;
+    let page = call(gw.addr, Method::GET, "/admin/", &[], "").await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(page.text().contains("<title>API Keys</title>"));
+    assert!(
+        page.headers["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .starts_with("default-src 'self'")
+    );
+    assert_eq!(page.headers["x-frame-options"], "DENY");
+    assert_eq!(page.headers["cache-control"], "no-store");
+    let script = call(gw.addr, Method::GET, "/admin/ui/app.js", &[], "").await;
+    assert_eq!(script.status, StatusCode::OK);
+    let redirect = call(gw.addr, Method::GET, "/admin", &[], "").await;
+    assert_eq!(redirect.status, StatusCode::PERMANENT_REDIRECT);
+    assert_eq!(redirect.headers["location"], "/admin/");
+
+    let anonymous = call(gw.addr, Method::GET, "/admin/keys", &[], "").await;
+    assert_eq!(anonymous.status, StatusCode::UNAUTHORIZED);
+    let listed = get_key(gw.addr, "/admin/keys", admin.expose()).await;
+    assert_eq!(listed.status, StatusCode::OK);
+    assert!(!listed.text().contains(admin.expose()));
+}

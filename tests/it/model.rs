@@ -204,7 +204,15 @@ where
         keys: Vec::new(),
     };
     let mut ids = Vec::new();
-    let gate = InboundApiKeyLayer::from_shared(store.clone()).clock(clock.clone());
+    let uses = tower_gateway_auth::keys::LastUsed::builder(store.clone())
+        .clock(clock.clone())
+        .flush_every(Duration::from_secs(3600))
+        .build();
+    // The minute each key was last accepted in, as the model sees it.
+    let mut last_used: Vec<Option<u64>> = Vec::new();
+    let gate = InboundApiKeyLayer::from_shared(store.clone())
+        .clock(clock.clone())
+        .last_used(&uses);
     let service = tower::ServiceBuilder::new()
         .layer(gate)
         .layer(RequireScopesLayer::new(["chat"]))
@@ -318,6 +326,10 @@ where
                 .unwrap();
             let status = service.clone().oneshot(req).await.unwrap().status();
             let expected = model.answer(i);
+            last_used.resize(model.keys.len(), None);
+            if model.usable(i) {
+                last_used[i] = Some(model.now / 60 * 60);
+            }
             prop_assert_eq!(
                 status,
                 expected,
@@ -326,6 +338,31 @@ where
                 op,
                 i,
                 model.keys[i]
+            );
+        }
+        // Every accepted key's last use reaches the store, to the minute; a key's last use
+        // goes with its record. (Checked every few steps: a file store's write is synced.)
+        if step % 4 != 3 && step + 1 != ops.len() {
+            continue;
+        }
+        uses.flush()
+            .await
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let stored = store
+            .last_used(ids.clone())
+            .await
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        for (i, key) in model.keys.iter().enumerate() {
+            if key.deleted {
+                continue;
+            }
+            prop_assert_eq!(
+                stored[i].map(|t| t.as_unix_secs()),
+                last_used[i],
+                "last use of key #{} after step {} ({:?})",
+                i,
+                step,
+                op
             );
         }
     }
