@@ -120,23 +120,6 @@ async fn the_page_and_its_assets_carry_the_security_headers_and_embed_no_key() {
     );
 }
 
-/// Waits until `script` (a JS expression) is true in the page.
-async fn until(browser: &Browser, script: &str) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let v = browser
-            .client
-            .execute(&format!("return !!({script});"), vec![])
-            .await
-            .unwrap();
-        if v == serde_json::Value::Bool(true) {
-            return;
-        }
-        assert!(std::time::Instant::now() < deadline, "never true: {script}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 async fn key_status(site: &Site, key: &str) -> StatusCode {
     let http = client();
     let auth = format!("Bearer {key}");
@@ -163,35 +146,19 @@ async fn in_chromium_an_operator_creates_sees_once_uses_and_revokes_a_key() {
     browser.screenshot("admin-ui-sign-in").await;
 
     // A wrong admin key: the API's own words.
-    browser
-        .find("#admin-key")
-        .await
-        .send_keys("gw_not-a-real-key")
-        .await
-        .unwrap();
-    browser
-        .find("#sign-in-form button[type=submit]")
-        .await
-        .click()
-        .await
-        .unwrap();
+    browser.type_into("#admin-key", "gw_not-a-real-key").await;
+    browser.click("#sign-in-form button[type=submit]").await;
     browser.wait_text("#error", "Invalid API key").await;
     browser.screenshot("admin-ui-wrong-key").await;
 
     // The right one.
     browser
-        .find("#admin-key")
-        .await
-        .send_keys(site.admin.key.expose())
-        .await
-        .unwrap();
+        .type_into("#admin-key", site.admin.key.expose())
+        .await;
+    browser.click("#sign-in-form button[type=submit]").await;
     browser
-        .find("#sign-in-form button[type=submit]")
-        .await
-        .click()
-        .await
-        .unwrap();
-    until(&browser, "!document.getElementById('manage').hidden").await;
+        .until("!document.getElementById('manage').hidden")
+        .await;
     browser.wait_text("#keys tbody", "operator").await;
     // Kept in sessionStorage only: no cookie, no localStorage, nothing in the URL.
     let kept = c
@@ -207,31 +174,13 @@ async fn in_chromium_an_operator_creates_sees_once_uses_and_revokes_a_key() {
     assert!(!kept[3].as_str().unwrap().contains(site.admin.key.expose()));
 
     // Create a key: shown once, with the warning.
+    browser.type_into("#create-name", "browser-key").await;
+    browser.type_into("#create-scopes", "chat").await;
+    browser.type_into("#create-rpm", "120").await;
+    browser.click("#create-form button[type=submit]").await;
     browser
-        .find("#create-name")
-        .await
-        .send_keys("browser-key")
-        .await
-        .unwrap();
-    browser
-        .find("#create-scopes")
-        .await
-        .send_keys("chat")
-        .await
-        .unwrap();
-    browser
-        .find("#create-rpm")
-        .await
-        .send_keys("120")
-        .await
-        .unwrap();
-    browser
-        .find("#create-form button[type=submit]")
-        .await
-        .click()
-        .await
-        .unwrap();
-    until(&browser, "!document.getElementById('new-key').hidden").await;
+        .until("!document.getElementById('new-key').hidden")
+        .await;
     let key = browser
         .find("#new-key-value")
         .await
@@ -247,9 +196,11 @@ async fn in_chromium_an_operator_creates_sees_once_uses_and_revokes_a_key() {
     browser.screenshot("admin-ui-new-key").await;
 
     // Exactly once: after dismissing, the page holds the hint, never the key.
-    browser.find("#dismiss-key").await.click().await.unwrap();
-    until(&browser, "document.getElementById('new-key').hidden").await;
-    browser.find("#refresh").await.click().await.unwrap();
+    browser.click("#dismiss-key").await;
+    browser
+        .until("document.getElementById('new-key').hidden")
+        .await;
+    browser.click("#refresh").await;
     let table = browser.wait_text("#keys tbody", "browser-key").await;
     let html = browser.html().await;
     assert!(!html.contains(&key), "the key is still in the page");
@@ -266,10 +217,8 @@ async fn in_chromium_an_operator_creates_sees_once_uses_and_revokes_a_key() {
         "the route saw the new key's identity"
     );
     site.uses.flush().await.unwrap();
-    browser.find("#refresh").await.click().await.unwrap();
-    until(
-        &browser,
-        "[...document.querySelectorAll('#keys tbody tr')].some(r => r.textContent.includes('browser-key') && !r.querySelector('td[data-label=\"Last used\"]').textContent.includes('never'))",
+    browser.click("#refresh").await;
+    browser.until("[...document.querySelectorAll('#keys tbody tr')].some(r => r.textContent.includes('browser-key') && !r.querySelector('td[data-label=\"Last used\"]').textContent.includes('never'))",
     )
     .await;
     c.execute("window.scrollTo(0, 0);", vec![]).await.unwrap();
@@ -286,9 +235,7 @@ async fn in_chromium_an_operator_creates_sees_once_uses_and_revokes_a_key() {
     let question = c.get_alert_text().await.unwrap();
     assert!(question.contains("Revoke"), "{question}");
     c.accept_alert().await.unwrap();
-    until(
-        &browser,
-        "[...document.querySelectorAll('#keys tbody tr')].some(r => r.textContent.includes('browser-key') && r.textContent.includes('revoked'))",
+    browser.until("[...document.querySelectorAll('#keys tbody tr')].some(r => r.textContent.includes('browser-key') && r.textContent.includes('revoked'))",
     )
     .await;
     c.execute("window.scrollTo(0, 0);", vec![]).await.unwrap();

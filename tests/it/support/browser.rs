@@ -122,6 +122,33 @@ impl Browser {
         }
     }
 
+    /// Types `text` into the element matching `css`.
+    pub async fn type_into(&self, css: &str, text: &str) {
+        self.find(css).await.send_keys(text).await.unwrap();
+    }
+
+    /// Clicks the element matching `css`.
+    pub async fn click(&self, css: &str) {
+        self.find(css).await.click().await.unwrap();
+    }
+
+    /// Waits (up to 10 s) until the JavaScript expression `script` is true in the page.
+    pub async fn until(&self, script: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let v = self
+                .client
+                .execute(&format!("return !!({script});"), vec![])
+                .await
+                .unwrap();
+            if v == serde_json::Value::Bool(true) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "never true: {script}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// The page's whole HTML as the browser holds it now.
     pub async fn html(&self) -> String {
         self.client.source().await.unwrap()
