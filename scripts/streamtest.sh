@@ -11,7 +11,9 @@
 # stream count: errors (streams that failed to open, answered other than 200 or broke off),
 # lost events (expected but never read), the server's RSS per open stream (sampled once all
 # are open, minus its RSS before) and its CPU time per event delivered (user and system,
-# from /proc, over the whole run). The last line is the issue's, for the largest count.
+# from /proc, over the whole run). `Forward` alone (`hello --forward`: hyper's server and
+# client and the crate's proxy, no authentication) runs too, to tell what the layers cost
+# from what hyper does per connection. The last line is the issue's, for the largest count.
 # Everything started is stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,7 +28,7 @@ command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] ||
   { apt-get update -qq && apt-get install -y -qq nginx >/dev/null; }
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 # Two descriptors a stream in each proxy, one in the client and the upstream.
-ulimit -n 65536
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 echo "building (release)..." >&2
 cargo build -q --release --example gateway --example keygen --example hello --example sse_load
@@ -56,7 +58,9 @@ wait_port() {
 UPSTREAM_PORT=$(free_port)
 GATEWAY_PORT=$(free_port)
 NGINX_PORT=$(free_port)
+FORWARD_PORT=$(free_port)
 UPSTREAM_SECRET=sk-upstream-stream-test
+SERVERS=${SERVERS:-"gateway nginx forward"}
 
 taskset -c 0 "$BIN/hello" --sse --events "$EVENTS" --interval-ms "$INTERVAL_MS" \
   --listen "127.0.0.1:$UPSTREAM_PORT" >/dev/null 2>&1 &
@@ -94,7 +98,7 @@ PIDS+=("$GATEWAY_PID")
 
 cat >"$WORK/nginx-gateway.conf" <<CONF
 worker_processes 1;
-worker_rlimit_nofile 65536;
+worker_rlimit_nofile 20000;
 error_log $WORK/nginx.error.log;
 pid $WORK/nginx.pid;
 events { worker_connections 30000; }
@@ -129,7 +133,10 @@ $MAP  }
 }
 CONF
 taskset -c 1 "$NGINX" -p "$WORK" -c "$WORK/nginx-gateway.conf"
-for port in "$UPSTREAM_PORT" "$GATEWAY_PORT" "$NGINX_PORT"; do wait_port "$port"; done
+taskset -c 1 "$BIN/hello" --forward "http://127.0.0.1:$UPSTREAM_PORT" --listen "127.0.0.1:$FORWARD_PORT" >/dev/null 2>&1 &
+FORWARD_PID=$!
+PIDS+=("$FORWARD_PID")
+for port in "$UPSTREAM_PORT" "$GATEWAY_PORT" "$NGINX_PORT" "$FORWARD_PORT"; do wait_port "$port"; done
 NGINX_PID=$(pgrep -P "$(cat "$WORK/nginx.pid")" | head -1)
 
 rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
@@ -160,9 +167,12 @@ run() { # url pid streams
 printf '%-9s %7s %7s %7s %12s %14s\n' server streams errors lost "rss/stream" "cpu/event" >&2
 declare -A R
 for n in $STREAMS; do
-  for server in gateway nginx; do
-    if [ "$server" = gateway ]; then url="http://127.0.0.1:$GATEWAY_PORT/v1/stream" pid=$GATEWAY_PID
-    else url="http://127.0.0.1:$NGINX_PORT/v1/stream" pid=$NGINX_PID; fi
+  for server in $SERVERS; do
+    case $server in
+      gateway) url="http://127.0.0.1:$GATEWAY_PORT/v1/stream" pid=$GATEWAY_PID ;;
+      nginx) url="http://127.0.0.1:$NGINX_PORT/v1/stream" pid=$NGINX_PID ;;
+      forward) url="http://127.0.0.1:$FORWARD_PORT/v1/stream" pid=$FORWARD_PID ;;
+    esac
     read -r errors lost rss cpu < <(run "$url" "$pid" "$n")
     R[$server,$n]="$errors $lost $rss $cpu"
     printf '%-9s %7d %7d %7d %10.0f B %11.2f us\n' "$server" "$n" "$errors" "$lost" "$rss" "$cpu" >&2
