@@ -3,7 +3,13 @@
 # the gateway's proxy alone, with no authentication: what forwarding itself costs), and an
 # axum hello-world with and without the crate's whole layer stack.
 #
-#   scripts/loadtest.sh     # ROUNDS=3 DURATION=6 CONNECTIONS=50 THREADS=1 by default
+#   scripts/loadtest.sh     # ROUNDS=3 DURATION=6 CONNECTIONS=50 THREADS=1 RATE_SECS=8 by default
+#
+# Saturated throughput is measured with wrk (closed loop). Latency is measured with oha at a
+# constant rate (open loop, `--latency-correction`, so a stall counts against every request it
+# delays): half of nginx's saturated rate, against the upstream directly, the gateway and
+# nginx; "added latency" is each proxy's p50 and p99 minus the direct upstream's, and the
+# line printed is the gateway's added latency over nginx's (<= 1.00: the gateway adds no more).
 #
 # Every server under test gets one worker pinned to CPU 1 (the gateway `workers = 1`, nginx
 # `worker_processes 1`, the hello example a current-thread runtime); wrk and the upstream
@@ -21,6 +27,8 @@ DURATION=${DURATION:-6}
 CONNECTIONS=${CONNECTIONS:-50}
 THREADS=${THREADS:-1}
 KEYS=${KEYS:-100}
+RATE_SECS=${RATE_SECS:-8}
+TARGET=${CARGO_TARGET_DIR:-target}
 
 install() {
   local missing=()
@@ -30,13 +38,14 @@ install() {
     echo "installing ${missing[*]}" >&2
     apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
   fi
+  command -v oha >/dev/null || { echo "installing oha" >&2; cargo install -q --locked oha; }
 }
 install
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
 echo "building (release)..." >&2
 cargo build -q --release --example gateway --example keygen --example hello
-BIN=target/release/examples
+BIN=$TARGET/release/examples
 
 WORK=$(mktemp -d)
 PIDS=()
@@ -203,7 +212,7 @@ wrk_once() { # url key server-pid
 median() { sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 
 # Measures targets in alternating rounds (each round runs every target once); reports each
-# and prints "rps p99" medians for all, in order.
+# and prints "rps p99 cpu_us" medians for all, in order.
 compare() { # (name url key pid)...
   local n=$(($# / 4)) args=("$@") i round r p u s
   local -a rps p99 user sys
@@ -223,7 +232,7 @@ compare() { # (name url key pid)...
       m+=("$(printf '%s\n' $list | median)")
     done
     report "${args[4 * i]}" "${m[0]}" "${m[1]}" "${m[2]}" "${m[3]}" "${rps[i]# }"
-    out+=("${m[0]}" "${m[1]}")
+    out+=("${m[0]}" "${m[1]}" "$(awk -v u="${m[2]}" -v s="${m[3]}" 'BEGIN {print u + s}')")
   done
   echo "${out[*]}"
 }
@@ -233,19 +242,56 @@ report() { # name rps p99 user_us sys_us rounds
     "$1" "$2" "$3" "$(awk -v u="$4" -v s="$5" 'BEGIN {print u + s}')" "$4" "$5" "$6" >&2
 }
 
+# PERF=FILE: a perf profile (cpu-clock, call graphs) of the gateway under load to FILE, first;
+# PERF_STACK=FILE the same of the axum hello-world with the stack.
+profile() { # file url key pid
+  taskset -c 0 wrk -t"$THREADS" -c"$CONNECTIONS" -d8s -H "Authorization: Bearer $3" "$2" >/dev/null &
+  local load=$!
+  sleep 1
+  perf record -q -e cpu-clock -F 4999 -g -p "$4" -o "$1" -- sleep 5 >/dev/null 2>&1
+  wait "$load"
+}
+[ -n "${PERF:-}" ] && profile "$PERF" "http://127.0.0.1:$GATEWAY_PORT/v1/chat/completions" "$KEY" "$GATEWAY_PID"
+[ -n "${PERF_STACK:-}" ] && profile "$PERF_STACK" "http://127.0.0.1:$STACK_PORT/v1/chat/completions" "$STACK_KEY" "$STACK_PID"
 echo "wrk: $THREADS thread(s), $CONNECTIONS connections, $ROUNDS rounds of ${DURATION}s, on loopback" >&2
 read -r up_rps up_p99 up_user up_sys < <(wrk_once "http://127.0.0.1:$UPSTREAM_PORT/v1/chat/completions" "$KEY" "$UPSTREAM_PID")
 report "upstream (direct)" "$up_rps" "$up_p99" "$up_user" "$up_sys" "-"
-read -r gw_rps gw_p99 ng_rps ng_p99 _ _ < <(compare \
+read -r gw_rps gw_p99 _ ng_rps ng_p99 _ fw_rps _ _ < <(compare \
   "gateway" "http://127.0.0.1:$GATEWAY_PORT/v1/chat/completions" "$KEY" "$GATEWAY_PID" \
   "nginx (same job)" "http://127.0.0.1:$NGINX_PORT/v1/chat/completions" "$KEY" "$NGINX_PID" \
   "Forward alone, no auth" "http://127.0.0.1:$FORWARD_PORT/v1/chat/completions" "$KEY" "$FORWARD_PID")
-read -r stack_rps stack_p99 bare_rps bare_p99 < <(compare \
+read -r stack_rps stack_p99 stack_cpu bare_rps bare_p99 bare_cpu < <(compare \
   "axum hello (stack)" "http://127.0.0.1:$STACK_PORT/v1/chat/completions" "$STACK_KEY" "$STACK_PID" \
   "axum hello (bare)" "http://127.0.0.1:$BARE_PORT/v1/chat/completions" none "$BARE_PID")
 
+# Latency at a fixed offered load: half of nginx's saturated rate, open loop.
+RATE=$(awk -v n="$ng_rps" 'BEGIN {printf "%d", n / 2}')
+# One oha run at $RATE: prints "p50_ms p99_ms".
+oha_once() { # url key
+  taskset -c 0 oha --no-tui --output-format json --latency-correction -q "$RATE" -z "${RATE_SECS}s" \
+    -c "$CONNECTIONS" -H "Authorization: Bearer $2" "$1" | python3 -c '
+import json, sys
+r = json.load(sys.stdin)
+codes = r.get("statusCodeDistribution", {})
+if set(codes) - {"200"}:
+    sys.exit(f"non-200 answers at a fixed rate: {codes}")
+p = r["latencyPercentiles"]
+print(p["p50"] * 1000, p["p99"] * 1000)'
+}
+echo "oha: constant $RATE req/s (half of nginx's saturated rate) for ${RATE_SECS}s each, $CONNECTIONS connections" >&2
+read -r up50 up99 < <(oha_once "http://127.0.0.1:$UPSTREAM_PORT/v1/chat/completions" "$KEY")
+read -r gw50 gw99 < <(oha_once "http://127.0.0.1:$GATEWAY_PORT/v1/chat/completions" "$KEY")
+read -r ng50 ng99 < <(oha_once "http://127.0.0.1:$NGINX_PORT/v1/chat/completions" "$KEY")
+awk -v u50="$up50" -v u99="$up99" -v g50="$gw50" -v g99="$gw99" -v n50="$ng50" -v n99="$ng99" 'BEGIN {
+  printf "at a fixed rate, p50 / p99 ms: upstream direct %.3f / %.3f, gateway %.3f / %.3f (adds %.3f / %.3f), nginx %.3f / %.3f (adds %.3f / %.3f)\n",
+    u50, u99, g50, g99, g50 - u50, g99 - u99, n50, n99, n50 - u50, n99 - u99 }' >&2
+
 awk -v gp="$gw_p99" -v np="$ng_p99" \
-  'BEGIN { printf "gateway p99 %.2f ms, nginx p99 %.2f ms (%s)\n", gp, np, (gp <= np ? "no worse" : "worse") }'
-awk -v s="$stack_p99" -v b="$bare_p99" 'BEGIN { printf "axum stack p99 %.2f ms, bare p99 %.2f ms\n", s, b }'
+  'BEGIN { printf "saturated: gateway p99 %.2f ms, nginx p99 %.2f ms\n", gp, np }'
+awk -v s="$stack_p99" -v b="$bare_p99" 'BEGIN { printf "saturated: axum stack p99 %.2f ms, bare p99 %.2f ms\n", s, b }'
+awk -v g="$gw_rps" -v f="$fw_rps" 'BEGIN { printf "gateway/forward req/s ratio: %.2f\n", g / f }'
 awk -v g="$gw_rps" -v n="$ng_rps" 'BEGIN { printf "gateway/nginx req/s ratio: %.2f\n", g / n }'
+awk -v u50="$up50" -v u99="$up99" -v g50="$gw50" -v g99="$gw99" -v n50="$ng50" -v n99="$ng99" \
+  'BEGIN { printf "added latency gateway/nginx p50: %.2f p99: %.2f\n", (g50 - u50) / (n50 - u50), (g99 - u99) / (n99 - u99) }'
+awk -v s="$stack_cpu" -v b="$bare_cpu" 'BEGIN { printf "axum stack/bare cpu ratio: %.2f\n", s / b }'
 awk -v s="$stack_rps" -v b="$bare_rps" 'BEGIN { printf "axum stack/bare req/s ratio: %.2f\n", s / b }'

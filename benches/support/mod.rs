@@ -78,8 +78,8 @@ pub fn next(requests: &[(http::Uri, http::HeaderMap)], i: &mut usize) -> Request
 
 /// The reference gateway's route stack on `store`, around `Bare`: the inbound layer, then
 /// `UpstreamAuthLayer` (OpenAI preset, a fixed credential), then `HeaderInjectLayer` (a
-/// request id and an organization header). One definition, so that every bench and the
-/// instruction count measure the same stack.
+/// request id, echoed on the response as the gateway does, and an organization header). One
+/// definition, so that every bench and the instruction count measure the same stack.
 pub fn full_stack<K>(
     store: std::sync::Arc<K>,
 ) -> impl Service<Request<()>, Response = Response<impl http_body::Body>, Error = Infallible> + Clone
@@ -98,7 +98,7 @@ where
     )
     .strip_inbound(&inbound);
     let inject = HeaderInjectLayer::new()
-        .request_id(RequestId::new())
+        .request_id(RequestId::new().echo(true))
         .overwrite(
             http::HeaderName::from_static("openai-organization"),
             http::HeaderValue::from_static("org-bench"),
@@ -107,6 +107,35 @@ where
         .layer(inbound)
         .layer(upstream)
         .layer(inject)
+        .service(Bare)
+}
+
+/// tower-http's own layers doing `full_stack`'s header work after the key check, around
+/// `Bare`: `authorization` overridden with the provider credential, `openai-organization`
+/// set, a UUID request id set and propagated to the response. The peer the rest of the
+/// stack is measured against (`full_stack − inbound_1m` against this one `− bare`).
+pub fn tower_http_same_job()
+-> impl Service<Request<()>, Response = Response<impl http_body::Body>, Error = Infallible> + Clone
+{
+    use http::{HeaderName, HeaderValue};
+    use tower::ServiceBuilder;
+    use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+    use tower_http::set_header::SetRequestHeaderLayer;
+
+    let mut credential = HeaderValue::from_static("Bearer sk-upstream-credential");
+    credential.set_sensitive(true);
+    let request_id = HeaderName::from_static("x-request-id");
+    ServiceBuilder::new()
+        .layer(SetRequestHeaderLayer::overriding(
+            http::header::AUTHORIZATION,
+            credential,
+        ))
+        .layer(SetRequestHeaderLayer::overriding(
+            HeaderName::from_static("openai-organization"),
+            HeaderValue::from_static("org-bench"),
+        ))
+        .layer(SetRequestIdLayer::new(request_id.clone(), MakeRequestUuid))
+        .layer(PropagateRequestIdLayer::new(request_id))
         .service(Bare)
 }
 

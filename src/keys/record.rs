@@ -272,20 +272,22 @@ impl fmt::Display for KeyUnusable {
 #[derive(Clone, PartialEq, Eq)]
 #[repr(C)]
 pub struct KeyRecord {
-    // What every verification reads comes first, to share cache lines with the `Arc` count.
+    // What every verification reads comes first, to share cache lines with the `Arc` count:
+    // with it, the first 80 bytes of the allocation hold all a key check reads (the digest,
+    // the status and window, whether there is a parent, the id).
     digest: KeyDigest,
     expires: u32,
     not_before: u32,
     status: KeyStatus,
     created: u32,
+    /// What few keys have: where the key comes from (ephemeral keys and rotated
+    /// successors) and limits of its own. Boxed, so that other keys pay one pointer for it.
+    rare: Option<Box<Rare>>,
     id: KeyId,
     scopes: Scopes,
     name: CompactString,
     hint: Hint,
     metadata: Option<Box<Metadata>>,
-    /// What few keys have: where the key comes from (ephemeral keys and rotated
-    /// successors) and limits of its own. Boxed, so that other keys pay one pointer for it.
-    rare: Option<Box<Rare>>,
 }
 
 /// The parts of a record most keys lack.

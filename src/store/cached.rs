@@ -95,7 +95,7 @@ const ATTEMPTS: usize = 4;
 
 /// A bounded table of values found by digest, with the time they were fetched.
 struct Table<V> {
-    entries: Sharded<Entry<V>>,
+    entries: Sharded<table::Shard<Entry<V>>>,
     per_shard: usize,
 }
 

@@ -16,6 +16,7 @@ mod file;
 mod memory;
 #[cfg(feature = "redis")]
 mod redis;
+mod slots;
 mod table;
 
 pub use cached::{CachedLookup, CachedStore, CachedStoreBuilder};

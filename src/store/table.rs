@@ -1,5 +1,5 @@
-//! The sharded hash table keyed by digest that both the memory store and the cache are made
-//! of.
+//! The sharded tables keyed by digest that the memory store (of [`Slots`](super::slots::Slots))
+//! and the cache (of `hashbrown` tables) are made of.
 
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -17,8 +17,7 @@ pub(crate) trait Keyed {
     fn digest(&self) -> &KeyDigest;
 }
 
-/// A record knows its own digest, so a table of records is a table of pointers, and a probe
-/// reads the record's first cache line as the comparison.
+/// A record knows its own digest, so a table of records is a table of pointers.
 impl Keyed for Arc<KeyRecord> {
     fn digest(&self) -> &KeyDigest {
         KeyRecord::digest(self)
@@ -27,9 +26,37 @@ impl Keyed for Arc<KeyRecord> {
 
 pub(crate) type Shard<E> = HashTable<E>;
 
-/// Sixteen `RwLock`ed hash tables, the digest choosing the table and the bucket.
-pub(crate) struct Sharded<E> {
-    shards: Box<[RwLock<Shard<E>>]>,
+/// What one shard of a [`Sharded`] is: a table of entries found by digest.
+pub(crate) trait Table: Default {
+    type Entry;
+    /// The digest `entry` is found by.
+    fn digest_of(entry: &Self::Entry) -> &KeyDigest;
+    /// A table that holds `n` entries without growing.
+    fn with_capacity(n: usize) -> Self;
+    /// Inserts `entry`, replacing the one with the same digest.
+    fn put(&mut self, entry: Self::Entry);
+    fn len(&self) -> usize;
+}
+
+impl<E: Keyed> Table for HashTable<E> {
+    type Entry = E;
+    fn digest_of(entry: &E) -> &KeyDigest {
+        entry.digest()
+    }
+    fn with_capacity(n: usize) -> Self {
+        HashTable::with_capacity(n)
+    }
+    fn put(&mut self, entry: E) {
+        put(self, entry);
+    }
+    fn len(&self) -> usize {
+        HashTable::len(self)
+    }
+}
+
+/// Sixteen `RwLock`ed tables, the digest choosing the table (and, in it, the bucket).
+pub(crate) struct Sharded<T> {
+    shards: Box<[RwLock<T>]>,
 }
 
 /// The shard for `digest`. Byte 8 is past the bytes `table_hash` uses, so shard and bucket
@@ -67,38 +94,38 @@ pub(crate) fn take<E: Keyed>(shard: &mut Shard<E>, digest: &KeyDigest) -> Option
         .map(|e| e.remove().0)
 }
 
-impl<E: Keyed> Sharded<E> {
+impl<T: Table> Sharded<T> {
     pub(crate) fn new() -> Self {
         Sharded {
-            shards: (0..SHARDS).map(|_| RwLock::new(HashTable::new())).collect(),
+            shards: (0..SHARDS).map(|_| RwLock::new(T::default())).collect(),
         }
     }
 
     /// The shard for `digest`, locked for reading. A poisoned lock still guards a consistent
     /// table (nothing panics mid-update), so it is used as is.
     #[inline]
-    pub(crate) fn read(&self, digest: &KeyDigest) -> RwLockReadGuard<'_, Shard<E>> {
+    pub(crate) fn read(&self, digest: &KeyDigest) -> RwLockReadGuard<'_, T> {
         self.shards[shard_index(digest)]
             .read()
             .unwrap_or_else(|e| e.into_inner())
     }
 
     /// The shard for `digest`, locked for writing.
-    pub(crate) fn write(&self, digest: &KeyDigest) -> RwLockWriteGuard<'_, Shard<E>> {
+    pub(crate) fn write(&self, digest: &KeyDigest) -> RwLockWriteGuard<'_, T> {
         self.shards[shard_index(digest)]
             .write()
             .unwrap_or_else(|e| e.into_inner())
     }
 
     /// Every shard in turn, locked for reading.
-    pub(crate) fn read_each(&self) -> impl Iterator<Item = RwLockReadGuard<'_, Shard<E>>> {
+    pub(crate) fn read_each(&self) -> impl Iterator<Item = RwLockReadGuard<'_, T>> {
         self.shards
             .iter()
             .map(|s| s.read().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Every shard in turn, locked for writing.
-    pub(crate) fn write_each(&self) -> impl Iterator<Item = RwLockWriteGuard<'_, Shard<E>>> {
+    pub(crate) fn write_each(&self) -> impl Iterator<Item = RwLockWriteGuard<'_, T>> {
         self.shards
             .iter()
             .map(|s| s.write().unwrap_or_else(|e| e.into_inner()))
@@ -106,16 +133,23 @@ impl<E: Keyed> Sharded<E> {
 
     /// Every shard locked for writing at once (in order, so writers cannot deadlock), indexed
     /// by [`shard_index`].
-    pub(crate) fn write_all(&self) -> Vec<RwLockWriteGuard<'_, Shard<E>>> {
+    pub(crate) fn write_all(&self) -> Vec<RwLockWriteGuard<'_, T>> {
         self.write_each().collect()
     }
 
-    /// Replaces the whole content with `entries` at once.
-    pub(crate) fn replace_all(&self, entries: impl IntoIterator<Item = E>) {
-        let mut fresh: Vec<Shard<E>> = (0..SHARDS).map(|_| HashTable::new()).collect();
+    /// Replaces the whole content with `entries` at once, each table sized for what it holds.
+    pub(crate) fn replace_all(&self, entries: impl IntoIterator<Item = T::Entry>) {
+        let mut split: Vec<Vec<T::Entry>> = (0..SHARDS).map(|_| Vec::new()).collect();
         for entry in entries {
-            put(&mut fresh[shard_index(entry.digest())], entry);
+            split[shard_index(T::digest_of(&entry))].push(entry);
         }
+        let fresh = split.into_iter().map(|entries| {
+            let mut table = T::with_capacity(entries.len());
+            for entry in entries {
+                table.put(entry);
+            }
+            table
+        });
         for (mut shard, table) in self.write_each().zip(fresh) {
             *shard = table;
         }

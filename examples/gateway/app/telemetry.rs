@@ -105,10 +105,22 @@ fn answer<B>(req: &Request<B>, handle: &PrometheusHandle) -> Response<Full<Bytes
 }
 
 /// Installs the process's log subscriber: `format`, to stdout, ANSI colours only when
-/// stdout is a terminal (a file or a log collector gets none of the escape codes).
+/// stdout is a terminal (a file or a log collector gets none of the escape codes). `RUST_LOG`
+/// set to a level (`off`, `error`, `warn`, `info`, `debug`, `trace`) is the most verbose
+/// level logged; unset or anything else, `info`, access lines included.
 pub fn init_logging(format: LogFormat) {
     let ansi = std::io::stdout().is_terminal();
-    let builder = tracing_subscriber::fmt().with_ansi(ansi);
+    let level = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| {
+            v.trim()
+                .parse::<tracing_subscriber::filter::LevelFilter>()
+                .ok()
+        })
+        .unwrap_or(tracing_subscriber::filter::LevelFilter::INFO);
+    let builder = tracing_subscriber::fmt()
+        .with_ansi(ansi)
+        .with_max_level(level);
     match format {
         LogFormat::Text => builder.with_target(false).init(),
         // One JSON object a line; the target tells access lines (`gateway_auth::access`)
