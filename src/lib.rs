@@ -102,6 +102,7 @@ mod redis_connection;
 pub mod rejection;
 mod remove_headers;
 pub mod response;
+pub mod socket;
 pub mod store;
 pub mod tokens;
 pub mod upstream;
