@@ -80,7 +80,7 @@ type OutBody = UnsyncBoxBody<Bytes, BoxError>;
 /// # WebSockets
 ///
 /// With feature `websocket`, a WebSocket upgrade (`GET`, `Upgrade: websocket`) is sent to
-/// the upstream on a fresh HTTP/1.1 connection (TLS with ALPN `http/1.1` for `https://` or
+/// the upstream on a fresh HTTP/1.1 connection (TLS without `h2` in ALPN for `https://` or
 /// `wss://` upstreams), with the headers the layers above set (the provider credential)
 /// like any request. The upstream's `101` is relayed and then every message both ways until
 /// either side closes; the upstream's answer to the handshake (`Sec-WebSocket-Accept`, the

@@ -179,7 +179,7 @@ pub(super) async fn open(
     Response::from_parts(head, ResponseBody::full(Bytes::new()))
 }
 
-/// A fresh HTTP/1.1 connection to the upstream (TLS with ALPN `http/1.1` for `https`),
+/// A fresh HTTP/1.1 connection to the upstream (over TLS for `https`, no `h2` offered in ALPN),
 /// driven by a task of its own that hands it over once upgraded.
 async fn connect(inner: &Inner) -> Result<hyper::client::conn::http1::SendRequest<OutBody>, String> {
     let mut connector = inner.sockets.clone();
