@@ -81,6 +81,7 @@ mod macros;
 
 pub mod access_log;
 pub mod clock;
+pub mod cors;
 mod error_detail;
 #[cfg(feature = "jwt")]
 mod http_fetch;
