@@ -324,3 +324,101 @@ async fn browser_settings_are_checked_at_start_up() {
         assert!(err.message.contains(says), "{err}");
     }
 }
+
+/// The realtime example's page backend, as `cargo run --example realtime` serves it.
+#[allow(dead_code)]
+#[path = "../../../examples/realtime/page.rs"]
+mod page;
+
+/// Serves the example page, its backend minting from `gateway` with `key`, on `listener`.
+fn serve_page(listener: tokio::net::TcpListener, gateway: SocketAddr, key: &str) {
+    let app = page::router(page::Backend {
+        gateway: format!("http://{gateway}"),
+        route: "/realtime".into(),
+        key: key.to_owned(),
+        ttl_seconds: 60,
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+}
+
+/// Headless Chromium: the example page, served from an allowed origin, mints an ephemeral
+/// key at its backend, calls the gateway cross-origin (preflighted) and opens a realtime
+/// WebSocket with the key in the subprotocol, and exchanges a message; from an origin not
+/// on the route's list the browser's CORS check blocks the `fetch` and the gateway refuses
+/// the socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_chromium_a_page_opens_a_realtime_socket_with_an_ephemeral_key() {
+    let Some(browser) = support::browser::Browser::start().await else {
+        return;
+    };
+    let dir = TempDir::new("gw-realtime-page");
+    let (backend, _) = issue(&dir.file(), "page-backend", &["admin"]).await;
+    let allowed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let other = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let page_origin = format!("http://{}", allowed.local_addr().unwrap());
+    let other_origin = format!("http://{}", other.local_addr().unwrap());
+    let config = format!(
+        r#"
+listen = "127.0.0.1:0"
+keys_file = "{keys}"
+admin_scope = "admin"
+
+[[route]]
+prefix = "/realtime"
+upstream = "echo"
+provider = "openai"
+sources = ["header:x-api-key", "bearer", "subprotocol"]
+cors = {{ origins = ["{page_origin}"] }}
+"#,
+        keys = dir.file().display()
+    );
+    let gw = start(&config).await;
+    serve_page(allowed, gw.addr, backend.expose());
+    serve_page(other, gw.addr, backend.expose());
+
+    let client = &browser.client;
+    client.goto(&format!("{page_origin}/")).await.unwrap();
+    browser.click("#connect").await;
+    browser.until("window.state.messages.length >= 2").await;
+    let state = client
+        .execute("return window.state;", vec![])
+        .await
+        .unwrap();
+    browser.screenshot("realtime-allowed-origin").await;
+    assert_eq!(state["fetchStatus"], 200, "{state}");
+    assert_eq!(state["opened"], true, "{state}");
+    assert_eq!(state["protocol"], "realtime", "{state}");
+    // What the upstream saw, as its first message tells it.
+    let seen: serde_json::Value =
+        serde_json::from_str(state["messages"][0].as_str().unwrap()).unwrap();
+    assert_eq!(seen["type"], "echo.session");
+    assert_eq!(seen["path"], "/v1/realtime");
+    let headers = &seen["headers"];
+    assert_eq!(headers["authorization"], "Bearer sk-echo-upstream-credential");
+    assert_eq!(headers["sec-websocket-protocol"], "realtime");
+    let text = headers.to_string();
+    assert!(!text.contains("openai-insecure-api-key"), "{text}");
+    assert!(!text.contains(backend.expose()), "{text}");
+    // The message the page sent, echoed.
+    assert!(state["messages"][1].as_str().unwrap().contains("session.update"), "{state}");
+    let log = browser.find("#log").await.text().await.unwrap();
+    assert!(log.contains("socket open"), "{log}");
+    assert!(!log.contains(backend.expose()), "the page never holds the backend's key");
+
+    // The same page from an origin the route does not list.
+    client.goto(&format!("{other_origin}/")).await.unwrap();
+    browser.click("#connect").await;
+    browser
+        .until("window.state.fetchError !== null && window.state.closed !== null")
+        .await;
+    let state = client
+        .execute("return window.state;", vec![])
+        .await
+        .unwrap();
+    browser.screenshot("realtime-other-origin").await;
+    assert!(state["fetchError"].as_str().unwrap().contains("Failed to fetch"), "{state}");
+    assert_eq!(state["fetchStatus"], serde_json::Value::Null);
+    assert_eq!(state["opened"], false, "{state}");
+    assert_eq!(state["closed"]["code"], 1006, "the handshake was refused: {state}");
+    browser.close().await;
+}
