@@ -585,7 +585,11 @@ pub fn extract(data: &[u8]) {
         let ours = |e: &Vec<u8>| e.starts_with(prefix.as_bytes());
         if before.iter().any(ours) {
             let kept: Vec<Vec<u8>> = before.into_iter().filter(|e| !ours(e)).collect();
-            assert_eq!(entries(&seen.headers), kept, "subprotocols other than the key's changed");
+            assert_eq!(
+                entries(&seen.headers),
+                kept,
+                "subprotocols other than the key's changed"
+            );
         } else {
             assert_eq!(
                 values(&seen.headers, &SEC_WEBSOCKET_PROTOCOL),

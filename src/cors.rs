@@ -171,8 +171,14 @@ impl CorsLayer {
             origins: Vec::new(),
             credentials: false,
             methods: DEFAULT_ALLOWED_METHODS.to_vec(),
-            headers: DEFAULT_ALLOWED_HEADERS.iter().map(|&h| h.to_owned()).collect(),
-            expose: DEFAULT_EXPOSED_HEADERS.iter().map(|&h| h.to_owned()).collect(),
+            headers: DEFAULT_ALLOWED_HEADERS
+                .iter()
+                .map(|&h| h.to_owned())
+                .collect(),
+            expose: DEFAULT_EXPOSED_HEADERS
+                .iter()
+                .map(|&h| h.to_owned())
+                .collect(),
             max_age: DEFAULT_MAX_AGE,
         }
     }
@@ -361,7 +367,10 @@ impl CorsBuilder {
         let expose = if expose.is_empty() {
             None
         } else {
-            Some(join(expose.iter().map(HeaderName::as_str), "exposed headers")?)
+            Some(join(
+                expose.iter().map(HeaderName::as_str),
+                "exposed headers",
+            )?)
         };
         let max_age = HeaderValue::from(self.max_age.as_secs());
         Ok(CorsLayer {
@@ -386,7 +395,9 @@ fn origin_value(origin: &str) -> Result<HeaderValue, InvalidCors> {
         ));
     }
     let Some((scheme, rest)) = origin.split_once("://") else {
-        return Err(bad("write it as scheme://host[:port], e.g. https://app.example"));
+        return Err(bad(
+            "write it as scheme://host[:port], e.g. https://app.example",
+        ));
     };
     let scheme_ok = scheme
         .bytes()
@@ -402,7 +413,9 @@ fn origin_value(origin: &str) -> Result<HeaderValue, InvalidCors> {
         return Err(bad("there is no host"));
     }
     if rest.ends_with('/') {
-        return Err(bad("an origin has no path, not even `/`: drop the trailing slash"));
+        return Err(bad(
+            "an origin has no path, not even `/`: drop the trailing slash",
+        ));
     }
     if rest.contains(['/', '?', '#', '@', '*']) || rest.contains(char::is_whitespace) {
         return Err(bad(
@@ -631,7 +644,10 @@ mod tests {
                 .map(|_| ())
         };
         assert_eq!(build(&["https://app.example"], true), Ok(()));
-        assert_eq!(build(&["http://localhost:5173", "https://a.example"], false), Ok(()));
+        assert_eq!(
+            build(&["http://localhost:5173", "https://a.example"], false),
+            Ok(())
+        );
         assert_eq!(build(&["*"], false), Ok(()));
         for bad in [
             &["*"][..],

@@ -552,8 +552,11 @@ async fn a_websocket_session_and_its_revocation_log_no_key_or_credential() {
     let inbound = InboundApiKeyLayer::from_shared(store)
         .sources(["subprotocol".parse::<KeySource>().unwrap()])
         .recheck_sockets_every(std::time::Duration::from_millis(50));
-    let upstream = UpstreamAuthLayer::new(Provider::openai(), Credential::new(UPSTREAM_SECRET).unwrap())
-        .strip_inbound(&inbound);
+    let upstream = UpstreamAuthLayer::new(
+        Provider::openai(),
+        Credential::new(UPSTREAM_SECRET).unwrap(),
+    )
+    .strip_inbound(&inbound);
     let debug = format!("{inbound:?} {upstream:?}");
     let stack = ServiceBuilder::new()
         .layer(StripHopByHopLayer::new())
@@ -563,9 +566,10 @@ async fn a_websocket_session_and_its_revocation_log_no_key_or_credential() {
     let gw = support::spawn_upgradable(stack).await;
 
     let offer = format!("realtime, openai-insecure-api-key.{key}");
-    let (mut socket, head) = support::ws::connect(gw, "/v1/realtime", &[("sec-websocket-protocol", &offer)])
-        .await
-        .unwrap();
+    let (mut socket, head) =
+        support::ws::connect(gw, "/v1/realtime", &[("sec-websocket-protocol", &offer)])
+            .await
+            .unwrap();
     socket.send(Message::text("hello")).await.unwrap();
     assert_eq!(support::ws::next_text(&mut socket).await, "hello");
     manager.revoke(issued.record.id()).await.unwrap();
@@ -582,7 +586,10 @@ async fn a_websocket_session_and_its_revocation_log_no_key_or_credential() {
     );
     assert!(logs.text().contains("WebSocket closed"), "{}", logs.text());
     for secret in [key.as_str(), digest.as_str()] {
-        assert!(!everything.contains(secret), "{secret} leaked:\n{everything}");
+        assert!(
+            !everything.contains(secret),
+            "{secret} leaked:\n{everything}"
+        );
     }
     let without_upstream_view = everything.replace(&format!("{:?}", seen.headers), "");
     assert!(

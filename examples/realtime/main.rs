@@ -16,7 +16,8 @@ mod page;
 
 use std::net::SocketAddr;
 
-const USAGE: &str = "usage: GATEWAY_KEY=gw_… realtime [--gateway http://127.0.0.1:8080] [--listen 127.0.0.1:8000]";
+const USAGE: &str =
+    "usage: GATEWAY_KEY=gw_… realtime [--gateway http://127.0.0.1:8080] [--listen 127.0.0.1:8000]";
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> std::process::ExitCode {
@@ -40,7 +41,9 @@ async fn main() -> std::process::ExitCode {
         }
     }
     let Some(key) = std::env::var("GATEWAY_KEY").ok().filter(|k| !k.is_empty()) else {
-        eprintln!("realtime: set GATEWAY_KEY to a gateway key (the one `cargo run --example gateway` prints)\n{USAGE}");
+        eprintln!(
+            "realtime: set GATEWAY_KEY to a gateway key (the one `cargo run --example gateway` prints)\n{USAGE}"
+        );
         return std::process::ExitCode::FAILURE;
     };
     let app = page::router(page::Backend {

@@ -46,7 +46,10 @@ pub fn router(backend: Backend) -> Router {
     let backend = Arc::new(backend);
     Router::new()
         .route("/", get(index))
-        .route("/page.js", get(|| async { asset(SCRIPT, "text/javascript") }))
+        .route(
+            "/page.js",
+            get(|| async { asset(SCRIPT, "text/javascript") }),
+        )
         .route("/page.css", get(|| async { asset(STYLE, "text/css") }))
         .route("/session", post(session))
         .with_state(backend)
@@ -67,7 +70,8 @@ async fn index(State(backend): State<Arc<Backend>>) -> Response {
          base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
         backend.gateway
     );
-    let mut response = ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], INDEX).into_response();
+    let mut response =
+        ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], INDEX).into_response();
     if let Ok(policy) = HeaderValue::from_str(&policy) {
         response
             .headers_mut()
@@ -89,7 +93,10 @@ async fn session(State(backend): State<Arc<Backend>>) -> Response {
     let minted = match client.request(request).await {
         Ok(response) => response,
         Err(e) => {
-            return (StatusCode::BAD_GATEWAY, format!("the gateway is unreachable: {e}"))
+            return (
+                StatusCode::BAD_GATEWAY,
+                format!("the gateway is unreachable: {e}"),
+            )
                 .into_response();
         }
     };
@@ -101,7 +108,11 @@ async fn session(State(backend): State<Arc<Backend>>) -> Response {
         .map(|b| b.to_bytes())
         .unwrap_or_default();
     if status != StatusCode::CREATED {
-        return (StatusCode::BAD_GATEWAY, format!("the gateway answered {status}")).into_response();
+        return (
+            StatusCode::BAD_GATEWAY,
+            format!("the gateway answered {status}"),
+        )
+            .into_response();
     }
     let Ok(minted) = serde_json::from_slice::<Value>(&bytes) else {
         return (StatusCode::BAD_GATEWAY, "the gateway's answer is not JSON").into_response();

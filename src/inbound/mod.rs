@@ -19,6 +19,32 @@
 //! 8. put the [`Identity`] into the extensions (and the identity header, if configured) and
 //!    call the inner service.
 //!
+//! # Which sources are weaker
+//!
+//! A key is a bearer secret: whoever sees it can use it. Headers (`X-API-Key`,
+//! `Authorization`) are the strongest place for it, since proxies, servers and browsers
+//! treat them as private and rarely log them. Two sources exist because browsers cannot use
+//! a header everywhere, and both are weaker:
+//!
+//! - **the query string** ([`KeySource::Query`]) is part of the URL: access logs of every
+//!   proxy and server on the way, browser history, `Referer` headers and monitoring tools
+//!   record it;
+//! - **a WebSocket subprotocol** ([`KeySource::Subprotocol`]), the only thing besides the URL
+//!   a browser's `WebSocket` lets a page set, travels in `Sec-WebSocket-Protocol`, which
+//!   load balancers and WAFs log more often than `Authorization` and which a server may
+//!   echo back.
+//!
+//! Use them only for keys that are short-lived and narrow on their own:
+//! [ephemeral keys](crate::keys::KeyManager::mint_ephemeral) minted for one browser
+//! session, never a long-lived key. Offer them only on the routes that need them (the
+//! gateway's `sources` per route). Both are removed from the request before it goes on:
+//! here when credentials are hidden (the default), and by the
+//! [`UpstreamAuthLayer`](crate::UpstreamAuthLayer) whatever this layer did (by default
+//! `?key=` and `openai-insecure-api-key.` entries, with
+//! [`strip_inbound`](crate::UpstreamAuthLayer::strip_inbound) every source this layer
+//! reads); the query parameter byte for byte, the subprotocol entry alone with the other
+//! subprotocols kept in order.
+//!
 //! # Open sockets
 //!
 //! A WebSocket upgrade ([`is_websocket_upgrade`](crate::socket::is_websocket_upgrade)) is
@@ -261,7 +287,10 @@ impl<K: KeyStore> InboundApiKeyLayer<K> {
 
     /// Lets CORS preflight requests (`OPTIONS` with `Origin` and
     /// `Access-Control-Request-Method`) through without a key, so a CORS layer inside can
-    /// answer them (default: no).
+    /// answer them (default: no). Prefer a [`CorsLayer`](crate::cors::CorsLayer) outside
+    /// this layer: it answers preflights itself, so none goes further; a preflight let
+    /// through here reaches whatever is inside (the upstream layer refuses it without an
+    /// identity, so it never carries the provider credential).
     pub fn allow_preflight(mut self, allow: bool) -> Self {
         self.config_mut().allow_preflight = allow;
         self
@@ -745,35 +774,31 @@ enum Judged<L> {
 }
 
 /// Closes an open socket once its key fails a check made every `config.socket_recheck`.
-fn key_recheck<K: KeyStore>(
+async fn key_recheck<K: KeyStore>(
     config: Arc<Config<K>>,
     digest: KeyDigest,
-) -> impl Future<Output = crate::socket::CloseReason> + Send + 'static {
-    async move {
-        loop {
-            tokio::time::sleep(config.socket_recheck).await;
-            if let Err(rejection) = config.recheck(digest).await {
-                tracing::info!(target: "tower_gateway_auth::inbound", fingerprint = %digest.fingerprint(), reason = rejection.code(), "open WebSocket closed: its key failed a recheck");
-                return socket_close(&rejection);
-            }
+) -> crate::socket::CloseReason {
+    loop {
+        tokio::time::sleep(config.socket_recheck).await;
+        if let Err(rejection) = config.recheck(digest).await {
+            tracing::info!(target: "tower_gateway_auth::inbound", fingerprint = %digest.fingerprint(), reason = rejection.code(), "open WebSocket closed: its key failed a recheck");
+            return socket_close(&rejection);
         }
     }
 }
 
 /// Closes an open socket once its user token fails a verification made every `every`.
 #[cfg(feature = "jwt")]
-fn token_recheck(
+async fn token_recheck(
     verifier: crate::jwt::JwtVerifier,
     token: String,
     every: Duration,
-) -> impl Future<Output = crate::socket::CloseReason> + Send + 'static {
-    async move {
-        loop {
-            tokio::time::sleep(every).await;
-            if let Err(rejection) = verifier.verify(&token).await {
-                tracing::info!(target: "tower_gateway_auth::inbound", reason = rejection.code(), "open WebSocket closed: its user token failed a recheck");
-                return socket_close(&rejection);
-            }
+) -> crate::socket::CloseReason {
+    loop {
+        tokio::time::sleep(every).await;
+        if let Err(rejection) = verifier.verify(&token).await {
+            tracing::info!(target: "tower_gateway_auth::inbound", reason = rejection.code(), "open WebSocket closed: its user token failed a recheck");
+            return socket_close(&rejection);
         }
     }
 }

@@ -1,26 +1,4 @@
 //! Where a client's key is looked for, and how it is read out of the request.
-//!
-//! # Which sources are weaker
-//!
-//! A key is a bearer secret: whoever sees it can use it. Headers (`X-API-Key`,
-//! `Authorization`) are the strongest place for it, since proxies, servers and browsers
-//! treat them as private and rarely log them. Two sources exist because browsers cannot use
-//! a header everywhere, and both are weaker:
-//!
-//! - **the query string** ([`KeySource::Query`]) is part of the URL: access logs of every
-//!   proxy and server on the way, browser history, `Referer` headers and monitoring tools
-//!   record it;
-//! - **a WebSocket subprotocol** ([`KeySource::Subprotocol`]), the only thing besides the URL
-//!   a browser's `WebSocket` lets a page set, travels in `Sec-WebSocket-Protocol`, which
-//!   load balancers and WAFs log more often than `Authorization` and which a server may
-//!   echo back.
-//!
-//! Use them only for keys that are short-lived and narrow on their own:
-//! [ephemeral keys](crate::keys::KeyManager::mint_ephemeral) minted for one browser
-//! session, never a long-lived key. Offer them only on the routes that need them (the
-//! gateway's `sources` per route). Both are removed from the request before it goes on,
-//! whether or not the inbound layer hides credentials: the query parameter byte for byte
-//! and the subprotocol entry alone, the other subprotocols kept.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -60,7 +38,7 @@ pub enum KeySource {
     /// `openai-insecure-api-key.<key>` ([`DEFAULT_SUBPROTOCOL_PREFIX`]), as a browser's
     /// `new WebSocket(url, ["realtime", "openai-insecure-api-key." + key])` sends it. Only
     /// that entry is removed from the header; the other subprotocols go on. See [the module
-    /// docs](self) for why it is weaker than a header.
+    /// docs](super#which-sources-are-weaker) for why it is weaker than a header.
     Subprotocol(Arc<str>),
 }
 
@@ -287,9 +265,8 @@ fn subprotocols(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
 /// Whether `s` is an RFC 9110 token (what a subprotocol is, RFC 6455 §4.1).
 fn is_token(s: &[u8]) -> bool {
     !s.is_empty()
-        && s.iter().all(|&b| {
-            b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
-        })
+        && s.iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 /// Removes the entries starting with one of `prefixes` from `Sec-WebSocket-Protocol`,

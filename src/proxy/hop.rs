@@ -187,11 +187,15 @@ mod tests {
     #[test]
     fn a_websocket_upgrade_keeps_exactly_its_upgrade() {
         use tower::ServiceExt;
-        let service = StripHopByHopLayer::new().layer(tower::service_fn(
-            |req: Request<()>| async move { Ok::<_, std::convert::Infallible>(req) },
-        ));
+        let service =
+            StripHopByHopLayer::new().layer(tower::service_fn(|req: Request<()>| async move {
+                Ok::<_, std::convert::Infallible>(req)
+            }));
         let req = Request::get("/v1/realtime")
-            .header("connection", "keep-alive, Upgrade, authorization, x-private")
+            .header(
+                "connection",
+                "keep-alive, Upgrade, authorization, x-private",
+            )
             .header("upgrade", "WebSocket")
             .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
             .header("authorization", "Bearer client")

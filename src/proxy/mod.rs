@@ -115,6 +115,7 @@ struct Inner {
     scheme: Scheme,
     authority: Authority,
     /// The `Host` header requests on connections of their own carry.
+    #[cfg_attr(not(feature = "websocket"), allow(dead_code))]
     host: HeaderValue,
     base_path: String,
     #[cfg_attr(not(feature = "websocket"), allow(dead_code))]
@@ -448,9 +449,9 @@ where
         if websocket {
             let body = body.map_err(Into::into).boxed_unsync();
             let inner = self.inner.clone();
-            return Box::pin(async move {
-                Ok(websocket::open(inner, parts, body, request_id).await)
-            });
+            return Box::pin(
+                async move { Ok(websocket::open(inner, parts, body, request_id).await) },
+            );
         }
         match &self.inner.transport {
             Transport::Http1(_, host) => parts.headers.insert(header::HOST, host.clone()),

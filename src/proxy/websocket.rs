@@ -23,6 +23,7 @@
 //!   sides with its reason. After sending its close frame the relay waits
 //!   [`CLOSE_WAIT`] for the other end's, then drops the connection.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -92,10 +93,7 @@ pub(super) async fn open(
             .to_response(&parts.headers)
             .map(ResponseBody::full);
     };
-    let lease = parts
-        .extensions
-        .remove::<SocketLease>()
-        .unwrap_or_default();
+    let lease = parts.extensions.remove::<SocketLease>().unwrap_or_default();
     set_websocket_upgrade(&mut parts.headers);
     parts.headers.remove(header::SEC_WEBSOCKET_EXTENSIONS);
     parts.headers.insert(header::HOST, inner.host.clone());
@@ -110,7 +108,9 @@ pub(super) async fn open(
             .map_err(|e| (false, e.to_string()))
     };
     let answer = match inner.response_timeout {
-        Some(limit) => tokio::time::timeout(limit, exchange).await.map_err(|_| limit),
+        Some(limit) => tokio::time::timeout(limit, exchange)
+            .await
+            .map_err(|_| limit),
         None => Ok(exchange.await),
     };
     let mut response = match answer {
@@ -159,10 +159,7 @@ pub(super) async fn open(
         return failure(
             Rejection::new(
                 RejectionKind::UpstreamUnreachable,
-                with_request_id(
-                    "The upstream failed to answer.",
-                    request_id.as_deref(),
-                ),
+                with_request_id("The upstream failed to answer.", request_id.as_deref()),
             ),
             elapsed(),
         );
@@ -181,7 +178,9 @@ pub(super) async fn open(
 
 /// A fresh HTTP/1.1 connection to the upstream (over TLS for `https`, no `h2` offered in ALPN),
 /// driven by a task of its own that hands it over once upgraded.
-async fn connect(inner: &Inner) -> Result<hyper::client::conn::http1::SendRequest<OutBody>, String> {
+async fn connect(
+    inner: &Inner,
+) -> Result<hyper::client::conn::http1::SendRequest<OutBody>, String> {
     let mut connector = inner.sockets.clone();
     let target = http::Uri::builder()
         .scheme(inner.scheme.clone())
@@ -249,6 +248,12 @@ fn check_switch(headers: &HeaderMap, offered: &[String]) -> Result<(), &'static 
 
 type Socket = WebSocketStream<TokioIo<Upgraded>>;
 
+/// What woke the relay loop.
+enum Event {
+    Read(Side, Option<Result<Message, WsError>>),
+    Cut(CloseReason),
+}
+
 /// How the relay loop ended.
 enum Ended {
     /// This side sent a close frame (forwarded to the other).
@@ -287,7 +292,7 @@ fn config(limits: &SocketLimits) -> WebSocketConfig {
 /// Relays the two sockets once both are upgraded; the lease is held until the end.
 async fn relay(client: OnUpgrade, upstream: OnUpgrade, lease: SocketLease, inner: Arc<Inner>) {
     let limits = inner.socket_limits;
-    let (client, upstream) = match tokio::try_join!(client, upstream) {
+    let (client, upstream) = match futures_util::future::try_join(client, upstream).await {
         Ok(both) => both,
         Err(error) => {
             tracing::debug!(target: "tower_gateway_auth::proxy", upstream = %inner.authority, %error, "WebSocket not relayed: an upgrade did not complete");
@@ -295,35 +300,61 @@ async fn relay(client: OnUpgrade, upstream: OnUpgrade, lease: SocketLease, inner
         }
     };
     let config = config(&limits);
-    let mut client = WebSocketStream::from_raw_socket(TokioIo::new(client), Role::Server, Some(config)).await;
+    let mut client =
+        WebSocketStream::from_raw_socket(TokioIo::new(client), Role::Server, Some(config)).await;
     let mut upstream =
         WebSocketStream::from_raw_socket(TokioIo::new(upstream), Role::Client, Some(config)).await;
     let opened = Instant::now();
     tracing::info!(target: "tower_gateway_auth::proxy", upstream = %inner.authority, "WebSocket open");
     let (mut to_upstream, mut to_client) = (0u64, 0u64);
 
-    let idle = tokio::time::sleep(limits.idle);
-    let lifetime = tokio::time::sleep(limits.lifetime);
-    tokio::pin!(idle, lifetime);
+    let mut idle = std::pin::pin!(tokio::time::sleep(limits.idle));
+    let mut lifetime = std::pin::pin!(tokio::time::sleep(limits.lifetime));
+    // Which side is read first next time: they take turns, so that a side that never
+    // stops sending cannot starve the other.
+    let mut client_first = true;
     let ended = loop {
-        tokio::select! {
-            message = client.next() => {
-                idle.as_mut().reset(tokio::time::Instant::now() + limits.idle);
-                match pass(message, Side::Client, &mut upstream).await {
-                    Some(ended) => break ended,
-                    None => to_upstream += 1,
+        let event = std::future::poll_fn(|cx: &mut Context<'_>| {
+            client_first = !client_first;
+            let sides = if client_first {
+                [Side::Client, Side::Upstream]
+            } else {
+                [Side::Upstream, Side::Client]
+            };
+            for side in sides {
+                let socket = match side {
+                    Side::Client => &mut client,
+                    Side::Upstream => &mut upstream,
+                };
+                if let Poll::Ready(message) = socket.poll_next_unpin(cx) {
+                    return Poll::Ready(Event::Read(side, message));
                 }
             }
-            message = upstream.next() => {
-                idle.as_mut().reset(tokio::time::Instant::now() + limits.idle);
-                match pass(message, Side::Upstream, &mut client).await {
-                    Some(ended) => break ended,
-                    None => to_client += 1,
-                }
+            if idle.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::Cut(CloseReason::going_away("idle timeout")));
             }
-            () = &mut idle => break Ended::Cut(CloseReason::going_away("idle timeout")),
-            () = &mut lifetime => break Ended::Cut(CloseReason::going_away("the socket's lifetime limit was reached")),
-            reason = std::future::poll_fn(|cx: &mut Context<'_>| -> Poll<CloseReason> { lease.poll_closed(cx) }) => break Ended::Cut(reason),
+            if lifetime.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::Cut(CloseReason::going_away(
+                    "the socket's lifetime limit was reached",
+                )));
+            }
+            lease.poll_closed(cx).map(Event::Cut)
+        })
+        .await;
+        let (from, message) = match event {
+            Event::Read(side, message) => (side, message),
+            Event::Cut(reason) => break Ended::Cut(reason),
+        };
+        idle.as_mut()
+            .reset(tokio::time::Instant::now() + limits.idle);
+        let to = match from {
+            Side::Client => &mut upstream,
+            Side::Upstream => &mut client,
+        };
+        match pass(message, from, to).await {
+            Some(ended) => break ended,
+            None if from == Side::Client => to_upstream += 1,
+            None => to_client += 1,
         }
     };
     let (to_client_close, to_upstream_close, why) = match ended {
@@ -344,10 +375,8 @@ async fn relay(client: OnUpgrade, upstream: OnUpgrade, lease: SocketLease, inner
             }
         }
         Ended::TooBig(side) => {
-            let reason = CloseReason::too_big(format!(
-                "message larger than {} bytes",
-                limits.max_message
-            ));
+            let reason =
+                CloseReason::too_big(format!("message larger than {} bytes", limits.max_message));
             (
                 frame(&reason),
                 frame(&reason),
@@ -356,10 +385,11 @@ async fn relay(client: OnUpgrade, upstream: OnUpgrade, lease: SocketLease, inner
         }
         Ended::Cut(reason) => (frame(&reason), frame(&reason), reason.to_string()),
     };
-    tokio::join!(
+    futures_util::future::join(
         finish(&mut client, to_client_close),
-        finish(&mut upstream, to_upstream_close)
-    );
+        finish(&mut upstream, to_upstream_close),
+    )
+    .await;
     tracing::info!(target: "tower_gateway_auth::proxy", upstream = %inner.authority, why, to_upstream, to_client, open_for = ?opened.elapsed(), "WebSocket closed");
     drop(lease);
 }
@@ -447,7 +477,10 @@ mod tests {
             header::SEC_WEBSOCKET_PROTOCOL,
             HeaderValue::from_static("realtime , openai-beta.realtime-v1"),
         );
-        h.append(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static("x"));
+        h.append(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static("x"),
+        );
         assert_eq!(
             offered_protocols(&h),
             ["realtime", "openai-beta.realtime-v1", "x"]

@@ -830,9 +830,9 @@ impl Config {
             }
         };
         if let LimiterPlan::Redis { lease, .. } = &limiter
-            && let Some(i) = routes
-                .iter()
-                .position(|r: &RoutePlan| r.limits.max_concurrent().is_some() && r.socket.lifetime > *lease)
+            && let Some(i) = routes.iter().position(|r: &RoutePlan| {
+                r.limits.max_concurrent().is_some() && r.socket.lifetime > *lease
+            })
         {
             return Err(bad(
                 format!("route[{i}].websocket.max_lifetime_secs"),
@@ -900,7 +900,10 @@ impl SocketConfig {
     fn plan(&self, field: &dyn Fn(&str) -> String) -> Result<SocketPlan, ConfigError> {
         let at_least = |value: u64, min: u64, name: &str| {
             if value < min {
-                Err(bad(field(&format!("websocket.{name}")), format!("must be at least {min}")))
+                Err(bad(
+                    field(&format!("websocket.{name}")),
+                    format!("must be at least {min}"),
+                ))
             } else {
                 Ok(value)
             }

@@ -5,9 +5,9 @@
 
 use std::net::SocketAddr;
 
+use axum::Router;
 use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
-use axum::Router;
 use futures_util::{SinkExt, StreamExt};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use http_body_util::BodyExt;
@@ -90,7 +90,8 @@ fn socket(req: &mut Request) -> Response {
     let upgrade = hyper::upgrade::on(req);
     tokio::spawn(async move {
         let Ok(upgraded) = upgrade.await else { return };
-        let mut ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+        let mut ws =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
         if ws.send(Message::text(seen.to_string())).await.is_err() {
             return;
         }

@@ -30,9 +30,8 @@ use std::time::Duration;
 use axum::Router;
 use tower::ServiceBuilder;
 use tower::util::{Either, MapResponseLayer};
-use tower_gateway_auth::inbound::{DEFAULT_SOCKET_RECHECK, KeySource};
-use tower_gateway_auth::response::ResponseBody;
 use tower_gateway_auth::access_log::{AccessLogLayer, CountingBody};
+use tower_gateway_auth::inbound::{DEFAULT_SOCKET_RECHECK, KeySource};
 use tower_gateway_auth::inject::RequestId;
 use tower_gateway_auth::keys::{
     Actor, ApiKey, AuditEvent, AuditFile, AuditSink, KeyManager, LastUsed, NewKey,
@@ -43,6 +42,7 @@ use tower_gateway_auth::limit::{
 use tower_gateway_auth::metrics::MetricsLayer;
 use tower_gateway_auth::proxy::{Forward, StripHopByHopLayer};
 use tower_gateway_auth::rejection::{ErrorFormat, RejectionKind};
+use tower_gateway_auth::response::ResponseBody;
 use tower_gateway_auth::store::listen_for_invalidations;
 use tower_gateway_auth::store::{CachedStore, FileStore, KeyAdmin, MemoryStore, RedisStore};
 use tower_gateway_auth::upstream::UpstreamAuthLayer;
@@ -364,13 +364,11 @@ where
             .admin_scope(scope)
             .usage_from(limiter.clone());
         // The page loads without a key (it asks for one); the API behind it needs one.
-        router = router
-            .merge(api.page("/admin"))
-            .nest(
-                "/admin",
-                api.router()
-                    .layer(inbound(None, &plan.sources, DEFAULT_SOCKET_RECHECK)),
-            );
+        router = router.merge(api.page("/admin")).nest(
+            "/admin",
+            api.router()
+                .layer(inbound(None, &plan.sources, DEFAULT_SOCKET_RECHECK)),
+        );
     }
     let default_responder = responder(&plan.error_format);
     let router = router

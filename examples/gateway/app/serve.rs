@@ -221,8 +221,10 @@ pub async fn serve(
 }
 
 /// The server connection of one client: HTTP/1.1 with upgrades.
-type ClientConnection =
-    hyper::server::conn::http1::UpgradeableConnection<TokioIo<Watched>, TowerToHyperService<Tracked>>;
+type ClientConnection = hyper::server::conn::http1::UpgradeableConnection<
+    TokioIo<Watched>,
+    TowerToHyperService<Tracked>,
+>;
 
 /// Drives `conn`; once `draining` turns `true`, tells it to finish the request it serves
 /// and close (an idle keep-alive connection closes at once). What hyper-util's

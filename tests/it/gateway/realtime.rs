@@ -90,10 +90,24 @@ async fn preflights_are_answered_by_the_gateway_and_refusals_carry_cors_headers(
     let h = &preflight.headers;
     assert_eq!(h["access-control-allow-origin"], PAGE);
     let allowed = h["access-control-allow-headers"].to_str().unwrap();
-    for name in ["authorization", "x-api-key", "content-type", "x-stainless-os", "x-client-trace"] {
-        assert!(allowed.split(", ").any(|a| a == name), "{name} in {allowed}");
+    for name in [
+        "authorization",
+        "x-api-key",
+        "content-type",
+        "x-stainless-os",
+        "x-client-trace",
+    ] {
+        assert!(
+            allowed.split(", ").any(|a| a == name),
+            "{name} in {allowed}"
+        );
     }
-    assert!(h["access-control-allow-methods"].to_str().unwrap().contains("POST"));
+    assert!(
+        h["access-control-allow-methods"]
+            .to_str()
+            .unwrap()
+            .contains("POST")
+    );
     assert_eq!(h["access-control-max-age"], "600");
     assert!(h.get("access-control-allow-credentials").is_none());
     assert_eq!(seen.count(), 0, "a preflight never reaches the upstream");
@@ -103,11 +117,18 @@ async fn preflights_are_answered_by_the_gateway_and_refusals_carry_cors_headers(
         gw.addr,
         Method::OPTIONS,
         "/openai/v1/chat/completions",
-        &[("origin", "https://evil.example"), ("access-control-request-method", "POST")],
+        &[
+            ("origin", "https://evil.example"),
+            ("access-control-request-method", "POST"),
+        ],
         "",
     )
     .await;
-    assert!(access_control(&elsewhere).is_empty(), "{:?}", elsewhere.headers);
+    assert!(
+        access_control(&elsewhere).is_empty(),
+        "{:?}",
+        elsewhere.headers
+    );
     assert_eq!(seen.count(), 0);
 
     // The real request without a key: 401 the page can read.
@@ -127,8 +148,21 @@ async fn preflights_are_answered_by_the_gateway_and_refusals_carry_cors_headers(
             .unwrap()
             .contains("retry-after")
     );
-    assert!(refused.json()["error"]["message"].as_str().unwrap().contains("No API key"), "{}", refused.text());
-    assert!(refused.headers.get_all("vary").iter().any(|v| v == "origin"));
+    assert!(
+        refused.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("No API key"),
+        "{}",
+        refused.text()
+    );
+    assert!(
+        refused
+            .headers
+            .get_all("vary")
+            .iter()
+            .any(|v| v == "origin")
+    );
 
     // With the key: forwarded, the answer readable by the page, nothing of CORS upstream.
     let key = key.expose();
@@ -136,13 +170,19 @@ async fn preflights_are_answered_by_the_gateway_and_refusals_carry_cors_headers(
         gw.addr,
         Method::POST,
         "/openai/v1/chat/completions",
-        &[("origin", PAGE), ("authorization", &format!("Bearer {key}"))],
+        &[
+            ("origin", PAGE),
+            ("authorization", &format!("Bearer {key}")),
+        ],
         "{}",
     )
     .await;
     assert_eq!(ok.status, StatusCode::OK, "{}", ok.text());
     assert_eq!(ok.headers["access-control-allow-origin"], PAGE);
-    assert_eq!(seen.last().headers["authorization"], format!("Bearer {}", super::OPENAI_SECRET));
+    assert_eq!(
+        seen.last().headers["authorization"],
+        format!("Bearer {}", super::OPENAI_SECRET)
+    );
 
     // The same from an origin not on the list: served (CORS is the browser's check) but
     // with no CORS header, so a browser keeps the answer from the page.
@@ -204,7 +244,10 @@ async fn a_browser_session_on_the_realtime_route_with_an_ephemeral_key() {
         gw.addr,
         Method::POST,
         "/admin/ephemeral",
-        &[("x-api-key", backend.expose()), ("content-type", "application/json")],
+        &[
+            ("x-api-key", backend.expose()),
+            ("content-type", "application/json"),
+        ],
         r#"{"ttl_seconds": 60}"#,
     )
     .await;
@@ -221,12 +264,21 @@ async fn a_browser_session_on_the_realtime_route_with_an_ephemeral_key() {
     .await
     .expect("upgraded through the gateway");
     assert_eq!(head["sec-websocket-protocol"], "realtime");
-    socket.send(Message::text("{\"type\":\"session.update\"}")).await.unwrap();
-    assert_eq!(next_text(&mut socket).await, "{\"type\":\"session.update\"}");
+    socket
+        .send(Message::text("{\"type\":\"session.update\"}"))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_text(&mut socket).await,
+        "{\"type\":\"session.update\"}"
+    );
 
     let seen = sessions.last();
     assert_eq!(seen.path, "/v1/realtime?model=gpt-realtime");
-    assert_eq!(seen.headers["authorization"], format!("Bearer {}", super::OPENAI_SECRET));
+    assert_eq!(
+        seen.headers["authorization"],
+        format!("Bearer {}", super::OPENAI_SECRET)
+    );
     assert_eq!(seen.headers["sec-websocket-protocol"], "realtime");
     assert!(seen.headers.contains_key("x-request-id"));
     assert!(!format!("{:?}", seen.headers).contains(&ephemeral));
@@ -235,7 +287,10 @@ async fn a_browser_session_on_the_realtime_route_with_an_ephemeral_key() {
     let refused = connect(
         gw.addr,
         "/realtime/v1/realtime",
-        &[("sec-websocket-protocol", &offer), ("origin", "https://evil.example")],
+        &[
+            ("sec-websocket-protocol", &offer),
+            ("origin", "https://evil.example"),
+        ],
     )
     .await;
     assert_eq!(refused.err().map(|e| e.0), Some(StatusCode::FORBIDDEN));
@@ -262,15 +317,22 @@ async fn shutdown_closes_open_sockets_with_1001_and_waits_for_them() {
     let (key, _) = issue(&dir.file(), "k", &[]).await;
     let mut gw = start(&config(&dir.file(), http, realtime)).await;
     let offer = format!("realtime, openai-insecure-api-key.{}", key.expose());
-    let (mut socket, _) = connect(gw.addr, "/realtime/v1/realtime", &[("sec-websocket-protocol", &offer)])
-        .await
-        .unwrap();
+    let (mut socket, _) = connect(
+        gw.addr,
+        "/realtime/v1/realtime",
+        &[("sec-websocket-protocol", &offer)],
+    )
+    .await
+    .unwrap();
     socket.send(Message::text("hi")).await.unwrap();
     assert_eq!(next_text(&mut socket).await, "hi");
 
     let _ = gw.shutdown.take().unwrap().send(());
     let (code, reason) = close_of(&mut socket, Duration::from_secs(5)).await;
-    assert_eq!((code, reason.as_str()), (1001, "the gateway is shutting down"));
+    assert_eq!(
+        (code, reason.as_str()),
+        (1001, "the gateway is shutting down")
+    );
     assert_eq!(sessions.ended().await.close.map(|c| c.0), Some(1001));
     drop(socket);
     let served = tokio::time::timeout(Duration::from_secs(10), gw.served.take().unwrap())
@@ -311,7 +373,12 @@ async fn browser_settings_are_checked_at_start_up() {
             "route[1].sources[2]",
             "unknown key source",
         ),
-        ("recheck_ms = 100", "recheck_ms = 0", "route[1].websocket.recheck_ms", "at least"),
+        (
+            "recheck_ms = 100",
+            "recheck_ms = 0",
+            "route[1].websocket.recheck_ms",
+            "at least",
+        ),
     ] {
         let text = good.replacen(from, to, 1);
         assert_ne!(text, good, "{from}");
@@ -394,16 +461,28 @@ cors = {{ origins = ["{page_origin}"] }}
     assert_eq!(seen["type"], "echo.session");
     assert_eq!(seen["path"], "/v1/realtime");
     let headers = &seen["headers"];
-    assert_eq!(headers["authorization"], "Bearer sk-echo-upstream-credential");
+    assert_eq!(
+        headers["authorization"],
+        "Bearer sk-echo-upstream-credential"
+    );
     assert_eq!(headers["sec-websocket-protocol"], "realtime");
     let text = headers.to_string();
     assert!(!text.contains("openai-insecure-api-key"), "{text}");
     assert!(!text.contains(backend.expose()), "{text}");
     // The message the page sent, echoed.
-    assert!(state["messages"][1].as_str().unwrap().contains("session.update"), "{state}");
+    assert!(
+        state["messages"][1]
+            .as_str()
+            .unwrap()
+            .contains("session.update"),
+        "{state}"
+    );
     let log = browser.find("#log").await.text().await.unwrap();
     assert!(log.contains("socket open"), "{log}");
-    assert!(!log.contains(backend.expose()), "the page never holds the backend's key");
+    assert!(
+        !log.contains(backend.expose()),
+        "the page never holds the backend's key"
+    );
 
     // The same page from an origin the route does not list.
     client.goto(&format!("{other_origin}/")).await.unwrap();
@@ -416,9 +495,18 @@ cors = {{ origins = ["{page_origin}"] }}
         .await
         .unwrap();
     browser.screenshot("realtime-other-origin").await;
-    assert!(state["fetchError"].as_str().unwrap().contains("Failed to fetch"), "{state}");
+    assert!(
+        state["fetchError"]
+            .as_str()
+            .unwrap()
+            .contains("Failed to fetch"),
+        "{state}"
+    );
     assert_eq!(state["fetchStatus"], serde_json::Value::Null);
     assert_eq!(state["opened"], false, "{state}");
-    assert_eq!(state["closed"]["code"], 1006, "the handshake was refused: {state}");
+    assert_eq!(
+        state["closed"]["code"], 1006,
+        "the handshake was refused: {state}"
+    );
     browser.close().await;
 }

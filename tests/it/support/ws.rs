@@ -8,13 +8,13 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use http::{HeaderMap, HeaderValue, StatusCode};
 use tokio::net::TcpStream;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::WebSocketStream;
 
 /// What the echo upstream saw of one socket.
 #[derive(Debug, Clone, Default)]
@@ -88,6 +88,8 @@ where
         all.len() - 1
     };
     let update = |f: &mut dyn FnMut(&mut Session)| f(&mut sessions.0.lock().unwrap()[index]);
+    // tungstenite's callback type: its error is a whole response.
+    #[allow(clippy::result_large_err)]
     let callback = |req: &Request, mut response: Response| -> Result<Response, ErrorResponse> {
         update(&mut |s| {
             s.path = req.uri().to_string();
@@ -106,13 +108,15 @@ where
             .map(|p| p.trim().to_owned())
             .collect::<Vec<_>>();
         if req.uri().path() == "/bad-protocol" {
-            response
-                .headers_mut()
-                .insert("sec-websocket-protocol", HeaderValue::from_static("never-offered"));
+            response.headers_mut().insert(
+                "sec-websocket-protocol",
+                HeaderValue::from_static("never-offered"),
+            );
         } else if offered.iter().any(|p| p == "realtime") {
-            response
-                .headers_mut()
-                .insert("sec-websocket-protocol", HeaderValue::from_static("realtime"));
+            response.headers_mut().insert(
+                "sec-websocket-protocol",
+                HeaderValue::from_static("realtime"),
+            );
         }
         Ok(response)
     };
@@ -234,9 +238,7 @@ pub async fn connect_with(
         );
     }
     let tcp = TcpStream::connect(addr).await.unwrap();
-    match tokio_tungstenite::client_async_with_config(request, tcp, Some(config))
-        .await
-    {
+    match tokio_tungstenite::client_async_with_config(request, tcp, Some(config)).await {
         Ok((ws, response)) => Ok((ws, response.headers().clone())),
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
             let status = response.status();
