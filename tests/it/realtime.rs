@@ -619,3 +619,65 @@ a=setup:actpass\r\na=mid:0\r\na=sendrecv\r\na=rtpmap:111 opus/48000/2\r\n";
     );
     assert!(!format!("{:?}", received.headers).contains(&key));
 }
+
+/// A store that answers as `inner` until told to fail.
+struct Flaky {
+    inner: Arc<MemoryStore>,
+    failing: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl tower_gateway_auth::store::KeyStore for Flaky {
+    type Lookup = tower_gateway_auth::store::BoxLookup;
+
+    fn lookup(&self, digest: &tower_gateway_auth::keys::KeyDigest) -> Self::Lookup {
+        if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+            return Box::pin(async {
+                Err(tower_gateway_auth::store::StoreError::new("store down"))
+            });
+        }
+        let answer = self.inner.lookup(digest);
+        Box::pin(answer)
+    }
+}
+
+#[tokio::test]
+async fn a_store_down_during_a_recheck_closes_the_socket_with_1011() {
+    use tower_gateway_auth::store::KeyStore;
+    let (upstream, sessions) = ws::spawn_echo().await;
+    let store = Arc::new(MemoryStore::new());
+    let key = KeyManager::new(store.clone())
+        .issue(NewKey::named("k"))
+        .await
+        .unwrap();
+    let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flaky = Flaky {
+        inner: store.clone(),
+        failing: failing.clone(),
+    };
+    assert_eq!(flaky.hasher().digest(b"x"), store.hasher().digest(b"x"));
+    let inbound = InboundApiKeyLayer::new(flaky)
+        .sources(["subprotocol".parse().unwrap()])
+        .recheck_sockets_every(Duration::from_millis(100));
+    let upstream_auth =
+        UpstreamAuthLayer::new(Provider::openai(), Credential::new(UPSTREAM_KEY).unwrap())
+            .strip_inbound(&inbound);
+    let stack = ServiceBuilder::new()
+        .layer(StripHopByHopLayer::new())
+        .layer(inbound)
+        .layer(upstream_auth)
+        .service(Forward::new(&format!("ws://{upstream}")).unwrap());
+    let gw = support::spawn_upgradable(stack).await;
+    let (mut socket, _) = connect(
+        gw,
+        "/v1/realtime",
+        &[("sec-websocket-protocol", &subprotocols(key.key.expose()))],
+    )
+    .await
+    .unwrap();
+    socket.send(Message::text("up")).await.unwrap();
+    assert_eq!(next_text(&mut socket).await, "up");
+    failing.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (code, reason) = close_of(&mut socket, Duration::from_secs(3)).await;
+    assert_eq!(code, 1011, "fail closed: {reason}");
+    assert_eq!(sessions.ended().await.close.map(|c| c.0), Some(1011));
+}
