@@ -25,12 +25,12 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{AUTHORIZATION, CONTENT_TYPE};
+use http::header::{AUTHORIZATION, CONTENT_TYPE, SEC_WEBSOCKET_PROTOCOL};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 use tower::{Layer, ServiceExt};
 use tower_gateway_auth::clock::{ManualClock, Timestamp};
-use tower_gateway_auth::inbound::KeySource;
+use tower_gateway_auth::inbound::{DEFAULT_SUBPROTOCOL_PREFIX, KeySource};
 use tower_gateway_auth::keys::{
     Checksum, DEFAULT_MAX_EPHEMERAL_TTL, KeyDigest, KeyFormat, KeyId, KeyManager, KeyRecord,
     KeyStatus,
@@ -344,6 +344,10 @@ impl Case {
             .filter(|(i, _)| picks & (1 << i) != 0)
             .map(|(_, s)| s)
             .collect();
+        // The fifth pick brings the WebSocket subprotocol source along (no bit is free).
+        if picks & 0x10 != 0 {
+            sources.push(KeySource::subprotocol(DEFAULT_SUBPROTOCOL_PREFIX));
+        }
         if sources.is_empty() {
             // The layer's default.
             sources = vec![
@@ -566,6 +570,35 @@ pub fn extract(data: &[u8]) {
     }
     let mut except = source_headers.clone();
     except.push(&identity_header);
+    // The subprotocol source: its entries are gone, every other entry stays in order; a
+    // header with none of them is untouched.
+    if let Some(prefix) = case.sources.iter().find_map(KeySource::subprotocol_prefix) {
+        let entries = |h: &HeaderMap| -> Vec<Vec<u8>> {
+            h.get_all(SEC_WEBSOCKET_PROTOCOL)
+                .iter()
+                .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+                .map(|e| e.trim_ascii().to_vec())
+                .filter(|e| !e.is_empty())
+                .collect()
+        };
+        let before = entries(&raw.headers);
+        let ours = |e: &Vec<u8>| e.starts_with(prefix.as_bytes());
+        if before.iter().any(ours) {
+            let kept: Vec<Vec<u8>> = before.into_iter().filter(|e| !ours(e)).collect();
+            assert_eq!(
+                entries(&seen.headers),
+                kept,
+                "subprotocols other than the key's changed"
+            );
+        } else {
+            assert_eq!(
+                values(&seen.headers, &SEC_WEBSOCKET_PROTOCOL),
+                values(&raw.headers, &SEC_WEBSOCKET_PROTOCOL),
+                "a subprotocol list without a key was changed"
+            );
+        }
+        except.push(&SEC_WEBSOCKET_PROTOCOL);
+    }
     assert_same_headers(&seen.headers, &raw.headers, &except);
 
     // Query sources: the ones that carried a value are gone, every other parameter stays.

@@ -9,18 +9,34 @@
 //! | [`access_log`] | [`AccessLogLayer`](access_log::AccessLogLayer), outermost of a route: one `tracing` event per request, when its response body ends |
 //! | `metrics` (feature `metrics`) | `MetricsLayer`, beside the [`RejectionLayer`]: requests by route and outcome through the `metrics` facade; the other layers' counters and histograms |
 //! | [`rejection`] | [`RejectionLayer`]: renders every refusal of the layers inside it in one dialect ([`ErrorFormat`](rejection::ErrorFormat)) and realm; the typed [`Rejection`] |
-//! | [`inbound`] | [`InboundApiKeyLayer`]: finds the client's key (header, `Authorization: Bearer`, query), verifies it against a [`KeyStore`](store::KeyStore) and hands the caller's [`Identity`] on; [`RequireScopesLayer`] for per-route scopes |
+//! | [`cors`] | [`CorsLayer`](cors::CorsLayer), before the inbound layer: CORS preflights answered by the gateway (never forwarded, no key needed), CORS headers on every answer to an allowed origin (refusals included), WebSocket upgrades from other origins refused |
+//! | [`inbound`] | [`InboundApiKeyLayer`]: finds the client's key (header, `Authorization: Bearer`, query, a WebSocket subprotocol), verifies it against a [`KeyStore`](store::KeyStore) and hands the caller's [`Identity`] on; [`RequireScopesLayer`] for per-route scopes |
 //! | [`store`] | where keys live, as digests only: [`MemoryStore`](store::MemoryStore), [`FileStore`](store::FileStore), [`CachedStore`](store::CachedStore) and, with feature `redis`, `RedisStore` (Redis or Redis Cluster) |
 //! | [`limit`] | [`RateLimitLayer`]: each key's request rate (GCRA) and requests in flight, 429 with the providers' rate-limit headers, counted by [`MemoryLimiter`](limit::MemoryLimiter) or, with feature `redis`, `RedisLimiter` (shared by replicas); [`ModelAccessLayer`](limit::ModelAccessLayer): the models a key may use (403) |
 //! | [`tokens`] | [`UsageBody`](tokens::UsageBody): each response's token usage (OpenAI, Anthropic, Gemini; JSON and SSE) read as it streams through unchanged, for token limits |
 //! | [`keys`] | a key's life: its format and digest, the [`KeyRecord`](keys::KeyRecord) a store keeps, [`KeyManager`](keys::KeyManager) (issue, rotate, revoke, ephemeral keys) and, with feature `axum`, the [`ManagementApi`] |
 //! | [`upstream`] | [`UpstreamAuthLayer`]: strips every client credential and sets the provider's ([`Provider`](upstream::Provider)) from a [`CredentialSource`](upstream::CredentialSource) |
 //! | [`inject`] | [`HeaderInjectLayer`]: header rules and request ids |
-//! | [`proxy`] (feature `proxy`) | [`Forward`](proxy::Forward), innermost: the streaming forwarding proxy |
+//! | [`proxy`] (feature `proxy`) | [`Forward`](proxy::Forward), innermost: the streaming forwarding proxy; with feature `websocket`, WebSockets relayed frame by frame |
+//! | [`socket`] | [`SocketLease`](socket::SocketLease): what an open WebSocket holds for as long as it is open (its concurrency permit) and what closes it (its key revoked, a shutdown) |
 //! | [`response`], [`clock`] | what every layer answers with (and [`UpstreamOutcome`](response::UpstreamOutcome), what the upstream answered); the injectable clock key validity reads |
 //!
 //! A gateway stacks them in that order: client → hop-by-hop → access log → metrics →
-//! rejections → inbound → limits → upstream → inject → proxy.
+//! rejections → CORS → inbound → limits → upstream → inject → proxy.
+//!
+//! # Browser clients
+//!
+//! A page calls a route from the browser once the route has a [`CorsLayer`](cors::CorsLayer);
+//! a realtime API's WebSocket goes through [`Forward`](proxy::Forward) (feature
+//! `websocket`) with its key in the subprotocol list, the one place besides the URL a
+//! browser's `WebSocket` lets a page put it ([`KeySource::Subprotocol`](inbound::KeySource::Subprotocol),
+//! OpenAI's `openai-insecure-api-key.<key>`). Give such a page an ephemeral key
+//! ([`KeyManager::mint_ephemeral`](keys::KeyManager::mint_ephemeral)), never a long-lived
+//! one: the [`inbound`](inbound#which-sources-are-weaker) docs say why the query string
+//! and the subprotocol are weaker places for a key than a header. An open socket's key is
+//! checked again while it is open ([`inbound`](inbound#open-sockets)), and a WebRTC
+//! session's signalling (an SDP offer `POST`ed as `application/sdp`) is an ordinary request
+//! and passes byte for byte.
 //!
 //! # One way to refuse a request
 //!
@@ -61,6 +77,8 @@
 //!   crate.
 //! - `proxy`: [`proxy::Forward`], a streaming forwarding proxy (hyper-util client, rustls),
 //!   and [`proxy::StripHopByHopLayer`].
+//! - `websocket` (with `proxy`): WebSocket upgrades relayed by `Forward`, frame-aware
+//!   (tokio-tungstenite), with message-size, idle and lifetime limits.
 //! - `redis`: `store::RedisStore`, keys shared by several replicas, with revocation fan-out to
 //!   their [`CachedStore`](store::CachedStore)s, and `limit::RedisLimiter`, one limit per key
 //!   across replicas; both on standalone Redis or Redis Cluster.
@@ -81,6 +99,7 @@ mod macros;
 
 pub mod access_log;
 pub mod clock;
+pub mod cors;
 mod error_detail;
 #[cfg(feature = "jwt")]
 mod http_fetch;
@@ -102,6 +121,7 @@ mod redis_connection;
 pub mod rejection;
 mod remove_headers;
 pub mod response;
+pub mod socket;
 pub mod store;
 pub mod tokens;
 pub mod upstream;

@@ -526,3 +526,74 @@ scope = "chat"
         }
     }
 }
+
+/// A realtime session with the key in the subprotocol, closed when the key is revoked:
+/// neither the key, its digest nor the provider's credential shows up in the log (every
+/// level), the close reason, the upstream's view, or a `Debug` print of the parts.
+#[tokio::test]
+async fn a_websocket_session_and_its_revocation_log_no_key_or_credential() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    use tower_gateway_auth::inbound::KeySource;
+    use tower_gateway_auth::proxy::{Forward, StripHopByHopLayer};
+
+    const UPSTREAM_SECRET: &str = "sk-upstream-websocket-test-13579";
+    let (logs, _guard) = support::capture_logs();
+    let store = Arc::new(MemoryStore::new());
+    let manager = tower_gateway_auth::keys::KeyManager::new(store.clone());
+    let issued = manager
+        .issue(tower_gateway_auth::keys::NewKey::named("socket"))
+        .await
+        .unwrap();
+    let key = issued.key.expose().to_owned();
+    let digest = issued.record.digest().to_hex();
+
+    let (echo, sessions) = support::ws::spawn_echo().await;
+    let inbound = InboundApiKeyLayer::from_shared(store)
+        .sources(["subprotocol".parse::<KeySource>().unwrap()])
+        .recheck_sockets_every(std::time::Duration::from_millis(50));
+    let upstream = UpstreamAuthLayer::new(
+        Provider::openai(),
+        Credential::new(UPSTREAM_SECRET).unwrap(),
+    )
+    .strip_inbound(&inbound);
+    let debug = format!("{inbound:?} {upstream:?}");
+    let stack = ServiceBuilder::new()
+        .layer(StripHopByHopLayer::new())
+        .layer(inbound)
+        .layer(upstream)
+        .service(Forward::new(&format!("ws://{echo}")).unwrap());
+    let gw = support::spawn_upgradable(stack).await;
+
+    let offer = format!("realtime, openai-insecure-api-key.{key}");
+    let (mut socket, head) =
+        support::ws::connect(gw, "/v1/realtime", &[("sec-websocket-protocol", &offer)])
+            .await
+            .unwrap();
+    socket.send(Message::text("hello")).await.unwrap();
+    assert_eq!(support::ws::next_text(&mut socket).await, "hello");
+    manager.revoke(issued.record.id()).await.unwrap();
+    let (code, reason) =
+        support::ws::close_of(&mut socket, std::time::Duration::from_secs(3)).await;
+    assert_eq!(code, 1008);
+    let seen = sessions.ended().await;
+
+    let everything = format!(
+        "{}\n{debug}\n{head:?}\n{reason}\n{:?}\n{:?}",
+        logs.text(),
+        seen.headers,
+        seen.close
+    );
+    assert!(logs.text().contains("WebSocket closed"), "{}", logs.text());
+    for secret in [key.as_str(), digest.as_str()] {
+        assert!(
+            !everything.contains(secret),
+            "{secret} leaked:\n{everything}"
+        );
+    }
+    let without_upstream_view = everything.replace(&format!("{:?}", seen.headers), "");
+    assert!(
+        !without_upstream_view.contains(UPSTREAM_SECRET),
+        "the provider credential leaked:\n{without_upstream_view}"
+    );
+}

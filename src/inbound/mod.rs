@@ -18,6 +18,47 @@
 //!    cascading writes did or missed; then the scopes (403);
 //! 8. put the [`Identity`] into the extensions (and the identity header, if configured) and
 //!    call the inner service.
+//!
+//! # Which sources are weaker
+//!
+//! A key is a bearer secret: whoever sees it can use it. Headers (`X-API-Key`,
+//! `Authorization`) are the strongest place for it, since proxies, servers and browsers
+//! treat them as private and rarely log them. Two sources exist because browsers cannot use
+//! a header everywhere, and both are weaker:
+//!
+//! - **the query string** ([`KeySource::Query`]) is part of the URL: access logs of every
+//!   proxy and server on the way, browser history, `Referer` headers and monitoring tools
+//!   record it;
+//! - **a WebSocket subprotocol** ([`KeySource::Subprotocol`]), the only thing besides the URL
+//!   a browser's `WebSocket` lets a page set, travels in `Sec-WebSocket-Protocol`, which
+//!   load balancers and WAFs log more often than `Authorization` and which a server may
+//!   echo back.
+//!
+//! Use them only for keys that are short-lived and narrow on their own:
+//! [ephemeral keys](crate::keys::KeyManager::mint_ephemeral) minted for one browser
+//! session, never a long-lived key. Offer them only on the routes that need them (the
+//! gateway's `sources` per route). Both are removed from the request before it goes on:
+//! here when credentials are hidden (the default), and by the
+//! [`UpstreamAuthLayer`](crate::UpstreamAuthLayer) whatever this layer did (by default
+//! `?key=` and `openai-insecure-api-key.` entries, with
+//! [`strip_inbound`](crate::UpstreamAuthLayer::strip_inbound) every source this layer
+//! reads); the query parameter byte for byte, the subprotocol entry alone with the other
+//! subprotocols kept in order.
+//!
+//! # Open sockets
+//!
+//! A WebSocket upgrade ([`is_websocket_upgrade`](crate::socket::is_websocket_upgrade)) is
+//! checked as above when it arrives, and then again every
+//! [`recheck_sockets_every`](InboundApiKeyLayer::recheck_sockets_every) (default 10 s) for
+//! as long as the socket is open: the same lookup and the same judgement of the key and its
+//! ancestors (a user token: its verification again). The first check that fails closes the
+//! socket through its [`SocketLease`](crate::socket::SocketLease): 1008 for a key revoked,
+//! disabled, expired or gone, 1011 when the store cannot answer (fail closed, as for a
+//! request). So a key revoked or expired while its sockets are open sees them closed
+//! within one interval plus one lookup (at most the store timeout), counted from when the
+//! store answers with the change (behind a [`CachedStore`](crate::store::CachedStore) that
+//! is when the revocation reaches the cache: at once on the replica that made it, and
+//! through invalidation on the others).
 
 mod scope;
 mod slot;
@@ -47,13 +88,17 @@ use crate::wait_then_call::{Next, Resumable, Resume};
 
 pub use scope::{RequireScopes, RequireScopesLayer};
 pub use slot::KeyIdSlot;
-pub use source::{KeySource, ParseKeySourceError};
+pub(crate) use source::strip_subprotocols;
+pub use source::{DEFAULT_SUBPROTOCOL_PREFIX, KeySource, ParseKeySourceError};
 
 /// The longest key accepted by default, in bytes.
 pub const DEFAULT_MAX_KEY_LEN: usize = 1024;
 
 /// How long a store lookup may take by default before the request fails with 503.
 pub const DEFAULT_STORE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How often the key of an open WebSocket is checked again by default.
+pub const DEFAULT_SOCKET_RECHECK: Duration = Duration::from_secs(10);
 
 /// A layer that authenticates requests by API key.
 ///
@@ -107,6 +152,7 @@ struct Config<K> {
     clock: Arc<dyn Clock>,
     formats: Vec<KeyFormat>,
     last_used: Option<crate::keys::LastUsed>,
+    socket_recheck: Duration,
     #[cfg(feature = "jwt")]
     tokens: Option<crate::jwt::JwtVerifier>,
     #[cfg(feature = "jwt")]
@@ -128,6 +174,7 @@ impl<K> Clone for Config<K> {
             clock: self.clock.clone(),
             formats: self.formats.clone(),
             last_used: self.last_used.clone(),
+            socket_recheck: self.socket_recheck,
             #[cfg(feature = "jwt")]
             tokens: self.tokens.clone(),
             #[cfg(feature = "jwt")]
@@ -162,6 +209,7 @@ impl<K: KeyStore> InboundApiKeyLayer<K> {
                 clock: Arc::new(SystemClock),
                 formats: Vec::new(),
                 last_used: None,
+                socket_recheck: DEFAULT_SOCKET_RECHECK,
                 #[cfg(feature = "jwt")]
                 tokens: None,
                 #[cfg(feature = "jwt")]
@@ -239,7 +287,10 @@ impl<K: KeyStore> InboundApiKeyLayer<K> {
 
     /// Lets CORS preflight requests (`OPTIONS` with `Origin` and
     /// `Access-Control-Request-Method`) through without a key, so a CORS layer inside can
-    /// answer them (default: no).
+    /// answer them (default: no). Prefer a [`CorsLayer`](crate::cors::CorsLayer) outside
+    /// this layer: it answers preflights itself, so none goes further; a preflight let
+    /// through here reaches whatever is inside (the upstream layer refuses it without an
+    /// identity, so it never carries the provider credential).
     pub fn allow_preflight(mut self, allow: bool) -> Self {
         self.config_mut().allow_preflight = allow;
         self
@@ -290,6 +341,14 @@ impl<K: KeyStore> InboundApiKeyLayer<K> {
     /// [`LastUsed`](crate::keys::LastUsed)). Give every layer on one store the same one.
     pub fn last_used(mut self, uses: &crate::keys::LastUsed) -> Self {
         self.config_mut().last_used = Some(uses.clone());
+        self
+    }
+
+    /// How often the key behind an open WebSocket is checked again; the socket is closed
+    /// at the first check that fails (default: 10 s; at least 10 ms). See [Open
+    /// sockets](self#open-sockets).
+    pub fn recheck_sockets_every(mut self, interval: Duration) -> Self {
+        self.config_mut().socket_recheck = interval.max(Duration::from_millis(10));
         self
     }
 
@@ -396,9 +455,15 @@ where
                 Ok(false) => {}
                 Ok(true) => {
                     let check = verifier.verify(&presented.key);
+                    let socket = crate::socket::is_websocket_upgrade(&req)
+                        .then(|| presented.key.clone().into_owned());
                     let carriers = presented.carriers;
                     if config.hide_credentials {
                         source::hide(&mut req, &config.sources, carriers);
+                    }
+                    if let Some(token) = socket {
+                        let closer = token_recheck(verifier.clone(), token, config.socket_recheck);
+                        crate::socket::SocketLease::of(&mut req).close_when(closer);
                     }
                     return ResponseFuture {
                         inner: Resumable::start(
@@ -427,6 +492,10 @@ where
         let carriers = presented.carriers;
         if config.hide_credentials {
             source::hide(&mut req, &config.sources, carriers);
+        }
+        if crate::socket::is_websocket_upgrade(&req) {
+            let closer = key_recheck(self.config.clone(), digest);
+            crate::socket::SocketLease::of(&mut req).close_when(closer);
         }
 
         let lookup = config.lookup(digest, None);
@@ -522,6 +591,20 @@ impl<K: KeyStore> Config<K> {
         answer: Checked,
         req: &mut Request<B>,
     ) -> Result<Next<Wait<K::Lookup>>, Rejection> {
+        let slot = req.extensions().get::<KeyIdSlot>();
+        match self.judge(answer, slot)? {
+            Judged::Usable(key) => self.accept(key, req),
+            Judged::Parent(lookup) => Ok(Next::Wait(Wait::Key(lookup))),
+        }
+    }
+
+    /// The presented key's record once it and every ancestor are judged usable, or the
+    /// lookup of the next ancestor to judge.
+    fn judge(
+        &self,
+        answer: Checked,
+        slot: Option<&KeyIdSlot>,
+    ) -> Result<Judged<K::Lookup>, Rejection> {
         let Checked {
             found,
             digest,
@@ -529,7 +612,6 @@ impl<K: KeyStore> Config<K> {
         } = answer;
         let (key, record, depth) = match lineage {
             None => {
-                let slot = req.extensions().get::<KeyIdSlot>();
                 let record = self.judge_key(found, &digest, slot)?;
                 (record.clone(), record, 0)
             }
@@ -539,12 +621,32 @@ impl<K: KeyStore> Config<K> {
             }
         };
         match record.parent_digest().map(|d| d.copied()) {
-            None => self.accept(key, req),
+            None => Ok(Judged::Usable(key)),
             Some(_) if depth >= MAX_ANCESTORS => {
                 tracing::warn!(target: "tower_gateway_auth::inbound", key_id = %key.id(), "API key rejected: too many generations of parent keys");
                 Err(unusable(KeyUnusable::Revoked, true))
             }
             Some(parent) => self.parent_of(key, record, parent, depth + 1),
+        }
+    }
+
+    /// The check of a request, made again for an open socket: the key and its ancestors
+    /// usable now, and the layer's scopes still held.
+    async fn recheck(&self, digest: KeyDigest) -> Result<(), Rejection> {
+        let mut lookup = self.lookup(digest, None);
+        loop {
+            let answer = (&mut lookup).await;
+            match self.judge(answer, None)? {
+                Judged::Parent(next) => lookup = next,
+                Judged::Usable(record) => {
+                    if !self.required_scopes.is_empty()
+                        && !self.required_scopes.is_subset_of(record.scopes())
+                    {
+                        return Err(Rejection::insufficient_scope(self.required_scopes.iter()));
+                    }
+                    return Ok(());
+                }
+            }
         }
     }
 
@@ -617,14 +719,14 @@ impl<K: KeyStore> Config<K> {
         child: Arc<KeyRecord>,
         parent: Option<KeyDigest>,
         depth: u8,
-    ) -> Result<Next<Wait<K::Lookup>>, Rejection> {
+    ) -> Result<Judged<K::Lookup>, Rejection> {
         let Some(parent) = parent else {
             tracing::info!(target: "tower_gateway_auth::inbound", key_id = %key.id(), "API key rejected: its record does not say which key it was minted from");
             return Err(unusable(KeyUnusable::Revoked, true));
         };
-        Ok(Next::Wait(Wait::Key(
+        Ok(Judged::Parent(
             self.lookup(parent, Some(Lineage { key, child, depth })),
-        )))
+        ))
     }
 
     /// Checks the scopes of a usable key and hands its identity on.
@@ -662,6 +764,53 @@ impl<K: KeyStore> Config<K> {
     fn refuse<B>(&self, req: &Request<B>, rejection: &Rejection) -> Response<Bytes> {
         tracing::info!(target: "tower_gateway_auth::inbound", reason = rejection.code(), "request rejected before lookup");
         self.reject(req, rejection)
+    }
+}
+
+/// What judging one lookup gives: the key usable, or its parent to look up next.
+enum Judged<L> {
+    Usable(Arc<KeyRecord>),
+    Parent(TimedLookup<L>),
+}
+
+/// Closes an open socket once its key fails a check made every `config.socket_recheck`.
+async fn key_recheck<K: KeyStore>(
+    config: Arc<Config<K>>,
+    digest: KeyDigest,
+) -> crate::socket::CloseReason {
+    loop {
+        tokio::time::sleep(config.socket_recheck).await;
+        if let Err(rejection) = config.recheck(digest).await {
+            tracing::info!(target: "tower_gateway_auth::inbound", fingerprint = %digest.fingerprint(), reason = rejection.code(), "open WebSocket closed: its key failed a recheck");
+            return socket_close(&rejection);
+        }
+    }
+}
+
+/// Closes an open socket once its user token fails a verification made every `every`.
+#[cfg(feature = "jwt")]
+async fn token_recheck(
+    verifier: crate::jwt::JwtVerifier,
+    token: String,
+    every: Duration,
+) -> crate::socket::CloseReason {
+    loop {
+        tokio::time::sleep(every).await;
+        if let Err(rejection) = verifier.verify(&token).await {
+            tracing::info!(target: "tower_gateway_auth::inbound", reason = rejection.code(), "open WebSocket closed: its user token failed a recheck");
+            return socket_close(&rejection);
+        }
+    }
+}
+
+/// The close of a socket whose credential failed a recheck: 1011 when it could not be
+/// checked, 1008 otherwise, with the rejection's message (never key material).
+fn socket_close(rejection: &Rejection) -> crate::socket::CloseReason {
+    let message = rejection.message().to_owned();
+    if rejection.status().is_server_error() {
+        crate::socket::CloseReason::internal(message)
+    } else {
+        crate::socket::CloseReason::policy(message)
     }
 }
 

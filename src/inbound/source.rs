@@ -5,7 +5,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use http::header::AUTHORIZATION;
+use http::header::{AUTHORIZATION, SEC_WEBSOCKET_PROTOCOL};
 use http::{HeaderMap, HeaderName, Uri};
 
 use crate::query_string;
@@ -34,7 +34,17 @@ pub enum KeySource {
     Bearer,
     /// A query parameter, percent-decoded.
     Query(Arc<str>),
+    /// An entry of `Sec-WebSocket-Protocol` made of this prefix and the key, e.g.
+    /// `openai-insecure-api-key.<key>` ([`DEFAULT_SUBPROTOCOL_PREFIX`]), as a browser's
+    /// `new WebSocket(url, ["realtime", "openai-insecure-api-key." + key])` sends it. Only
+    /// that entry is removed from the header; the other subprotocols go on. See [the module
+    /// docs](super#which-sources-are-weaker) for why it is weaker than a header.
+    Subprotocol(Arc<str>),
 }
+
+/// The prefix of [`KeySource::Subprotocol`] by default: OpenAI's, for browser clients of
+/// its realtime API.
+pub const DEFAULT_SUBPROTOCOL_PREFIX: &str = "openai-insecure-api-key.";
 
 impl KeySource {
     /// A header source.
@@ -47,12 +57,35 @@ impl KeySource {
         KeySource::Query(name.into())
     }
 
-    /// The header this source reads, if it reads one.
+    /// A `Sec-WebSocket-Protocol` source with entries `prefix<key>`.
+    ///
+    /// # Panics
+    /// When `prefix` is empty or holds a character a subprotocol token cannot have.
+    pub fn subprotocol(prefix: impl Into<Arc<str>>) -> Self {
+        let prefix = prefix.into();
+        assert!(
+            is_token(prefix.as_bytes()),
+            "a subprotocol prefix is a non-empty token"
+        );
+        KeySource::Subprotocol(prefix)
+    }
+
+    /// The header this source reads its whole value of, if it reads one (not the
+    /// subprotocol source: it reads one entry of its header).
     pub fn header_name(&self) -> Option<&HeaderName> {
         match self {
             KeySource::Header(name) => Some(name),
             KeySource::Bearer => Some(&AUTHORIZATION),
-            KeySource::Query(_) => None,
+            KeySource::Query(_) | KeySource::Subprotocol(_) => None,
+        }
+    }
+
+    /// The prefix of this source's `Sec-WebSocket-Protocol` entries, if it is a subprotocol
+    /// source.
+    pub fn subprotocol_prefix(&self) -> Option<&str> {
+        match self {
+            KeySource::Subprotocol(prefix) => Some(prefix),
+            _ => None,
         }
     }
 
@@ -71,6 +104,9 @@ impl fmt::Display for KeySource {
             KeySource::Header(name) => write!(f, "the {name} header"),
             KeySource::Bearer => f.write_str("an Authorization: Bearer token"),
             KeySource::Query(name) => write!(f, "the `{name}` query parameter"),
+            KeySource::Subprotocol(prefix) => {
+                write!(f, "a `{prefix}` entry of Sec-WebSocket-Protocol")
+            }
         }
     }
 }
@@ -81,6 +117,7 @@ impl fmt::Debug for KeySource {
             KeySource::Header(name) => write!(f, "header:{name}"),
             KeySource::Bearer => f.write_str("bearer"),
             KeySource::Query(name) => write!(f, "query:{name}"),
+            KeySource::Subprotocol(prefix) => write!(f, "subprotocol:{prefix}"),
         }
     }
 }
@@ -93,7 +130,8 @@ impl fmt::Display for ParseKeySourceError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "unknown key source `{}`: expected `header:NAME`, `bearer` or `query:NAME`",
+            "unknown key source `{}`: expected `header:NAME`, `bearer`, `query:NAME`, \
+             `subprotocol` or `subprotocol:PREFIX`",
             self.0
         )
     }
@@ -108,7 +146,13 @@ impl FromStr for KeySource {
         if s.eq_ignore_ascii_case("bearer") {
             return Ok(KeySource::Bearer);
         }
+        if s == "subprotocol" {
+            return Ok(KeySource::subprotocol(DEFAULT_SUBPROTOCOL_PREFIX));
+        }
         match s.split_once(':') {
+            Some(("subprotocol", prefix)) if is_token(prefix.as_bytes()) => {
+                Ok(KeySource::subprotocol(prefix))
+            }
             Some(("header", name)) => HeaderName::try_from(name)
                 .map(KeySource::Header)
                 .map_err(|_| err()),
@@ -173,6 +217,20 @@ pub(crate) fn find<'r>(
                     }
                 }
             }
+            KeySource::Subprotocol(prefix) => {
+                for entry in subprotocols(headers) {
+                    if let Some(key) = entry.strip_prefix(prefix.as_bytes()) {
+                        if key.is_empty() {
+                            return Err(malformed(format!(
+                                "The `{prefix}` entry of Sec-WebSocket-Protocol carries no key."
+                            )));
+                        }
+                        if let Some(key) = header_key(key, source, max_len)? {
+                            offer(key)?;
+                        }
+                    }
+                }
+            }
             KeySource::Query(name) => {
                 let Some(q) = uri.query() else { continue };
                 for raw in query_string::raw_values(q, name) {
@@ -191,6 +249,50 @@ pub(crate) fn find<'r>(
         }
     }
     Ok(found.map(|(presented, _)| presented))
+}
+
+/// Every entry of every `Sec-WebSocket-Protocol` value (a comma-separated list of tokens),
+/// trimmed; empty entries skipped.
+fn subprotocols(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
+    headers
+        .get_all(SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .flat_map(|value| value.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|entry| !entry.is_empty())
+}
+
+/// Whether `s` is an RFC 9110 token (what a subprotocol is, RFC 6455 §4.1).
+fn is_token(s: &[u8]) -> bool {
+    !s.is_empty()
+        && s.iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// Removes the entries starting with one of `prefixes` from `Sec-WebSocket-Protocol`,
+/// keeping the others in order (joined into one value); removes the header when none is
+/// left. Values that are not visible ASCII are left as they are.
+pub(crate) fn strip_subprotocols<P: AsRef<str>>(headers: &mut HeaderMap, prefixes: &[P]) {
+    if prefixes.is_empty() || !headers.contains_key(SEC_WEBSOCKET_PROTOCOL) {
+        return;
+    }
+    let ours = |entry: &[u8]| {
+        prefixes
+            .iter()
+            .any(|p| entry.starts_with(p.as_ref().as_bytes()))
+    };
+    if !subprotocols(headers).any(ours) {
+        return;
+    }
+    let kept: Vec<&[u8]> = subprotocols(headers).filter(|e| !ours(e)).collect();
+    let joined = kept.join(&b", "[..]);
+    if joined.is_empty() {
+        headers.remove(SEC_WEBSOCKET_PROTOCOL);
+    } else {
+        let value = http::HeaderValue::from_bytes(&joined)
+            .expect("entries of a valid header value joined by \", \" are valid");
+        headers.insert(SEC_WEBSOCKET_PROTOCOL, value);
+    }
 }
 
 /// A header value as a key: surrounding whitespace trimmed, `None` when empty.
@@ -266,6 +368,7 @@ fn ambiguous(first: &KeySource, second: &KeySource) -> Rejection {
 pub(crate) fn hide<B>(req: &mut http::Request<B>, sources: &[KeySource], carriers: u32) {
     let headers = req.headers_mut();
     let mut query_names: Vec<&str> = Vec::new();
+    let mut prefixes: Vec<&str> = Vec::new();
     for (i, source) in sources.iter().enumerate() {
         if carriers & (1 << i) == 0 {
             continue;
@@ -278,8 +381,10 @@ pub(crate) fn hide<B>(req: &mut http::Request<B>, sources: &[KeySource], carrier
                 headers.remove(AUTHORIZATION);
             }
             KeySource::Query(name) => query_names.push(name),
+            KeySource::Subprotocol(prefix) => prefixes.push(prefix),
         }
     }
+    strip_subprotocols(headers, &prefixes);
     if query_names.is_empty() {
         return;
     }
@@ -302,6 +407,7 @@ mod tests {
             KeySource::Header(HeaderName::from_static("x-api-key")),
             KeySource::Bearer,
             KeySource::query("key"),
+            KeySource::subprotocol(DEFAULT_SUBPROTOCOL_PREFIX),
         ]
     }
 
@@ -386,6 +492,89 @@ mod tests {
             Err(RejectionKind::KeyTooLong)
         );
         assert_eq!(run(&[("x-api-key", "  ")], "/"), Ok(None));
+    }
+
+    #[test]
+    fn subprotocol_entries_carry_keys() {
+        let p = |v: &str| vec![("sec-websocket-protocol", v.to_owned())];
+        let run_owned = |h: Vec<(&str, String)>| {
+            let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            run(&h, "/")
+        };
+        assert_eq!(
+            run_owned(p("realtime, openai-insecure-api-key.k1")),
+            Ok(Some(("k1".into(), 8)))
+        );
+        assert_eq!(
+            run_owned(p("openai-insecure-api-key.k1,realtime")),
+            Ok(Some(("k1".into(), 8)))
+        );
+        assert_eq!(run_owned(p("realtime, openai-beta.realtime-v1")), Ok(None));
+        assert_eq!(
+            run_owned(p("realtime, openai-insecure-api-key.")),
+            Err(RejectionKind::MalformedKey)
+        );
+        assert_eq!(
+            run_owned(p("openai-insecure-api-key.a, openai-insecure-api-key.b")),
+            Err(RejectionKind::AmbiguousKey)
+        );
+        assert_eq!(
+            run(
+                &[
+                    ("sec-websocket-protocol", "openai-insecure-api-key.a"),
+                    ("x-api-key", "a")
+                ],
+                "/"
+            ),
+            Ok(Some(("a".into(), 0b1001)))
+        );
+        let long = format!("openai-insecure-api-key.{}", "k".repeat(65));
+        assert_eq!(run_owned(p(&long)), Err(RejectionKind::KeyTooLong));
+    }
+
+    #[test]
+    fn only_our_subprotocol_entries_are_stripped() {
+        let strip = |values: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_str(v).unwrap());
+            }
+            strip_subprotocols(&mut h, &[DEFAULT_SUBPROTOCOL_PREFIX]);
+            h.get_all(SEC_WEBSOCKET_PROTOCOL)
+                .iter()
+                .map(|v| v.to_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            strip(&["realtime, openai-insecure-api-key.k1, openai-beta.realtime-v1"]),
+            ["realtime, openai-beta.realtime-v1"]
+        );
+        assert_eq!(
+            strip(&["openai-insecure-api-key.k1", "realtime"]),
+            ["realtime"]
+        );
+        assert!(strip(&["openai-insecure-api-key.k1"]).is_empty());
+        // Nothing of ours: left exactly as sent.
+        assert_eq!(strip(&["a,b", "c"]), ["a,b", "c"]);
+    }
+
+    #[test]
+    fn subprotocol_sources_parse() {
+        assert_eq!(
+            "subprotocol".parse::<KeySource>().unwrap(),
+            KeySource::subprotocol(DEFAULT_SUBPROTOCOL_PREFIX)
+        );
+        assert_eq!(
+            "subprotocol:gw-key.".parse::<KeySource>().unwrap(),
+            KeySource::subprotocol("gw-key.")
+        );
+        for bad in ["subprotocol:", "subprotocol:a b", "subprotocol:a,b"] {
+            assert!(bad.parse::<KeySource>().is_err(), "{bad}");
+        }
+        assert_eq!(
+            format!("{:?}", KeySource::subprotocol("p.")),
+            "subprotocol:p."
+        );
     }
 
     #[test]

@@ -29,7 +29,9 @@ use crate::tokens::{CountsTokens, Framing, TokenUsage, UsageBody, UsageSink};
 /// is not limited here. A refusal is 429 (`rate_limit_exceeded` with `Retry-After`, or
 /// `concurrency_limit_exceeded`), rendered in the route's dialect by a
 /// [`RejectionLayer`](crate::RejectionLayer); a limiter fault is 503 and the inner service
-/// is not called. Every answer to a key with a rate carries the rate-limit headers of
+/// is not called. A WebSocket upgrade's permit is held by its
+/// [`SocketLease`](crate::socket::SocketLease) instead of its response body: an open socket
+/// counts as one request in flight until it is closed. Every answer to a key with a rate carries the rate-limit headers of
 /// OpenAI and Anthropic ([module docs](crate::limit#headers)). For a key with token limits
 /// the response body is read for its usage as it streams ([`UsageBody`]) and charged when
 /// it ends ([`Limiter::charge`]); see [the module docs](crate::limit#tokens).
@@ -352,6 +354,15 @@ impl<L: Limiter> Admitted<L> {
                 HeaderValue::from_static("identity"),
             );
         }
+        // An open socket is one request in flight for as long as it is open: its permit goes
+        // to the socket's lease, which whoever serves the socket holds until it closes.
+        let permit = match permit {
+            Some(permit) if crate::socket::is_websocket_upgrade(&req) => {
+                crate::socket::SocketLease::of(&mut req).hold(permit);
+                None
+            }
+            permit => permit,
+        };
         let admitted = Admitted {
             permit,
             quota,

@@ -6,11 +6,18 @@
 //! what the layers set (the provider credential, the billed organization, the request id).
 //! So the client's list is honored on entry, by [`StripHopByHopLayer`], before any layer
 //! runs; [`Forward`](super::Forward) then drops only the fixed hop-by-hop names from a request.
+//!
+//! A WebSocket upgrade ([`is_websocket_upgrade`](crate::socket::is_websocket_upgrade)) is
+//! the one request whose `Connection: upgrade` and `Upgrade: websocket` must reach the next
+//! hop. They are not kept from the client: like every hop-by-hop header they are dropped
+//! (and the other headers the client's `Connection` names with them), and then set again,
+//! exactly those two values, by this layer and by `Forward`. So keeping the upgrade reopens
+//! nothing: a client still cannot name away a header a layer sets.
 
 use std::task::{Context, Poll};
 
 use http::Request;
-use http::header::{self, HeaderMap, HeaderName};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -51,6 +58,13 @@ pub(super) fn drop_hop_by_hop(headers: &mut HeaderMap, named: bool) {
     }
 }
 
+/// Sets the two headers of a WebSocket upgrade on a request whose hop-by-hop headers were
+/// dropped: `Connection: upgrade` and `Upgrade: websocket`, whatever the client spelled.
+pub(super) fn set_websocket_upgrade(headers: &mut HeaderMap) {
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+}
+
 /// A layer that removes hop-by-hop headers on entry: `Connection`, every header it names,
 /// and the fixed ones (`Keep-Alive`, `Proxy-Connection`, `Proxy-Authorization`, `TE` other
 /// than `trailers`, `Trailer`, `Transfer-Encoding`, `Upgrade`).
@@ -59,7 +73,10 @@ pub(super) fn drop_hop_by_hop(headers: &mut HeaderMap, named: bool) {
 /// are then gone before any layer looks at the request, and nothing a layer sets later can
 /// be removed by the client's list. [`Forward`](super::Forward) no longer reads `Connection`
 /// on requests, so without this layer the headers a client names there are forwarded.
-/// (Upgrades such as WebSocket do not pass through it.)
+///
+/// A WebSocket upgrade keeps its upgrade: it leaves with exactly `Connection: upgrade` and
+/// `Upgrade: websocket` (set here, not the client's values), and the other headers its
+/// `Connection` named are gone as for any request. Other upgrades (`h2c`, …) are dropped.
 ///
 /// ```
 /// use std::convert::Infallible;
@@ -129,7 +146,11 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let websocket = crate::socket::is_websocket_upgrade(&req);
         drop_hop_by_hop(req.headers_mut(), true);
+        if websocket {
+            set_websocket_upgrade(req.headers_mut());
+        }
         self.inner.call(req)
     }
 }
@@ -161,6 +182,65 @@ mod tests {
         ]);
         drop_hop_by_hop(&mut h, true);
         assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-kept"]);
+    }
+
+    #[test]
+    fn a_websocket_upgrade_keeps_exactly_its_upgrade() {
+        use tower::ServiceExt;
+        let service =
+            StripHopByHopLayer::new().layer(tower::service_fn(|req: Request<()>| async move {
+                Ok::<_, std::convert::Infallible>(req)
+            }));
+        let req = Request::get("/v1/realtime")
+            .header(
+                "connection",
+                "keep-alive, Upgrade, authorization, x-private",
+            )
+            .header("upgrade", "WebSocket")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .header("authorization", "Bearer client")
+            .header("x-private", "1")
+            .header("x-kept", "1")
+            .body(())
+            .unwrap();
+        let seen = futures_executor(service.oneshot(req)).unwrap();
+        let mut left: Vec<_> = seen
+            .headers()
+            .iter()
+            .map(|(k, v)| format!("{k}: {}", v.to_str().unwrap()))
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                "connection: upgrade",
+                "sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==",
+                "upgrade: websocket",
+                "x-kept: 1"
+            ]
+        );
+        // Not a WebSocket upgrade (no key): the upgrade goes like any hop-by-hop header.
+        let req = Request::get("/")
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .body(())
+            .unwrap();
+        let seen = futures_executor(
+            StripHopByHopLayer::new()
+                .layer(tower::service_fn(|req: Request<()>| async move {
+                    Ok::<_, std::convert::Infallible>(req)
+                }))
+                .oneshot(req),
+        )
+        .unwrap();
+        assert!(seen.headers().is_empty());
+    }
+
+    fn futures_executor<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(f)
     }
 
     #[test]

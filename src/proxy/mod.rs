@@ -4,10 +4,14 @@
 mod hop;
 mod http1;
 mod path;
+#[cfg(feature = "websocket")]
+mod websocket;
 
 pub use hop::{StripHopByHop, StripHopByHopLayer};
 pub use http1::UpstreamBody;
 pub use path::has_dot_segment;
+#[cfg(feature = "websocket")]
+pub use websocket::CLOSE_WAIT;
 
 use hop::drop_hop_by_hop;
 
@@ -51,7 +55,11 @@ type OutBody = UnsyncBoxBody<Bytes, BoxError>;
 ///   by event.
 /// - Hop-by-hop headers (`Connection`, `Keep-Alive`, `Proxy-Connection`,
 ///   `Proxy-Authorization`, `TE` other than `trailers`, `Trailer`, `Transfer-Encoding`,
-///   `Upgrade`) are dropped both ways; `Host` becomes the upstream's. The headers an
+///   `Upgrade`) are dropped both ways; `Host` becomes the upstream's. A WebSocket upgrade
+///   ([`is_websocket_upgrade`](crate::socket::is_websocket_upgrade)) then gets
+///   `Connection: upgrade` and `Upgrade: websocket` again, set here: with feature
+///   `websocket` it is relayed (see [WebSockets](#websockets)); without it the upstream sees
+///   a plain `GET`. The headers an
 ///   upstream's `Connection` names are dropped from its response, but a request's
 ///   `Connection` list is not read here: nothing a layer set is removed by the proxy. Put
 ///   [`StripHopByHopLayer`] outermost to drop the headers a client names on entry.
@@ -67,6 +75,24 @@ type OutBody = UnsyncBoxBody<Bytes, BoxError>;
 ///   [`RejectionLayer`](crate::RejectionLayer) around it). That body names neither the upstream nor the error (both
 ///   are logged at `warn`, with the request id); it quotes the request's `x-request-id`
 ///   ([`request_id_header`](ForwardBuilder::request_id_header)) for the client to report.
+///
+///
+/// # WebSockets
+///
+/// With feature `websocket`, a WebSocket upgrade (`GET`, `Upgrade: websocket`) is sent to
+/// the upstream on a fresh HTTP/1.1 connection (TLS without `h2` in ALPN for `https://` or
+/// `wss://` upstreams), with the headers the layers above set (the provider credential)
+/// like any request. The upstream's `101` is relayed and then every message both ways until
+/// either side closes; the upstream's answer to the handshake (`Sec-WebSocket-Accept`, the
+/// subprotocol it selects) reaches the client unchanged. Limits, each socket's own:
+/// [`socket_max_message_size`](ForwardBuilder::socket_max_message_size) (default 16 MiB;
+/// larger closes with 1009), [`socket_idle_timeout`](ForwardBuilder::socket_idle_timeout)
+/// (default 5 minutes without a message either way) and
+/// [`socket_max_lifetime`](ForwardBuilder::socket_max_lifetime) (default 1 hour; both close
+/// with 1001). The request's [`SocketLease`](crate::socket::SocketLease) is held until the
+/// socket is closed, and its closes (a revoked key, a shutdown) close the socket on both
+/// sides. The upgrade request is sent in HTTP/1.1 only: a client reaching the gateway over
+/// HTTP/2 is answered 400.
 ///
 /// ```
 /// use std::time::Duration;
@@ -88,9 +114,19 @@ struct Inner {
     transport: Transport,
     scheme: Scheme,
     authority: Authority,
+    /// The `Host` header requests on connections of their own carry.
+    #[cfg_attr(not(feature = "websocket"), allow(dead_code))]
+    host: HeaderValue,
     base_path: String,
+    #[cfg_attr(not(feature = "websocket"), allow(dead_code))]
+    connect_timeout: Option<Duration>,
     response_timeout: Option<Duration>,
     request_id_header: HeaderName,
+    /// Connects WebSocket upgrades: HTTP/1.1 only, plain or TLS.
+    #[cfg(feature = "websocket")]
+    sockets: HttpsConnector<HttpConnector>,
+    #[cfg(feature = "websocket")]
+    socket_limits: websocket::SocketLimits,
 }
 
 enum Transport {
@@ -146,6 +182,8 @@ pub struct ForwardBuilder {
     request_id_header: HeaderName,
     extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
     max_idle: usize,
+    #[cfg(feature = "websocket")]
+    socket_limits: websocket::SocketLimits,
 }
 
 /// How long an idle upstream connection is kept open.
@@ -179,6 +217,34 @@ impl ForwardBuilder {
         self
     }
 
+    /// How long a relayed WebSocket may go without a message either way before it is closed
+    /// with 1001 (default: 5 minutes; feature `websocket`). Pings count: each hop answers
+    /// its own.
+    #[cfg(feature = "websocket")]
+    pub fn socket_idle_timeout(mut self, idle: Duration) -> Self {
+        self.socket_limits.idle = idle;
+        self
+    }
+
+    /// How long a relayed WebSocket may stay open at all before it is closed with 1001
+    /// (default: 1 hour; feature `websocket`). Behind a
+    /// [`RedisLimiter`](crate::limit::RedisLimiter), keep it below the permit lease, or a
+    /// socket older than the lease stops counting as in flight.
+    #[cfg(feature = "websocket")]
+    pub fn socket_max_lifetime(mut self, lifetime: Duration) -> Self {
+        self.socket_limits.lifetime = lifetime;
+        self
+    }
+
+    /// The largest WebSocket message (and frame) relayed, in bytes, either way; a larger one
+    /// closes the socket with 1009 on both sides before it is read whole (default: 16 MiB;
+    /// feature `websocket`).
+    #[cfg(feature = "websocket")]
+    pub fn socket_max_message_size(mut self, bytes: usize) -> Self {
+        self.socket_limits.max_message = bytes.max(1);
+        self
+    }
+
     /// Also trusts `certificate` (DER), besides the Mozilla roots: for an upstream behind a
     /// private CA.
     pub fn add_root_certificate(
@@ -195,22 +261,28 @@ impl ForwardBuilder {
     /// When a certificate given to [`add_root_certificate`](Self::add_root_certificate) is
     /// not a valid trust anchor.
     pub fn build(self) -> Forward {
+        let host = HeaderValue::from_str(self.authority.as_str())
+            .expect("an authority is a valid header value");
         let transport = if self.scheme == Scheme::HTTP {
             let port = self.authority.port_u16().unwrap_or(80);
             let address = format!("{}:{port}", self.authority.host());
-            let host = HeaderValue::from_str(self.authority.as_str())
-                .expect("an authority is a valid header value");
             let pool = http1::Pool::new(address, self.max_idle, IDLE_TIMEOUT, self.connect_timeout);
-            Transport::Http1(Arc::new(pool), host)
+            Transport::Http1(Arc::new(pool), host.clone())
         } else {
             Transport::Client(Box::new(self.https_client()))
         };
         Forward {
             inner: Arc::new(Inner {
                 transport,
+                #[cfg(feature = "websocket")]
+                sockets: self.connector(false),
+                #[cfg(feature = "websocket")]
+                socket_limits: self.socket_limits,
                 scheme: self.scheme,
                 authority: self.authority,
+                host,
                 base_path: self.base_path,
+                connect_timeout: self.connect_timeout,
                 response_timeout: self.response_timeout,
                 request_id_header: self.request_id_header,
             }),
@@ -218,6 +290,14 @@ impl ForwardBuilder {
     }
 
     fn https_client(&self) -> Client<HttpsConnector<HttpConnector>, OutBody> {
+        Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(IDLE_TIMEOUT)
+            .pool_max_idle_per_host(self.max_idle)
+            .build(self.connector(true))
+    }
+
+    /// A connector for this upstream: HTTP/1.1 and (`http2`) HTTP/2 over ALPN.
+    fn connector(&self, http2: bool) -> HttpsConnector<HttpConnector> {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_connect_timeout(self.connect_timeout);
@@ -236,27 +316,28 @@ impl ForwardBuilder {
         .with_no_client_auth();
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
-            .https_only()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
-        Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(IDLE_TIMEOUT)
-            .pool_max_idle_per_host(self.max_idle)
-            .build(https)
+            .https_or_http()
+            .enable_http1();
+        if http2 {
+            https.enable_http2().wrap_connector(http)
+        } else {
+            https.wrap_connector(http)
+        }
     }
 }
 
 impl Forward {
     /// Options for a proxy to `upstream`, e.g. `https://api.anthropic.com` or
-    /// `http://127.0.0.1:9000/base`.
+    /// `http://127.0.0.1:9000/base`. `ws://` and `wss://` name the same upstreams as
+    /// `http://` and `https://` (every request goes there, WebSocket or not).
     pub fn builder(upstream: &str) -> Result<ForwardBuilder, InvalidUpstream> {
         let bad = || InvalidUpstream::new(upstream);
         let uri: Uri = upstream.parse().map_err(|_| bad())?;
-        let scheme = uri.scheme().cloned().ok_or_else(bad)?;
-        if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
-            return Err(bad());
-        }
+        let scheme = match uri.scheme_str() {
+            Some("http" | "ws") => Scheme::HTTP,
+            Some("https" | "wss") => Scheme::HTTPS,
+            _ => return Err(bad()),
+        };
         let authority = uri.authority().cloned().ok_or_else(bad)?;
         // Credentials in the URL would show in logs, `Debug` and the 502/504 bodies, which
         // name the upstream's authority.
@@ -272,6 +353,8 @@ impl Forward {
             request_id_header: crate::inject::X_REQUEST_ID,
             extra_roots: Vec::new(),
             max_idle: 256,
+            #[cfg(feature = "websocket")]
+            socket_limits: websocket::SocketLimits::default(),
         })
     }
 
@@ -281,8 +364,9 @@ impl Forward {
     }
 
     /// The URI this request goes upstream with: origin-form (`/base/path?query`) on a pooled
-    /// HTTP/1.1 connection, absolute for hyper-util's client.
-    fn target(&self, uri: &Uri) -> Uri {
+    /// HTTP/1.1 connection or one of its own (`origin_form`), absolute for hyper-util's
+    /// client.
+    fn target(&self, uri: &Uri, origin_form: bool) -> Uri {
         let inner = &self.inner;
         let path_and_query = match uri.path_and_query() {
             Some(pq) if inner.base_path.is_empty() && pq.as_str().starts_with('/') => pq.clone(),
@@ -294,7 +378,7 @@ impl Forward {
             }
         };
         let mut parts = http::uri::Parts::default();
-        if let Transport::Client(_) = inner.transport {
+        if let (Transport::Client(_), false) = (&inner.transport, origin_form) {
             parts.scheme = Some(inner.scheme.clone());
             parts.authority = Some(inner.authority.clone());
         }
@@ -344,15 +428,15 @@ where
             return Box::pin(std::future::ready(Ok(response.map(ResponseBody::full))));
         }
         let (mut parts, body) = req.into_parts();
-        parts.uri = self.target(&parts.uri);
+        #[cfg(feature = "websocket")]
+        let websocket =
+            crate::socket::wants_websocket(&parts.method, parts.version, &parts.headers);
+        #[cfg(not(feature = "websocket"))]
+        let websocket = false;
+        parts.uri = self.target(&parts.uri, websocket);
         // Only the fixed names: the headers a client lists in `Connection` went on entry
         // (`StripHopByHopLayer`), and what the layers set since stays.
         drop_hop_by_hop(&mut parts.headers, false);
-        match &self.inner.transport {
-            Transport::Http1(_, host) => parts.headers.insert(header::HOST, host.clone()),
-            // The client sets it from the URI.
-            Transport::Client(_) => parts.headers.remove(header::HOST),
-        };
         // Kept for a 502/504: the client is told the request id, never the upstream's
         // address or the error, which go to the log.
         let request_id = parts
@@ -361,6 +445,19 @@ where
             .and_then(|v| v.to_str().ok())
             .filter(|id| id.len() <= MAX_SHOWN_REQUEST_ID)
             .map(str::to_owned);
+        #[cfg(feature = "websocket")]
+        if websocket {
+            let body = body.map_err(Into::into).boxed_unsync();
+            let inner = self.inner.clone();
+            return Box::pin(
+                async move { Ok(websocket::open(inner, parts, body, request_id).await) },
+            );
+        }
+        match &self.inner.transport {
+            Transport::Http1(_, host) => parts.headers.insert(header::HOST, host.clone()),
+            // The client sets it from the URI.
+            Transport::Client(_) => parts.headers.remove(header::HOST),
+        };
         let outgoing = Request::from_parts(parts, body.map_err(Into::into).boxed_unsync());
         let inner = self.inner.clone();
         Box::pin(async move {
@@ -421,13 +518,22 @@ where
                     )
                 }
             };
-            let mut response = response.to_response(&HeaderMap::new());
-            response
-                .extensions_mut()
-                .insert(UpstreamOutcome::failed(elapsed()));
-            Ok(response.map(ResponseBody::full))
+            Ok(failure(response, elapsed()))
         })
     }
+}
+
+/// The response to a failed exchange (502, 504), rendered in the default dialect, with the
+/// outcome for the layers outside.
+fn failure(
+    rejection: Rejection,
+    elapsed: Option<Duration>,
+) -> Response<ResponseBody<UpstreamBody>> {
+    let mut response = rejection.to_response(&HeaderMap::new());
+    response
+        .extensions_mut()
+        .insert(UpstreamOutcome::failed(elapsed));
+    response.map(ResponseBody::full)
 }
 
 /// Request ids longer than this are not repeated in an error body.
@@ -455,13 +561,22 @@ mod tests {
     fn targets_join_base_and_keep_the_query() {
         let f = Forward::new("http://127.0.0.1:9/base/").unwrap();
         let uri: Uri = "/v1/chat?x=%2F&&y".parse().unwrap();
-        assert_eq!(f.target(&uri), "/base/v1/chat?x=%2F&&y");
+        assert_eq!(f.target(&uri, false), "/base/v1/chat?x=%2F&&y");
         let f = Forward::new("http://127.0.0.1:9").unwrap();
-        assert_eq!(f.target(&uri), "/v1/chat?x=%2F&&y");
+        assert_eq!(f.target(&uri, false), "/v1/chat?x=%2F&&y");
         let f = Forward::new("https://api.openai.com").unwrap();
         assert_eq!(
-            f.target(&"/v1/models".parse().unwrap()),
+            f.target(&"/v1/models".parse().unwrap(), false),
             "https://api.openai.com/v1/models"
+        );
+        assert_eq!(
+            f.target(&"/v1/realtime?model=m".parse().unwrap(), true),
+            "/v1/realtime?model=m"
+        );
+        let f = Forward::new("wss://api.openai.com/v1").unwrap();
+        assert_eq!(
+            f.target(&"/realtime".parse().unwrap(), false),
+            "https://api.openai.com/v1/realtime"
         );
         for bad in ["api.openai.com", "ftp://x", "/relative", "http://h/?q=1"] {
             assert!(Forward::new(bad).is_err(), "{bad}");

@@ -12,11 +12,14 @@
 //!    inbound layer put in the extensions selects it); a refusal (401) or an unavailable
 //!    credential (503) is answered here and the request goes no further;
 //! 3. remove every client credential: the `Authorization`, `x-api-key`, `api-key` and
-//!    `x-goog-api-key` headers and the `key` query parameter, the names the inbound layer
-//!    reads ([`strip_inbound`](UpstreamAuthLayer::strip_inbound)) and any added with
+//!    `x-goog-api-key` headers, the `key` query parameter and the
+//!    `openai-insecure-api-key.` entries of `Sec-WebSocket-Protocol`, the names the inbound
+//!    layer reads ([`strip_inbound`](UpstreamAuthLayer::strip_inbound)) and any added with
 //!    [`strip_header`](UpstreamAuthLayer::strip_header) /
-//!    [`strip_query`](UpstreamAuthLayer::strip_query) — whether or not the inbound layer
-//!    hid them. Other query parameters are kept byte for byte;
+//!    [`strip_query`](UpstreamAuthLayer::strip_query) /
+//!    [`strip_subprotocol`](UpstreamAuthLayer::strip_subprotocol) — whether or not the
+//!    inbound layer hid them. Other query parameters are kept byte for byte, other
+//!    subprotocols (`realtime`) in order;
 //! 4. apply the [`Provider`]'s header rules and query parameters;
 //! 5. place the credential as the provider wants it ([`Placement`]) and call the inner
 //!    service.
@@ -76,6 +79,10 @@ pub const DEFAULT_STRIPPED_HEADERS: [HeaderName; 4] = [
 /// The client-credential query parameters removed from every request.
 pub const DEFAULT_STRIPPED_QUERY: [&str; 1] = ["key"];
 
+/// The prefixes of the client-credential `Sec-WebSocket-Protocol` entries removed from every
+/// request (the other subprotocols stay).
+pub const DEFAULT_STRIPPED_SUBPROTOCOLS: [&str; 1] = [crate::inbound::DEFAULT_SUBPROTOCOL_PREFIX];
+
 /// A layer that replaces the client's credentials with the provider's.
 ///
 /// Defaults: the headers in [`DEFAULT_STRIPPED_HEADERS`] and the query parameters in
@@ -130,6 +137,7 @@ struct Config<C> {
     source: Arc<C>,
     strip_headers: Vec<HeaderName>,
     strip_query: Vec<Arc<str>>,
+    strip_subprotocols: Vec<Arc<str>>,
     /// Whether a request with no `Identity` still gets the credential (off: it is refused).
     without_identity: bool,
     /// Derived from `provider` and `strip_headers` by `derive`, and only there: what every
@@ -146,6 +154,7 @@ impl<C> Clone for Config<C> {
             source: self.source.clone(),
             strip_headers: self.strip_headers.clone(),
             strip_query: self.strip_query.clone(),
+            strip_subprotocols: self.strip_subprotocols.clone(),
             without_identity: self.without_identity,
             removed: self.removed.clone(),
             rules_from: self.rules_from,
@@ -191,6 +200,10 @@ impl<C: CredentialSource> UpstreamAuthLayer<C> {
             source,
             strip_headers: DEFAULT_STRIPPED_HEADERS.to_vec(),
             strip_query: DEFAULT_STRIPPED_QUERY.iter().map(|&n| n.into()).collect(),
+            strip_subprotocols: DEFAULT_STRIPPED_SUBPROTOCOLS
+                .iter()
+                .map(|&p| p.into())
+                .collect(),
             without_identity: false,
             removed: Vec::new(),
             rules_from: 0,
@@ -220,6 +233,9 @@ impl<C: CredentialSource> UpstreamAuthLayer<C> {
             if let Some(name) = source.query_name() {
                 self = self.strip_query(name);
             }
+            if let Some(prefix) = source.subprotocol_prefix() {
+                self = self.strip_subprotocol(prefix);
+            }
         }
         self
     }
@@ -240,6 +256,17 @@ impl<C: CredentialSource> UpstreamAuthLayer<C> {
         let mut config = self.config_mut();
         if !config.strip_query.iter().any(|n| &**n == name) {
             config.strip_query.push(name.into());
+        }
+        drop(config);
+        self
+    }
+
+    /// Also strips the `Sec-WebSocket-Protocol` entries that start with `prefix` (a key sent
+    /// as a subprotocol); the other entries stay, in order.
+    pub fn strip_subprotocol(mut self, prefix: &str) -> Self {
+        let mut config = self.config_mut();
+        if !config.strip_subprotocols.iter().any(|p| &**p == prefix) {
+            config.strip_subprotocols.push(prefix.into());
         }
         drop(config);
         self
@@ -325,6 +352,7 @@ impl<C: fmt::Debug> Config<C> {
             .field("source", &self.source)
             .field("strip_headers", &self.strip_headers)
             .field("strip_query", &self.strip_query)
+            .field("strip_subprotocols", &self.strip_subprotocols)
             .finish_non_exhaustive()
     }
 }
@@ -431,6 +459,7 @@ impl<C: CredentialSource> Config<C> {
     /// Steps 3–5 of the data path: strip, apply the provider's extras, place.
     fn rewrite<B>(&self, req: &mut Request<B>, credential: &Credential) {
         crate::remove_headers::remove_all(req.headers_mut(), &self.removed);
+        crate::inbound::strip_subprotocols(req.headers_mut(), &self.strip_subprotocols);
         if let Some(uri) = self.rewrite_query(req.uri(), credential) {
             *req.uri_mut() = uri;
         }

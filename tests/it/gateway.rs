@@ -7,6 +7,8 @@ mod app;
 /// Limits on Redis and the Redis Cluster, and managing them.
 mod limits;
 mod ops;
+/// Browser clients: CORS and realtime WebSockets.
+mod realtime;
 /// User tokens beside keys.
 mod users;
 use crate::support;

@@ -534,3 +534,45 @@ async fn keys_only_treats_a_jwt_as_a_key_and_static_keys_need_no_fetch() {
             .is_err()
     );
 }
+
+/// A WebSocket opened with a user token is closed once the token expires: the recheck
+/// verifies the token again while the socket is open.
+#[tokio::test]
+async fn a_token_authenticated_socket_closes_when_the_token_expires() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    use tower_gateway_auth::UpstreamAuthLayer;
+    use tower_gateway_auth::proxy::{Forward, StripHopByHopLayer};
+    use tower_gateway_auth::upstream::{Credential, Provider};
+
+    let jwks = Jwks::start(&[JWK1]).await;
+    let verifier = verifier(&jwks).leeway(Duration::ZERO).build().unwrap();
+    let (echo, sessions) = support::ws::spawn_echo().await;
+    let inbound = InboundApiKeyLayer::new(MemoryStore::new())
+        .tokens(verifier)
+        .accept(Accept::Tokens)
+        .recheck_sockets_every(Duration::from_millis(100));
+    let upstream = UpstreamAuthLayer::new(Provider::openai(), Credential::new("sk-up").unwrap())
+        .strip_inbound(&inbound);
+    let stack = ServiceBuilder::new()
+        .layer(StripHopByHopLayer::new())
+        .layer(inbound)
+        .layer(upstream)
+        .service(Forward::new(&format!("ws://{echo}")).unwrap());
+    let gw = support::spawn_upgradable(stack).await;
+
+    let token = rs256("k1", &claims(&jwks.issuer(), json!({"exp": now() + 2})));
+    let (mut socket, _) = support::ws::connect(
+        gw,
+        "/v1/realtime",
+        &[("authorization", &format!("Bearer {token}"))],
+    )
+    .await
+    .expect("a valid token opens the socket");
+    socket.send(Message::text("hi")).await.unwrap();
+    assert_eq!(support::ws::next_text(&mut socket).await, "hi");
+    assert_eq!(sessions.last().headers["authorization"], "Bearer sk-up");
+    let (code, reason) = support::ws::close_of(&mut socket, Duration::from_secs(5)).await;
+    assert_eq!(code, 1008, "{reason}");
+    assert!(reason.to_lowercase().contains("expired"), "{reason}");
+}

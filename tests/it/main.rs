@@ -17,6 +17,7 @@ mod lifecycle;
 mod limits;
 mod model;
 mod proxy;
+mod realtime;
 mod redis;
 mod redis_limits;
 mod refresh;

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use http::{HeaderName, HeaderValue};
 use serde::Deserialize;
+use tower_gateway_auth::cors::CorsLayer;
 use tower_gateway_auth::inbound::KeySource;
 use tower_gateway_auth::jwt::{Accept, Algorithm, JwtVerifier};
 use tower_gateway_auth::keys::{KeyFormat, KeyHasher};
@@ -340,6 +341,72 @@ pub struct RouteConfig {
     /// `[route.limits]`: what keys whose record sets none may do on this route.
     #[serde(default)]
     pub limits: RouteLimits,
+    /// The key sources of this route, in place of the top-level `sources` (e.g. a realtime
+    /// route that also takes `subprotocol` for browsers).
+    pub sources: Option<Vec<String>>,
+    /// `cors = { origins = ["https://app.example"] }`: pages on these origins may call the
+    /// route from a browser; preflights are answered by the gateway.
+    pub cors: Option<CorsConfig>,
+    /// `[route.websocket]`: limits of the WebSockets relayed on this route.
+    #[serde(default)]
+    pub websocket: SocketConfig,
+}
+
+/// A route's `cors` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorsConfig {
+    /// Exact origins (`https://app.example`), or `["*"]` (never with `credentials`).
+    pub origins: Vec<String>,
+    /// Default GET, POST, PUT, PATCH, DELETE.
+    pub methods: Option<Vec<String>>,
+    /// Request headers allowed besides the defaults (the credential headers, the
+    /// providers' and their SDKs' headers).
+    #[serde(default)]
+    pub headers: Vec<String>,
+    /// Response headers a page may read besides the defaults (request id, rate limits).
+    #[serde(default)]
+    pub expose: Vec<String>,
+    /// How long a browser may cache a preflight (default 600).
+    pub max_age_secs: Option<u64>,
+    /// Cookies and HTTP authentication allowed (default false; a key header needs none).
+    #[serde(default)]
+    pub credentials: bool,
+}
+
+/// `[route.websocket]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SocketConfig {
+    /// No message either way for this long: closed with 1001.
+    pub idle_timeout_secs: u64,
+    /// Open this long: closed with 1001.
+    pub max_lifetime_secs: u64,
+    /// A larger message either way: closed with 1009.
+    pub max_message_bytes: usize,
+    /// How often the key of an open socket is checked again (revoked, expired: closed
+    /// with 1008).
+    pub recheck_ms: u64,
+}
+
+impl Default for SocketConfig {
+    fn default() -> Self {
+        SocketConfig {
+            idle_timeout_secs: 300,
+            max_lifetime_secs: 3600,
+            max_message_bytes: 16 << 20,
+            recheck_ms: 10_000,
+        }
+    }
+}
+
+/// A route's WebSocket limits, checked.
+#[derive(Debug, Clone, Copy)]
+pub struct SocketPlan {
+    pub idle: Duration,
+    pub lifetime: Duration,
+    pub max_message: usize,
+    pub recheck: Duration,
 }
 
 /// `[route.limits]`, each field optional.
@@ -489,6 +556,10 @@ pub struct RoutePlan {
     /// Defaults for keys whose record sets no limits, and no models.
     pub limits: limit::Limits,
     pub models: Option<ModelList>,
+    /// The route's key sources (its own, or the top-level ones).
+    pub sources: Vec<KeySource>,
+    pub cors: Option<CorsLayer>,
+    pub socket: SocketPlan,
 }
 
 impl Config {
@@ -524,6 +595,31 @@ impl Config {
             connect_timeout_secs: None,
             timeout_secs: None,
             limits: RouteLimits::default(),
+            sources: None,
+            cors: None,
+            websocket: SocketConfig::default(),
+        };
+        // The browser-client demo: a realtime route whose echo upstream speaks WebSocket,
+        // open to the page of `cargo run --example realtime` (on port 8000).
+        let realtime = RouteConfig {
+            sources: Some(vec![
+                "header:x-api-key".into(),
+                "bearer".into(),
+                "subprotocol".into(),
+            ]),
+            cors: Some(CorsConfig {
+                origins: vec![
+                    "http://127.0.0.1:8000".into(),
+                    "http://localhost:8000".into(),
+                ],
+                methods: None,
+                headers: Vec::new(),
+                expose: Vec::new(),
+                max_age_secs: None,
+                credentials: false,
+            }),
+            error_format: Some("openai".into()),
+            ..route("/realtime", "openai")
         };
         Config {
             listen: default_listen(),
@@ -549,7 +645,11 @@ impl Config {
             limiter: LimiterConfig::default(),
             jwt: None,
             identity_header: None,
-            routes: vec![route("/openai", "openai"), route("/anthropic", "anthropic")],
+            routes: vec![
+                route("/openai", "openai"),
+                route("/anthropic", "anthropic"),
+                realtime,
+            ],
         }
     }
 
@@ -652,6 +752,7 @@ impl Config {
             let plan = route.plan(
                 i,
                 &error_format,
+                &sources,
                 self.connect_timeout_secs,
                 self.timeout_secs,
                 env,
@@ -728,6 +829,20 @@ impl Config {
                 ));
             }
         };
+        if let LimiterPlan::Redis { lease, .. } = &limiter
+            && let Some(i) = routes.iter().position(|r: &RoutePlan| {
+                r.limits.max_concurrent().is_some() && r.socket.lifetime > *lease
+            })
+        {
+            return Err(bad(
+                format!("route[{i}].websocket.max_lifetime_secs"),
+                format!(
+                    "longer than limiter.permit_lease_secs ({}): a socket older than the lease \
+                     would stop counting as in flight",
+                    lease.as_secs()
+                ),
+            ));
+        }
         Ok(Plan {
             listen,
             keys,
@@ -751,6 +866,62 @@ impl Config {
     }
 }
 
+impl CorsConfig {
+    fn plan(&self) -> Result<CorsLayer, String> {
+        let mut builder = CorsLayer::builder()
+            .allow_origins(self.origins.iter().cloned())
+            .allow_credentials(self.credentials)
+            .also_allow_headers(self.headers.iter().cloned());
+        if !self.expose.is_empty() {
+            let expose = tower_gateway_auth::cors::DEFAULT_EXPOSED_HEADERS
+                .iter()
+                .map(|&h| h.to_owned())
+                .chain(self.expose.iter().cloned());
+            builder = builder.expose_headers(expose);
+        }
+        if let Some(methods) = &self.methods {
+            let methods = methods
+                .iter()
+                .map(|m| {
+                    http::Method::from_bytes(m.to_ascii_uppercase().as_bytes())
+                        .map_err(|_| format!("`{m}` is not a method"))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            builder = builder.allow_methods(methods);
+        }
+        if let Some(secs) = self.max_age_secs {
+            builder = builder.max_age(Duration::from_secs(secs));
+        }
+        builder.build().map_err(|e| e.to_string())
+    }
+}
+
+impl SocketConfig {
+    fn plan(&self, field: &dyn Fn(&str) -> String) -> Result<SocketPlan, ConfigError> {
+        let at_least = |value: u64, min: u64, name: &str| {
+            if value < min {
+                Err(bad(
+                    field(&format!("websocket.{name}")),
+                    format!("must be at least {min}"),
+                ))
+            } else {
+                Ok(value)
+            }
+        };
+        Ok(SocketPlan {
+            idle: Duration::from_secs(at_least(self.idle_timeout_secs, 1, "idle_timeout_secs")?),
+            lifetime: Duration::from_secs(at_least(
+                self.max_lifetime_secs,
+                1,
+                "max_lifetime_secs",
+            )?),
+            max_message: at_least(self.max_message_bytes as u64, 1024, "max_message_bytes")?
+                as usize,
+            recheck: Duration::from_millis(at_least(self.recheck_ms, 10, "recheck_ms")?),
+        })
+    }
+}
+
 /// Demo credentials for the echo upstream: not secrets, so that a newcomer sees them rewritten.
 const ECHO_CREDENTIAL: &str = "sk-echo-upstream-credential";
 
@@ -759,6 +930,7 @@ impl RouteConfig {
         self,
         i: usize,
         default_format: &ErrorFormat,
+        default_sources: &[KeySource],
         connect_timeout: u64,
         timeout: u64,
         env: &dyn Fn(&str) -> Option<String>,
@@ -938,7 +1110,30 @@ impl RouteConfig {
             .models
             .as_ref()
             .map(|m| ModelList::new(m.iter().map(String::as_str)));
+        let sources = match &self.sources {
+            None => default_sources.to_vec(),
+            Some(list) if list.is_empty() => {
+                return Err(bad(field("sources"), "name at least one key source"));
+            }
+            Some(list) => list
+                .iter()
+                .enumerate()
+                .map(|(j, s)| {
+                    s.parse::<KeySource>()
+                        .map_err(|e| bad(field(&format!("sources[{j}]")), e))
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        };
+        let cors = self
+            .cors
+            .as_ref()
+            .map(|c| c.plan().map_err(|e| bad(field("cors"), e)))
+            .transpose()?;
+        let socket = self.websocket.plan(&field)?;
         Ok(RoutePlan {
+            sources,
+            cors,
+            socket,
             limits: defaults,
             models,
             prefix,

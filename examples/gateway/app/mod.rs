@@ -1,8 +1,12 @@
 //! The reference gateway, composed from the crate's layers:
 //!
 //! ```text
-//! client ─► Probes ─► StripHopByHopLayer ─► Routes ─► InboundApiKeyLayer ─► RequireScopesLayer ─► RateLimitLayer ─► ModelAccessLayer ─► UpstreamAuthLayer ─► HeaderInjectLayer ─► Forward ─► provider
+//! client ─► Probes ─► StripHopByHopLayer ─► Routes ─► CorsLayer ─► InboundApiKeyLayer ─► RequireScopesLayer ─► RateLimitLayer ─► ModelAccessLayer ─► UpstreamAuthLayer ─► HeaderInjectLayer ─► Forward ─► provider
 //! ```
+//!
+//! A route with `cors` answers preflights in its `CorsLayer`, before any key is asked for;
+//! every route relays WebSockets (`[route.websocket]` sets their limits), the socket's key
+//! checked again every `recheck_ms` while it is open.
 //!
 //! One such stack per `[[route]]`, so that every rejection speaks the route's dialect; the
 //! management API at `/admin` sits behind its own inbound layer on the same store. Each
@@ -21,9 +25,13 @@ pub mod telemetry;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use axum::Router;
 use tower::ServiceBuilder;
+use tower::util::{Either, MapResponseLayer};
 use tower_gateway_auth::access_log::{AccessLogLayer, CountingBody};
+use tower_gateway_auth::inbound::{DEFAULT_SOCKET_RECHECK, KeySource};
 use tower_gateway_auth::inject::RequestId;
 use tower_gateway_auth::keys::{
     Actor, ApiKey, AuditEvent, AuditFile, AuditSink, KeyManager, LastUsed, NewKey,
@@ -34,6 +42,7 @@ use tower_gateway_auth::limit::{
 use tower_gateway_auth::metrics::MetricsLayer;
 use tower_gateway_auth::proxy::{Forward, StripHopByHopLayer};
 use tower_gateway_auth::rejection::{ErrorFormat, RejectionKind};
+use tower_gateway_auth::response::ResponseBody;
 use tower_gateway_auth::store::listen_for_invalidations;
 use tower_gateway_auth::store::{CachedStore, FileStore, KeyAdmin, MemoryStore, RedisStore};
 use tower_gateway_auth::upstream::UpstreamAuthLayer;
@@ -211,11 +220,12 @@ where
     let manager = key_manager(store.clone(), &plan, &audit);
     let last_used = LastUsed::new(store.clone());
     // Keys only for the management API; a route takes user tokens too when `[jwt]` is set.
-    let inbound = |accept: Option<Accept>| {
+    let inbound = |accept: Option<Accept>, sources: &[KeySource], recheck: Duration| {
         let layer = InboundApiKeyLayer::from_shared(store.clone())
             .last_used(&last_used)
-            .sources(plan.sources.clone())
-            .key_formats([plan.key_format.clone()]);
+            .sources(sources.iter().cloned())
+            .key_formats([plan.key_format.clone()])
+            .recheck_sockets_every(recheck);
         let layer = match &plan.identity_header {
             Some(name) => layer.identity_header(name.clone()),
             None => layer,
@@ -293,8 +303,19 @@ where
             .expect("checked by the config")
             .connect_timeout(route.connect_timeout)
             .response_timeout(route.timeout)
+            .socket_idle_timeout(route.socket.idle)
+            .socket_max_lifetime(route.socket.lifetime)
+            .socket_max_message_size(route.socket.max_message)
             .build();
-        let inbound = inbound(Some(route.accept));
+        let inbound = inbound(Some(route.accept), &route.sources, route.socket.recheck);
+        // One stack type for every route: without `cors`, a layer that only gives the
+        // response the same body type.
+        let cors = match route.cors {
+            Some(cors) => Either::Left(cors),
+            None => Either::Right(MapResponseLayer::new(|response: http::Response<_>| {
+                response.map(ResponseBody::inner)
+            })),
+        };
         let credential = match route.credential {
             RouteCredential::Static(credential) => RouteSource::Static(credential),
             RouteCredential::OAuth2(fetcher) => RouteSource::OAuth2(
@@ -322,6 +343,7 @@ where
         let stack = ServiceBuilder::new()
             .layer(telemetry(route.prefix.trim_start_matches('/')))
             .layer(responder.clone())
+            .layer(cors)
             .layer(inbound)
             .layer(scopes)
             .layer(rate)
@@ -342,9 +364,11 @@ where
             .admin_scope(scope)
             .usage_from(limiter.clone());
         // The page loads without a key (it asks for one); the API behind it needs one.
-        router = router
-            .merge(api.page("/admin"))
-            .nest("/admin", api.router().layer(inbound(None)));
+        router = router.merge(api.page("/admin")).nest(
+            "/admin",
+            api.router()
+                .layer(inbound(None, &plan.sources, DEFAULT_SOCKET_RECHECK)),
+        );
     }
     let default_responder = responder(&plan.error_format);
     let router = router

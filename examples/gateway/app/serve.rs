@@ -25,6 +25,13 @@
 //! connections close at once, and requests in progress (streams too) have the shutdown
 //! grace period to finish; then the connections still open are closed.
 //!
+//! WebSockets: a connection upgraded by a `101` leaves hyper (and the limits above, which
+//! are about HTTP) and is relayed by `Forward` until either side closes, with limits of
+//! its own (`[route.websocket]`). It still counts against **maximum connections** (the
+//! socket's lease holds the connection's slot), and at shutdown it is closed with 1001
+//! "going away" at once (a client reconnects elsewhere) and waited for within the grace
+//! period like any connection.
+//!
 //! HTTP/1.1 only: h2c (cleartext HTTP/2 with prior knowledge) is not served, as its streams
 //! need limits of their own; put a TLS terminator in front for HTTP/2.
 
@@ -42,7 +49,6 @@ use http::{Request, Response, header};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -51,6 +57,7 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tower::ServiceExt;
 use tower_gateway_auth::rejection::RejectionKind;
+use tower_gateway_auth::socket::{CloseReason, SocketLease, is_websocket_upgrade};
 use tower_gateway_auth::{Rejection, RejectionLayer};
 
 use super::GatewayService;
@@ -111,7 +118,12 @@ pub async fn serve(
     let limits = Arc::new(limits);
     let responder = Arc::new(responder);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
-    let graceful = GracefulShutdown::new();
+    // `true` once shutdown begins: connections finish what they serve and close, and
+    // WebSockets are closed with 1001.
+    let (drain, draining) = tokio::sync::watch::channel(false);
+    // Every connection task and every open WebSocket holds a sender: all are gone once
+    // `alive.recv()` answers `None`.
+    let (alive, mut gone) = tokio::sync::mpsc::channel::<()>(1);
     // Turns `true` when the grace period is over: every connection task then drops its
     // connection. (Dropping this sender when `serve` returns does the same.)
     let (cut, cut_off) = tokio::sync::watch::channel(false);
@@ -149,6 +161,7 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
+        let slot = Arc::new(slot);
         let activity = Arc::new(Activity::new());
         let io = TokioIo::new(Watched {
             stream,
@@ -159,10 +172,19 @@ pub async fn serve(
             activity: activity.clone(),
             body_timeout: limits.body_timeout,
             responder: responder.clone(),
+            socket: SocketHold {
+                slot: slot.clone(),
+                alive: alive.clone(),
+                draining: draining.clone(),
+            },
         });
-        let conn = graceful.watch(http.serve_connection(io, service));
+        let conn = drained(
+            http.serve_connection(io, service).with_upgrades(),
+            draining.clone(),
+        );
         let limits = limits.clone();
         let mut cut_off = cut_off.clone();
+        let alive = alive.clone();
         tokio::spawn(async move {
             let ended = tokio::select! {
                 ended = watchdog(conn, &activity, &limits) => ended,
@@ -174,6 +196,7 @@ pub async fn serve(
                 Err(why) => tracing::debug!(%peer, why, "connection closed"),
             }
             drop(slot);
+            drop(alive);
         });
     }
     readiness.shutting_down();
@@ -182,7 +205,9 @@ pub async fn serve(
         grace_secs = limits.shutdown_grace.as_secs(),
         "shutting down: no new connections; requests in progress may finish"
     );
-    if tokio::time::timeout(limits.shutdown_grace, graceful.shutdown())
+    let _ = drain.send(true);
+    drop(alive);
+    if tokio::time::timeout(limits.shutdown_grace, gone.recv())
         .await
         .is_err()
     {
@@ -193,6 +218,52 @@ pub async fn serve(
         let _ = cut.send(true);
     }
     Ok(())
+}
+
+/// The server connection of one client: HTTP/1.1 with upgrades.
+type ClientConnection = hyper::server::conn::http1::UpgradeableConnection<
+    TokioIo<Watched>,
+    TowerToHyperService<Tracked>,
+>;
+
+/// Drives `conn`; once `draining` turns `true`, tells it to finish the request it serves
+/// and close (an idle keep-alive connection closes at once). What hyper-util's
+/// `GracefulShutdown` does, for the upgradeable connection it does not take.
+async fn drained(
+    conn: ClientConnection,
+    mut draining: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), hyper::Error> {
+    let mut conn = pin!(conn);
+    tokio::select! {
+        ended = conn.as_mut() => return ended,
+        _ = draining.wait_for(|d| *d) => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    conn.await
+}
+
+/// What an upgraded connection keeps from its server connection: the connection slot,
+/// the count of open connections, and the shutdown signal that closes it.
+#[derive(Clone)]
+struct SocketHold {
+    slot: Arc<tokio::sync::OwnedSemaphorePermit>,
+    alive: tokio::sync::mpsc::Sender<()>,
+    draining: tokio::sync::watch::Receiver<bool>,
+}
+
+impl SocketHold {
+    /// Ties a WebSocket upgrade to this server: the slot and the count live as long as the
+    /// socket, and shutdown closes it.
+    fn lend(&self, req: &mut Request<Incoming>) {
+        let lease = SocketLease::of(req);
+        lease.hold(self.slot.clone());
+        lease.hold(self.alive.clone());
+        let mut draining = self.draining.clone();
+        lease.close_when(async move {
+            let _ = draining.wait_for(|d| *d).await;
+            CloseReason::going_away("the gateway is shutting down")
+        });
+    }
 }
 
 /// Where a connection is between requests, as the timeouts see it.
@@ -369,6 +440,7 @@ struct Tracked {
     activity: Arc<Activity>,
     body_timeout: Duration,
     responder: Arc<RejectionLayer>,
+    socket: SocketHold,
 }
 
 /// Ends the request's busy phase when dropped: with the response body, or with the
@@ -392,7 +464,10 @@ impl tower::Service<Request<Incoming>> for Tracked {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
+        if is_websocket_upgrade(&req) {
+            self.socket.lend(&mut req);
+        }
         self.activity.request_started();
         let busy = Busy(self.activity.clone());
         let stalled = Arc::new(AtomicBool::new(false));
