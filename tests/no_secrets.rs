@@ -563,7 +563,7 @@ async fn a_websocket_session_and_its_revocation_log_no_key_or_credential() {
         .layer(inbound)
         .layer(upstream)
         .service(Forward::new(&format!("ws://{echo}")).unwrap());
-    let gw = support::spawn_upgradable(stack).await;
+    let gw = support::spawn_service(stack).await;
 
     let offer = format!("realtime, openai-insecure-api-key.{key}");
     let (mut socket, head) =

@@ -559,7 +559,7 @@ async fn a_token_authenticated_socket_closes_when_the_token_expires() {
         .layer(inbound)
         .layer(upstream)
         .service(Forward::new(&format!("ws://{echo}")).unwrap());
-    let gw = support::spawn_upgradable(stack).await;
+    let gw = support::spawn_service(stack).await;
 
     let token = rs256("k1", &claims(&jwks.issuer(), json!({"exp": now() + 2})));
     let (mut socket, _) = support::ws::connect(

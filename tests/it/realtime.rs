@@ -36,6 +36,17 @@ struct Setup {
     key: IssuedKey,
 }
 
+impl Setup {
+    /// What a backend does for its page: mints a key living `ttl` from the setup's key.
+    async fn mint(&self, ttl: Duration) -> IssuedKey {
+        let parent = tower_gateway_auth::Identity::new(self.key.record.clone());
+        self.manager
+            .mint_ephemeral(&parent, Ephemeral::new().ttl(ttl))
+            .await
+            .unwrap()
+    }
+}
+
 /// Options of the stack under test.
 #[derive(Clone, Copy)]
 struct Options {
@@ -95,7 +106,7 @@ async fn setup(upstream: &str, options: Options) -> Setup {
         .layer(RateLimitLayer::new(MemoryLimiter::new()).default_limits(limits))
         .layer(upstream_auth)
         .service(forward);
-    let gw = support::spawn_upgradable(stack).await;
+    let gw = support::spawn_service(stack).await;
     Setup { gw, manager, key }
 }
 
@@ -257,13 +268,7 @@ async fn an_ephemeral_keys_socket_closes_when_its_parent_is_disabled() {
         ..Options::default()
     };
     let s = setup(&format!("ws://{upstream}"), options).await;
-    // What a backend does for its page: mint a short-lived key from its own.
-    let parent = tower_gateway_auth::Identity::new(s.key.record.clone());
-    let ephemeral = s
-        .manager
-        .mint_ephemeral(&parent, Ephemeral::new().ttl(Duration::from_secs(60)))
-        .await
-        .unwrap();
+    let ephemeral = s.mint(Duration::from_secs(60)).await;
     let offer = subprotocols(ephemeral.key.expose());
     let (mut socket, _) = connect(s.gw, "/v1/realtime", &[("sec-websocket-protocol", &offer)])
         .await
@@ -293,12 +298,7 @@ async fn an_expired_ephemeral_keys_socket_is_closed() {
         ..Options::default()
     };
     let s = setup(&format!("ws://{upstream}"), options).await;
-    let parent = tower_gateway_auth::Identity::new(s.key.record.clone());
-    let ephemeral = s
-        .manager
-        .mint_ephemeral(&parent, Ephemeral::new().ttl(Duration::from_secs(2)))
-        .await
-        .unwrap();
+    let ephemeral = s.mint(Duration::from_secs(2)).await;
     let offer = subprotocols(ephemeral.key.expose());
     let (mut socket, _) = connect(s.gw, "/v1/realtime", &[("sec-websocket-protocol", &offer)])
         .await
@@ -564,7 +564,7 @@ async fn wss_upstreams_are_upgraded_over_http1_on_tls() {
         .layer(inbound)
         .layer(upstream)
         .service(forward);
-    let gw = support::spawn_upgradable(stack).await;
+    let gw = support::spawn_service(stack).await;
     let (mut socket, head) = connect(
         gw,
         "/v1/realtime",
@@ -666,7 +666,7 @@ async fn a_store_down_during_a_recheck_closes_the_socket_with_1011() {
         .layer(inbound)
         .layer(upstream_auth)
         .service(Forward::new(&format!("ws://{upstream}")).unwrap());
-    let gw = support::spawn_upgradable(stack).await;
+    let gw = support::spawn_service(stack).await;
     let (mut socket, _) = connect(
         gw,
         "/v1/realtime",

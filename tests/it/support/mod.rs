@@ -248,7 +248,8 @@ pub fn forward_to(upstream: SocketAddr) -> tower_gateway_auth::proxy::Forward {
     tower_gateway_auth::proxy::Forward::new(&format!("http://{upstream}")).unwrap()
 }
 
-/// Serves any tower service (a whole gateway stack) on 127.0.0.1:0 with hyper.
+/// Serves any tower service (a whole gateway stack) on 127.0.0.1:0 with hyper, HTTP/1.1
+/// upgrades (WebSockets) included, as the gateway does.
 pub async fn spawn_service<S, B>(service: S) -> SocketAddr
 where
     S: tower::Service<Request<hyper::body::Incoming>, Response = Response<B>>
@@ -269,39 +270,7 @@ where
             let service = hyper_util::service::TowerToHyperService::new(service.clone());
             tokio::spawn(async move {
                 hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await
-                    .ok();
-            });
-        }
-    });
-    addr
-}
-
-/// Serves any tower service on 127.0.0.1:0 over HTTP/1.1, with upgrades (WebSockets), as
-/// the gateway does.
-pub async fn spawn_upgradable<S, B>(service: S) -> SocketAddr
-where
-    S: tower::Service<Request<hyper::body::Incoming>, Response = Response<B>>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (stream, _) = listener.accept().await.unwrap();
-            let service = hyper_util::service::TowerToHyperService::new(service.clone());
-            tokio::spawn(async move {
-                hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .with_upgrades()
+                    .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), service)
                     .await
                     .ok();
             });
