@@ -3,7 +3,8 @@
 //! Instruction counts are the same run after run whatever else the machine does, so two
 //! versions can be compared where criterion's times are too noisy to tell them apart.
 //!
-//! Modes: `bare` (the inner service alone), `inbound`, `full` (inbound, upstream, inject) and
+//! Modes: `bare` (the inner service alone), `inbound`, `full` (inbound, upstream, inject),
+//! `full-no-echo` (the same without echoing the request id, as 5e8137a's stack did) and
 //! `route` (`full` inside the gateway's `RejectionLayer`), over 10,000 keys.
 
 use http::{HeaderMap, Request, Response, Uri};
@@ -13,7 +14,7 @@ use tower_gateway_auth::store::MemoryStore;
 use tower_gateway_auth::{InboundApiKeyLayer, RejectionLayer};
 
 mod support;
-use support::{Bare, bearer_request, full_stack, next, serve};
+use support::{Bare, bearer_request, full_stack, full_stack_echoing, next, serve};
 
 fn run<S, B>(mut svc: S, requests: &[(Uri, HeaderMap)], n: usize)
 where
@@ -60,6 +61,7 @@ fn main() {
             n,
         ),
         "full" => run(stack, &requests, n),
+        "full-no-echo" => run(full_stack_echoing(store.clone(), false), &requests, n),
         "route" => run(
             RejectionLayer::new().realm("gateway").layer(stack),
             &requests,

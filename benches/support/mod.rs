@@ -86,6 +86,19 @@ pub fn full_stack<K>(
 where
     K: tower_gateway_auth::store::KeyStore,
 {
+    full_stack_echoing(store, true)
+}
+
+/// [`full_stack`], with the request id echoed on the response or not. Without the echo it
+/// is the stack 5e8137a's bench measured (it could not echo): the before-and-after of
+/// issue 12 compares the two on the same job.
+pub fn full_stack_echoing<K>(
+    store: std::sync::Arc<K>,
+    echo: bool,
+) -> impl Service<Request<()>, Response = Response<impl http_body::Body>, Error = Infallible> + Clone
+where
+    K: tower_gateway_auth::store::KeyStore,
+{
     use tower::ServiceBuilder;
     use tower_gateway_auth::inject::RequestId;
     use tower_gateway_auth::upstream::{Credential, Provider};
@@ -98,7 +111,7 @@ where
     )
     .strip_inbound(&inbound);
     let inject = HeaderInjectLayer::new()
-        .request_id(RequestId::new().echo(true))
+        .request_id(RequestId::new().echo(echo))
         .overwrite(
             http::HeaderName::from_static("openai-organization"),
             http::HeaderValue::from_static("org-bench"),

@@ -77,10 +77,10 @@ impl RequestId {
             if let (Some(id), None) = (sent.next(), sent.next())
                 && is_acceptable_id(id)
             {
-                return RequestIdValue(Kept::Client(id.clone()));
+                return RequestIdValue(id.clone());
             }
         }
-        let id = RequestIdValue(Kept::Fresh(new_request_id()));
+        let id = RequestIdValue::fresh();
         headers.insert(self.header.clone(), id.to_header_value());
         id
     }
@@ -137,33 +137,28 @@ fn is_acceptable_id(id: &HeaderValue) -> bool {
 /// # });
 /// ```
 #[derive(Debug, Clone)]
-pub struct RequestIdValue(Kept);
-
-/// A fresh id is kept inline, so that putting it in the extensions allocates nothing; a
-/// client's is the header value it came in (a reference count on the connection's buffer).
-#[derive(Debug, Clone)]
-enum Kept {
-    Fresh([u8; 36]),
-    Client(HeaderValue),
-}
+pub struct RequestIdValue(HeaderValue);
 
 impl RequestIdValue {
+    /// A fresh id. Its text lives in one shared allocation, so the request header, the
+    /// echoed response header and this value are reference counts on it.
+    fn fresh() -> Self {
+        let text = bytes::Bytes::from_owner(new_request_id());
+        RequestIdValue(
+            HeaderValue::from_maybe_shared(text)
+                .expect("hex digits and dashes are a valid header value"),
+        )
+    }
+
     /// The id as text.
     pub fn as_str(&self) -> &str {
         // Only ASCII ever gets in (see `is_acceptable_id` and `new_request_id`).
-        match &self.0 {
-            Kept::Fresh(text) => std::str::from_utf8(text).unwrap_or_default(),
-            Kept::Client(value) => value.to_str().unwrap_or_default(),
-        }
+        self.0.to_str().unwrap_or_default()
     }
 
     /// The id as the header value it travels in.
     pub fn to_header_value(&self) -> HeaderValue {
-        match &self.0 {
-            Kept::Fresh(text) => HeaderValue::from_bytes(text)
-                .expect("hex digits and dashes are a valid header value"),
-            Kept::Client(value) => value.clone(),
-        }
+        self.0.clone()
     }
 }
 

@@ -21,8 +21,9 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use tower_layer::Layer;
 use tower_service::Service;
 
-/// Headers that are hop-by-hop whatever `Connection` says.
-const FIXED: [HeaderName; 7] = [
+/// Headers that are hop-by-hop whatever `Connection` says. (A `static`: a `const` array
+/// would be built and dropped at every use.)
+static FIXED: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -42,19 +43,37 @@ pub(super) fn drop_hop_by_hop(headers: &mut HeaderMap, named: bool) {
         // Usually there are none: one pass over the names says so (see `remove_headers::remove_all`).
         crate::remove_headers::remove_all(headers, &FIXED);
     } else {
-        let listed: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|name| HeaderName::try_from(name.trim()).ok())
-            .collect();
-        for name in listed.iter().chain(FIXED.iter()) {
-            headers.remove(name);
+        // Taken out first, so that the names can be removed while read; a single value
+        // (nearly every message: `keep-alive` or `close`) without building a list.
+        let mut connection = headers.get_all(header::CONNECTION).iter();
+        let several = connection.next().is_some() && connection.next().is_some();
+        if several {
+            let listed: Vec<HeaderValue> = headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .cloned()
+                .collect();
+            for value in &listed {
+                remove_listed(headers, value);
+            }
+        } else if let Some(value) = headers.remove(header::CONNECTION) {
+            remove_listed(headers, &value);
         }
+        crate::remove_headers::remove_all(headers, &FIXED);
     }
     if !te_is_trailers {
         headers.remove(header::TE);
+    }
+}
+
+/// Removes the headers a `Connection` value names (a name that is not a header name names
+/// nothing).
+fn remove_listed(headers: &mut HeaderMap, connection: &HeaderValue) {
+    let Ok(listed) = connection.to_str() else {
+        return;
+    };
+    for name in listed.split(',') {
+        headers.remove(name.trim());
     }
 }
 
@@ -180,6 +199,23 @@ mod tests {
             ("proxy-authorization", "Basic x"),
             ("x-kept", "1"),
         ]);
+        drop_hop_by_hop(&mut h, true);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-kept"]);
+    }
+
+    /// One `Connection` value (the usual case, taken without building a list): names in
+    /// any case and spacing go, empty entries and non-names name nothing.
+    #[test]
+    fn a_single_connection_value_names_its_headers() {
+        let mut h = headers(&[
+            ("connection", " X-Private ,, not a name, close,Keep-Alive"),
+            ("x-private", "1"),
+            ("keep-alive", "timeout=5"),
+            ("x-kept", "1"),
+        ]);
+        drop_hop_by_hop(&mut h, true);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-kept"]);
+        let mut h = headers(&[("connection", "é"), ("x-kept", "1")]);
         drop_hop_by_hop(&mut h, true);
         assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-kept"]);
     }

@@ -373,7 +373,14 @@ impl Forward {
             pq => {
                 let pq = pq.map_or("/", |pq| pq.as_str());
                 let slash = if pq.starts_with('/') { "" } else { "/" };
-                PathAndQuery::try_from(format!("{}{slash}{pq}", inner.base_path))
+                // Sized exactly: `format!` grows the string as it goes, and `Bytes` takes a
+                // string with spare capacity only by allocating again.
+                let mut joined =
+                    String::with_capacity(inner.base_path.len() + slash.len() + pq.len());
+                joined.push_str(&inner.base_path);
+                joined.push_str(slash);
+                joined.push_str(pq);
+                PathAndQuery::try_from(joined)
                     .expect("a valid base path and a valid path make a valid path")
             }
         };
@@ -439,12 +446,12 @@ where
         drop_hop_by_hop(&mut parts.headers, false);
         // Kept for a 502/504: the client is told the request id, never the upstream's
         // address or the error, which go to the log.
+        // (A clone of the value is a reference count; text is made only for a failure.)
         let request_id = parts
             .headers
             .get(&self.inner.request_id_header)
-            .and_then(|v| v.to_str().ok())
-            .filter(|id| id.len() <= MAX_SHOWN_REQUEST_ID)
-            .map(str::to_owned);
+            .filter(|id| id.len() <= MAX_SHOWN_REQUEST_ID && id.to_str().is_ok())
+            .cloned();
         #[cfg(feature = "websocket")]
         if websocket {
             let body = body.map_err(Into::into).boxed_unsync();
@@ -496,7 +503,7 @@ where
                     return Ok(response.map(ResponseBody::inner));
                 }
                 Ok(Err(Failure { connect, error })) => {
-                    tracing::warn!(target: "tower_gateway_auth::proxy", upstream = %inner.authority, request_id = request_id.as_deref(), %error, "upstream request failed");
+                    tracing::warn!(target: "tower_gateway_auth::proxy", upstream = %inner.authority, request_id = shown(&request_id), %error, "upstream request failed");
                     let message = if connect {
                         "The upstream could not be reached."
                     } else {
@@ -504,17 +511,14 @@ where
                     };
                     Rejection::new(
                         RejectionKind::UpstreamUnreachable,
-                        with_request_id(message, request_id.as_deref()),
+                        with_request_id(message, shown(&request_id)),
                     )
                 }
                 Err(limit) => {
-                    tracing::warn!(target: "tower_gateway_auth::proxy", upstream = %inner.authority, request_id = request_id.as_deref(), timeout = ?limit, "upstream timed out");
+                    tracing::warn!(target: "tower_gateway_auth::proxy", upstream = %inner.authority, request_id = shown(&request_id), timeout = ?limit, "upstream timed out");
                     Rejection::new(
                         RejectionKind::UpstreamTimeout,
-                        with_request_id(
-                            "The upstream did not answer in time.",
-                            request_id.as_deref(),
-                        ),
+                        with_request_id("The upstream did not answer in time.", shown(&request_id)),
                     )
                 }
             };
@@ -538,6 +542,11 @@ fn failure(
 
 /// Request ids longer than this are not repeated in an error body.
 const MAX_SHOWN_REQUEST_ID: usize = 128;
+
+/// The request id kept for a failure's log line and body (checked to be text when kept).
+fn shown(id: &Option<HeaderValue>) -> Option<&str> {
+    id.as_ref().and_then(|id| id.to_str().ok())
+}
 
 /// `message`, and the request id the client can quote to the operator.
 fn with_request_id(message: &str, request_id: Option<&str>) -> String {

@@ -43,7 +43,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tower_service::Service;
 
 use super::hop::{drop_hop_by_hop, set_websocket_upgrade};
-use super::{Inner, OutBody, UpstreamBody, failure, with_request_id};
+use super::{Inner, OutBody, UpstreamBody, failure, shown, with_request_id};
 use crate::rejection::{Rejection, RejectionKind};
 use crate::response::{ResponseBody, UpstreamOutcome};
 use crate::socket::{CloseReason, SocketLease, has_token};
@@ -78,7 +78,7 @@ pub(super) async fn open(
     inner: Arc<Inner>,
     mut parts: Parts,
     body: OutBody,
-    request_id: Option<String>,
+    request_id: Option<http::HeaderValue>,
 ) -> Answer {
     let started = Instant::now();
     let Some(client) = parts.extensions.remove::<OnUpgrade>() else {
@@ -116,7 +116,7 @@ pub(super) async fn open(
     let mut response = match answer {
         Ok(Ok(response)) => response,
         Ok(Err((connect, error))) => {
-            tracing::warn!(target: "tower_gateway_auth::proxy", upstream = %inner.authority, request_id = request_id.as_deref(), %error, "WebSocket upgrade failed upstream");
+            tracing::warn!(target: "tower_gateway_auth::proxy", upstream = %inner.authority, request_id = shown(&request_id), %error, "WebSocket upgrade failed upstream");
             let message = if connect {
                 "The upstream could not be reached."
             } else {
@@ -125,20 +125,17 @@ pub(super) async fn open(
             return failure(
                 Rejection::new(
                     RejectionKind::UpstreamUnreachable,
-                    with_request_id(message, request_id.as_deref()),
+                    with_request_id(message, shown(&request_id)),
                 ),
                 elapsed(),
             );
         }
         Err(limit) => {
-            tracing::warn!(target: "tower_gateway_auth::proxy", upstream = %inner.authority, request_id = request_id.as_deref(), timeout = ?limit, "upstream timed out answering a WebSocket upgrade");
+            tracing::warn!(target: "tower_gateway_auth::proxy", upstream = %inner.authority, request_id = shown(&request_id), timeout = ?limit, "upstream timed out answering a WebSocket upgrade");
             return failure(
                 Rejection::new(
                     RejectionKind::UpstreamTimeout,
-                    with_request_id(
-                        "The upstream did not answer in time.",
-                        request_id.as_deref(),
-                    ),
+                    with_request_id("The upstream did not answer in time.", shown(&request_id)),
                 ),
                 elapsed(),
             );
@@ -155,11 +152,11 @@ pub(super) async fn open(
         return response.map(|body| ResponseBody::inner(UpstreamBody::plain(body)));
     }
     if let Err(why) = check_switch(response.headers(), &offered) {
-        tracing::warn!(target: "tower_gateway_auth::proxy", upstream = %inner.authority, request_id = request_id.as_deref(), why, "WebSocket upgrade refused: the upstream's 101 does not fit the request");
+        tracing::warn!(target: "tower_gateway_auth::proxy", upstream = %inner.authority, request_id = shown(&request_id), why, "WebSocket upgrade refused: the upstream's 101 does not fit the request");
         return failure(
             Rejection::new(
                 RejectionKind::UpstreamUnreachable,
-                with_request_id("The upstream failed to answer.", request_id.as_deref()),
+                with_request_id("The upstream failed to answer.", shown(&request_id)),
             ),
             elapsed(),
         );

@@ -939,6 +939,42 @@ async fn two_hundred_half_sent_request_lines_are_closed_at_the_header_read_timeo
     assert_eq!(seen.count(), 0);
 }
 
+/// The connection's one timer is moved only when a deadline comes nearer: after requests
+/// have pushed the idle deadline on, a half-sent head must still be cut at the header read
+/// timeout counted from its own first byte, on the same connection.
+#[tokio::test]
+async fn a_half_sent_head_after_served_requests_is_closed_at_the_header_read_timeout() {
+    let dir = TempDir::new("gw-late-slowloris");
+    let (upstream, seen) = spawn_upstream().await;
+    let (key, _) = issue(&dir.file(), "alice", &["openai"]).await;
+    let gw = start(&with_server(
+        &config(&dir.file(), upstream),
+        "header_read_timeout_secs = 1\nidle_timeout_secs = 30",
+    ))
+    .await;
+    let request = format!(
+        "GET /openai/v1/models HTTP/1.1\r\nhost: gw\r\nx-api-key: {}\r\n\r\n",
+        key.expose()
+    );
+    let mut stream = connect(gw.addr).await;
+    // Requests spread over longer than the header read timeout: the timer set for the
+    // first head goes off early while the connection is idle, and is set again.
+    for _ in 0..3 {
+        write(&mut stream, request.as_bytes()).await;
+        assert!(read_response(&mut stream).await.starts_with("HTTP/1.1 200"));
+        tokio::time::sleep(Duration::from_millis(600)).await;
+    }
+    assert_eq!(seen.count(), 3);
+    write(&mut stream, b"GET /openai/v1/mo").await;
+    let (closed, _) = until_closed(&mut stream, Duration::from_secs(5)).await;
+    let closed = closed.expect("a half-sent head was held past 5 s");
+    assert!(
+        closed >= Duration::from_millis(800) && closed < Duration::from_secs(3),
+        "closed after {closed:?}, not at the 1 s header read timeout"
+    );
+    assert_eq!(seen.count(), 3);
+}
+
 #[tokio::test]
 async fn idle_keep_alive_connections_close_at_the_idle_timeout_but_busy_ones_do_not() {
     let dir = TempDir::new("gw-idle");
@@ -1125,6 +1161,30 @@ async fn oversized_heads_and_too_many_headers_are_431_and_reach_nothing() {
         .collect();
     let answer = support::raw_exchange(gw.addr, request(&within).as_bytes()).await;
     assert_eq!(support::raw_status(&answer), 200, "{answer}");
+    assert_eq!(seen.count(), 1);
+}
+
+/// The default limit of 100 headers is hyper's own (the gateway leaves hyper's default in
+/// place rather than setting the same number): 101 headers are refused, 90 are served.
+#[tokio::test]
+async fn the_default_header_count_limit_is_100() {
+    let dir = TempDir::new("gw-431-default");
+    let (upstream, seen) = spawn_upstream().await;
+    let (key, _) = issue(&dir.file(), "alice", &["openai"]).await;
+    let gw = start(&config(&dir.file(), upstream)).await;
+    let request = |count: usize| {
+        let extra: String = (0..count).map(|i| format!("x-h{i}: 1\r\n")).collect();
+        format!(
+            "GET /openai/v1/models HTTP/1.1\r\nhost: gw\r\nx-api-key: {}\r\n{extra}connection: close\r\n\r\n",
+            key.expose()
+        )
+    };
+    // host, x-api-key and connection are three of them.
+    let answer = support::raw_exchange(gw.addr, request(98).as_bytes()).await;
+    assert_eq!(support::raw_status(&answer), 431, "101 headers: {answer}");
+    assert_eq!(seen.count(), 0);
+    let answer = support::raw_exchange(gw.addr, request(87).as_bytes()).await;
+    assert_eq!(support::raw_status(&answer), 200, "90 headers: {answer}");
     assert_eq!(seen.count(), 1);
 }
 

@@ -17,9 +17,10 @@
 //!
 //! hyper has a header read timeout of its own, but its timer runs from the moment a
 //! connection is ready for a request, so it bounds idle time and head time as one sum. The
-//! two are kept apart here (see [`Activity`]); hyper's timer stays on as a backstop at their
-//! sum. A request being served (the upstream thinking, a response streaming) is not idle:
-//! no limit here cuts a long answer short.
+//! two are kept apart here (see [`Activity`]), by one timer per connection that is moved
+//! only when a deadline comes nearer (see [`watchdog`]); hyper's is off, as it would start
+//! and box a timer of its own for every request. A request being served (the upstream
+//! thinking, a response streaming) is not idle: no limit here cuts a long answer short.
 //!
 //! At shutdown the listener closes (new connections are refused), idle keep-alive
 //! connections close at once, and requests in progress (streams too) have the shutdown
@@ -48,8 +49,7 @@ use bytes::Bytes;
 use http::{Request, Response, header};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
+use hyper_util::rt::TokioIo;
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -61,6 +61,9 @@ use tower_gateway_auth::socket::{CloseReason, SocketLease, is_websocket_upgrade}
 use tower_gateway_auth::{Rejection, RejectionLayer};
 
 use super::GatewayService;
+
+/// The number of headers hyper takes when not told another.
+const HYPER_MAX_HEADERS: usize = 100;
 
 /// What a client connection may take; see the module docs.
 #[derive(Debug, Clone)]
@@ -85,7 +88,7 @@ impl Default for Limits {
             send_timeout: Duration::from_secs(60),
             max_connections: 1024,
             max_header_bytes: 16 * 1024,
-            max_headers: 100,
+            max_headers: HYPER_MAX_HEADERS,
             shutdown_grace: Duration::from_secs(30),
         }
     }
@@ -128,10 +131,13 @@ pub async fn serve(
     // connection. (Dropping this sender when `serve` returns does the same.)
     let (cut, cut_off) = tokio::sync::watch::channel(false);
     let mut http = http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(limits.idle_timeout + limits.header_read_timeout)
-        .max_headers(limits.max_headers)
-        .max_header_size(limits.max_header_bytes);
+    http.max_header_size(limits.max_header_bytes);
+    // hyper's own limit is 100 headers; told any number, even 100, it builds its buffer of
+    // header positions element by element on every request (about 2,400 instructions of
+    // ~58,000 a proxied request costs here), where its default is set up in place.
+    if limits.max_headers != HYPER_MAX_HEADERS {
+        http.max_headers(limits.max_headers);
+    }
     let mut shutdown = pin!(shutdown);
     loop {
         // A slot first, then `accept`: connections past the cap stay in the backlog.
@@ -167,7 +173,7 @@ pub async fn serve(
             stream,
             activity: activity.clone(),
         });
-        let service = TowerToHyperService::new(Tracked {
+        let service = Tracked {
             inner: service.clone(),
             activity: activity.clone(),
             body_timeout: limits.body_timeout,
@@ -177,7 +183,7 @@ pub async fn serve(
                 alive: alive.clone(),
                 draining: draining.clone(),
             },
-        });
+        };
         let conn = drained(
             http.serve_connection(io, service).with_upgrades(),
             draining.clone(),
@@ -221,10 +227,8 @@ pub async fn serve(
 }
 
 /// The server connection of one client: HTTP/1.1 with upgrades.
-type ClientConnection = hyper::server::conn::http1::UpgradeableConnection<
-    TokioIo<Watched>,
-    TowerToHyperService<Tracked>,
->;
+type ClientConnection =
+    hyper::server::conn::http1::UpgradeableConnection<TokioIo<Watched>, Tracked>;
 
 /// Drives `conn`; once `draining` turns `true`, tells it to finish the request it serves
 /// and close (an idle keep-alive connection closes at once). What hyper-util's
@@ -285,6 +289,8 @@ enum Phase {
 struct Activity {
     phase: Mutex<Phase>,
     blocked: Mutex<Option<Instant>>,
+    /// Whether the request body being read stalled (HTTP/1.1 reads one body at a time).
+    stalled: AtomicBool,
 }
 
 impl Activity {
@@ -292,6 +298,7 @@ impl Activity {
         Activity {
             phase: Mutex::new(Phase::Idle(Instant::now())),
             blocked: Mutex::new(None),
+            stalled: AtomicBool::new(false),
         }
     }
 
@@ -316,6 +323,7 @@ impl Activity {
     }
 
     fn request_started(&self) {
+        self.stalled.store(false, Ordering::Relaxed);
         let mut phase = self.phase();
         *phase = match *phase {
             Phase::Busy(n) => Phase::Busy(n + 1),
@@ -349,6 +357,10 @@ impl Activity {
 ///
 /// Every phase change happens while `conn` is polled (a read, a service call, a response
 /// body ending), so the deadline is recomputed after each poll of it and nothing is missed.
+/// The timer is moved only when the deadline comes nearer than where it is set: a later
+/// deadline (each request pushes the idle one on) waits for the timer to go off early,
+/// which then sets it again. A busy connection moves it about once per timeout, not twice
+/// per request.
 async fn watchdog<C: Future>(
     conn: C,
     activity: &Activity,
@@ -361,17 +373,24 @@ async fn watchdog<C: Future>(
         if let Poll::Ready(output) = conn.as_mut().poll(cx) {
             return Poll::Ready(Ok(output));
         }
-        let Some((at, why)) = activity.deadline(limits) else {
-            armed = None;
-            return Poll::Pending;
-        };
-        if armed != Some(at) {
+        loop {
+            let Some((at, why)) = activity.deadline(limits) else {
+                // Busy and sending: the timer may stay where it is and go off for nothing.
+                return Poll::Pending;
+            };
+            if armed.is_none_or(|armed| at < armed) {
+                timer.as_mut().reset(at);
+                armed = Some(at);
+            }
+            if timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            if Instant::now() >= at {
+                return Poll::Ready(Err(why));
+            }
+            // Early: the deadline moved on since the timer was set.
             timer.as_mut().reset(at);
             armed = Some(at);
-        }
-        match timer.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(why)),
-            Poll::Pending => Poll::Pending,
         }
     })
     .await
@@ -453,48 +472,65 @@ impl Drop for Busy {
     }
 }
 
-impl tower::Service<Request<Incoming>> for Tracked {
+impl hyper::service::Service<Request<Incoming>> for Tracked {
     type Response = Response<Body>;
     type Error = std::convert::Infallible;
-    type Future =
-        Pin<Box<dyn Future<Output = Result<Response<Body>, std::convert::Infallible>> + Send>>;
+    type Future = TrackedFuture;
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        // Readiness is asked of the gateway by `oneshot`.
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
+    fn call(&self, mut req: Request<Incoming>) -> TrackedFuture {
         if is_websocket_upgrade(&req) {
             self.socket.lend(&mut req);
         }
         self.activity.request_started();
         let busy = Busy(self.activity.clone());
-        let stalled = Arc::new(AtomicBool::new(false));
         let req = req.map(|body| {
             Body::new(Stall {
                 body,
                 timeout: self.body_timeout,
                 timer: None,
-                stalled: stalled.clone(),
+                activity: self.activity.clone(),
             })
         });
-        let answer = self.inner.clone().oneshot(req);
-        let responder = self.responder.clone();
-        Box::pin(async move {
-            let response = answer.await?;
-            let response = if stalled.load(Ordering::Relaxed) {
-                stalled_body(&responder)
-            } else {
-                response
-            };
-            Ok(response.map(|body| {
-                Body::new(Sending {
-                    body,
-                    busy: Some(busy),
-                })
-            }))
-        })
+        TrackedFuture {
+            answer: self.inner.clone().oneshot(req),
+            busy: Some(busy),
+            responder: self.responder.clone(),
+        }
+    }
+}
+
+pin_project! {
+    /// The response future of [`Tracked`]: the gateway's answer (or a 408 if the request
+    /// body stalled), with a body that ends the request's busy phase.
+    struct TrackedFuture {
+        #[pin]
+        answer: tower::util::Oneshot<GatewayService, Request<Body>>,
+        busy: Option<Busy>,
+        responder: Arc<RejectionLayer>,
+    }
+}
+
+impl Future for TrackedFuture {
+    type Output = Result<Response<Body>, std::convert::Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let response = ready!(this.answer.poll(cx))?;
+        let busy = this
+            .busy
+            .take()
+            .expect("TrackedFuture polled after completion");
+        let response = if busy.0.stalled.load(Ordering::Relaxed) {
+            stalled_body(this.responder)
+        } else {
+            response
+        };
+        Poll::Ready(Ok(response.map(|body| {
+            Body::new(Sending {
+                body,
+                busy: Some(busy),
+            })
+        })))
     }
 }
 
@@ -528,7 +564,7 @@ pin_project! {
         timeout: Duration,
         #[pin]
         timer: Option<tokio::time::Sleep>,
-        stalled: Arc<AtomicBool>,
+        activity: Arc<Activity>,
     }
 }
 
@@ -563,7 +599,7 @@ impl http_body::Body for Stall {
         }
         let timer = this.timer.as_pin_mut().expect("set above");
         ready!(timer.poll(cx));
-        this.stalled.store(true, Ordering::Relaxed);
+        this.activity.stalled.store(true, Ordering::Relaxed);
         Poll::Ready(Some(Err(Stalled.into())))
     }
 
