@@ -13,6 +13,8 @@
 //! - `full_stack`: the reference gateway's route stack on the same store: inbound, then
 //!   `UpstreamAuthLayer` (OpenAI preset, a fixed credential), then `HeaderInjectLayer` (a
 //!   request id and an organization header).
+//! - `full_stack_no_echo`: `full_stack` without echoing the request id, the stack 5e8137a's
+//!   bench measured, for comparing with it.
 //! - `tower_http_same_job`: tower-http's own layers doing the header work `full_stack` adds
 //!   after the key check (`SetRequestHeader` overriding `authorization` with the provider
 //!   credential and setting `openai-organization`, `SetRequestId` with its UUID maker,
@@ -58,7 +60,9 @@ const BATCH: BatchSize = BatchSize::NumIterations(256);
 const ACTIVE_KEYS: usize = 10_000;
 
 mod support;
-use support::{Bare, bearer_request, full_stack, next, serve, tower_http_same_job};
+use support::{
+    Bare, bearer_request, full_stack, full_stack_echoing, next, serve, tower_http_same_job,
+};
 
 struct Fixture {
     keys: Vec<String>,
@@ -160,6 +164,18 @@ fn inbound(c: &mut Criterion) {
     let mut svc = stack.clone();
     let mut i = 0;
     group.bench_function("full_stack", |b| {
+        b.iter_batched(
+            || next(&f.requests, &mut i),
+            |req| assert_eq!(serve(&mut svc, req), 200),
+            BATCH,
+        )
+    });
+
+    // The same stack without echoing the request id: what 5e8137a's `full_stack` did (it
+    // could not echo), for the before-and-after of the redesign.
+    let mut svc = full_stack_echoing(store.clone(), false);
+    let mut i = 0;
+    group.bench_function("full_stack_no_echo", |b| {
         b.iter_batched(
             || next(&f.requests, &mut i),
             |req| assert_eq!(serve(&mut svc, req), 200),

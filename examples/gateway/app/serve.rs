@@ -39,8 +39,8 @@
 use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::{Pin, pin};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -121,15 +121,13 @@ pub async fn serve(
     let limits = Arc::new(limits);
     let responder = Arc::new(responder);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
-    // `true` once shutdown begins: connections finish what they serve and close, and
-    // WebSockets are closed with 1001.
-    let (drain, draining) = tokio::sync::watch::channel(false);
+    // One signal for both steps of shutdown, so that a connection waits on one channel
+    // (each is polled whenever the connection is). Dropping the sender when `serve`
+    // returns cuts what is left.
+    let (stage, staged) = tokio::sync::watch::channel(Stage::Serving);
     // Every connection task and every open WebSocket holds a sender: all are gone once
     // `alive.recv()` answers `None`.
     let (alive, mut gone) = tokio::sync::mpsc::channel::<()>(1);
-    // Turns `true` when the grace period is over: every connection task then drops its
-    // connection. (Dropping this sender when `serve` returns does the same.)
-    let (cut, cut_off) = tokio::sync::watch::channel(false);
     let mut http = http1::Builder::new();
     http.max_header_size(limits.max_header_bytes);
     // hyper's own limit is 100 headers; told any number, even 100, it builds its buffer of
@@ -181,21 +179,19 @@ pub async fn serve(
             socket: SocketHold {
                 slot: slot.clone(),
                 alive: alive.clone(),
-                draining: draining.clone(),
+                stage: staged.clone(),
             },
         };
         let conn = drained(
             http.serve_connection(io, service).with_upgrades(),
-            draining.clone(),
+            staged.clone(),
         );
         let limits = limits.clone();
-        let mut cut_off = cut_off.clone();
         let alive = alive.clone();
         tokio::spawn(async move {
-            let ended = tokio::select! {
-                ended = watchdog(conn, &activity, &limits) => ended,
-                _ = cut_off.wait_for(|cut| *cut) => Err("shutdown grace period over"),
-            };
+            let ended = watchdog(conn, &activity, &limits)
+                .await
+                .and_then(|ended| ended);
             match ended {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::debug!(%peer, error = %e, "connection ended with an error"),
@@ -211,7 +207,7 @@ pub async fn serve(
         grace_secs = limits.shutdown_grace.as_secs(),
         "shutting down: no new connections; requests in progress may finish"
     );
-    let _ = drain.send(true);
+    stage.send_replace(Stage::Draining);
     drop(alive);
     if tokio::time::timeout(limits.shutdown_grace, gone.recv())
         .await
@@ -221,7 +217,7 @@ pub async fn serve(
             grace_secs = limits.shutdown_grace.as_secs(),
             "shutdown grace period over: closing the connections still open"
         );
-        let _ = cut.send(true);
+        stage.send_replace(Stage::Cut);
     }
     Ok(())
 }
@@ -230,20 +226,37 @@ pub async fn serve(
 type ClientConnection =
     hyper::server::conn::http1::UpgradeableConnection<TokioIo<Watched>, Tracked>;
 
-/// Drives `conn`; once `draining` turns `true`, tells it to finish the request it serves
-/// and close (an idle keep-alive connection closes at once). What hyper-util's
-/// `GracefulShutdown` does, for the upgradeable connection it does not take.
+/// How far shutdown has gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Stage {
+    Serving,
+    /// Connections finish what they serve and close; WebSockets are closed with 1001.
+    Draining,
+    /// The grace period is over: every connection still open is dropped.
+    Cut,
+}
+
+/// Drives `conn`; once shutdown begins, tells it to finish the request it serves and close
+/// (an idle keep-alive connection closes at once), and drops it when the grace period is
+/// over. What hyper-util's `GracefulShutdown` does, for the upgradeable connection it does
+/// not take.
 async fn drained(
     conn: ClientConnection,
-    mut draining: tokio::sync::watch::Receiver<bool>,
-) -> Result<(), hyper::Error> {
+    mut stage: tokio::sync::watch::Receiver<Stage>,
+) -> Result<Result<(), hyper::Error>, &'static str> {
     let mut conn = pin!(conn);
+    // (A closed channel means `serve` is gone: as good as cut.)
     tokio::select! {
-        ended = conn.as_mut() => return ended,
-        _ = draining.wait_for(|d| *d) => {}
+        biased;
+        ended = conn.as_mut() => return Ok(ended),
+        _ = stage.wait_for(|s| *s >= Stage::Draining) => {}
     }
     conn.as_mut().graceful_shutdown();
-    conn.await
+    tokio::select! {
+        biased;
+        ended = conn.as_mut() => Ok(ended),
+        _ = stage.wait_for(|s| *s == Stage::Cut) => Err("shutdown grace period over"),
+    }
 }
 
 /// What an upgraded connection keeps from its server connection: the connection slot,
@@ -252,7 +265,7 @@ async fn drained(
 struct SocketHold {
     slot: Arc<tokio::sync::OwnedSemaphorePermit>,
     alive: tokio::sync::mpsc::Sender<()>,
-    draining: tokio::sync::watch::Receiver<bool>,
+    stage: tokio::sync::watch::Receiver<Stage>,
 }
 
 impl SocketHold {
@@ -262,9 +275,9 @@ impl SocketHold {
         let lease = SocketLease::of(req);
         lease.hold(self.slot.clone());
         lease.hold(self.alive.clone());
-        let mut draining = self.draining.clone();
+        let mut stage = self.stage.clone();
         lease.close_when(async move {
-            let _ = draining.wait_for(|d| *d).await;
+            let _ = stage.wait_for(|s| *s >= Stage::Draining).await;
             CloseReason::going_away("the gateway is shutting down")
         });
     }
@@ -279,75 +292,107 @@ enum Phase {
     Head(Instant),
     /// This many requests are being served (the service called, its response not yet
     /// fully sent).
-    Busy(usize),
+    Busy(u64),
 }
 
 /// A connection's [`Phase`], and since when a write to the client has been blocked;
 /// updated by its socket ([`Watched`]) and its service ([`Tracked`]), all polled from the
 /// connection's own task.
+///
+/// Both are kept in atomics, as offsets from the connection's opening: they are read and
+/// written on every read and write of the socket, where a lock costs more than the rest.
 #[derive(Debug)]
 struct Activity {
-    phase: Mutex<Phase>,
-    blocked: Mutex<Option<Instant>>,
+    opened: Instant,
+    /// [`Phase`], packed: the kind in the top two bits, the instant (nanoseconds since
+    /// `opened`) or the count below.
+    phase: AtomicU64,
+    /// Nanoseconds since `opened`, plus one, of the first write that could not go through;
+    /// 0 while writes go through.
+    blocked: AtomicU64,
     /// Whether the request body being read stalled (HTTP/1.1 reads one body at a time).
     stalled: AtomicBool,
 }
 
+const KIND: u64 = 0b11 << 62;
+const IDLE: u64 = 0;
+const HEAD: u64 = 1 << 62;
+const BUSY: u64 = 2 << 62;
+
 impl Activity {
     fn new() -> Self {
         Activity {
-            phase: Mutex::new(Phase::Idle(Instant::now())),
-            blocked: Mutex::new(None),
+            opened: Instant::now(),
+            phase: AtomicU64::new(IDLE),
+            blocked: AtomicU64::new(0),
             stalled: AtomicBool::new(false),
         }
     }
 
-    fn phase(&self) -> std::sync::MutexGuard<'_, Phase> {
-        self.phase.lock().unwrap_or_else(|e| e.into_inner())
+    /// `Instant::now()` as an offset from `opened`.
+    fn now(&self) -> u64 {
+        let nanos = self.opened.elapsed().as_nanos();
+        // 2^62 ns is 146 years.
+        u64::try_from(nanos).unwrap_or(u64::MAX) & !KIND
+    }
+
+    fn at(&self, offset: u64) -> Instant {
+        self.opened + Duration::from_nanos(offset)
+    }
+
+    fn phase(&self) -> Phase {
+        let packed = self.phase.load(Ordering::Relaxed);
+        let value = packed & !KIND;
+        match packed & KIND {
+            IDLE => Phase::Idle(self.at(value)),
+            HEAD => Phase::Head(self.at(value)),
+            _ => Phase::Busy(value),
+        }
+    }
+
+    fn set(&self, kind: u64, value: u64) {
+        self.phase.store(kind | value, Ordering::Relaxed);
     }
 
     fn write_blocked(&self, blocked: bool) {
-        let mut since = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
-        match (blocked, *since) {
-            (true, None) => *since = Some(Instant::now()),
-            (false, Some(_)) => *since = None,
+        let since = self.blocked.load(Ordering::Relaxed);
+        match (blocked, since) {
+            (true, 0) => self.blocked.store(self.now() + 1, Ordering::Relaxed),
+            (false, 1..) => self.blocked.store(0, Ordering::Relaxed),
             _ => {}
         }
     }
 
     fn bytes_read(&self) {
-        let mut phase = self.phase();
-        if let Phase::Idle(_) = *phase {
-            *phase = Phase::Head(Instant::now());
+        if self.phase.load(Ordering::Relaxed) & KIND == IDLE {
+            self.set(HEAD, self.now());
         }
     }
 
     fn request_started(&self) {
         self.stalled.store(false, Ordering::Relaxed);
-        let mut phase = self.phase();
-        *phase = match *phase {
-            Phase::Busy(n) => Phase::Busy(n + 1),
-            _ => Phase::Busy(1),
-        };
+        match self.phase() {
+            Phase::Busy(n) => self.set(BUSY, n + 1),
+            _ => self.set(BUSY, 1),
+        }
     }
 
     fn request_ended(&self) {
-        let mut phase = self.phase();
-        *phase = match *phase {
-            Phase::Busy(n) if n > 1 => Phase::Busy(n - 1),
-            _ => Phase::Idle(Instant::now()),
-        };
+        match self.phase() {
+            Phase::Busy(n) if n > 1 => self.set(BUSY, n - 1),
+            _ => self.set(IDLE, self.now()),
+        }
     }
 
     /// When the connection is to be closed if nothing changes, and why.
     fn deadline(&self, limits: &Limits) -> Option<(Instant, &'static str)> {
-        match *self.phase() {
+        match self.phase() {
             Phase::Idle(since) => Some((since + limits.idle_timeout, "idle timeout")),
             Phase::Head(since) => Some((since + limits.header_read_timeout, "header read timeout")),
-            Phase::Busy(_) => {
-                let blocked = *self.blocked.lock().unwrap_or_else(|e| e.into_inner());
-                blocked.map(|since| (since + limits.send_timeout, "send timeout"))
-            }
+            Phase::Busy(_) => match self.blocked.load(Ordering::Relaxed) {
+                0 => None,
+                since => Some((self.at(since - 1) + limits.send_timeout, "send timeout")),
+            },
         }
     }
 }

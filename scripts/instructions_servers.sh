@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# User-space instructions per request of the servers the load test times, counted by
+# callgrind under a real load (repeatable where wrk's req/s are not): the reference gateway
+# against `Forward` alone in front of the same nginx upstream (P4), and the axum hello-world
+# with and without the crate's stack (P3).
+#
+#   scripts/instructions_servers.sh     # SECS=8 of counted load per server
+#
+# Each server runs under callgrind; wrk (4 connections) warms it up for 3 s, the counters
+# are zeroed, wrk runs SECS seconds, the counters are dumped, and the count is divided by
+# the requests wrk completed. The kernel's share (most of a proxied request) is not counted.
+# callgrind hides SHA-NI from the program, so SHA-256 runs its software path here: the key
+# digest (about 3,400 instructions) costs far less natively.
+# Builds like scripts/instructions.sh (`--cfg rustix_use_libc`, its own target directory).
+# Everything started is stopped on exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SECS=${SECS:-8}
+export RUSTFLAGS="--cfg rustix_use_libc" CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target}/instructions
+for tool in valgrind callgrind_control wrk; do
+  command -v "$tool" >/dev/null || { echo "needs $tool" >&2; exit 1; }
+done
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+echo "building (release, for callgrind)..." >&2
+cargo build -q --release --example gateway --example keygen --example hello
+BIN=$CARGO_TARGET_DIR/release/examples
+
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
+
+UPSTREAM_PORT=$(free_port)
+cat >"$WORK/nginx-upstream.conf" <<CONF
+worker_processes 1;
+error_log $WORK/nginx-upstream.error.log;
+pid $WORK/nginx-upstream.pid;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  client_body_temp_path $WORK/body;
+  proxy_temp_path $WORK/proxy;
+  fastcgi_temp_path $WORK/fastcgi;
+  uwsgi_temp_path $WORK/uwsgi;
+  scgi_temp_path $WORK/scgi;
+  server {
+    listen 127.0.0.1:$UPSTREAM_PORT;
+    location / { default_type application/json; return 200 '{"id":"chatcmpl-1","choices":[]}'; }
+  }
+}
+CONF
+"$NGINX" -p "$WORK" -c "$WORK/nginx-upstream.conf"
+wait_port "$UPSTREAM_PORT"
+KEY=$("$BIN/keygen" --keys-file "$WORK/keys.json" --name counted 2>/dev/null)
+
+# Runs `$@` under callgrind on `port`; prints instructions per request with `key`.
+count() { # name port key command...
+  local name=$1 port=$2 key=$3 out n total pid
+  shift 3
+  UPSTREAM_KEY=sk-upstream-counted RUST_LOG=warn valgrind --tool=callgrind \
+    --callgrind-out-file="$WORK/cg.$name" "$@" >"$WORK/$name.out" 2>"$WORK/$name.log" &
+  pid=$!
+  PIDS+=("$pid")
+  for _ in $(seq 1 300); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+    sleep 0.2
+  done
+  sleep 1
+  [ "$key" = stdout ] && key=$(head -1 "$WORK/$name.out")
+  local url="http://127.0.0.1:$port/v1/chat/completions"
+  wrk -t1 -c4 -d3s -H "Authorization: Bearer $key" "$url" >/dev/null
+  callgrind_control -z "$pid" >/dev/null 2>&1
+  out=$(wrk -t1 -c4 -d"${SECS}s" -H "Authorization: Bearer $key" "$url")
+  callgrind_control -d "$pid" >/dev/null 2>&1
+  if echo "$out" | grep -q "Non-2xx"; then
+    echo "$name answered other than 200 under load" >&2
+    exit 1
+  fi
+  n=$(echo "$out" | awk '/requests in/ {print $1}')
+  kill "$pid"
+  wait "$pid" 2>/dev/null || true
+  total=$(callgrind_annotate "$(ls -S "$WORK/cg.$name".* | head -1)" 2>/dev/null |
+    awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
+  echo $((total / n))
+}
+
+cat >"$WORK/gateway.toml" <<TOML
+listen = "127.0.0.1:$(free_port)"
+keys_file = "$WORK/keys.json"
+sources = ["header:x-api-key", "bearer"]
+workers = 1
+
+[[route]]
+prefix = "/v1"
+upstream = "http://127.0.0.1:$UPSTREAM_PORT/v1"
+provider = "openai"
+credential_env = "UPSTREAM_KEY"
+TOML
+GATEWAY_PORT=$(awk -F'[:"]' '/^listen/ {print $3}' "$WORK/gateway.toml")
+gateway=$(count gateway "$GATEWAY_PORT" "$KEY" "$BIN/gateway" --config "$WORK/gateway.toml")
+port=$(free_port)
+forward=$(count forward "$port" "$KEY" "$BIN/hello" --forward "http://127.0.0.1:$UPSTREAM_PORT" --listen "127.0.0.1:$port")
+port=$(free_port)
+stack=$(count stack "$port" stdout "$BIN/hello" --stack --listen "127.0.0.1:$port")
+port=$(free_port)
+bare=$(count bare "$port" none "$BIN/hello" --listen "127.0.0.1:$port")
+echo "gateway: $gateway instructions per request; Forward alone: $forward ($(awk -v g="$gateway" -v f="$forward" 'BEGIN {printf "%.2f", g / f}')x)"
+echo "axum hello with the stack: $stack; bare: $bare ($(awk -v s="$stack" -v b="$bare" 'BEGIN {printf "%.2f", s / b}')x)"
