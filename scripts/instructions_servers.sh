@@ -29,25 +29,10 @@ BIN=$CARGO_TARGET_DIR/release/examples
 . scripts/lib.sh
 
 UPSTREAM_PORT=$(free_port)
-cat >"$WORK/nginx-upstream.conf" <<CONF
-worker_processes 1;
-error_log $WORK/nginx-upstream.error.log;
-pid $WORK/nginx-upstream.pid;
-events { worker_connections 1024; }
-http {
-  access_log off;
-  client_body_temp_path $WORK/body;
-  proxy_temp_path $WORK/proxy;
-  fastcgi_temp_path $WORK/fastcgi;
-  uwsgi_temp_path $WORK/uwsgi;
-  scgi_temp_path $WORK/scgi;
-  server {
+start_nginx upstream "server {
     listen 127.0.0.1:$UPSTREAM_PORT;
-    location / { default_type application/json; return 200 '{"id":"chatcmpl-1","choices":[]}'; }
-  }
-}
-CONF
-"$NGINX" -p "$WORK" -c "$WORK/nginx-upstream.conf"
+    location / { default_type application/json; return 200 '{\"id\":\"chatcmpl-1\",\"choices\":[]}'; }
+  }" 0-1
 wait_port "$UPSTREAM_PORT"
 KEY=$("$BIN/keygen" --keys-file "$WORK/keys.json" --name counted 2>/dev/null)
 
@@ -82,19 +67,8 @@ count() { # name port key command...
   echo $((total / n))
 }
 
-cat >"$WORK/gateway.toml" <<TOML
-listen = "127.0.0.1:$(free_port)"
-keys_file = "$WORK/keys.json"
-sources = ["header:x-api-key", "bearer"]
-workers = 1
-
-[[route]]
-prefix = "/v1"
-upstream = "http://127.0.0.1:$UPSTREAM_PORT/v1"
-provider = "openai"
-credential_env = "UPSTREAM_KEY"
-TOML
-GATEWAY_PORT=$(awk -F'[:"]' '/^listen/ {print $3}' "$WORK/gateway.toml")
+GATEWAY_PORT=$(free_port)
+gateway_toml "$WORK/gateway.toml" "$GATEWAY_PORT" "$WORK/keys.json" "$UPSTREAM_PORT"
 gateway=$(count gateway "$GATEWAY_PORT" "$KEY" "$BIN/gateway" --config "$WORK/gateway.toml")
 port=$(free_port)
 forward=$(count forward "$port" "$KEY" "$BIN/hello" --forward "http://127.0.0.1:$UPSTREAM_PORT" --listen "127.0.0.1:$port")

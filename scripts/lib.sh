@@ -1,5 +1,6 @@
-# Shared by loadtest.sh and streamtest.sh: a scratch dir, the processes started (stopped on
-# exit, nginx included), free loopback ports and waiting for one to listen.
+# Shared by loadtest.sh, streamtest.sh and instructions_servers.sh: a scratch dir, the
+# processes started (stopped on exit, nginx included), free loopback ports and waiting for
+# one to listen, an nginx of one worker, and the gateway's configuration.
 # Needs $NGINX set before `cleanup` runs.
 
 WORK=$(mktemp -d)
@@ -22,4 +23,44 @@ wait_port() {
   done
   echo "nothing listens on port $1" >&2
   exit 1
+}
+
+# An nginx of one worker on CPU `cpu`, serving `config-body` (inside `http { }`); its
+# configuration, pid and logs are `$WORK/nginx-NAME.*`.
+start_nginx() { # name config-body cpu
+  local conf="$WORK/nginx-$1.conf"
+  cat >"$conf" <<CONF
+worker_processes 1;
+error_log $WORK/nginx-$1.error.log;
+pid $WORK/nginx-$1.pid;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $WORK/$1-body;
+  proxy_temp_path $WORK/$1-proxy;
+  fastcgi_temp_path $WORK/$1-fastcgi;
+  uwsgi_temp_path $WORK/$1-uwsgi;
+  scgi_temp_path $WORK/$1-scgi;
+  $2
+}
+CONF
+  taskset -c "$3" "$NGINX" -p "$WORK" -c "$conf"
+}
+
+# The gateway's configuration for the measurements: one worker, the key file, one OpenAI
+# route to the upstream, the credential from $UPSTREAM_KEY; `extra` goes before the route.
+gateway_toml() { # file port keys-file upstream-port [extra]
+  cat >"$1" <<TOML
+listen = "127.0.0.1:$2"
+keys_file = "$3"
+sources = ["header:x-api-key", "bearer"]
+workers = 1
+${5:-}
+
+[[route]]
+prefix = "/v1"
+upstream = "http://127.0.0.1:$4/v1"
+provider = "openai"
+credential_env = "UPSTREAM_KEY"
+TOML
 }

@@ -58,25 +58,6 @@ STACK_PORT=$(free_port)
 FORWARD_PORT=$(free_port)
 UPSTREAM_SECRET=sk-upstream-load-test
 
-start_nginx() { # name config-body
-  local conf="$WORK/nginx-$1.conf"
-  cat >"$conf" <<CONF
-worker_processes 1;
-error_log $WORK/nginx-$1.error.log;
-pid $WORK/nginx-$1.pid;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  client_body_temp_path $WORK/$1-body;
-  proxy_temp_path $WORK/$1-proxy;
-  fastcgi_temp_path $WORK/$1-fastcgi;
-  uwsgi_temp_path $WORK/$1-uwsgi;
-  scgi_temp_path $WORK/$1-scgi;
-  $2
-}
-CONF
-  taskset -c "$3" "$NGINX" -p "$WORK" -c "$conf"
-}
 
 # The upstream: a provider stand-in answering a small JSON body, on CPU 0.
 start_nginx upstream "server {
@@ -99,18 +80,7 @@ for i in $(seq 1 "$KEYS"); do
 "
 done
 
-cat >"$WORK/gateway.toml" <<TOML
-listen = "127.0.0.1:$GATEWAY_PORT"
-keys_file = "$KEYS_FILE"
-sources = ["header:x-api-key", "bearer"]
-workers = 1
-
-[[route]]
-prefix = "/v1"
-upstream = "http://127.0.0.1:$UPSTREAM_PORT/v1"
-provider = "openai"
-credential_env = "UPSTREAM_KEY"
-TOML
+gateway_toml "$WORK/gateway.toml" "$GATEWAY_PORT" "$KEYS_FILE" "$UPSTREAM_PORT"
 UPSTREAM_KEY=$UPSTREAM_SECRET RUST_LOG=warn \
   taskset -c 1 "$BIN/gateway" --config "$WORK/gateway.toml" >"$WORK/gateway.log" 2>&1 &
 GATEWAY_PID=$!

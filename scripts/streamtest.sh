@@ -57,21 +57,9 @@ for i in $(seq 1 "$KEYS"); do
 "
 done
 
-cat >"$WORK/gateway.toml" <<TOML
-listen = "127.0.0.1:$GATEWAY_PORT"
-keys_file = "$KEYS_FILE"
-sources = ["header:x-api-key", "bearer"]
-workers = 1
-
+gateway_toml "$WORK/gateway.toml" "$GATEWAY_PORT" "$KEYS_FILE" "$UPSTREAM_PORT" "
 [server]
-max_connections = 100000
-
-[[route]]
-prefix = "/v1"
-upstream = "http://127.0.0.1:$UPSTREAM_PORT/v1"
-provider = "openai"
-credential_env = "UPSTREAM_KEY"
-TOML
+max_connections = 100000"
 UPSTREAM_KEY=$UPSTREAM_SECRET RUST_LOG=warn \
   taskset -c 1 "$BIN/gateway" --config "$WORK/gateway.toml" >"$WORK/gateway.log" 2>&1 &
 GATEWAY_PID=$!
