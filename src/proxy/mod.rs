@@ -446,11 +446,12 @@ where
         drop_hop_by_hop(&mut parts.headers, false);
         // Kept for a 502/504: the client is told the request id, never the upstream's
         // address or the error, which go to the log.
-        // (A clone of the value is a reference count; text is made only for a failure.)
+        // A clone of the value is a reference count; whether it is text is asked only on a
+        // failure (`shown`).
         let request_id = parts
             .headers
             .get(&self.inner.request_id_header)
-            .filter(|id| id.len() <= MAX_SHOWN_REQUEST_ID && id.to_str().is_ok())
+            .filter(|id| id.len() <= MAX_SHOWN_REQUEST_ID)
             .cloned();
         #[cfg(feature = "websocket")]
         if websocket {
@@ -543,7 +544,7 @@ fn failure(
 /// Request ids longer than this are not repeated in an error body.
 const MAX_SHOWN_REQUEST_ID: usize = 128;
 
-/// The request id kept for a failure's log line and body (checked to be text when kept).
+/// The request id kept for a failure's log line and body, when it is text.
 fn shown(id: &Option<HeaderValue>) -> Option<&str> {
     id.as_ref().and_then(|id| id.to_str().ok())
 }

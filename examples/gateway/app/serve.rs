@@ -261,7 +261,6 @@ async fn drained(
 
 /// What an upgraded connection keeps from its server connection: the connection slot,
 /// the count of open connections, and the shutdown signal that closes it.
-#[derive(Clone)]
 struct SocketHold {
     slot: Arc<tokio::sync::OwnedSemaphorePermit>,
     alive: tokio::sync::mpsc::Sender<()>,
@@ -498,7 +497,6 @@ impl AsyncWrite for Watched {
 
 /// The gateway's service on one connection: marks the connection busy from the call until
 /// the response body is sent or dropped, and times out a stalled request body.
-#[derive(Clone)]
 struct Tracked {
     inner: GatewayService,
     activity: Arc<Activity>,
