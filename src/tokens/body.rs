@@ -243,6 +243,11 @@ impl<E> Hide<E> {
 
     /// The next data of the body.
     fn push(&mut self, mut data: Bytes, scanner: &mut UsageScanner) {
+        // An empty read says nothing: taken as a read, it would settle an event held on a
+        // final `\r` before the `\n` that may belong to it (see `complete`).
+        if data.is_empty() {
+            return;
+        }
         if let Some(tail) = &self.passing {
             match first_event_end(tail, &data) {
                 None => {

@@ -1337,3 +1337,16 @@ fn size_hints_and_end_pass_through() {
     assert_eq!(body.size_hint().exact(), Some(0));
     assert!(format!("{body:?}").contains("hide_usage_chunk: false"));
 }
+
+/// An empty read between an event's `\r\r` and the `\n` that completes its `\r\n` blank
+/// line: the hidden event takes the `\n` with it (proptest found a stray `\n` once).
+#[test]
+fn an_empty_read_does_not_end_an_event_held_on_a_final_cr() {
+    let s =
+        b"data:{\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":0}}\r\r\ndata: [DONE]\n\n";
+    let at = s.len() - 15;
+    for cuts in [vec![at, at], vec![at - 1, at - 1], vec![at], vec![]] {
+        let hidden = run_body(split_at_points(s, &cuts), true, Ending::End);
+        assert_eq!(&hidden.bytes[..], b"data: [DONE]\n\n", "cut at {cuts:?}");
+    }
+}
