@@ -67,7 +67,7 @@ mod source;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -454,9 +454,9 @@ where
             match config.token_or_key(&presented) {
                 Ok(false) => {}
                 Ok(true) => {
-                    let check = verifier.verify(&presented.key);
+                    let check = verifier.verify(presented.text());
                     let socket = crate::socket::is_websocket_upgrade(&req)
-                        .then(|| presented.key.clone().into_owned());
+                        .then(|| presented.text().to_owned());
                     let carriers = presented.carriers;
                     if config.hide_credentials {
                         source::hide(&mut req, &config.sources, carriers);
@@ -484,11 +484,11 @@ where
             );
             return ResponseFuture::rejected(config.refuse(&req, &rejection));
         }
-        if config.fails_checksum(&presented.key) {
+        if config.fails_checksum(&presented) {
             let rejection = Rejection::new(RejectionKind::InvalidKey, "Invalid API key.");
             return ResponseFuture::rejected(config.refuse(&req, &rejection));
         }
-        let digest = config.store.hasher().digest(presented.key.as_bytes());
+        let digest = config.store.hasher().digest(&presented.key);
         let carriers = presented.carriers;
         if config.hide_credentials {
             source::hide(&mut req, &config.sources, carriers);
@@ -498,9 +498,30 @@ where
             crate::socket::SocketLease::of(&mut req).close_when(closer);
         }
 
-        let lookup = config.lookup(digest, None);
+        // An answer ready at once (an in-memory store, a cache hit) is judged right here,
+        // and the inner service called in place; only a lookup that waits is timed and
+        // parked (`Resumable`).
+        let mut lookup = config.store.lookup(&digest);
+        let wait = match Pin::new(&mut lookup).poll(&mut Context::from_waker(Waker::noop())) {
+            Poll::Pending => Wait::Key(config.timed(lookup, digest, None)),
+            Poll::Ready(found) => {
+                let slot = req.extensions().get::<KeyIdSlot>();
+                match config.judge_presented(found, &digest, slot) {
+                    Ok(Judged::Usable(record)) => match config.accept(record, &mut req) {
+                        Ok(()) => return ResponseFuture::inner(self.inner.call(req)),
+                        Err(rejection) => {
+                            return ResponseFuture::rejected(config.reject(&req, &rejection));
+                        }
+                    },
+                    Ok(Judged::Parent(parent)) => Wait::Key(parent),
+                    Err(rejection) => {
+                        return ResponseFuture::rejected(config.reject(&req, &rejection));
+                    }
+                }
+            }
+        };
         ResponseFuture {
-            inner: Resumable::start(Wait::Key(lookup), &mut self.inner, req, &self.config),
+            inner: Resumable::start(wait, &mut self.inner, req, &self.config),
         }
     }
 }
@@ -546,7 +567,7 @@ impl<K> Config<K> {
             .iter()
             .position(|s| *s == KeySource::Bearer)
             .is_some_and(|i| presented.carriers & (1 << i) != 0);
-        let token = by_bearer && crate::jwt::looks_like_jwt(&presented.key);
+        let token = by_bearer && crate::jwt::looks_like_jwt(presented.text());
         match (self.accept, token) {
             (Accept::Keys, _) => Ok(false),
             (Accept::Both, token) => Ok(token),
@@ -559,10 +580,12 @@ impl<K> Config<K> {
         }
     }
 
-    fn fails_checksum(&self, key: &str) -> bool {
-        self.formats
-            .iter()
-            .any(|f| f.check(key) == Checksum::Invalid)
+    fn fails_checksum(&self, presented: &source::Presented<'_>) -> bool {
+        !self.formats.is_empty()
+            && self
+                .formats
+                .iter()
+                .any(|f| f.check(presented.text()) == Checksum::Invalid)
     }
 }
 
@@ -572,10 +595,20 @@ const MAX_ANCESTORS: u8 = 4;
 
 impl<K: KeyStore> Config<K> {
     fn lookup(&self, digest: KeyDigest, lineage: Option<Lineage>) -> TimedLookup<K::Lookup> {
+        self.timed(self.store.lookup(&digest), digest, lineage)
+    }
+
+    /// `lookup`, the store's lookup of `digest`, under the layer's timeout.
+    fn timed(
+        &self,
+        lookup: K::Lookup,
+        digest: KeyDigest,
+        lineage: Option<Lineage>,
+    ) -> TimedLookup<K::Lookup> {
         TimedLookup {
             #[cfg(feature = "metrics")]
             started: None,
-            lookup: self.store.lookup(&digest),
+            lookup,
             digest,
             limit: self.store_timeout,
             timer: None,
@@ -593,7 +626,7 @@ impl<K: KeyStore> Config<K> {
     ) -> Result<Next<Wait<K::Lookup>>, Rejection> {
         let slot = req.extensions().get::<KeyIdSlot>();
         match self.judge(answer, slot)? {
-            Judged::Usable(key) => self.accept(key, req),
+            Judged::Usable(key) => self.accept(key, req).map(|()| Next::Call),
             Judged::Parent(lookup) => Ok(Next::Wait(Wait::Key(lookup))),
         }
     }
@@ -610,16 +643,38 @@ impl<K: KeyStore> Config<K> {
             digest,
             lineage,
         } = answer;
-        let (key, record, depth) = match lineage {
-            None => {
-                let record = self.judge_key(found, &digest, slot)?;
-                (record.clone(), record, 0)
-            }
+        match lineage {
+            None => self.judge_presented(found, &digest, slot),
             Some(Lineage { key, child, depth }) => {
                 let ancestor = self.judge_ancestor(found, &digest, &key, &child)?;
-                (key, ancestor, depth)
+                self.then_parent(key, ancestor, depth)
             }
-        };
+        }
+    }
+
+    /// The presented key's lookup judged: the key usable (it has no parent), or its parent
+    /// to look up next.
+    fn judge_presented(
+        &self,
+        found: LookupResult,
+        digest: &KeyDigest,
+        slot: Option<&KeyIdSlot>,
+    ) -> Result<Judged<K::Lookup>, Rejection> {
+        let record = self.judge_key(found, digest, slot)?;
+        if record.parent_digest().is_none() {
+            return Ok(Judged::Usable(record));
+        }
+        self.then_parent(record.clone(), record, 0)
+    }
+
+    /// After `record` (the presented `key` or one of its ancestors, `depth` generations up)
+    /// was judged usable: done if it has no parent, else the parent's lookup.
+    fn then_parent(
+        &self,
+        key: Arc<KeyRecord>,
+        record: Arc<KeyRecord>,
+        depth: u8,
+    ) -> Result<Judged<K::Lookup>, Rejection> {
         match record.parent_digest().map(|d| d.copied()) {
             None => Ok(Judged::Usable(key)),
             Some(_) if depth >= MAX_ANCESTORS => {
@@ -730,11 +785,7 @@ impl<K: KeyStore> Config<K> {
     }
 
     /// Checks the scopes of a usable key and hands its identity on.
-    fn accept<B>(
-        &self,
-        record: Arc<KeyRecord>,
-        req: &mut Request<B>,
-    ) -> Result<Next<Wait<K::Lookup>>, Rejection> {
+    fn accept<B>(&self, record: Arc<KeyRecord>, req: &mut Request<B>) -> Result<(), Rejection> {
         // No scopes required (the usual case): the record's scope list is not read at all.
         if !self.required_scopes.is_empty() && !self.required_scopes.is_subset_of(record.scopes()) {
             let rejection = Rejection::insufficient_scope(self.required_scopes.iter());
@@ -750,7 +801,7 @@ impl<K: KeyStore> Config<K> {
             uses.note(record.id());
         }
         req.extensions_mut().insert(Identity::new(record));
-        Ok(Next::Call)
+        Ok(())
     }
 
     /// The response for `rejection` (rendered in the stack's dialect by a
@@ -882,7 +933,7 @@ impl<K: KeyStore, B> Resume<B> for Config<K> {
                 if let Some(slot) = req.extensions().get::<KeyIdSlot>() {
                     slot.fill(record.id());
                 }
-                self.accept(record, req)
+                self.accept(record, req).map(|()| Next::Call)
             }
             #[cfg(feature = "jwt")]
             Answer::Token(Err(rejection)) => {

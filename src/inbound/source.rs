@@ -164,8 +164,16 @@ impl FromStr for KeySource {
 
 /// A key found in a request, and which sources carried it (bit `i` for source `i`).
 pub(crate) struct Presented<'r> {
-    pub(crate) key: Cow<'r, str>,
+    /// Visible ASCII only (`checked_key`): text, kept as bytes until text is asked for.
+    pub(crate) key: Cow<'r, [u8]>,
     pub(crate) carriers: u32,
+}
+
+impl Presented<'_> {
+    /// The key as text: the lookup needs only its bytes, a checksum or a token its text.
+    pub(crate) fn text(&self) -> &str {
+        std::str::from_utf8(&self.key).expect("checked_key lets visible ASCII only through")
+    }
 }
 
 /// The most sources a layer takes: `carriers` is a 32-bit set.
@@ -181,7 +189,7 @@ pub(crate) fn find<'r>(
 ) -> Result<Option<Presented<'r>>, Rejection> {
     let mut found: Option<(Presented<'r>, usize)> = None;
     for (i, source) in sources.iter().enumerate() {
-        let mut offer = |candidate: Cow<'r, str>| -> Result<(), Rejection> {
+        let mut offer = |candidate: Cow<'r, [u8]>| -> Result<(), Rejection> {
             match &mut found {
                 None => {
                     found = Some((
@@ -300,7 +308,7 @@ fn header_key<'r>(
     value: &'r [u8],
     source: &KeySource,
     max_len: usize,
-) -> Result<Option<Cow<'r, str>>, Rejection> {
+) -> Result<Option<Cow<'r, [u8]>>, Rejection> {
     let value = value.trim_ascii();
     if value.is_empty() {
         return Ok(None);
@@ -314,19 +322,24 @@ fn checked_key<'r>(
     key: Cow<'r, [u8]>,
     source: &KeySource,
     max_len: usize,
-) -> Result<Cow<'r, str>, Rejection> {
+) -> Result<Cow<'r, [u8]>, Rejection> {
     if key.len() > max_len {
         return Err(too_long(source, max_len));
     }
-    if !key.iter().all(|b| b.is_ascii_graphic()) {
+    if !all_visible_ascii(&key) {
         return Err(malformed(format!(
             "The API key in {source} holds characters an API key cannot have (spaces, control or non-ASCII characters)."
         )));
     }
-    Ok(match key {
-        Cow::Borrowed(b) => Cow::Borrowed(std::str::from_utf8(b).expect("checked ASCII")),
-        Cow::Owned(v) => Cow::Owned(String::from_utf8(v).expect("checked ASCII")),
-    })
+    Ok(key)
+}
+
+/// Whether every byte is visible ASCII (`!` to `~`). A fold without an early exit, so the
+/// compiler checks 16 bytes at a time: a key is read once here and once by `from_utf8`.
+fn all_visible_ascii(bytes: &[u8]) -> bool {
+    !bytes
+        .iter()
+        .fold(false, |bad, &b| bad | (b.wrapping_sub(b'!') > b'~' - b'!'))
 }
 
 /// Splits an `Authorization` value: `None` when the scheme is not Bearer (another scheme is
@@ -411,6 +424,28 @@ mod tests {
         ]
     }
 
+    #[test]
+    fn the_key_alphabet_is_visible_ascii_exactly() {
+        for b in 0..=u8::MAX {
+            assert_eq!(
+                all_visible_ascii(&[b]),
+                b.is_ascii_graphic(),
+                "byte {b:#04x}"
+            );
+            // At every position of a run longer than the 16 bytes checked at once.
+            for at in [0, 15, 16, 39] {
+                let mut key = [b'a'; 40];
+                key[at] = b;
+                assert_eq!(
+                    all_visible_ascii(&key),
+                    b.is_ascii_graphic(),
+                    "byte {b:#04x} at {at}"
+                );
+            }
+        }
+        assert!(all_visible_ascii(b""));
+    }
+
     fn run(headers: &[(&str, &str)], uri: &str) -> Result<Option<(String, u32)>, RejectionKind> {
         let mut map = HeaderMap::new();
         for (k, v) in headers {
@@ -421,7 +456,7 @@ mod tests {
         }
         let uri: Uri = uri.parse().unwrap();
         find(&map, &uri, &sources(), 64)
-            .map(|p| p.map(|p| (p.key.into_owned(), p.carriers)))
+            .map(|p| p.map(|p| (p.text().to_owned(), p.carriers)))
             .map_err(|r| r.kind())
     }
 

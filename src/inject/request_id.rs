@@ -189,7 +189,7 @@ impl std::fmt::Display for RequestIdValue {
 /// so the bytes are instead a keyed hash (SipHash, keyed from the OS once per process by
 /// `RandomState`) of a counter: unique, and unpredictable without the key.
 pub(super) fn new_request_id() -> [u8; 36] {
-    use std::hash::{BuildHasher, RandomState};
+    use std::hash::{BuildHasher, Hasher, RandomState};
     use std::sync::OnceLock;
     use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -197,9 +197,16 @@ pub(super) fn new_request_id() -> [u8; 36] {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let key = KEY.get_or_init(RandomState::new);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    // Two outputs of one keyed state: the hash of `n`, then of `n` followed by one more
+    // byte (two distinct messages). The counter is absorbed once.
+    let mut hasher = key.build_hasher();
+    hasher.write_u64(n);
+    let low = hasher.finish();
+    hasher.write_u8(1);
+    let high = hasher.finish();
     let mut bytes = [0u8; 16];
-    bytes[..8].copy_from_slice(&key.hash_one((n, 0u8)).to_le_bytes());
-    bytes[8..].copy_from_slice(&key.hash_one((n, 1u8)).to_le_bytes());
+    bytes[..8].copy_from_slice(&low.to_le_bytes());
+    bytes[8..].copy_from_slice(&high.to_le_bytes());
     let mut text = [0u8; 36];
     uuid::Builder::from_random_bytes(bytes)
         .into_uuid()
@@ -218,6 +225,20 @@ mod tests {
 
     use super::*;
     use crate::HeaderInjectLayer;
+
+    #[test]
+    fn fresh_ids_are_distinct_version_4_uuids_in_lower_case() {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..10_000 {
+            let text = new_request_id();
+            let text = std::str::from_utf8(&text).unwrap();
+            let id = uuid::Uuid::parse_str(text).unwrap();
+            assert_eq!(id.get_version_num(), 4, "{text}");
+            assert_eq!(id.get_variant(), uuid::Variant::RFC4122, "{text}");
+            assert_eq!(text, id.hyphenated().to_string(), "lower case, hyphenated");
+            assert!(seen.insert(id), "{text} repeated");
+        }
+    }
 
     /// What the inner service saw: the `x-request-id` values and the extension.
     type Seen = Arc<Mutex<Option<(Vec<HeaderValue>, Option<RequestIdValue>)>>>;
