@@ -103,9 +103,12 @@ pub mod cors;
 mod error_detail;
 #[cfg(feature = "jwt")]
 mod http_fetch;
+#[cfg(any(feature = "proxy", feature = "jwt"))]
+mod https_client;
 mod identity;
 pub mod inbound;
 pub mod inject;
+mod json_escape;
 #[cfg(feature = "jwt")]
 pub mod jwt;
 pub mod keys;

@@ -397,6 +397,7 @@ impl<A: KeyAdmin> KeyManager<A> {
 
     /// Records an attempt refused before it reached the manager (by the management API's
     /// own rules).
+    #[cfg(feature = "axum")]
     pub(crate) fn audit_refusal(&self, action: AuditAction, refusal: &ManageError) {
         self.audit_by(
             self.actor.clone(),

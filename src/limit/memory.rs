@@ -55,6 +55,17 @@ struct Table {
     shift: u32,
 }
 
+impl Table {
+    fn hash(&self, key: u64) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
+    /// The shard that holds the key of `hash`: its top bits choose.
+    fn shard(&self, hash: u64) -> &Shard {
+        &self.shards[(hash >> self.shift) as usize]
+    }
+}
+
 /// Aligned to a cache line, so that two cores working on two shards do not share one.
 #[repr(align(64))]
 struct Shard(Mutex<Entries>);
@@ -155,14 +166,23 @@ impl<C: Clock> MemoryLimiter<C> {
         self.len() == 0
     }
 
+    /// `key`'s shard, locked, and the time now.
+    fn at(&self, key: KeyId) -> At<'_> {
+        let key = key.as_u64();
+        let hash = self.table.hash(key);
+        At {
+            key,
+            hash,
+            now: self.clock.now_nanos(),
+            entries: lock(self.table.shard(hash)),
+        }
+    }
+
     /// The decision, made synchronously.
     fn decide(&self, key: KeyId, limits: &Limits) -> Admission<MemoryPermit> {
-        let key = key.as_u64();
-        let hash = self.table.hasher.hash_one(key);
-        let shard = &self.table.shards[(hash >> self.table.shift) as usize];
-        let now = self.clock.now_nanos();
-        let mut entries = lock(shard);
-        let entry = entries.entry(key, hash, now);
+        let mut at = self.at(key);
+        let (key, hash, now) = (at.key, at.hash, at.now);
+        let entry = at.entry();
         if let Some(max) = limits.max_concurrent
             && entry.in_flight >= max
         {
@@ -230,6 +250,21 @@ impl<C: Clock> MemoryLimiter<C> {
     }
 }
 
+/// Where one key's decision, charge or reading is made: its shard locked, the time taken.
+struct At<'a> {
+    key: u64,
+    hash: u64,
+    now: u64,
+    entries: MutexGuard<'a, Entries>,
+}
+
+impl At<'_> {
+    /// The key's entry, made if it has none.
+    fn entry(&mut self) -> &mut Entry {
+        self.entries.entry(self.key, self.hash, self.now)
+    }
+}
+
 fn lock(shard: &Shard) -> MutexGuard<'_, Entries> {
     // A panic while a shard was held leaves counts that are still consistent (every write
     // is one field), so the table stays usable.
@@ -272,14 +307,13 @@ impl<C: Clock> Limiter for MemoryLimiter<C> {
     }
 
     fn usage(&self, key: KeyId, limits: &Limits) -> UsageFuture {
-        let key = key.as_u64();
-        let hash = self.table.hasher.hash_one(key);
-        let shard = &self.table.shards[(hash >> self.table.shift) as usize];
-        let now = self.clock.now_nanos();
+        let at = self.at(key);
+        let now = at.now;
         let end = budget_end(limits, now);
-        let (tat, in_flight, token_tat, used) = lock(shard)
+        let (tat, in_flight, token_tat, used) = at
+            .entries
             .table
-            .find(hash, |e| e.key == key)
+            .find(at.hash, |e| e.key == at.key)
             .map_or((0, 0, 0, 0), |e| {
                 (e.tat, e.in_flight, e.token_tat, e.used_in(end))
             });
@@ -292,12 +326,9 @@ impl<C: Clock> Limiter for MemoryLimiter<C> {
         if !limits.counts_tokens() || tokens == 0 {
             return;
         }
-        let key = key.as_u64();
-        let hash = self.table.hasher.hash_one(key);
-        let shard = &self.table.shards[(hash >> self.table.shift) as usize];
-        let now = self.clock.now_nanos();
-        let mut entries = lock(shard);
-        let entry = entries.entry(key, hash, now);
+        let mut at = self.at(key);
+        let now = at.now;
+        let entry = at.entry();
         if let Some(rate) = limits.tokens() {
             entry.token_tat = gcra::charge(entry.token_tat, now, &rate, tokens);
         }
@@ -326,7 +357,7 @@ pub struct MemoryPermit {
 
 impl Drop for MemoryPermit {
     fn drop(&mut self) {
-        let shard = &self.table.shards[(self.hash >> self.table.shift) as usize];
+        let shard = self.table.shard(self.hash);
         let mut entries = lock(shard);
         if let Some(e) = entries.table.find_mut(self.hash, |e| e.key == self.key) {
             e.in_flight = e.in_flight.saturating_sub(1);

@@ -16,6 +16,22 @@ use crate::clock::{Clock, SystemClock, Timestamp};
 use crate::keys::KeyId;
 use crate::redis_connection::{self, RedisConnection, Timeouts};
 
+/// The start of every script: `now`, the time in µs the caller passed in `ARGV[$arg]` (a
+/// manual clock, in tests), or else the server's own `TIME`, which every replica then shares.
+macro_rules! lua_now {
+    ($arg:literal) => {
+        concat!(
+            "local now = tonumber(ARGV[",
+            $arg,
+            "])\n",
+            "if not now then\n",
+            "  local t = redis.call('TIME')\n",
+            "  now = tonumber(t[1]) * 1000000 + tonumber(t[2])\n",
+            "end\n",
+        )
+    };
+}
+
 /// One decision, atomically, on the Redis clock.
 ///
 /// `KEYS`: the key's GCRA theoretical arrival time (µs since the epoch, a string with a TTL
@@ -31,12 +47,9 @@ use crate::redis_connection::{self, RedisConnection, Timeouts};
 /// outcome 0 allowed, 1 rate limited, 2 too many in flight, 3 token rate spent, 4 budget
 /// spent. The arithmetic is `gcra::decide`'s and `judge_tokens`' in µs; a property test
 /// holds the two backends to the same answers.
-const ADMIT: &str = r"
-local now = tonumber(ARGV[6])
-if not now then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
+const ADMIT: &str = concat!(
+    lua_now!(6),
+    r"
 local max = tonumber(ARGV[3])
 if max >= 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
@@ -75,17 +88,15 @@ if max >= 0 then
   redis.call('PEXPIRE', KEYS[2], math.ceil(lease / 1000))
 end
 return {0, remaining, reset, 0, now, ttat, used}
-";
+"
+);
 
 /// Charges a response's tokens. `KEYS`: the token arrival time, the budget's count for the
 /// period. `ARGV`: token interval µs (0: no token rate), tokens, `1` to count them in the
 /// budget, the budget count's expiry (Unix secs, 0: none), the time µs (empty: `TIME`).
-const CHARGE: &str = r"
-local now = tonumber(ARGV[5])
-if not now then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
+const CHARGE: &str = concat!(
+    lua_now!(5),
+    r"
 local n = tonumber(ARGV[2])
 local ti = tonumber(ARGV[1])
 if ti > 0 then
@@ -99,21 +110,20 @@ if ARGV[3] == '1' then
   if at > 0 then redis.call('EXPIREAT', KEYS[2], at) end
 end
 return 1
-";
+"
+);
 
 /// Where a key stands, read without spending: `{tat µs, permits in flight, now µs, token
 /// arrival µs, budget used}`. `ARGV[1]`: the time µs (empty: the server's).
-const PEEK: &str = r"
-local now = tonumber(ARGV[1])
-if not now then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
+const PEEK: &str = concat!(
+    lua_now!(1),
+    r"
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 local ttat = tonumber(redis.call('GET', KEYS[3]) or '0')
 local used = tonumber(redis.call('GET', KEYS[4]) or '0')
 return {tat, redis.call('ZCOUNT', KEYS[2], '(' .. now, '+inf'), now, ttat, used}
-";
+"
+);
 
 /// What a [`RedisLimiter`] does with a request while Redis cannot be reached (or answers
 /// later than the limiter's timeout).

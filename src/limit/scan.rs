@@ -8,6 +8,8 @@
 //! about are skipped without validation: the upstream's parser judges those. It is
 //! checked against `serde_json` by property tests.
 
+use crate::json_escape::{Escape, Unescaped};
+
 /// The longest model name kept; a longer one is unreadable.
 pub(crate) const MAX_MODEL_LEN: usize = 1024;
 
@@ -45,20 +47,13 @@ enum St {
     Failed,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Esc {
-    None,
-    Backslash,
-    Hex(u8, u16),
-}
-
 /// An unescaping string reader with a bound on what it keeps.
 #[derive(Debug)]
 struct StrDec {
     buf: Vec<u8>,
     cap: usize,
     overflow: bool,
-    esc: Esc,
+    esc: Escape,
     high: Option<u16>,
 }
 
@@ -74,7 +69,7 @@ impl StrDec {
             buf: Vec::new(),
             cap,
             overflow: false,
-            esc: Esc::None,
+            esc: Escape::None,
             high: None,
         }
     }
@@ -82,7 +77,7 @@ impl StrDec {
     fn reset(&mut self) {
         self.buf.clear();
         self.overflow = false;
-        self.esc = Esc::None;
+        self.esc = Escape::None;
         self.high = None;
     }
 
@@ -125,47 +120,26 @@ impl StrDec {
 
     fn step(&mut self, b: u8) -> Step {
         match self.esc {
-            Esc::None => match b {
+            Escape::None => match b {
                 b'"' => {
                     self.flush_high();
                     return Step::Done;
                 }
-                b'\\' => self.esc = Esc::Backslash,
+                b'\\' => self.esc = Escape::Backslash,
                 _ => {
                     self.flush_high();
                     self.push_bytes(&[b]);
                 }
             },
-            Esc::Backslash => {
-                let plain = match b {
-                    b'"' | b'\\' | b'/' => b,
-                    b'b' => 0x08,
-                    b'f' => 0x0C,
-                    b'n' => b'\n',
-                    b'r' => b'\r',
-                    b't' => b'\t',
-                    b'u' => {
-                        self.esc = Esc::Hex(0, 0);
-                        return Step::More;
-                    }
-                    _ => return Step::Bad,
-                };
-                self.esc = Esc::None;
-                self.flush_high();
-                self.push_bytes(&[plain]);
-            }
-            Esc::Hex(n, acc) => {
-                let Some(d) = (b as char).to_digit(16) else {
-                    return Step::Bad;
-                };
-                let acc = acc << 4 | d as u16;
-                if n == 3 {
-                    self.esc = Esc::None;
-                    self.unit(acc);
-                } else {
-                    self.esc = Esc::Hex(n + 1, acc);
+            Escape::Backslash | Escape::Hex(..) => match self.esc.step(b) {
+                Unescaped::More => {}
+                Unescaped::Byte(plain) => {
+                    self.flush_high();
+                    self.push_bytes(&[plain]);
                 }
-            }
+                Unescaped::Unit(u) => self.unit(u),
+                Unescaped::Bad => return Step::Bad,
+            },
         }
         Step::More
     }

@@ -38,6 +38,7 @@ use std::sync::LazyLock;
 use memchr::{memchr2, memmem, memrchr2};
 
 use super::usage::TokenUsage;
+use crate::json_escape::{Escape, Unescaped};
 
 /// The most bytes of one SSE event kept while it is incomplete: 64 KiB. A longer event is
 /// read incrementally from then on, not kept.
@@ -304,13 +305,6 @@ enum St {
     Failed,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Esc {
-    None,
-    Backslash,
-    Hex(u8, u16),
-}
-
 fn is_ws(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\n' | b'\r')
 }
@@ -347,7 +341,7 @@ struct Doc {
     key: [u8; KEY_CAP],
     key_len: u8,
     key_over: bool,
-    esc: Esc,
+    esc: Escape,
     want: Want,
     num: Option<u64>,
     num_ok: bool,
@@ -376,7 +370,7 @@ impl Default for Doc {
             key: [0; KEY_CAP],
             key_len: 0,
             key_over: false,
-            esc: Esc::None,
+            esc: Escape::None,
             want: Want::Skip,
             num: None,
             num_ok: false,
@@ -401,7 +395,7 @@ impl Doc {
         self.in_array = false;
         self.open = false;
         self.closed_usage_only = false;
-        self.esc = Esc::None;
+        self.esc = Escape::None;
     }
 
     /// Everything found so far, the open document's captures included.
@@ -487,7 +481,7 @@ impl Doc {
     fn begin_key(&mut self) {
         self.key_len = 0;
         self.key_over = false;
-        self.esc = Esc::None;
+        self.esc = Escape::None;
         self.st = St::InKey;
     }
 
@@ -783,7 +777,7 @@ impl Doc {
         let n = s.len();
         while i < n {
             match self.esc {
-                Esc::None => match quote_or_backslash(&s[i..]) {
+                Escape::None => match quote_or_backslash(&s[i..]) {
                     None => {
                         self.push_key(&s[i..]);
                         return n;
@@ -796,45 +790,27 @@ impl Doc {
                             self.st = St::Colon;
                             return i;
                         }
-                        self.esc = Esc::Backslash;
+                        self.esc = Escape::Backslash;
                     }
                 },
-                Esc::Backslash => {
-                    let plain = match s[i] {
-                        b @ (b'"' | b'\\' | b'/') => b,
-                        b'b' => 0x08,
-                        b'f' => 0x0C,
-                        b'n' => b'\n',
-                        b'r' => b'\r',
-                        b't' => b'\t',
-                        b'u' => {
-                            self.esc = Esc::Hex(0, 0);
-                            i += 1;
-                            continue;
+                Escape::Backslash | Escape::Hex(..) => {
+                    let step = self.esc.step(s[i]);
+                    i += 1;
+                    match step {
+                        Unescaped::More => {}
+                        Unescaped::Byte(plain) => self.push_key(&[plain]),
+                        // Only ASCII keys matter: anything else stands as a byte that
+                        // matches none.
+                        Unescaped::Unit(u) => {
+                            self.push_key(&[u8::try_from(u)
+                                .ok()
+                                .filter(u8::is_ascii)
+                                .unwrap_or(0xFF)]);
                         }
-                        _ => {
+                        Unescaped::Bad => {
                             self.st = St::Failed;
                             return n;
                         }
-                    };
-                    i += 1;
-                    self.push_key(&[plain]);
-                    self.esc = Esc::None;
-                }
-                Esc::Hex(k, acc) => {
-                    let Some(d) = (s[i] as char).to_digit(16) else {
-                        self.st = St::Failed;
-                        return n;
-                    };
-                    i += 1;
-                    let acc = acc << 4 | d as u16;
-                    if k == 3 {
-                        // Only ASCII keys matter: anything else stands as a byte that
-                        // matches none.
-                        self.push_key(&[if acc < 0x80 { acc as u8 } else { 0xFF }]);
-                        self.esc = Esc::None;
-                    } else {
-                        self.esc = Esc::Hex(k + 1, acc);
                     }
                 }
             }
