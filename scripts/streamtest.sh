@@ -5,6 +5,8 @@
 # 200 ms per stream for 20 s), read to their ends by `sse_load`.
 #
 #   scripts/streamtest.sh        # STREAMS="1000 5000" EVENTS=100 INTERVAL_MS=200 by default
+#                                # SERVERS="gateway nginx forward": which to measure; the
+#                                # ratios need the gateway and nginx
 #
 # Each server under test has one worker pinned to CPU 1 (the gateway `workers = 1`, nginx
 # `worker_processes 1`); the upstream and the client share CPU 0. For each server and
@@ -152,6 +154,15 @@ done
 set -- $STREAMS
 first=$1
 last=${!#}
+# The comparisons need both the gateway and nginx (SERVERS may name fewer).
+case " $SERVERS " in *" gateway "*" nginx "* | *" nginx "*" gateway "*) ;; *) exit 0 ;; esac
+if [ -n "${R[forward,$last]:-}" ]; then
+  read -r _ _ f_rss f_cpu <<<"${R[forward,$last]}"
+  read -r _ _ g_rss g_cpu <<<"${R[gateway,$last]}"
+  # What the layers cost per stream over hyper and the proxy alone.
+  awk -v l="$last" -v gr="$g_rss" -v fr="$f_rss" -v gc="$g_cpu" -v fc="$f_cpu" \
+    'BEGIN { printf "at %d: rss/stream gateway/forward %.2f, cpu/event gateway/forward %.2f\n", l, (fr > 0 ? gr / fr : 0), (fc > 0 ? gc / fc : 0) }'
+fi
 read -r _ _ g_rss1 g_cpu1 <<<"${R[gateway,$first]}"
 read -r _ _ n_rss1 n_cpu1 <<<"${R[nginx,$first]}"
 read -r g_err g_lost g_rss g_cpu <<<"${R[gateway,$last]}"
