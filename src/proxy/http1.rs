@@ -27,6 +27,11 @@ use crate::clock::{Clock, SystemClock, Timestamp};
 
 type Conn = Connection<TokioIo<TcpStream>, OutBody>;
 
+/// Where hyper stops growing a connection's read buffer (its last growth can overshoot up to
+/// twice). A pooled connection keeps what its buffers grew to, and hyper's default is
+/// ~400 KiB; 64 KiB still reads a large response in few calls.
+const MAX_BUFFER: usize = 64 * 1024;
+
 /// One open connection: the handle requests are sent on, and the connection state machine
 /// that has to be polled for them to make progress.
 struct Lease {
@@ -166,7 +171,10 @@ impl Pool {
         let connecting = async {
             let stream = TcpStream::connect(self.address.as_str()).await?;
             stream.set_nodelay(true)?;
-            let (send, conn) = http1::handshake(TokioIo::new(stream)).await?;
+            let (send, conn) = http1::Builder::new()
+                .max_buf_size(MAX_BUFFER)
+                .handshake(TokioIo::new(stream))
+                .await?;
             Ok::<_, BoxError>(Box::new(Lease { send, conn }))
         };
         match self.connect_timeout {

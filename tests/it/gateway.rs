@@ -1661,3 +1661,56 @@ async fn the_gateway_serves_the_key_page_without_a_key_and_its_api_only_with_one
     assert_eq!(listed.status, StatusCode::OK);
     assert!(!listed.text().contains(admin.expose()));
 }
+
+#[tokio::test]
+async fn bodies_and_heads_larger_than_the_connection_buffers_pass_whole() {
+    // The gateway bounds hyper's connection buffers (48 KiB past the head limit on the
+    // client's side, 64 KiB towards the upstream) and flattens its writes to the client into
+    // one buffer: bodies larger than either, and heads up to their limits, pass byte for byte.
+    let dir = TempDir::new("gw-big");
+    let received = Arc::new(std::sync::Mutex::new((0, Bytes::new())));
+    let answer_body: Vec<u8> = (0..(1usize << 20) + 7).map(|i| (i % 251) as u8).collect();
+    let upstream = spawn_axum(Router::new().fallback({
+        let received = received.clone();
+        let answer_body = answer_body.clone();
+        move |headers: http::HeaderMap, body: Bytes| async move {
+            let pad = headers.get("x-pad").map_or(0, |v| v.len());
+            *received.lock().unwrap() = (pad, body);
+            ([("x-long", "h".repeat(40_000))], answer_body)
+        }
+    }))
+    .await;
+    let (key, _) = issue(&dir.file(), "alice", &["openai"]).await;
+    let gw = start(&with_server(
+        &config(&dir.file(), upstream),
+        "max_header_bytes = 131072",
+    ))
+    .await;
+    let sent: String = (0..(1usize << 20) + 3)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    // A 120 KB request header: within `max_header_bytes`, past 64 KiB of buffer.
+    let pad = "p".repeat(120_000);
+    let a = call(
+        gw.addr,
+        Method::POST,
+        "/openai/v1/files",
+        &[("x-api-key", key.expose()), ("x-pad", &pad)],
+        &sent,
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "{:?}", a.headers);
+    assert_eq!(a.body.len(), answer_body.len());
+    assert!(
+        a.body[..] == answer_body[..],
+        "the response body changed on the way"
+    );
+    assert_eq!(a.headers["x-long"].len(), 40_000);
+    let (pad_len, got) = received.lock().unwrap().clone();
+    assert_eq!(pad_len, pad.len());
+    assert_eq!(got.len(), sent.len());
+    assert!(
+        got[..] == *sent.as_bytes(),
+        "the request body changed on the way"
+    );
+}
