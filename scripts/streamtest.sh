@@ -155,7 +155,8 @@ set -- $STREAMS
 first=$1
 last=${!#}
 # The comparisons need both the gateway and nginx (SERVERS may name fewer).
-case " $SERVERS " in *" gateway "*" nginx "* | *" nginx "*" gateway "*) ;; *) exit 0 ;; esac
+measured() { case " $SERVERS " in *" $1 "*) return 0 ;; esac; return 1; }
+measured gateway && measured nginx || exit 0
 if [ -n "${R[forward,$last]:-}" ]; then
   read -r _ _ f_rss f_cpu <<<"${R[forward,$last]}"
   read -r _ _ g_rss g_cpu <<<"${R[gateway,$last]}"
