@@ -44,10 +44,7 @@ count() { # name port key command...
     --callgrind-out-file="$WORK/cg.$name" "$@" >"$WORK/$name.out" 2>"$WORK/$name.log" &
   pid=$!
   PIDS+=("$pid")
-  for _ in $(seq 1 300); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
-    sleep 0.2
-  done
+  wait_port "$port" 600
   sleep 1
   [ "$key" = stdout ] && key=$(head -1 "$WORK/$name.out")
   local url="http://127.0.0.1:$port/v1/chat/completions"

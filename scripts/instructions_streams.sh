@@ -51,10 +51,7 @@ max_connections = 100000"
   fi
   pid=$!
   PIDS+=("$pid")
-  for _ in $(seq 1 300); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
-    sleep 0.2
-  done
+  wait_port "$port" 600
   sleep 1
   local out
   out=$(taskset -c 0 "$BIN/sse_load" --url "http://127.0.0.1:$port/v1/chat/completions" \

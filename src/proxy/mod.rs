@@ -65,7 +65,7 @@ type OutBody = UnsyncBoxBody<Bytes, BoxError>;
 ///   [`StripHopByHopLayer`] outermost to drop the headers a client names on entry.
 /// - `http://` upstreams are spoken to in HTTP/1.1 over pooled keep-alive connections, each
 ///   driven by the request using it (no connection task, no hand-over per request), whose
-///   read buffer grows to at most 64 KiB (an upstream's response head must fit in it);
+///   read buffer stops growing at 64 KiB (an upstream's response head must fit in it);
 ///   `https://` upstreams go through hyper-util's client, HTTP/2 when the upstream offers it
 ///   over ALPN.
 /// - Every response it makes carries an [`UpstreamOutcome`] in its extensions (the

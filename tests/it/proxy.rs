@@ -11,7 +11,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::Request as AxumRequest;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -611,4 +611,31 @@ async fn upstream_failures_name_the_request_id_and_not_the_upstream() {
         );
     }
     drop(never);
+}
+
+#[tokio::test]
+async fn an_upstream_head_past_the_read_buffer_bound_is_502_and_the_pool_recovers() {
+    // A pooled HTTP/1.1 connection's read buffer stops growing at 64 KiB (up to twice that
+    // on its last growth): a larger response head is a clear 502, never a hang, and the
+    // next request goes through.
+    let upstream = spawn_axum(Router::new().fallback(|req: AxumRequest| async move {
+        match req.uri().path() {
+            "/huge" => ([("x-huge", "h".repeat(300_000))], "never seen").into_response(),
+            _ => "fine".into_response(),
+        }
+    }))
+    .await;
+    let gw = gateway(support::forward_to(upstream)).await;
+    let a = tokio::time::timeout(
+        Duration::from_secs(10),
+        send(&client(), get(gw, "/up/huge", &[])),
+    )
+    .await
+    .expect("an oversized upstream head must not hang the request");
+    assert_eq!(a.status, StatusCode::BAD_GATEWAY);
+    assert!(!a.text().contains("never seen"));
+    assert!(!a.headers.contains_key("x-huge"));
+    let b = send(&client(), get(gw, "/up/small", &[])).await;
+    assert_eq!(b.status, StatusCode::OK);
+    assert_eq!(b.text(), "fine");
 }
