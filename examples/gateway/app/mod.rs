@@ -18,6 +18,7 @@
 pub mod config;
 pub mod echo;
 pub mod probes;
+pub mod ready;
 pub mod routes;
 pub mod serve;
 pub mod telemetry;

@@ -26,8 +26,6 @@ use axum::body::Body;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use pin_project_lite::pin_project;
 use tower::Service;
-use tower::ServiceExt;
-use tower::util::Oneshot;
 use tower_gateway_auth::rejection::RejectionKind;
 use tower_gateway_auth::{Rejection, RejectionLayer};
 
@@ -129,9 +127,10 @@ where
     type Error = Infallible;
     type Future = ProbesFuture<S>;
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        // Readiness is asked of `inner` by `oneshot`, only for the requests it gets.
-        Poll::Ready(Ok(()))
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // `inner` is called in place, not through a clone and a `Oneshot` (each request's
+        // `Probes` is a clone already): the request and its future are moved once less.
+        self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
@@ -156,7 +155,7 @@ where
             };
         }
         ProbesFuture::Inner {
-            future: self.inner.clone().oneshot(req),
+            future: self.inner.call(req),
         }
     }
 }
@@ -168,7 +167,7 @@ pin_project! {
     where
         S: Service<Request<Body>>,
     {
-        Inner { #[pin] future: Oneshot<S, Request<Body>> },
+        Inner { #[pin] future: S::Future },
         Answered { response: Option<Response<Body>> },
     }
 }

@@ -26,11 +26,11 @@ use http::uri::PathAndQuery;
 use http::{Request, Response, Uri};
 use pin_project_lite::pin_project;
 use tower::Service;
-use tower::ServiceExt;
-use tower::util::Oneshot;
 use tower_gateway_auth::proxy::has_dot_segment;
 use tower_gateway_auth::rejection::RejectionKind;
 use tower_gateway_auth::{Rejection, RejectionLayer};
+
+use super::ready::{CallNow, call_now};
 
 /// The routes and the router for everything else; cheap to clone (hyper clones the service
 /// it is given once per request).
@@ -113,7 +113,7 @@ where
     type Future = RoutesFuture<S>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        // Readiness is asked of the chosen service, by `oneshot`.
+        // Readiness is asked of the chosen service, by `call_now`.
         Poll::Ready(Ok(()))
     }
 
@@ -139,11 +139,11 @@ where
             Some(route) => {
                 *req.uri_mut() = strip(req.uri(), route.prefix.len());
                 RoutesFuture::Route {
-                    future: route.stack.clone().oneshot(req),
+                    future: call_now(&mut route.stack.clone(), req),
                 }
             }
             None => RoutesFuture::Other {
-                future: self.table.other.clone().oneshot(req),
+                future: call_now(&mut self.table.other.clone(), req),
             },
         }
     }
@@ -156,8 +156,8 @@ pin_project! {
     where
         S: Service<Request<Body>>,
     {
-        Route { #[pin] future: Oneshot<S, Request<Body>> },
-        Other { #[pin] future: Oneshot<Router, Request<Body>> },
+        Route { #[pin] future: CallNow<S, Request<Body>> },
+        Other { #[pin] future: CallNow<Router, Request<Body>> },
         Refused { response: Option<Response<Body>> },
     }
 }

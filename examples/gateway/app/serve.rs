@@ -36,6 +36,7 @@
 //! HTTP/1.1 only: h2c (cleartext HTTP/2 with prior knowledge) is not served, as its streams
 //! need limits of their own; put a TLS terminator in front for HTTP/2.
 
+use std::cell::RefCell;
 use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::{Pin, pin};
@@ -55,12 +56,12 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
-use tower::ServiceExt;
 use tower_gateway_auth::rejection::RejectionKind;
 use tower_gateway_auth::socket::{CloseReason, SocketLease, is_websocket_upgrade};
 use tower_gateway_auth::{Rejection, RejectionLayer};
 
 use super::GatewayService;
+use super::ready::{CallNow, call_now};
 
 /// The number of headers hyper takes when not told another.
 const HYPER_MAX_HEADERS: usize = 100;
@@ -183,7 +184,7 @@ pub async fn serve(
             activity: activity.clone(),
         });
         let service = Tracked {
-            inner: service.clone(),
+            inner: RefCell::new(service.clone()),
             activity: activity.clone(),
             body_timeout: limits.body_timeout,
             responder: responder.clone(),
@@ -509,7 +510,8 @@ impl AsyncWrite for Watched {
 /// The gateway's service on one connection: marks the connection busy from the call until
 /// the response body is sent or dropped, and times out a stalled request body.
 struct Tracked {
-    inner: GatewayService,
+    /// Borrowed only inside `call`: hyper calls one request at a time per connection.
+    inner: RefCell<GatewayService>,
     activity: Arc<Activity>,
     body_timeout: Duration,
     responder: Arc<RejectionLayer>,
@@ -527,7 +529,7 @@ impl Drop for Busy {
 }
 
 impl hyper::service::Service<Request<Incoming>> for Tracked {
-    type Response = Response<Body>;
+    type Response = Response<Sending>;
     type Error = std::convert::Infallible;
     type Future = TrackedFuture;
 
@@ -546,7 +548,7 @@ impl hyper::service::Service<Request<Incoming>> for Tracked {
             })
         });
         TrackedFuture {
-            answer: self.inner.clone().oneshot(req),
+            answer: call_now(&mut self.inner.borrow_mut(), req),
             busy: Some(busy),
             responder: self.responder.clone(),
         }
@@ -558,14 +560,14 @@ pin_project! {
     /// body stalled), with a body that ends the request's busy phase.
     struct TrackedFuture {
         #[pin]
-        answer: tower::util::Oneshot<GatewayService, Request<Body>>,
+        answer: CallNow<GatewayService, Request<Body>>,
         busy: Option<Busy>,
         responder: Arc<RejectionLayer>,
     }
 }
 
 impl Future for TrackedFuture {
-    type Output = Result<Response<Body>, std::convert::Infallible>;
+    type Output = Result<Response<Sending>, std::convert::Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
@@ -579,11 +581,11 @@ impl Future for TrackedFuture {
         } else {
             response
         };
-        Poll::Ready(Ok(response.map(|body| {
-            Body::new(Sending {
-                body,
-                busy: Some(busy),
-            })
+        // Handed to hyper as it is: boxed again into a `Body`, it would cost an allocation
+        // and a wrapper around every frame.
+        Poll::Ready(Ok(response.map(|body| Sending {
+            body,
+            busy: Some(busy),
         })))
     }
 }
