@@ -40,42 +40,24 @@ NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 # shellcheck source=scripts/lib.sh
 . scripts/lib.sh
 UPSTREAM_PORT=$(free_port)
-start_nginx upstream "server {
-    listen 127.0.0.1:$UPSTREAM_PORT;
-    location / { default_type application/json; return 200 '{\"id\":\"chatcmpl-1\",\"choices\":[]}'; }
-  }" 0
-wait_port "$UPSTREAM_PORT"
-KEY=$("$A/keygen" --keys-file "$WORK/keys.json" --name ab 2>/dev/null)
-TICKS=$(getconf CLK_TCK)
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+UPSTREAM_SECRET=sk-upstream-ab
+start_json_upstream "$UPSTREAM_PORT" 0
+KEYS_FILE="$WORK/keys.json"
+KEY=$("$A/keygen" --keys-file "$KEYS_FILE" --name ab 2>/dev/null)
 
 # One round of `server` from build `dir`: prints "variant server req/s cpu-us-per-request".
 round() { # variant dir server
   local variant=$1 dir=$2 server=$3 port pid key=$KEY out before after n
   port=$(free_port)
-  case $server in
-    gateway)
-      gateway_toml "$WORK/gateway.toml" "$port" "$WORK/keys.json" "$UPSTREAM_PORT"
-      UPSTREAM_KEY=sk-upstream-ab RUST_LOG=warn taskset -c 1 "$dir/gateway" \
-        --config "$WORK/gateway.toml" >/dev/null 2>&1 &
-      ;;
-    forward)
-      taskset -c 1 "$dir/hello" --forward "http://127.0.0.1:$UPSTREAM_PORT" \
-        --listen "127.0.0.1:$port" >/dev/null 2>&1 &
-      ;;
-    stack) taskset -c 1 "$dir/hello" --stack --listen "127.0.0.1:$port" >"$WORK/stack.key" 2>/dev/null & ;;
-    bare) taskset -c 1 "$dir/hello" --listen "127.0.0.1:$port" >/dev/null 2>&1 & ;;
-    *) echo "unknown server $server" >&2; exit 2 ;;
-  esac
-  pid=$!
-  PIDS+=("$pid")
+  start_server "$server" "$dir" "$port" "$UPSTREAM_PORT" "$KEYS_FILE"
+  pid=$SERVER_PID
   wait_port "$port"
   [ "$server" = stack ] && key=$(head -1 "$WORK/stack.key")
   local url="http://127.0.0.1:$port/v1/chat/completions"
   taskset -c 0 wrk -t1 -c"$CONNECTIONS" -d1s -H "Authorization: Bearer $key" "$url" >/dev/null
-  before=$(cpu_ticks "$pid")
+  before=$(cpu_total "$pid")
   out=$(taskset -c 0 wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" -H "Authorization: Bearer $key" "$url")
-  after=$(cpu_ticks "$pid")
+  after=$(cpu_total "$pid")
   kill "$pid"
   wait "$pid" 2>/dev/null || true
   if echo "$out" | grep -q "Non-2xx"; then
@@ -84,7 +66,7 @@ round() { # variant dir server
   fi
   n=$(echo "$out" | awk '/requests in/ {print $1}')
   echo "$variant $server $(echo "$out" | awk '/Requests\/sec/ {print $2}')" \
-    "$(awk -v c=$((after - before)) -v t="$TICKS" -v n="$n" 'BEGIN {printf "%.2f", c / t * 1e6 / n}')"
+    "$(awk -v c=$((after - before)) -v t="$TICK_US" -v n="$n" 'BEGIN {printf "%.2f", c * t / n}')"
 }
 
 for r in $(seq 1 "$ROUNDS"); do

@@ -29,11 +29,7 @@ BIN=$CARGO_TARGET_DIR/release/examples
 . scripts/lib.sh
 
 UPSTREAM_PORT=$(free_port)
-start_nginx upstream "server {
-    listen 127.0.0.1:$UPSTREAM_PORT;
-    location / { default_type application/json; return 200 '{\"id\":\"chatcmpl-1\",\"choices\":[]}'; }
-  }" 0-1
-wait_port "$UPSTREAM_PORT"
+start_json_upstream "$UPSTREAM_PORT" 0-1
 KEY=$("$BIN/keygen" --keys-file "$WORK/keys.json" --name counted 2>/dev/null)
 
 # Runs `$@` under callgrind on `port`; prints instructions per request with `key`.

@@ -1,6 +1,7 @@
-# Shared by loadtest.sh, streamtest.sh and instructions_servers.sh: a scratch dir, the
-# processes started (stopped on exit, nginx included), free loopback ports and waiting for
-# one to listen, an nginx of one worker, and the gateway's configuration.
+# Shared by loadtest.sh, streamtest.sh, instructions_servers.sh and ab_builds.sh: a scratch
+# dir, the processes started (stopped on exit, nginx included), free loopback ports and
+# waiting for one to listen, an nginx of one worker, the provider stand-in, the gateway's
+# configuration, the servers under test and their CPU time.
 # Needs $NGINX set before `cleanup` runs.
 
 WORK=$(mktemp -d)
@@ -47,6 +48,16 @@ CONF
   taskset -c "$3" "$NGINX" -p "$WORK" -c "$conf"
 }
 
+# The provider stand-in the load is proxied to: an nginx answering every request 200 with a
+# small chat-completion body, on CPU `cpu`; returns once it listens.
+start_json_upstream() { # port cpu
+  start_nginx upstream "server {
+    listen 127.0.0.1:$1;
+    location / { default_type application/json; return 200 '{\"id\":\"chatcmpl-1\",\"choices\":[]}'; }
+  }" "$2"
+  wait_port "$1"
+}
+
 # The gateway's configuration for the measurements: one worker, the key file, one OpenAI
 # route to the upstream, the credential from $UPSTREAM_KEY; `extra` goes before the route.
 gateway_toml() { # file port keys-file upstream-port [extra]
@@ -64,3 +75,33 @@ provider = "openai"
 credential_env = "UPSTREAM_KEY"
 TOML
 }
+
+# One server under test on CPU 1, started in the background; its pid is added to PIDS and
+# left in SERVER_PID. `gateway`: the measurement configuration (`$WORK/gateway.toml`, with
+# `extra` as gateway_toml takes it; the upstream credential $UPSTREAM_SECRET; its output in
+# `$WORK/gateway.log`); `forward`:
+# `hello --forward` to the upstream; `stack`: `hello --stack`, its key in `$WORK/stack.key`;
+# `bare`: `hello`.
+start_server() { # name bin-dir port [upstream-port [keys-file [extra]]]
+  case $1 in
+    gateway)
+      gateway_toml "$WORK/gateway.toml" "$3" "$5" "$4" "${6:-}"
+      UPSTREAM_KEY=${UPSTREAM_SECRET:?} RUST_LOG=warn \
+        taskset -c 1 "$2/gateway" --config "$WORK/gateway.toml" >"$WORK/gateway.log" 2>&1 &
+      ;;
+    forward)
+      taskset -c 1 "$2/hello" --forward "http://127.0.0.1:$4" --listen "127.0.0.1:$3" >/dev/null 2>&1 &
+      ;;
+    stack) taskset -c 1 "$2/hello" --stack --listen "127.0.0.1:$3" >"$WORK/stack.key" 2>/dev/null & ;;
+    bare) taskset -c 1 "$2/hello" --listen "127.0.0.1:$3" >/dev/null 2>&1 & ;;
+    *) echo "unknown server $1" >&2; exit 2 ;;
+  esac
+  SERVER_PID=$!
+  PIDS+=("$SERVER_PID")
+}
+
+# CPU time a process has used so far, in clock ticks of TICK_US microseconds: user and
+# system (`cpu_ticks`), or both together (`cpu_total`).
+cpu_ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
+cpu_total() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+TICK_US=$((1000000 / $(getconf CLK_TCK)))

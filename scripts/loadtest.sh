@@ -60,11 +60,7 @@ UPSTREAM_SECRET=sk-upstream-load-test
 
 
 # The upstream: a provider stand-in answering a small JSON body, on CPU 0.
-start_nginx upstream "server {
-    listen 127.0.0.1:$UPSTREAM_PORT;
-    location / { default_type application/json; return 200 '{\"id\":\"chatcmpl-1\",\"choices\":[]}'; }
-  }" 0
-wait_port "$UPSTREAM_PORT"
+start_json_upstream "$UPSTREAM_PORT" 0
 # nginx's worker, the process that serves (the master only forks it).
 nginx_worker() { pgrep -P "$(cat "$WORK/nginx-$1.pid")" | head -1; }
 UPSTREAM_PID=$(nginx_worker upstream)
@@ -80,11 +76,8 @@ for i in $(seq 1 "$KEYS"); do
 "
 done
 
-gateway_toml "$WORK/gateway.toml" "$GATEWAY_PORT" "$KEYS_FILE" "$UPSTREAM_PORT"
-UPSTREAM_KEY=$UPSTREAM_SECRET RUST_LOG=warn \
-  taskset -c 1 "$BIN/gateway" --config "$WORK/gateway.toml" >"$WORK/gateway.log" 2>&1 &
-GATEWAY_PID=$!
-PIDS+=("$GATEWAY_PID")
+start_server gateway "$BIN" "$GATEWAY_PORT" "$UPSTREAM_PORT" "$KEYS_FILE"
+GATEWAY_PID=$SERVER_PID
 
 # nginx as the gateway: the same key check (a map of valid keys, 401 otherwise), the same
 # credential rewrite, a request id, and keepalive to the upstream.
@@ -108,15 +101,12 @@ $MAP  }
     }
   }" 1
 
-taskset -c 1 "$BIN/hello" --forward "http://127.0.0.1:$UPSTREAM_PORT" --listen "127.0.0.1:$FORWARD_PORT" >/dev/null 2>&1 &
-FORWARD_PID=$!
-PIDS+=("$FORWARD_PID")
-taskset -c 1 "$BIN/hello" --listen "127.0.0.1:$BARE_PORT" >/dev/null 2>&1 &
-BARE_PID=$!
-PIDS+=("$BARE_PID")
-taskset -c 1 "$BIN/hello" --stack --listen "127.0.0.1:$STACK_PORT" >"$WORK/stack.key" 2>/dev/null &
-STACK_PID=$!
-PIDS+=("$STACK_PID")
+start_server forward "$BIN" "$FORWARD_PORT" "$UPSTREAM_PORT"
+FORWARD_PID=$SERVER_PID
+start_server bare "$BIN" "$BARE_PORT"
+BARE_PID=$SERVER_PID
+start_server stack "$BIN" "$STACK_PORT"
+STACK_PID=$SERVER_PID
 for port in "$GATEWAY_PORT" "$NGINX_PORT" "$BARE_PORT" "$STACK_PORT" "$FORWARD_PORT"; do wait_port "$port"; done
 STACK_KEY=$(head -1 "$WORK/stack.key")
 NGINX_PID=$(nginx_worker gateway)
@@ -137,10 +127,6 @@ check "http://127.0.0.1:$NGINX_PORT/v1/chat/completions" "$KEY"
 check "http://127.0.0.1:$STACK_PORT/v1/chat/completions" "$STACK_KEY"
 check "http://127.0.0.1:$BARE_PORT/v1/chat/completions" none
 check "http://127.0.0.1:$FORWARD_PORT/v1/chat/completions" none
-
-# CPU time (user and system, in clock ticks) a process has used so far.
-cpu_ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
-TICK_US=$((1000000 / $(getconf CLK_TCK)))
 
 # One wrk run: prints "rps p99_ms user_us sys_us", the last two per request, of the server.
 wrk_once() { # url key server-pid

@@ -59,13 +59,10 @@ for i in $(seq 1 "$KEYS"); do
 "
 done
 
-gateway_toml "$WORK/gateway.toml" "$GATEWAY_PORT" "$KEYS_FILE" "$UPSTREAM_PORT" "
+start_server gateway "$BIN" "$GATEWAY_PORT" "$UPSTREAM_PORT" "$KEYS_FILE" "
 [server]
 max_connections = 100000"
-UPSTREAM_KEY=$UPSTREAM_SECRET RUST_LOG=warn \
-  taskset -c 1 "$BIN/gateway" --config "$WORK/gateway.toml" >"$WORK/gateway.log" 2>&1 &
-GATEWAY_PID=$!
-PIDS+=("$GATEWAY_PID")
+GATEWAY_PID=$SERVER_PID
 
 cat >"$WORK/nginx-gateway.conf" <<CONF
 worker_processes 1;
@@ -104,22 +101,19 @@ $MAP  }
 }
 CONF
 taskset -c 1 "$NGINX" -p "$WORK" -c "$WORK/nginx-gateway.conf"
-taskset -c 1 "$BIN/hello" --forward "http://127.0.0.1:$UPSTREAM_PORT" --listen "127.0.0.1:$FORWARD_PORT" >/dev/null 2>&1 &
-FORWARD_PID=$!
-PIDS+=("$FORWARD_PID")
+start_server forward "$BIN" "$FORWARD_PORT" "$UPSTREAM_PORT"
+FORWARD_PID=$SERVER_PID
 for port in "$UPSTREAM_PORT" "$GATEWAY_PORT" "$NGINX_PORT" "$FORWARD_PORT"; do wait_port "$port"; done
 NGINX_PID=$(pgrep -P "$(cat "$WORK/nginx.pid")" | head -1)
 
 rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-TICK_US=$((1000000 / $(getconf CLK_TCK)))
 
 # One run: prints "errors lost rss_per_stream_bytes cpu_us_per_event".
 run() { # url pid streams
   local ramp=$(($3 / 2)) rss0 cpu0 rss1 cpu1 out
   [ "$ramp" -lt 500 ] && ramp=500
   rss0=$(rss_kb "$2")
-  cpu0=$(cpu_ticks "$2")
+  cpu0=$(cpu_total "$2")
   taskset -c 0 "$BIN/sse_load" --url "$1" --key "$KEY" --streams "$3" --ramp-ms "$ramp" \
     --expect "$EVENTS" >"$WORK/load.out" 2>"$WORK/load.err" &
   local load=$!
@@ -127,7 +121,7 @@ run() { # url pid streams
   sleep "$(awk -v r="$ramp" -v e="$EVENTS" -v i="$INTERVAL_MS" 'BEGIN {print (r + e * i / 2) / 1000}')"
   rss1=$(rss_kb "$2")
   wait "$load"
-  cpu1=$(cpu_ticks "$2")
+  cpu1=$(cpu_total "$2")
   out=$(cat "$WORK/load.out")
   [ -s "$WORK/load.err" ] && head -5 "$WORK/load.err" >&2
   echo "$out" | awk -v n="$3" -v r0="$rss0" -v r1="$rss1" -v dc=$((cpu1 - cpu0)) -v tick="$TICK_US" \

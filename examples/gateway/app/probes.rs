@@ -128,8 +128,8 @@ where
     type Future = ProbesFuture<S>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        // `inner` is called in place, not through a clone and a `Oneshot` (each request's
-        // `Probes` is a clone already): the request and its future are moved once less.
+        // `inner`'s readiness is this one's, so that `call` can call it in place (no clone,
+        // no `Oneshot`); a probe answered here leaves it unused, which is allowed.
         self.inner.poll_ready(cx)
     }
 

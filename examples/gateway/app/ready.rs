@@ -1,13 +1,14 @@
 //! Calling a service that is ready now without a `Oneshot`.
 //!
-//! A request passes three services that are shared and therefore cloned to be called (the
-//! connection's, the route's stack, the router). `clone().oneshot(req)` moves the request
-//! and then the whole response future into the `Oneshot`'s state, and polls readiness
-//! from inside it. Every service in the gateway is ready at once (their `poll_ready`
-//! returns `Ready` without waiting), so [`call_now`] asks once, with a waker that is never
-//! woken, and calls in place; a service that is not ready yet is still waited for, through
-//! a clone and a `Oneshot`, as before.
+//! A request passes three shared services (the connection's, the route's stack, the
+//! router). Driving each with `clone().oneshot(req)` moved the request and then the whole
+//! response future into the `Oneshot`'s state. Every service in the gateway is ready at
+//! once (its `poll_ready` returns `Ready` without waiting), so [`call_now`] asks once, with
+//! a waker that is never woken, and calls in place; a service that is not ready yet is
+//! still waited for, through a clone and a `Oneshot`. The gateway's services cannot fail,
+//! so neither can a readiness check here.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
@@ -20,15 +21,15 @@ use tower::util::Oneshot;
 /// `service` called with `req` now if it is ready now, else a clone of it once it is.
 pub fn call_now<S, R>(service: &mut S, req: R) -> CallNow<S, R>
 where
-    S: Service<R> + Clone,
+    S: Service<R, Error = Infallible> + Clone,
 {
     match service.poll_ready(&mut Context::from_waker(Waker::noop())) {
         Poll::Ready(Ok(())) => CallNow::Called {
             future: service.call(req),
         },
-        // An error comes again from the clone's `poll_ready`, with the request dropped
-        // there; `Pending` is waited for with the task's own waker.
-        _ => CallNow::Waiting {
+        Poll::Ready(Err(never)) => match never {},
+        // Waited for with the task's own waker.
+        Poll::Pending => CallNow::Waiting {
             future: service.clone().oneshot(req),
         },
     }
@@ -63,7 +64,6 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::convert::Infallible;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -73,6 +73,13 @@ mod tests {
     struct Slow {
         polls: Arc<AtomicUsize>,
         ready_after: usize,
+    }
+
+    fn ready_after(polls: usize) -> Slow {
+        Slow {
+            polls: Arc::default(),
+            ready_after: polls,
+        }
     }
 
     impl Service<&'static str> for Slow {
@@ -97,19 +104,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_ready_service_is_called_at_once_and_a_pending_one_is_waited_for() {
-        let mut ready = Slow {
-            polls: Arc::default(),
-            ready_after: 1,
-        };
-        let call = call_now(&mut ready, "now");
+        let call = call_now(&mut ready_after(1), "now");
         assert!(matches!(call, CallNow::Called { .. }));
         assert_eq!(call.await.unwrap(), (1, "now"));
 
-        let mut slow = Slow {
-            polls: Arc::default(),
-            ready_after: 3,
-        };
-        let call = call_now(&mut slow, "later");
+        let call = call_now(&mut ready_after(3), "later");
         assert!(matches!(call, CallNow::Waiting { .. }));
         // Called only once ready: on the third poll, the first being `call_now`'s own.
         assert_eq!(call.await.unwrap(), (3, "later"));

@@ -510,7 +510,9 @@ impl AsyncWrite for Watched {
 /// The gateway's service on one connection: marks the connection busy from the call until
 /// the response body is sent or dropped, and times out a stalled request body.
 struct Tracked {
-    /// Borrowed only inside `call`: hyper calls one request at a time per connection.
+    /// Borrowed mutably for the length of `call_now` in `call`, never across an await, so
+    /// the borrow cannot clash; it lets the connection call its service in place instead of
+    /// cloning it (a boxed clone) for every request.
     inner: RefCell<GatewayService>,
     activity: Arc<Activity>,
     body_timeout: Duration,
