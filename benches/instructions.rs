@@ -3,11 +3,16 @@
 //! Instruction counts are the same run after run whatever else the machine does, so two
 //! versions can be compared where criterion's times are too noisy to tell them apart.
 //!
-//! Modes: `bare` (the inner service alone), `inbound`, `full` (inbound, upstream, inject),
+//! Modes: `bare` (the inner service alone), `floor` (SHA-256 of the presented key and one
+//! lookup in a `HashMap` of the same 10,000 digests, as the overhead bench's floor), `inbound`, `full` (inbound, upstream, inject),
 //! `full-no-echo` (the same without echoing the request id, as 5e8137a's stack did) and
 //! `route` (`full` inside the gateway's `RejectionLayer`), over 10,000 keys.
 
+use std::collections::HashMap;
+
+use http::header::AUTHORIZATION;
 use http::{HeaderMap, Request, Response, Uri};
+use sha2::{Digest, Sha256};
 use tower::{Layer, Service};
 use tower_gateway_auth::keys::{KeyFormat, KeyHasher, KeyId, KeyRecord};
 use tower_gateway_auth::store::MemoryStore;
@@ -34,7 +39,7 @@ fn main() {
         [mode, n] if !mode.starts_with('-') => (mode.clone(), n.parse::<usize>().expect("N")),
         _ => {
             eprintln!(
-                "usage: instructions bare|inbound|full|route N (see scripts/instructions.sh)"
+                "usage: instructions bare|floor|inbound|full|route N (see scripts/instructions.sh)"
             );
             return;
         }
@@ -55,6 +60,23 @@ fn main() {
     let stack = full_stack(store.clone());
     match mode.as_str() {
         "bare" => run(Bare, &requests, n),
+        "floor" => {
+            // From the store's digests: hashing the keys again would count as the floor's.
+            let map: HashMap<[u8; 32], usize> = store
+                .records()
+                .iter()
+                .enumerate()
+                .map(|(i, record)| (*record.digest().as_bytes(), i))
+                .collect();
+            let mut i = 0;
+            for _ in 0..n {
+                let req = next(&requests, &mut i);
+                let header = req.headers().get(AUTHORIZATION).unwrap().as_bytes();
+                let key = header.strip_prefix(b"Bearer ").unwrap();
+                let digest: [u8; 32] = Sha256::digest(key).into();
+                std::hint::black_box(map.get(&digest)).expect("every key is in the map");
+            }
+        }
         "inbound" => run(
             InboundApiKeyLayer::from_shared(store).layer(Bare),
             &requests,

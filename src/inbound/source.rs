@@ -164,7 +164,7 @@ impl FromStr for KeySource {
 
 /// A key found in a request, and which sources carried it (bit `i` for source `i`).
 pub(crate) struct Presented<'r> {
-    /// Visible ASCII only (`checked_key`): text, kept as bytes until text is asked for.
+    /// Visible ASCII only (`check_key`): text, kept as bytes until text is asked for.
     pub(crate) key: Cow<'r, [u8]>,
     pub(crate) carriers: u32,
 }
@@ -172,7 +172,7 @@ pub(crate) struct Presented<'r> {
 impl Presented<'_> {
     /// The key as text: the lookup needs only its bytes, a checksum or a token its text.
     pub(crate) fn text(&self) -> &str {
-        std::str::from_utf8(&self.key).expect("checked_key lets visible ASCII only through")
+        std::str::from_utf8(&self.key).expect("check_key lets visible ASCII only through")
     }
 }
 
@@ -181,6 +181,10 @@ pub(crate) const MAX_SOURCES: usize = 32;
 
 /// Reads the key out of the request: `Ok(None)` when no source carries one, an error when a
 /// credential is malformed, too long, or when sources disagree.
+///
+/// The helpers on the way return small values (a slice, a one-byte [`Fault`]) and build a
+/// [`Rejection`] only when one is due: a `Result` carrying a `Rejection` is returned through
+/// memory, and on the accepting path those round trips cost more than reading the key.
 pub(crate) fn find<'r>(
     headers: &'r HeaderMap,
     uri: &'r Uri,
@@ -189,7 +193,8 @@ pub(crate) fn find<'r>(
 ) -> Result<Option<Presented<'r>>, Rejection> {
     let mut found: Option<(Presented<'r>, usize)> = None;
     for (i, source) in sources.iter().enumerate() {
-        let mut offer = |candidate: Cow<'r, [u8]>| -> Result<(), Rejection> {
+        // `Err(first)`: the key differs from the one source `first` carried.
+        let mut offer = |candidate: Cow<'r, [u8]>| -> Result<(), usize> {
             match &mut found {
                 None => {
                     found = Some((
@@ -201,26 +206,26 @@ pub(crate) fn find<'r>(
                     ));
                 }
                 Some((presented, _)) if presented.key == candidate => presented.carriers |= 1 << i,
-                Some((_, first)) => return Err(ambiguous(&sources[*first], source)),
+                Some((_, first)) => return Err(*first),
             }
             Ok(())
         };
+        let fault = |fault: Fault| fault.rejection(source, max_len);
+        let disagree = |first: usize| ambiguous(&sources[first], source);
         match source {
             KeySource::Header(name) => {
                 for value in headers.get_all(name) {
-                    if let Some(key) = header_key(value.as_bytes(), source, max_len)? {
-                        offer(key)?;
+                    if let Some(key) = header_key(value.as_bytes(), max_len).map_err(fault)? {
+                        offer(Cow::Borrowed(key)).map_err(disagree)?;
                     }
                 }
             }
             KeySource::Bearer => {
                 for value in headers.get_all(AUTHORIZATION) {
                     if let Some(token) = bearer_token(value.as_bytes()) {
-                        let token = token.ok_or_else(|| {
-                            malformed("The Authorization header uses the Bearer scheme but carries no token.")
-                        })?;
-                        if let Some(key) = header_key(token, source, max_len)? {
-                            offer(key)?;
+                        let token = token.ok_or(Fault::EmptyBearer).map_err(fault)?;
+                        if let Some(key) = header_key(token, max_len).map_err(fault)? {
+                            offer(Cow::Borrowed(key)).map_err(disagree)?;
                         }
                     }
                 }
@@ -233,8 +238,8 @@ pub(crate) fn find<'r>(
                                 "The `{prefix}` entry of Sec-WebSocket-Protocol carries no key."
                             )));
                         }
-                        if let Some(key) = header_key(key, source, max_len)? {
-                            offer(key)?;
+                        if let Some(key) = header_key(key, max_len).map_err(fault)? {
+                            offer(Cow::Borrowed(key)).map_err(disagree)?;
                         }
                     }
                 }
@@ -244,14 +249,14 @@ pub(crate) fn find<'r>(
                 for raw in query_string::raw_values(q, name) {
                     // Encoded, a key is at most three times its length: a cheap early bound.
                     if raw.len() > max_len.saturating_mul(3) {
-                        return Err(too_long(source, max_len));
+                        return Err(fault(Fault::TooLong));
                     }
                     let decoded = query_string::decode(raw);
                     if decoded.is_empty() {
                         continue;
                     }
-                    let key = checked_key(decoded, source, max_len)?;
-                    offer(key)?;
+                    check_key(&decoded, max_len).map_err(fault)?;
+                    offer(decoded).map_err(disagree)?;
                 }
             }
         }
@@ -304,34 +309,49 @@ pub(crate) fn strip_subprotocols<P: AsRef<str>>(headers: &mut HeaderMap, prefixe
 }
 
 /// A header value as a key: surrounding whitespace trimmed, `None` when empty.
-fn header_key<'r>(
-    value: &'r [u8],
-    source: &KeySource,
-    max_len: usize,
-) -> Result<Option<Cow<'r, [u8]>>, Rejection> {
+fn header_key(value: &[u8], max_len: usize) -> Result<Option<&[u8]>, Fault> {
     let value = value.trim_ascii();
     if value.is_empty() {
         return Ok(None);
     }
-    checked_key(Cow::Borrowed(value), source, max_len).map(Some)
+    check_key(value, max_len).map(|()| Some(value))
+}
+
+/// What is wrong with a credential as read, before any source is named in a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    TooLong,
+    Malformed,
+    EmptyBearer,
+}
+
+impl Fault {
+    /// The rejection for this fault of a credential in `source`.
+    #[cold]
+    fn rejection(self, source: &KeySource, max_len: usize) -> Rejection {
+        match self {
+            Fault::TooLong => too_long(source, max_len),
+            Fault::Malformed => malformed(format!(
+                "The API key in {source} holds characters an API key cannot have (spaces, control or non-ASCII characters)."
+            )),
+            Fault::EmptyBearer => {
+                malformed("The Authorization header uses the Bearer scheme but carries no token.")
+            }
+        }
+    }
 }
 
 /// The bound and the alphabet every key must meet: at most `max_len` bytes of visible ASCII.
 /// The length is checked first, so an oversized credential costs nothing more.
-fn checked_key<'r>(
-    key: Cow<'r, [u8]>,
-    source: &KeySource,
-    max_len: usize,
-) -> Result<Cow<'r, [u8]>, Rejection> {
+#[inline]
+fn check_key(key: &[u8], max_len: usize) -> Result<(), Fault> {
     if key.len() > max_len {
-        return Err(too_long(source, max_len));
+        return Err(Fault::TooLong);
     }
-    if !all_visible_ascii(&key) {
-        return Err(malformed(format!(
-            "The API key in {source} holds characters an API key cannot have (spaces, control or non-ASCII characters)."
-        )));
+    if !all_visible_ascii(key) {
+        return Err(Fault::Malformed);
     }
-    Ok(key)
+    Ok(())
 }
 
 /// Whether every byte is visible ASCII (`!` to `~`). A fold without an early exit, so the
@@ -367,6 +387,7 @@ fn too_long(source: &KeySource, max_len: usize) -> Rejection {
     )
 }
 
+#[cold]
 fn ambiguous(first: &KeySource, second: &KeySource) -> Rejection {
     let message = if first == second {
         format!("More than one different API key was sent in {first}; send exactly one.")
