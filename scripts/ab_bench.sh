@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Two builds of the overhead bench in alternating rounds: P1's terms (bare, floor, inbound_1m)
-# per round and the medians of each build, so that a change to the key check is judged
-# against the one before it on the same machine in the same minutes (one run of either
-# moves by 20 % and more here).
+# per round (criterion's median estimate, as bench_ratios.sh reports them) and the medians of
+# each build, so that a change to the key check is judged against the one before it on the
+# same machine in the same minutes (one run of either moves by 20 % and more here).
 #
 #   cargo bench --bench overhead --no-run      # once per version; copy each executable:
 #   cp target/release/deps/overhead-<hash> /tmp/overhead-a   (likewise /tmp/overhead-b)
@@ -12,39 +12,21 @@
 # with a switch read from the environment measures a part by leaving it out.
 set -euo pipefail
 [ $# -eq 2 ] || { echo "usage: $0 OVERHEAD_BENCH_A OVERHEAD_BENCH_B" >&2; exit 2; }
-A=$(realpath "$1") B=$(realpath "$2")
+A=$(realpath "$1") B=$(realpath "$2") HERE=$(dirname "$(realpath "$0")")
 ROUNDS=${ROUNDS:-5}
 FILTER='^inbound/(bare|floor|inbound_1m)$'
 RESULTS=$(mktemp)
 SCRATCH=$(mktemp -d)
 trap 'rm -rf "$RESULTS" "$SCRATCH"' EXIT
 
-# criterion's own report of one function: "name  time: [low estimate high]".
-figures() { # label output
-  python3 - "$1" "$2" <<'PY'
-import re, sys
-label, out = sys.argv[1], sys.argv[2]
-unit = {"ps": 1e-3, "ns": 1.0, "µs": 1e3, "us": 1e3, "ms": 1e6}
-vals, current = {}, None
-for line in out.splitlines():
-    m = re.match(r"^inbound/(\w+)", line.strip())
-    if m:
-        current = m.group(1)
-    m = re.search(r"time:\s+\[\S+ \S+ (\S+) (\S+) \S+ \S+\]", line)
-    if m and current:
-        vals[current] = float(m.group(1)) * unit[m.group(2)]
-print(label, vals["bare"], vals["floor"], vals["inbound_1m"])
-PY
-}
-
 for round in $(seq 1 "$ROUNDS"); do
   echo "round $round of $ROUNDS..." >&2
   for side in A B; do
     bin=$A extra=${ENV_A:-}
     [ "$side" = B ] && bin=$B extra=${ENV_B:-}
-    # criterion writes its reports under ./target: keep them out of the work tree.
-    out=$(cd "$SCRATCH" && env $extra "$bin" --bench "$FILTER" 2>/dev/null)
-    figures "$side" "$out" >>"$RESULTS"
+    # Each run's reports go to the scratch dir, read at once (the next run replaces them).
+    CRITERION_HOME="$SCRATCH" env $extra "$bin" --bench "$FILTER" >/dev/null 2>&1
+    echo "$side $("$HERE/criterion_medians.py" "$SCRATCH" inbound bare floor inbound_1m)" >>"$RESULTS"
   done
 done
 

@@ -28,14 +28,8 @@ cargo bench -q --bench overhead --no-run >/dev/null 2>&1
 for run in $(seq 1 "$RUNS"); do
   echo "run $run of $RUNS..." >&2
   cargo bench -q --bench overhead -- "$FILTER" >/dev/null 2>&1
-  python3 - "$run" "$TARGET" >>"$RESULTS" <<'PY'
-import json, os, sys
-ids = ["bare", "floor", "inbound_1m", "full_stack", "tower_http_same_job", "gateway_route"]
-def median(i):
-    path = f"{sys.argv[2]}/criterion/inbound/{i}/new/estimates.json"
-    return json.load(open(path))["median"]["point_estimate"] if os.path.exists(path) else float("nan")
-print(sys.argv[1], *(f"{median(i):.1f}" for i in ids))
-PY
+  echo "$run $(scripts/criterion_medians.py "$TARGET/criterion" inbound \
+    bare floor inbound_1m full_stack tower_http_same_job gateway_route)" >>"$RESULTS"
 done
 
 python3 - "$RESULTS" <<'PY'

@@ -318,7 +318,7 @@ fn header_key(value: &[u8], max_len: usize) -> Result<Option<&[u8]>, Fault> {
 }
 
 /// What is wrong with a credential as read, before any source is named in a message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 enum Fault {
     TooLong,
     Malformed,
