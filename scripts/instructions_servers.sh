@@ -4,19 +4,25 @@
 # against `Forward` alone in front of the same nginx upstream (P4), and the axum hello-world
 # with and without the crate's stack (P3).
 #
-#   scripts/instructions_servers.sh     # SECS=8 of counted load per server
+#   scripts/instructions_servers.sh     # SECS=8 of counted load per server; KEEP=DIR keeps
+#                                       # the profiles (cg.NAME) and request counts (n.NAME)
 #
 # Each server runs under callgrind; wrk (4 connections) warms it up for 3 s, the counters
 # are zeroed, wrk runs SECS seconds, the counters are dumped, and the count is divided by
 # the requests wrk completed. The kernel's share (most of a proxied request) is not counted.
 # callgrind hides SHA-NI from the program, so SHA-256 runs its software path here: the key
 # digest (about 3,400 instructions) costs far less natively.
-# Builds like scripts/instructions.sh (`--cfg rustix_use_libc`, its own target directory).
+# Then, for each pair, the instructions per request by crate (scripts/callgrind_crates.py):
+# which dependency's code the difference runs, inlined code charged to the crate it came
+# from.
+# Builds like scripts/instructions.sh (`--cfg rustix_use_libc`, its own target directory),
+# with line tables so that inlined code can be told apart (they do not change the code).
 # Everything started is stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${SECS:-8}
 export RUSTFLAGS="--cfg rustix_use_libc" CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target}/instructions
+export CARGO_PROFILE_RELEASE_DEBUG=line-tables-only
 for tool in valgrind callgrind_control wrk; do
   command -v "$tool" >/dev/null || { echo "needs $tool" >&2; exit 1; }
 done
@@ -32,7 +38,8 @@ UPSTREAM_PORT=$(free_port)
 start_json_upstream "$UPSTREAM_PORT" 0-1
 KEY=$("$BIN/keygen" --keys-file "$WORK/keys.json" --name counted 2>/dev/null)
 
-# Runs `$@` under callgrind on `port`; prints instructions per request with `key`.
+# Runs `$@` under callgrind on `port`; prints instructions per request with `key`, and
+# leaves the profile in `$WORK/cg.NAME` and the request count in `$WORK/n.NAME`.
 count() { # name port key command...
   local name=$1 port=$2 key=$3 out n total pid
   shift 3
@@ -55,7 +62,9 @@ count() { # name port key command...
   n=$(echo "$out" | awk '/requests in/ {print $1}')
   kill "$pid"
   wait "$pid" 2>/dev/null || true
-  total=$(callgrind_annotate "$(ls -S "$WORK/cg.$name".* | head -1)" 2>/dev/null |
+  mv "$(ls -S "$WORK/cg.$name".* | head -1)" "$WORK/cg.$name"
+  echo "$n" >"$WORK/n.$name"
+  total=$(callgrind_annotate "$WORK/cg.$name" 2>/dev/null |
     awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
   echo $((total / n))
 }
@@ -71,3 +80,14 @@ port=$(free_port)
 bare=$(count bare "$port" none "$BIN/hello" --listen "127.0.0.1:$port")
 echo "gateway: $gateway instructions per request; Forward alone: $forward ($(awk -v g="$gateway" -v f="$forward" 'BEGIN {printf "%.2f", g / f}')x)"
 echo "axum hello with the stack: $stack; bare: $bare ($(awk -v s="$stack" -v b="$bare" 'BEGIN {printf "%.2f", s / b}')x)"
+by_crate() { # a b
+  scripts/callgrind_crates.py "$1" "$WORK/cg.$1" "$(cat "$WORK/n.$1")" "$2" "$WORK/cg.$2" "$(cat "$WORK/n.$2")"
+}
+if [ -n "${KEEP:-}" ]; then
+  mkdir -p "$KEEP"
+  cp "$WORK"/cg.{gateway,forward,stack,bare} "$WORK"/n.{gateway,forward,stack,bare} "$KEEP"
+fi
+echo
+by_crate gateway forward
+echo
+by_crate stack bare

@@ -3,13 +3,17 @@
 # the gateway's proxy alone, with no authentication: what forwarding itself costs), and an
 # axum hello-world with and without the crate's whole layer stack.
 #
-#   scripts/loadtest.sh     # ROUNDS=3 DURATION=6 CONNECTIONS=50 THREADS=1 RATE_SECS=8 by default
+#   scripts/loadtest.sh     # ROUNDS=3 DURATION=6 CONNECTIONS=50 THREADS=1 RATE_SECS=4 by default
 #
 # Saturated throughput is measured with wrk (closed loop). Latency is measured with oha at a
 # constant rate (open loop, `--latency-correction`, so a stall counts against every request it
-# delays): half of nginx's saturated rate, against the upstream directly, the gateway and
-# nginx; "added latency" is each proxy's p50 and p99 minus the direct upstream's, and the
-# line printed is the gateway's added latency over nginx's (<= 1.00: the gateway adds no more).
+# delays): half of nginx's saturated rate, against the upstream directly, the gateway, nginx
+# and `Forward` alone in alternating rounds; "added latency" is each proxy's median p50 and
+# p99 minus the direct upstream's, and the line printed is the gateway's added latency over
+# nginx's (<= 1.00: the gateway adds no more); `Forward`'s tells the layers' share from
+# hyper's. oha and the upstream share CPU 0, so the script prints how busy CPU 0 was in each
+# round and warns when it was saturated (then the figures hold the load side's own queue) or
+# when nginx added nothing (then the ratio means nothing).
 #
 # Every server under test gets one worker pinned to CPU 1 (the gateway `workers = 1`, nginx
 # `worker_processes 1`, the hello example a current-thread runtime); wrk and the upstream
@@ -27,7 +31,7 @@ DURATION=${DURATION:-6}
 CONNECTIONS=${CONNECTIONS:-50}
 THREADS=${THREADS:-1}
 KEYS=${KEYS:-100}
-RATE_SECS=${RATE_SECS:-8}
+RATE_SECS=${RATE_SECS:-4}
 TARGET=${CARGO_TARGET_DIR:-target}
 
 install() {
@@ -201,11 +205,17 @@ read -r stack_rps stack_p99 stack_cpu bare_rps bare_p99 bare_cpu < <(compare \
   "axum hello (stack)" "http://127.0.0.1:$STACK_PORT/v1/chat/completions" "$STACK_KEY" "$STACK_PID" \
   "axum hello (bare)" "http://127.0.0.1:$BARE_PORT/v1/chat/completions" none "$BARE_PID")
 
-# Latency at a fixed offered load: half of nginx's saturated rate, open loop.
+# Latency at a fixed offered load: half of nginx's saturated rate, open loop, in ROUNDS
+# alternating rounds (the direct upstream, the gateway, nginx), medians over the rounds.
 RATE=$(awk -v n="$ng_rps" 'BEGIN {printf "%d", n / 2}')
-# One oha run at $RATE: prints "p50_ms p99_ms".
+# CPU 0's idle and total time so far, in ticks: oha and the upstream run there, and a busy
+# CPU 0 means the figures hold the load side's own queue, not only the server's.
+cpu0_ticks() { awk '$1 == "cpu0" {t = 0; for (i = 2; i <= NF; i++) t += $i; print $5 + $6, t}' /proc/stat; }
+# One oha run at $RATE: prints "p50_ms p99_ms cpu0_busy_percent".
 oha_once() { # url key
-  taskset -c 0 oha --no-tui --output-format json --latency-correction -q "$RATE" -z "${RATE_SECS}s" \
+  local i0 t0 i1 t1 lat
+  read -r i0 t0 < <(cpu0_ticks)
+  lat=$(taskset -c 0 oha --no-tui --output-format json --latency-correction -q "$RATE" -z "${RATE_SECS}s" \
     -c "$CONNECTIONS" -H "Authorization: Bearer $2" "$1" | python3 -c '
 import json, sys
 r = json.load(sys.stdin)
@@ -213,15 +223,33 @@ codes = r.get("statusCodeDistribution", {})
 if set(codes) - {"200"}:
     sys.exit(f"non-200 answers at a fixed rate: {codes}")
 p = r["latencyPercentiles"]
-print(p["p50"] * 1000, p["p99"] * 1000)'
+print(p["p50"] * 1000, p["p99"] * 1000)')
+  read -r i1 t1 < <(cpu0_ticks)
+  echo "$lat $(awk -v i="$((i1 - i0))" -v t="$((t1 - t0))" 'BEGIN {printf "%.0f", 100 * (1 - i / t)}')"
 }
-echo "oha: constant $RATE req/s (half of nginx's saturated rate) for ${RATE_SECS}s each, $CONNECTIONS connections" >&2
-read -r up50 up99 < <(oha_once "http://127.0.0.1:$UPSTREAM_PORT/v1/chat/completions" "$KEY")
-read -r gw50 gw99 < <(oha_once "http://127.0.0.1:$GATEWAY_PORT/v1/chat/completions" "$KEY")
-read -r ng50 ng99 < <(oha_once "http://127.0.0.1:$NGINX_PORT/v1/chat/completions" "$KEY")
-awk -v u50="$up50" -v u99="$up99" -v g50="$gw50" -v g99="$gw99" -v n50="$ng50" -v n99="$ng99" 'BEGIN {
-  printf "at a fixed rate, p50 / p99 ms: upstream direct %.3f / %.3f, gateway %.3f / %.3f (adds %.3f / %.3f), nginx %.3f / %.3f (adds %.3f / %.3f)\n",
-    u50, u99, g50, g99, g50 - u50, g99 - u99, n50, n99, n50 - u50, n99 - u99 }' >&2
+echo "oha: constant $RATE req/s (half of nginx's saturated rate), $ROUNDS rounds of ${RATE_SECS}s each, $CONNECTIONS connections" >&2
+declare -A LAT
+for _ in $(seq 1 "$ROUNDS"); do
+  for target in upstream:$UPSTREAM_PORT gateway:$GATEWAY_PORT nginx:$NGINX_PORT forward:$FORWARD_PORT; do
+    read -r p50 p99 busy < <(oha_once "http://127.0.0.1:${target#*:}/v1/chat/completions" "$KEY")
+    name=${target%%:*}
+    LAT[$name.p50]+="$p50 " LAT[$name.p99]+="$p99 " LAT[$name.busy]+="$busy "
+  done
+done
+med() { printf '%s\n' ${LAT[$1]} | median; }
+up50=$(med upstream.p50) up99=$(med upstream.p99) gw50=$(med gateway.p50) gw99=$(med gateway.p99)
+ng50=$(med nginx.p50) ng99=$(med nginx.p99) fw50=$(med forward.p50) fw99=$(med forward.p99)
+awk -v u50="$up50" -v u99="$up99" -v g50="$gw50" -v g99="$gw99" -v n50="$ng50" -v n99="$ng99" \
+  -v f50="$fw50" -v f99="$fw99" 'BEGIN {
+  printf "at a fixed rate, p50 / p99 ms: upstream direct %.3f / %.3f, gateway %.3f / %.3f (adds %.3f / %.3f), nginx %.3f / %.3f (adds %.3f / %.3f), Forward alone %.3f / %.3f (adds %.3f / %.3f)\n",
+    u50, u99, g50, g99, g50 - u50, g99 - u99, n50, n99, n50 - u50, n99 - u99, f50, f99, f50 - u50, f99 - u99 }' >&2
+echo "CPU 0 (oha and the upstream) busy, per round: direct ${LAT[upstream.busy]}%, gateway ${LAT[gateway.busy]}%, nginx ${LAT[nginx.busy]}%, Forward ${LAT[forward.busy]}%" >&2
+if [ "$(med upstream.busy)" -ge 90 ]; then
+  echo "warning: the load side was short of CPU against the upstream alone; the fixed-rate latencies include its own queue" >&2
+fi
+if awk -v a="$ng50" -v b="$up50" -v c="$ng99" -v d="$up99" 'BEGIN {exit !(a - b <= 0 || c - d <= 0)}'; then
+  echo "warning: nginx added no latency over the upstream at p50 or p99; a ratio against it is not meaningful" >&2
+fi
 
 awk -v gp="$gw_p99" -v np="$ng_p99" \
   'BEGIN { printf "saturated: gateway p99 %.2f ms, nginx p99 %.2f ms\n", gp, np }'
