@@ -231,8 +231,9 @@ echo "oha: constant $RATE req/s (half of nginx's saturated rate), $ROUNDS rounds
 declare -A LAT
 for _ in $(seq 1 "$ROUNDS"); do
   for target in upstream:$UPSTREAM_PORT gateway:$GATEWAY_PORT nginx:$NGINX_PORT forward:$FORWARD_PORT; do
-    read -r p50 p99 busy < <(oha_once "http://127.0.0.1:${target#*:}/v1/chat/completions" "$KEY")
-    name=${target%%:*}
+    name=${target%%:*} busy=""
+    read -r p50 p99 busy < <(oha_once "http://127.0.0.1:${target#*:}/v1/chat/completions" "$KEY") || true
+    [ -n "${busy:-}" ] || { echo "the fixed-rate run against $name failed" >&2; exit 1; }
     LAT[$name.p50]+="$p50 " LAT[$name.p99]+="$p99 " LAT[$name.busy]+="$busy "
   done
 done
@@ -244,9 +245,11 @@ awk -v u50="$up50" -v u99="$up99" -v g50="$gw50" -v g99="$gw99" -v n50="$ng50" -
   printf "at a fixed rate, p50 / p99 ms: upstream direct %.3f / %.3f, gateway %.3f / %.3f (adds %.3f / %.3f), nginx %.3f / %.3f (adds %.3f / %.3f), Forward alone %.3f / %.3f (adds %.3f / %.3f)\n",
     u50, u99, g50, g99, g50 - u50, g99 - u99, n50, n99, n50 - u50, n99 - u99, f50, f99, f50 - u50, f99 - u99 }' >&2
 echo "CPU 0 (oha and the upstream) busy, per round: direct ${LAT[upstream.busy]}%, gateway ${LAT[gateway.busy]}%, nginx ${LAT[nginx.busy]}%, Forward ${LAT[forward.busy]}%" >&2
-if [ "$(med upstream.busy)" -ge 90 ]; then
-  echo "warning: the load side was short of CPU against the upstream alone; the fixed-rate latencies include its own queue" >&2
-fi
+for name in upstream gateway nginx forward; do
+  if awk -v b="$(med "$name.busy")" 'BEGIN {exit !(b >= 90)}'; then
+    echo "warning: CPU 0 was saturated in the $name rounds; their latencies include the load side's own queue" >&2
+  fi
+done
 if awk -v a="$ng50" -v b="$up50" -v c="$ng99" -v d="$up99" 'BEGIN {exit !(a - b <= 0 || c - d <= 0)}'; then
   echo "warning: nginx added no latency over the upstream at p50 or p99; a ratio against it is not meaningful" >&2
 fi
