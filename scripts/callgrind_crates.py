@@ -17,16 +17,21 @@ Needs line tables in the build (`debug = "line-tables-only"`); without them ever
 charged to the binary. Prints one row a crate: A's and B's instructions per request and
 the difference, largest difference first.
 """
+import os
 import re
 import sys
 from collections import defaultdict
 
-REGISTRY = re.compile(r"/registry/src/[^/]+/([^/]+?)-\d+\.\d+\.\d+[^/]*/")
+# A crates.io dependency, or one the standard library vendors (std's `HashMap` is hashbrown,
+# its sources under /rust/deps/ in the toolchain's debug info).
+REGISTRY = re.compile(r"/(?:registry/src/[^/]+|rust/deps)/([^/]+?)-\d+\.\d+\.\d+[^/]*/")
 RUSTC = re.compile(r"/rustc/[0-9a-f]+/library/([^/]+)/")
 # glibc's sources are named relative to its build tree:
 # ./string/../sysdeps/x86_64/multiarch/memmove-vec-unaligned-erms.S, ./malloc/./malloc/malloc.c
 GLIBC = re.compile(r"^\./(?:[^/]+/)*?(?:\.\./sysdeps/.*/)?([a-z_]+?)(?:-[a-z0-9-]+)?\.[cS]$")
 STD = ("std:core", "std:alloc")
+# This checkout: only its own files are ours (a git dependency's `src/` is not).
+ROOT = os.path.dirname(os.path.dirname(os.path.realpath(__file__))) + "/"
 EXAMPLES = ("gateway", "hello", "sse_load", "keygen")
 
 
@@ -42,8 +47,8 @@ def crate_of_file(path, obj):
     m = RUSTC.search(path)
     if m:
         return "std:" + m.group(1)
-    for part, name in (("/examples/", "examples"), ("/benches/", "benches"), ("/src/", "tower-gateway-auth")):
-        if part in path:
+    for part, name in (("examples/", "examples"), ("benches/", "benches"), ("src/", "tower-gateway-auth")):
+        if path.startswith(ROOT + part):
             return name
     return path
 

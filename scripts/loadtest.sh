@@ -206,7 +206,8 @@ read -r stack_rps stack_p99 stack_cpu bare_rps bare_p99 bare_cpu < <(compare \
   "axum hello (bare)" "http://127.0.0.1:$BARE_PORT/v1/chat/completions" none "$BARE_PID")
 
 # Latency at a fixed offered load: half of nginx's saturated rate, open loop, in ROUNDS
-# alternating rounds (the direct upstream, the gateway, nginx), medians over the rounds.
+# alternating rounds (the direct upstream, the gateway, nginx, `Forward` alone), medians over
+# the rounds.
 RATE=$(awk -v n="$ng_rps" 'BEGIN {printf "%d", n / 2}')
 # CPU 0's idle and total time so far, in ticks: oha and the upstream run there, and a busy
 # CPU 0 means the figures hold the load side's own queue, not only the server's.

@@ -66,7 +66,6 @@ pub fn bearer_request(key: &str) -> (http::Uri, http::HeaderMap) {
     ("/v1/chat/completions".parse().unwrap(), headers)
 }
 
-/// A fresh request, cycling over the pre-built ones (built outside the measurement).
 /// The floor's digests: the key check's unavoidable work when keys are hashed at rest is
 /// SHA-256 of the presented key and one lookup by digest, here in a plain `HashMap`.
 pub type FloorMap = std::collections::HashMap<[u8; 32], u32>;
@@ -86,6 +85,7 @@ pub fn floor_check(map: &FloorMap, req: &Request<()>) {
     black_box(map.get(&digest)).expect("every active key is in the map");
 }
 
+/// A fresh request, cycling over the pre-built ones (built outside the measurement).
 pub fn next(requests: &[(http::Uri, http::HeaderMap)], i: &mut usize) -> Request<()> {
     let (uri, headers) = &requests[*i % requests.len()];
     *i += 1;
